@@ -1,0 +1,1 @@
+"""The thin FastAPI control-plane API (BFF): authenticate, authorize, validate, read, start workflows."""

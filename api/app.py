@@ -1,0 +1,78 @@
+"""The FastAPI application factory: routers, problem+json errors, request ids, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from temporalio.client import Client
+
+from api import problems
+from api.routes import agents, health, plans, users
+from db.engine import make_engine, session_factory
+from orchestration.client import connect
+from settings import Settings
+from telemetry.logs import request_id
+
+log = logging.getLogger("api")
+
+
+class LazyTemporal:
+    """Connect on first use and keep the client: the API starts even while Temporal is down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._client: Client | None = None
+        self._lock = asyncio.Lock()
+
+    async def __call__(self) -> Client:
+        async with self._lock:
+            if self._client is None:
+                self._client = await connect(self._settings)
+            return self._client
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings)
+        app.state.sessions = session_factory(engine)
+        yield
+        await engine.dispose()
+
+    app = FastAPI(
+        title="Slopbox control plane",
+        version="0.1.0",
+        lifespan=lifespan,
+        generate_unique_id_function=lambda r: f"{r.tags[0]}-{r.name}" if r.tags else r.name,
+    )
+    app.state.settings = settings
+    app.state.api_key_bytes = settings.api_key().encode()
+    app.state.temporal = LazyTemporal(settings)
+    problems.install(app)
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id", "")
+        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
+            rid = uuid.uuid4().hex
+        token = request_id.set(rid)
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        response.headers["X-Request-Id"] = rid
+        log.info("request", extra={"method": request.method, "path": request.url.path,
+                                   "status": response.status_code, "request_id": rid,
+                                   "ms": round((time.perf_counter() - start) * 1000, 1)})
+        return response
+
+    for module in (health, users, plans, agents):
+        app.include_router(module.router)
+    return app

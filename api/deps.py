@@ -1,0 +1,60 @@
+"""Request dependencies: database session, BFF authentication, the current user."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from api.problems import Problem
+from db.models import User
+from settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, "Unauthorized", detail, type_="unauthorized",
+                   headers={"WWW-Authenticate": 'Bearer realm="slopbox"'})
+
+
+async def current_user(
+    request: Request,
+    session: SessionDep,
+    authorization: Annotated[str | None, Header()] = None,
+    x_user_id: Annotated[str | None, Header()] = None,
+) -> User:
+    """BFF auth: the frontend's shared key (constant-time compare) plus the user it vouches for."""
+    expected: bytes = request.app.state.api_key_bytes
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise _unauthorized("Missing 'Authorization: Bearer <CONTROL_PLANE_API_KEY>' header")
+    if not hmac.compare_digest(presented.strip().encode(), expected):
+        raise _unauthorized("Invalid API key")
+    if not x_user_id:
+        raise _unauthorized("Missing X-User-Id header")
+    try:
+        user_id = uuid.UUID(x_user_id)
+    except ValueError:
+        raise _unauthorized("X-User-Id must be a UUID") from None
+    user = await session.get(User, user_id)
+    if user is None:
+        raise _unauthorized("X-User-Id does not name an existing user")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]

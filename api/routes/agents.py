@@ -1,0 +1,116 @@
+"""Agents: create within the plan's limit, list, read, delete. Every query is scoped to the user."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from api.deps import CurrentUser, SessionDep
+from api.problems import Problem
+from api.schemas import AgentCreate, AgentOut, Page, VpsOut
+from billing.plans import effective_plan
+from db.models import Agent, User, Vps, VpsState
+
+router = APIRouter(prefix="/agents", tags=["agents"])
+
+
+def agent_out(agent: Agent, vps: Vps | None) -> AgentOut:
+    return AgentOut(
+        id=agent.id,  # type: ignore[arg-type]
+        name=agent.name,
+        model=agent.model,
+        gateway_token_hint="…" + agent.gateway_token_last4,
+        vps=VpsOut.model_validate(vps.model_dump()) if vps is not None else None,
+        created_at=agent.created_at,
+    )
+
+
+async def owned_agent(session: AsyncSession, user: User, agent_id: uuid.UUID, *, lock: bool = False) -> Agent:
+    """The user's agent or a 404 — another user's agent looks exactly like a missing one."""
+    stmt = select(Agent).where(Agent.id == agent_id, Agent.user_id == user.id)
+    if lock:
+        stmt = stmt.with_for_update()
+    agent = (await session.exec(stmt)).first()
+    if agent is None:
+        raise Problem(404, "Not found", f"No agent {agent_id}", type_="not-found")
+    return agent
+
+
+async def agent_vps(session: AsyncSession, agent: Agent) -> Vps | None:
+    if agent.vps_id is None:
+        return None
+    return await session.get(Vps, agent.vps_id)
+
+
+@router.post("", status_code=201, response_model=AgentOut)
+async def create_agent(body: AgentCreate, session: SessionDep, user: CurrentUser, response: Response) -> AgentOut:
+    # Lock the user row so two concurrent creates cannot both pass the limit check.
+    await session.exec(select(User).where(User.id == user.id).with_for_update())
+    plan = await effective_plan(session, user)
+    count = (await session.exec(select(func.count()).select_from(Agent).where(Agent.user_id == user.id))).one()
+    if count >= plan.max_agents:
+        raise Problem(
+            403, "Plan limit reached",
+            f"Your plan '{plan.name}' allows {plan.max_agents} agent(s) (max_agents); you have {count}.",
+            type_="plan-limit", limit="max_agents", max=plan.max_agents, current=count,
+        )
+    token = secrets.token_hex(32)
+    agent = Agent(user_id=user.id, name=body.name, model=body.model,  # type: ignore[arg-type]
+                  gateway_token=token, gateway_token_last4=token[-4:])
+    session.add(agent)
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise Problem(409, "Name taken", f"You already have an agent named '{body.name}'",
+                      type_="conflict") from None
+    await session.refresh(agent)
+    response.headers["Location"] = f"/agents/{agent.id}"
+    return agent_out(agent, None)
+
+
+@router.get("", response_model=Page[AgentOut])
+async def list_agents(
+    session: SessionDep,
+    user: CurrentUser,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> Page[AgentOut]:
+    total = (await session.exec(select(func.count()).select_from(Agent).where(Agent.user_id == user.id))).one()
+    rows = (
+        await session.exec(
+            select(Agent, Vps)
+            .join(Vps, col(Agent.vps_id) == col(Vps.id), isouter=True)
+            .where(Agent.user_id == user.id)
+            .order_by(col(Agent.created_at), col(Agent.id))
+            .limit(limit)
+            .offset(offset)
+        )
+    ).all()
+    return Page(items=[agent_out(a, v) for a, v in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{agent_id}", response_model=AgentOut)
+async def get_agent(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> AgentOut:
+    agent = await owned_agent(session, user, agent_id)
+    return agent_out(agent, await agent_vps(session, agent))
+
+
+@router.delete("/{agent_id}", status_code=204)
+async def delete_agent(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> Response:
+    agent = await owned_agent(session, user, agent_id, lock=True)
+    vps = await agent_vps(session, agent)
+    if vps is not None and vps.state != VpsState.destroyed:
+        raise Problem(409, "Agent has a VPS",
+                      f"Destroy the agent's VPS first (DELETE /agents/{agent_id}/vps); it is {vps.state}.",
+                      type_="conflict", vps_state=vps.state)
+    await session.delete(agent)
+    await session.commit()
+    return Response(status_code=204)

@@ -1,0 +1,1 @@
+"""Plans, limits and the monthly periods usage and budgets are counted in."""

@@ -1,0 +1,108 @@
+"""`slopbox`: dev | api | worker | proxy | migrate | user create."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from settings import MissingSetting, Settings, load_settings_or_exit
+from telemetry.logs import configure_logging
+
+
+def _cmd_api(settings: Settings, _args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    configure_logging("api", settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None,
+                access_log=False, proxy_headers=False)
+    return 0
+
+
+def _cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
+    import worker
+
+    configure_logging("worker", settings.log_level)
+    asyncio.run(worker.run(settings))
+    return 0
+
+
+def _cmd_proxy(settings: Settings, _args: argparse.Namespace) -> int:
+    from proxy.app import run
+
+    configure_logging("proxy", settings.log_level)
+    run(settings)
+    return 0
+
+
+def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    from cli.embedded import database_available
+    from db.migrate import migrate_and_seed
+
+    with database_available(settings) as url:
+        migrate_and_seed(url)
+    print("database migrated to head and seeded")
+    return 0
+
+
+def _cmd_user_create(settings: Settings, args: argparse.Namespace) -> int:
+    from cli.embedded import database_available
+    from cli.users import UserError, create_user
+
+    try:
+        with database_available(settings) as url:
+            user_id = create_user(url, email=args.email, plan=args.plan, admin=args.admin, name=args.name)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"created user {args.email}")
+    print(user_id)
+    return 0
+
+
+def _cmd_dev(settings: Settings, _args: argparse.Namespace) -> int:
+    from cli.dev import run_dev
+
+    return run_dev(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slopbox", description="Slopbox control plane")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="run the whole stack on this machine (embedded Postgres and Temporal)")
+    sub.add_parser("api", help="run the HTTP API")
+    sub.add_parser("worker", help="run a Temporal worker (workflows + activities)")
+    sub.add_parser("proxy", help="run the gateway proxy and the agents' forward proxy")
+    sub.add_parser("migrate", help="upgrade the database to head and seed plans and VPS configs")
+    user = sub.add_parser("user", help="manage users").add_subparsers(dest="user_command", required=True)
+    create = user.add_parser("create", help="create a user; prints its id on the last line")
+    create.add_argument("--email", required=True)
+    create.add_argument("--name")
+    create.add_argument("--plan", help="plan name (default: the default plan)")
+    create.add_argument("--admin", action="store_true")
+    return parser
+
+
+COMMANDS = {
+    "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "proxy": _cmd_proxy, "migrate": _cmd_migrate,
+    "user": _cmd_user_create,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = load_settings_or_exit()
+    try:
+        return COMMANDS[args.command](settings, args)
+    except MissingSetting as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

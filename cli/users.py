@@ -1,0 +1,38 @@
+"""`slopbox user create`: operators add users (Auth.js creates them in production)."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import create_engine, text
+
+
+class UserError(RuntimeError):
+    pass
+
+
+def create_user(sync_url: str, *, email: str, plan: str | None, admin: bool, name: str | None = None,
+                exist_ok: bool = False) -> uuid.UUID:
+    email = email.strip().lower()
+    if "@" not in email or len(email) > 255:
+        raise UserError(f"not an email address: {email!r}")
+    engine = create_engine(sync_url)
+    try:
+        with engine.begin() as conn:
+            plan_id = None
+            if plan is not None:
+                plan_id = conn.execute(text("SELECT id FROM plans WHERE name = :n"), {"n": plan}).scalar()
+                if plan_id is None:
+                    names = ", ".join(conn.execute(text("SELECT name FROM plans ORDER BY name")).scalars())
+                    raise UserError(f"no plan named {plan!r} (plans: {names or 'none; run slopbox migrate'})")
+            existing = conn.execute(text("SELECT id FROM users WHERE email = :e"), {"e": email}).scalar()
+            if existing is not None:
+                if not exist_ok:
+                    raise UserError(f"a user with email {email} already exists: {existing}")
+                return existing  # type: ignore[no-any-return]
+            return conn.execute(  # type: ignore[no-any-return]
+                text("INSERT INTO users (email, name, plan_id, is_admin) VALUES (:e, :n, :p, :a) RETURNING id"),
+                {"e": email, "n": name or email.split("@")[0], "p": plan_id, "a": admin},
+            ).scalar_one()
+    finally:
+        engine.dispose()

@@ -1,0 +1,287 @@
+"""The twelve tables of PRD §5.
+
+`users`, `accounts`, `sessions` and `verification_token` follow the @auth/pg-adapter shape
+(quoted camelCase columns, singular `verification_token`) so an Auth.js frontend using that
+adapter works against this database unchanged; ids are UUIDs with server defaults because the
+adapter never sends an id on insert. The Alembic migrations own the DDL (constraints, checks);
+these classes mirror them for queries.
+"""
+
+
+import enum
+import uuid
+from datetime import date, datetime
+from typing import Optional
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlmodel import Field, Relationship, SQLModel
+
+from db.encryption import EncryptedText
+
+
+def _uuid_pk() -> Column:  # type: ignore[type-arg]
+    return Column(UUID(as_uuid=True), primary_key=True, server_default=text("gen_random_uuid()"))
+
+
+def _created() -> Column:  # type: ignore[type-arg]
+    return Column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class VpsState(enum.StrEnum):
+    provisioning = "provisioning"
+    running = "running"
+    stopped = "stopped"
+    destroyed = "destroyed"
+    error = "error"
+
+
+class ProviderKind(enum.StrEnum):
+    hetzner = "hetzner"
+    fly = "fly"
+    local = "local"
+
+
+class ChannelKind(enum.StrEnum):
+    whatsapp = "whatsapp"
+    telegram = "telegram"
+    discord = "discord"
+    slack = "slack"
+    signal = "signal"
+
+
+# --- plans and VM tiers ---------------------------------------------------------------------
+
+
+class PlanVpsConfig(SQLModel, table=True):
+    __tablename__ = "plan_vps_configs"
+    plan_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("plans.id", ondelete="CASCADE"), primary_key=True)
+    )
+    vps_config_id: uuid.UUID = Field(
+        sa_column=Column(
+            UUID(as_uuid=True), ForeignKey("vps_configs.id", ondelete="CASCADE"), primary_key=True
+        )
+    )
+
+
+class Plan(SQLModel, table=True):
+    __tablename__ = "plans"
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    name: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    display_name: str = Field(sa_column=Column(String(128), nullable=False))
+    is_default: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
+    price_cents_per_month: int = Field(sa_column=Column(Integer, nullable=False, server_default="0"))
+    max_agents: int = Field(sa_column=Column(Integer, nullable=False))
+    max_vpses: int = Field(sa_column=Column(Integer, nullable=False))
+    max_bandwidth_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    max_storage_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    max_cpu_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    max_memory_mb_seconds: int = Field(sa_column=Column(BigInteger, nullable=False))
+    overage_bandwidth_cost_per_gb_cents: int = Field(sa_column=Column(Integer, nullable=False))
+    overage_storage_cost_per_gb_cents: int = Field(sa_column=Column(Integer, nullable=False))
+    overage_cpu_cost_per_hour_cents: int = Field(sa_column=Column(Integer, nullable=False))
+    overage_memory_cost_per_gb_hour_cents: int = Field(sa_column=Column(Integer, nullable=False))
+    created_at: datetime | None = Field(default=None, sa_column=_created())
+
+    vps_configs: list["VpsConfig"] = Relationship(back_populates="plans", link_model=PlanVpsConfig)
+
+
+class VpsConfig(SQLModel, table=True):
+    __tablename__ = "vps_configs"
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    name: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    provider: str = Field(sa_column=Column(String(16), nullable=False))
+    cpu_millicores: int = Field(sa_column=Column(Integer, nullable=False))
+    memory_mb: int = Field(sa_column=Column(Integer, nullable=False))
+    disk_gb: int = Field(sa_column=Column(Integer, nullable=False))
+    image: str = Field(sa_column=Column(String(255), nullable=False))
+    server_type: str | None = Field(default=None, sa_column=Column(String(64)))
+    locations: list[str] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    created_at: datetime | None = Field(default=None, sa_column=_created())
+
+    plans: list["Plan"] = Relationship(back_populates="vps_configs", link_model=PlanVpsConfig)
+
+
+# --- Auth.js tables (pg-adapter shape) --------------------------------------------------------
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    name: str | None = Field(default=None, sa_column=Column(String(255)))
+    email: str | None = Field(default=None, sa_column=Column(String(255), unique=True))
+    email_verified: datetime | None = Field(default=None, sa_column=Column("emailVerified", DateTime(timezone=True)))
+    image: str | None = Field(default=None, sa_column=Column(Text))
+    # Slopbox's own columns; the adapter never writes them, so each has a server default.
+    plan_id: uuid.UUID | None = Field(
+        default=None, sa_column=Column(UUID(as_uuid=True), ForeignKey("plans.id", ondelete="SET NULL"))
+    )
+    is_admin: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
+    created_at: datetime | None = Field(default=None, sa_column=_created())
+
+    plan: Optional["Plan"] = Relationship()
+
+
+class Account(SQLModel, table=True):
+    __tablename__ = "accounts"
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    user_id: uuid.UUID = Field(
+        sa_column=Column("userId", UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    )
+    type: str = Field(sa_column=Column(String(255), nullable=False))
+    provider: str = Field(sa_column=Column(String(255), nullable=False))
+    provider_account_id: str = Field(sa_column=Column("providerAccountId", String(255), nullable=False))
+    refresh_token: str | None = Field(default=None, sa_column=Column(Text))
+    access_token: str | None = Field(default=None, sa_column=Column(Text))
+    expires_at: int | None = Field(default=None, sa_column=Column(BigInteger))
+    id_token: str | None = Field(default=None, sa_column=Column(Text))
+    scope: str | None = Field(default=None, sa_column=Column(Text))
+    session_state: str | None = Field(default=None, sa_column=Column(Text))
+    token_type: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class AuthSession(SQLModel, table=True):
+    __tablename__ = "sessions"
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    user_id: uuid.UUID = Field(
+        sa_column=Column("userId", UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    )
+    expires: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    session_token: str = Field(sa_column=Column("sessionToken", String(255), nullable=False, unique=True))
+
+
+class VerificationToken(SQLModel, table=True):
+    __tablename__ = "verification_token"
+    identifier: str = Field(sa_column=Column(Text, primary_key=True))
+    token: str = Field(sa_column=Column(Text, primary_key=True))
+    expires: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+# --- agents and their VMs ----------------------------------------------------------------------
+
+
+class Vps(SQLModel, table=True):
+    __tablename__ = "vpses"
+    __table_args__ = (UniqueConstraint("provider", "provider_ref", name="uq_vpses_provider_ref"),)
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    user_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    vps_config_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("vps_configs.id", ondelete="RESTRICT"), nullable=False)
+    )
+    provider: str = Field(sa_column=Column(String(16), nullable=False))
+    provider_ref: str | None = Field(default=None, sa_column=Column(String(255)))
+    state: str = Field(default=VpsState.provisioning, sa_column=Column(String(16), nullable=False))
+    step: str | None = Field(default=None, sa_column=Column(String(64)))
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    operation_id: str | None = Field(default=None, sa_column=Column(String(255)))
+    region: str | None = Field(default=None, sa_column=Column(String(64)))
+    host: str | None = Field(default=None, sa_column=Column(String(255)))
+    gateway_port: int | None = Field(default=None, sa_column=Column(Integer))
+    # Control-plane device identities for this gateway (Ed25519 private keys) and the admin
+    # identity's device token: admin for activities, relay for the proxy, never mixed.
+    admin_device_key: str | None = Field(default=None, sa_column=Column(EncryptedText))
+    admin_device_token: str | None = Field(default=None, sa_column=Column(EncryptedText))
+    relay_device_key: str | None = Field(default=None, sa_column=Column(EncryptedText))
+    # Single-use bootstrap token: only its SHA-256 is stored.
+    bootstrap_token_sha256: str | None = Field(default=None, sa_column=Column(String(64), unique=True))
+    bootstrap_expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    bootstrap_redeemed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    ready_reported_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    state_changed_at: datetime | None = Field(default=None, sa_column=_created())
+    created_at: datetime | None = Field(default=None, sa_column=_created())
+    destroyed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+    config: Optional["VpsConfig"] = Relationship()
+
+
+class Agent(SQLModel, table=True):
+    __tablename__ = "agents"
+    __table_args__ = (UniqueConstraint("user_id", "name", name="uq_agents_user_name"),)
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    user_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    name: str = Field(sa_column=Column(String(64), nullable=False))
+    gateway_token: str = Field(sa_column=Column(EncryptedText, nullable=False))
+    gateway_token_last4: str = Field(sa_column=Column(String(4), nullable=False))
+    vps_id: uuid.UUID | None = Field(
+        default=None,
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("vpses.id", ondelete="SET NULL"), unique=True),
+    )
+    model: str | None = Field(default=None, sa_column=Column(String(128)))
+    personality: dict[str, str] = Field(
+        default_factory=dict, sa_column=Column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    )
+    created_at: datetime | None = Field(default=None, sa_column=_created())
+    updated_at: datetime | None = Field(default=None, sa_column=_created())
+
+    vps: Optional["Vps"] = Relationship()
+    channels: list["AgentChannel"] = Relationship(back_populates="agent", cascade_delete=True)
+
+
+class AgentChannel(SQLModel, table=True):
+    __tablename__ = "agent_channels"
+    __table_args__ = (UniqueConstraint("agent_id", "kind", name="uq_agent_channels_agent_kind"),)
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    agent_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("agents.id", ondelete="CASCADE"), nullable=False)
+    )
+    kind: str = Field(sa_column=Column(String(16), nullable=False))
+    # JSON of the channel's credentials (bot tokens...), encrypted as a whole.
+    credentials: str | None = Field(default=None, sa_column=Column(EncryptedText))
+    webhook_secret: str | None = Field(default=None, sa_column=Column(EncryptedText))
+    status: str = Field(default="pending", sa_column=Column(String(32), nullable=False, server_default="pending"))
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime | None = Field(default=None, sa_column=_created())
+    updated_at: datetime | None = Field(default=None, sa_column=_created())
+
+    agent: Optional["Agent"] = Relationship(back_populates="channels")
+
+
+# --- metering and budgets ---------------------------------------------------------------------
+
+
+class VpsUsagePeriod(SQLModel, table=True):
+    __tablename__ = "vps_usage_periods"
+    __table_args__ = (UniqueConstraint("vps_id", "period_start", name="uq_vps_usage_periods_vps_month"),)
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    vps_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("vpses.id", ondelete="CASCADE"), nullable=False)
+    )
+    period_start: date = Field(sa_column=Column(Date, nullable=False))
+    bandwidth_in_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    bandwidth_out_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    cpu_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    memory_mb_seconds: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    storage_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    updated_at: datetime | None = Field(default=None, sa_column=_created())
+
+
+class OverageBudget(SQLModel, table=True):
+    __tablename__ = "overage_budgets"
+    __table_args__ = (UniqueConstraint("user_id", "period_start", name="uq_overage_budgets_user_month"),)
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    user_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    )
+    period_start: date = Field(sa_column=Column(Date, nullable=False))
+    budget_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    updated_at: datetime | None = Field(default=None, sa_column=_created())
+
+

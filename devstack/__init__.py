@@ -1,0 +1,1 @@
+"""The embedded stack: PostgreSQL and the Temporal dev server from their wheels, supervised."""

@@ -1,0 +1,1 @@
+"""The aiohttp proxy process: gateway proxy for browsers, forward proxy for agents."""

@@ -1,0 +1,196 @@
+"""One typed settings object, read from the environment.
+
+A missing or malformed value stops the process at start with one line naming the variable
+(`load_settings_or_exit`). With `DATABASE_URL` unset the process is in *embedded mode*: it uses
+the PostgreSQL that `slopbox dev` runs under `SLOPBOX_DATA_DIR`, and secrets that are not set
+(API key, encryption key) come from the file the dev stack generated there.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from cryptography.fernet import Fernet
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True)
+
+    # Storage and orchestration
+    database_url: str | None = Field(default=None, description="PostgreSQL URL; unset = embedded")
+    data_dir: Path = Field(default=Path(".slopbox"), validation_alias="SLOPBOX_DATA_DIR")
+    embedded_postgres_port: Port = 54329
+    temporal_address: str | None = Field(default=None, description="host:port; unset = embedded")
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "slopbox"
+
+    # Secrets
+    control_plane_api_key: SecretStr | None = None
+    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("SLOPBOX_ENCRYPTION_KEYS", "ENCRYPTION_KEYS"),
+    )
+
+    # Listeners
+    api_host: str = "127.0.0.1"
+    api_port: Port = 8000
+    proxy_host: str = "127.0.0.1"
+    proxy_port: Port = 8080
+    forward_proxy_port: Port = 8081
+    temporal_port: Port = 7233
+    temporal_ui_port: Port = 8233
+
+    # Providers
+    hcloud_token: SecretStr | None = None
+    hcloud_api_endpoint: str = "https://api.hetzner.cloud/v1"
+    fly_api_token: SecretStr | None = None
+    fly_api_base_url: str = "https://api.machines.dev/v1"
+    fly_org_slug: str = "personal"
+    openclaw_bin: str | None = None
+    control_plane_public_url: str = "http://127.0.0.1:8000"
+    control_plane_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Logs
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not v.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return v
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("must be host:port, e.g. localhost:7233")
+        return v
+
+    @field_validator("control_plane_api_key")
+    @classmethod
+    def _long_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return v
+
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _fernet_keys(cls, v: object) -> list[str]:
+        if v is None or v == "":
+            return []
+        items = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)  # type: ignore[arg-type]
+        for key in items:
+            raw = key.get_secret_value() if isinstance(key, SecretStr) else str(key)
+            try:
+                Fernet(raw)
+            except (ValueError, TypeError):
+                raise ValueError(
+                    "each comma-separated key must be 32 url-safe base64-encoded bytes "
+                    "(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
+                ) from None
+        return items  # type: ignore[return-value]
+
+    @field_validator("control_plane_ips", mode="before")
+    @classmethod
+    def _csv(cls, v: object) -> list[str]:
+        if v is None or v == "":
+            return []
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else list(v)  # type: ignore[arg-type]
+
+    # -- derived -------------------------------------------------------------------------------
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        url = self.database_url or embedded_database_url(self)
+        for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def temporal_target(self) -> str:
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+
+    def api_key(self) -> str:
+        if self.control_plane_api_key is not None:
+            return self.control_plane_api_key.get_secret_value()
+        if self.embedded:
+            return dev_secrets(self)["control_plane_api_key"]
+        raise MissingSetting("CONTROL_PLANE_API_KEY", "is required when DATABASE_URL is set")
+
+    def secret_keys(self) -> list[str]:
+        """Fernet keys, newest first; the first encrypts, all decrypt (rotation)."""
+        if self.encryption_keys:
+            return [k.get_secret_value() for k in self.encryption_keys]
+        if self.embedded:
+            return [dev_secrets(self)["encryption_key"]]
+        raise MissingSetting("SLOPBOX_ENCRYPTION_KEYS", "is required when DATABASE_URL is set")
+
+
+class MissingSetting(RuntimeError):
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable} {problem}")
+        self.variable = variable
+
+
+def embedded_database_url(settings: Settings) -> str:
+    return f"postgresql://postgres@127.0.0.1:{settings.embedded_postgres_port}/slopbox"
+
+
+def dev_secrets(settings: Settings) -> dict[str, str]:
+    """Secrets generated once for the embedded stack and kept with its data (mode 0600)."""
+    path = settings.data_dir / "dev-secrets.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = {
+        "control_plane_api_key": secrets.token_urlsafe(32),
+        "encryption_key": Fernet.generate_key().decode(),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return values
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def describe_error(err: ValidationError) -> str:
+    """The first problem as one line: `VARIABLE: message`."""
+    first = err.errors()[0]
+    loc = first["loc"][0] if first["loc"] else "settings"
+    name = str(loc).upper()
+    aliases = {"DATA_DIR": "SLOPBOX_DATA_DIR", "ENCRYPTION_KEYS": "SLOPBOX_ENCRYPTION_KEYS"}
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"configuration error: {aliases.get(name, name)}: {msg}"
+
+
+def load_settings_or_exit() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as err:
+        print(describe_error(err), file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from None

@@ -1,0 +1,1 @@
+"""Structured logs: one JSON object per line, with the request id when there is one."""

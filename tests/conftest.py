@@ -1,0 +1,134 @@
+"""Shared fixtures: a real PostgreSQL and a real Temporal dev server, started once per run.
+
+PostgreSQL is `DATABASE_URL` when set, otherwise the embedded server from the wheel on a free
+port with its data in a temporary folder. Each test database is migrated once; tests are
+isolated by truncating every non-seed table after each test that touched the database.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import pytest_asyncio
+from cryptography.fernet import Fernet
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from db.migrate import migrate_and_seed
+from devstack import postgres
+from devstack.postgres import EmbeddedPostgres
+from devstack.temporal import temporal_cli
+from orchestration.search_attributes import SEARCH_ATTRIBUTES
+from settings import Settings
+
+API_KEY = "test-api-key-" + "x" * 40
+SEED_TABLES = {"plans", "vps_configs", "plan_vps_configs", "alembic_version"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A server URL (no database part) we may create databases on."""
+    external = os.environ.get("DATABASE_URL")
+    if external:
+        yield external.rsplit("/", 1)[0]
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="slopbox-test-pg-"))
+    pg = EmbeddedPostgres(tmp, free_port())
+    proc: subprocess.Popen[bytes] = pg.spawn()
+    try:
+        pg.wait_ready(proc)
+        yield f"postgresql://postgres@127.0.0.1:{pg.port}"
+    finally:
+        postgres.stop(proc)
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
+def create_database(server: str, name: str) -> str:
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server: str) -> str:
+    url = create_database(pg_server, f"slopbox_test_{uuid.uuid4().hex[:8]}")
+    migrate_and_seed(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    return url
+
+
+@pytest.fixture(scope="session")
+def encryption_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture(scope="session")
+def temporal_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, encryption_key: str, tmp_path_factory: pytest.TempPathFactory,
+             temporal_port: int) -> Settings:
+    return Settings(
+        database_url=database_url,
+        control_plane_api_key=API_KEY,
+        encryption_keys=[encryption_key],
+        temporal_address=f"127.0.0.1:{temporal_port}",
+        temporal_task_queue=f"tq-{uuid.uuid4().hex[:8]}",
+        data_dir=tmp_path_factory.mktemp("data"),
+    )
+
+
+def truncate_user_data(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()]
+        victims = [t for t in tables if t not in SEED_TABLES]
+        if victims:
+            conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in victims) + " CASCADE")
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[str]:
+    """The migrated test database; everything but the seeds is wiped after the test."""
+    yield database_url
+    truncate_user_data(database_url)
+
+
+@pytest.fixture
+def sql(db: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(db, autocommit=True) as conn:
+        yield conn
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def temporal_env(temporal_port: int) -> AsyncIterator[WorkflowEnvironment]:
+    async with await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=pydantic_data_converter,
+        port=temporal_port,
+        ui=False,
+    ) as env:
+        yield env
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client

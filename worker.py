@@ -1,0 +1,50 @@
+"""Temporal worker: runs every workflow in `workflows/` and every activity in `activities/`.
+
+Any number of workers can run against one task queue; Temporal spreads the work. SIGTERM lets
+running activities finish (graceful shutdown) before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import timedelta
+
+from temporalio.worker import Worker
+
+from orchestration.client import connect, ensure_search_attributes
+from settings import Settings
+
+log = logging.getLogger("worker")
+
+
+async def build_worker(settings: Settings, client: object | None = None) -> Worker:
+    from activities import build_activities
+    from workflows import WORKFLOWS
+
+    temporal = client or await connect(settings)
+    activities = await build_activities(settings)
+    return Worker(
+        temporal,  # type: ignore[arg-type]
+        task_queue=settings.temporal_task_queue,
+        workflows=WORKFLOWS,
+        activities=activities,
+        max_concurrent_activities=100,
+        graceful_shutdown_timeout=timedelta(seconds=20),
+    )
+
+
+async def run(settings: Settings) -> None:
+    client = await connect(settings)
+    await ensure_search_attributes(client, settings.temporal_namespace)
+    worker = await build_worker(settings, client)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker started", extra={"task_queue": settings.temporal_task_queue,
+                                      "namespace": settings.temporal_namespace})
+    async with worker:
+        await stop.wait()
+        log.info("worker stopping")
