@@ -74,7 +74,6 @@ class VmSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, repr=False)
     secret_env: dict[str, SecretStr] = Field(default_factory=dict)
     ssh_keys: list[str] = Field(default_factory=list)
-    gateway_port: int = Field(default=GATEWAY_PORT, ge=1, le=65535)
 
 
 class VmInfo(BaseModel):

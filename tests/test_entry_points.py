@@ -1,0 +1,76 @@
+"""The deployment files and the command line name things that exist, and bad config stops the process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from cli.main import COMMANDS, build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_compose_service_runs_a_real_entry_point() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["slopbox"]' in dockerfile
+    ours = {name: svc for name, svc in compose["services"].items() if svc.get("image") == "slopbox:latest"}
+    assert set(ours) == {"migrate", "api", "worker", "proxy"}
+    parser = build_parser()
+    for name, svc in ours.items():
+        args = parser.parse_args(svc["command"])
+        assert args.command in COMMANDS, name
+    for required in ("postgres", "temporal", "temporal-ui"):
+        assert required in compose["services"]
+    # Every top-level package the code imports is copied into the image.
+    for pkg in ("api", "proxy", "workflows", "activities", "db", "cli", "orchestration", "providers", "openclaw"):
+        assert f"COPY {pkg} ./{pkg}" in dockerfile, pkg
+
+
+def test_console_script_points_at_main() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'slopbox = "cli.main:main"' in text
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env={**clean, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_malformed_setting_stops_with_one_line_naming_it(tmp_path: Path) -> None:
+    for var, value in [("API_PORT", "eighty"), ("DATABASE_URL", "mysql://x"), ("SLOPBOX_ENCRYPTION_KEYS", "short"),
+                       ("TEMPORAL_ADDRESS", "nohostport"), ("CONTROL_PLANE_API_KEY", "tiny")]:
+        result = _run(["api"], {var: value, "SLOPBOX_DATA_DIR": str(tmp_path)})
+        assert result.returncode == 2, (var, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and var in lines[0], (var, result.stderr)
+
+
+def test_production_mode_requires_the_api_key(tmp_path: Path) -> None:
+    result = _run(["api"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/x", "SLOPBOX_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "configuration error: CONTROL_PLANE_API_KEY is required when DATABASE_URL is set"]
+
+
+def test_user_create_prints_the_id_last(database_url: str, tmp_path: Path) -> None:
+    env = {"DATABASE_URL": database_url, "SLOPBOX_DATA_DIR": str(tmp_path)}
+    result = _run(["user", "create", "--email", "Op@Example.com", "--plan", "pro", "--admin"], env)
+    assert result.returncode == 0, result.stderr
+    user_id = result.stdout.strip().splitlines()[-1]
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT u.email, u.is_admin, p.name FROM users u JOIN plans p ON p.id = u.plan_id "
+                           "WHERE u.id = %s", (user_id,)).fetchone()
+        assert row == ("op@example.com", True, "pro")
+        again = _run(["user", "create", "--email", "op@example.com"], env)
+        assert again.returncode == 1 and "already exists" in again.stderr
+        bad_plan = _run(["user", "create", "--email", "x@example.com", "--plan", "platinum"], env)
+        assert bad_plan.returncode == 1 and "no plan named 'platinum'" in bad_plan.stderr
+        conn.execute("DELETE FROM users WHERE email = 'op@example.com'")
