@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     control_plane_public_url: str = "http://127.0.0.1:8000"
     control_plane_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # LLM keys handed to each agent's gateway (host env on the VM, never inside the sandbox)
+    anthropic_api_key: SecretStr | None = None
+    openai_api_key: SecretStr | None = None
+    openrouter_api_key: SecretStr | None = None
+
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -136,6 +141,12 @@ class Settings(BaseSettings):
         if self.embedded:
             return dev_secrets(self)["control_plane_api_key"]
         raise MissingSetting("CONTROL_PLANE_API_KEY", "is required when DATABASE_URL is set")
+
+    def llm_api_keys(self) -> dict[str, SecretStr]:
+        """Env var name -> key, for the keys that are set."""
+        keys = {"ANTHROPIC_API_KEY": self.anthropic_api_key, "OPENAI_API_KEY": self.openai_api_key,
+                "OPENROUTER_API_KEY": self.openrouter_api_key}
+        return {name: value for name, value in keys.items() if value is not None}
 
     def secret_keys(self) -> list[str]:
         """Fernet keys, newest first; the first encrypts, all decrypt (rotation)."""

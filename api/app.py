@@ -13,11 +13,12 @@ from fastapi import FastAPI, Request, Response
 from temporalio.client import Client
 
 from api import problems
-from api.routes import agents, health, plans, users
+from api.routes import agents, bootstrap, health, plans, users, vps
 from db.engine import make_engine, session_factory
 from orchestration.client import connect
 from settings import Settings
 from telemetry.logs import request_id
+from workflows.contracts import LifecycleTimeouts
 
 log = logging.getLogger("api")
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.api_key_bytes = settings.api_key().encode()
     app.state.temporal = LazyTemporal(settings)
+    app.state.lifecycle_timeouts = LifecycleTimeouts()
     problems.install(app)
 
     @app.middleware("http")
@@ -73,6 +75,6 @@ def create_app(settings: Settings) -> FastAPI:
                                    "ms": round((time.perf_counter() - start) * 1000, 1)})
         return response
 
-    for module in (health, users, plans, agents):
+    for module in (health, users, plans, agents, vps, bootstrap):
         app.include_router(module.router)
     return app

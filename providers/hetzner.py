@@ -180,7 +180,9 @@ class HetznerProvider(VmProvider):
             try:
                 out.append(str(ipaddress.ip_network(ip.strip(), strict=False)))
             except ValueError:
-                raise ProviderFatal(f"CONTROL_PLANE_IPS: {ip!r} is not an IP address or CIDR", provider=cls.kind) from None
+                raise ProviderFatal(
+                    f"CONTROL_PLANE_IPS: {ip!r} is not an IP address or CIDR", provider=cls.kind
+                ) from None
         return out
 
     # -- error handling ----------------------------------------------------------------------------
@@ -415,9 +417,7 @@ class HetznerProvider(VmProvider):
                 code="name_taken",
             )
 
-    def _create_sync(
-        self, spec: VmSpec, name: str, location: str, firewall_id: int
-    ) -> tuple[str, Any]:
+    def _create_sync(self, spec: VmSpec, name: str, location: str, firewall_id: int) -> tuple[str, Any]:
         """One create attempt in one location: ("created", response) | ("capacity", msg) | ("taken", None)."""
         try:
             resp = self._client.servers.create(

@@ -40,9 +40,12 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["FakeApiServer", "Fault", "RecordedRequest"]
+__all__ = ["JSON_BODY", "FakeApiServer", "Fault", "RecordedRequest"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+JSON_BODY = web.RequestKey("json_body", object)
+"""The parsed JSON body (or None), stored on the request by the middleware: `request[JSON_BODY]`."""
 
 
 @dataclass
@@ -184,7 +187,7 @@ class FakeApiServer:
         record = RecordedRequest(request.method, path, query, body)
         with self.lock:
             self.requests.append(record)
-        request["json"] = body
+        request[JSON_BODY] = body
 
         response = await self._respond(request, handler, path)
         record.status = response.status

@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import FakeApiServer
+from . import JSON_BODY, FakeApiServer
 
 LOCATIONS = {
     "fsn1": {"id": 1, "name": "fsn1", "city": "Falkenstein", "country": "DE", "network_zone": "eu-central"},
@@ -386,7 +386,7 @@ class FakeHetzner(FakeApiServer):
         router.add_get(f"{p}/server_types", self.list_server_types)
 
     async def create_server(self, request: web.Request) -> web.Response:
-        body = request["json"]
+        body = request[JSON_BODY]
         if not isinstance(body, dict):
             return self.error_response(400, "json_error", "invalid JSON")
         with self.lock:
@@ -493,7 +493,7 @@ class FakeHetzner(FakeApiServer):
             return self._json({"server": server})
 
     async def update_server(self, request: web.Request) -> web.Response:
-        body = request["json"] or {}
+        body = request[JSON_BODY] or {}
         with self.lock:
             server = self._server_or_404(request)
             if isinstance(server, web.Response):
@@ -520,9 +520,7 @@ class FakeHetzner(FakeApiServer):
             server = self._server_or_404(request)
             if isinstance(server, web.Response):
                 return server
-            items = [
-                a for a in self.actions.values() if any(r["id"] == server["id"] for r in a["resources"])
-            ]
+            items = [a for a in self.actions.values() if any(r["id"] == server["id"] for r in a["resources"])]
             statuses = request.query.getall("status", [])
             if statuses:
                 items = [a for a in items if a["status"] in statuses]
@@ -596,7 +594,7 @@ class FakeHetzner(FakeApiServer):
         }
 
     async def create_firewall(self, request: web.Request) -> web.Response:
-        body = request["json"]
+        body = request[JSON_BODY]
         if not isinstance(body, dict) or not body.get("name"):
             return self._invalid(["name"], "is required")
         with self.lock:
@@ -661,7 +659,7 @@ class FakeHetzner(FakeApiServer):
             return web.Response(status=204)
 
     async def firewall_action(self, request: web.Request) -> web.Response:
-        body = request["json"] or {}
+        body = request[JSON_BODY] or {}
         op = request.match_info["op"]
         with self.lock:
             fw = self._firewall_or_404(request)

@@ -1,0 +1,16 @@
+"""Every side effect the workflows orchestrate: providers, gateway RPC, database."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from settings import Settings
+
+
+async def build_activities(settings: Settings) -> list[Callable[..., Any]]:
+    from activities.vps import VpsActivities
+    from db.engine import make_engine, session_factory
+
+    engine = make_engine(settings, pool_size=10)
+    return VpsActivities(settings, session_factory(engine)).all()
