@@ -191,15 +191,11 @@ class DeviceIdentity:
         encryption: serialization.KeySerializationEncryption = (
             serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
         )
-        return self.private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-        )
+        return self.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
     @property
     def public_key_raw(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        return self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     @property
     def public_key_b64url(self) -> str:
@@ -254,12 +250,27 @@ class DeviceIdentity:
 
 
 class DeviceProofError(ValueError):
-    """A device block failed verification; `code` is the gateway's `error.details.code`."""
+    """A device block failed verification.
 
-    def __init__(self, code: str, message: str) -> None:
+    `code` is the gateway's `error.details.code`, `reason` its `error.details.reason`; `message` is the
+    gateway's error message (also the close reason).
+    """
+
+    def __init__(self, code: str, reason: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
         self.message = message
+
+
+def _derive_device_id(public_key: object) -> tuple[str, bytes] | None:
+    if not isinstance(public_key, str):
+        return None
+    try:
+        raw = decode_public_key(public_key)
+    except ValueError:
+        return None
+    return device_id_for_public_key(raw), raw
 
 
 def verify_device_proof(
@@ -276,40 +287,33 @@ def verify_device_proof(
     now_ms: int | None = None,
     max_skew_ms: int = MAX_SIGNATURE_SKEW_MS,
 ) -> bytes:
-    """Check a `connect.params.device` block the way the gateway does; return the raw public key.
+    """Check a `connect.params.device` block in the gateway's order; return the raw public key.
 
+    The order (id, freshness, nonce, signature) matters because clients see only the first failure.
     `token` is `signature_token(connect.params.auth)`; scopes must be in the order the client sent.
     Raises `DeviceProofError` with one of the DEVICE_AUTH_* codes.
     """
-    nonce = device.get("nonce")
-    if not isinstance(nonce, str) or not nonce:
-        raise DeviceProofError(DEVICE_AUTH_NONCE_REQUIRED, "device nonce required")
-    if nonce != expected_nonce:
-        raise DeviceProofError(DEVICE_AUTH_NONCE_MISMATCH, "device nonce mismatch")
-    public_key = device.get("publicKey")
-    if not isinstance(public_key, str):
-        raise DeviceProofError(DEVICE_AUTH_PUBLIC_KEY_INVALID, "device public key invalid")
-    try:
-        raw = decode_public_key(public_key)
-        verifier = Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError:
-        raise DeviceProofError(DEVICE_AUTH_PUBLIC_KEY_INVALID, "device public key invalid") from None
-    device_id = device.get("id")
-    if not isinstance(device_id, str) or device_id.lower() != device_id_for_public_key(raw):
-        raise DeviceProofError(DEVICE_AUTH_DEVICE_ID_MISMATCH, "device identity mismatch")
+    derived = _derive_device_id(device.get("publicKey"))
+    if derived is None or derived[0] != device.get("id"):
+        raise DeviceProofError(DEVICE_AUTH_DEVICE_ID_MISMATCH, "device-id-mismatch", "device identity mismatch")
+    device_id, raw = derived
     signed_at = device.get("signedAt")
-    if isinstance(signed_at, bool) or not isinstance(signed_at, int | float):
-        raise DeviceProofError(DEVICE_AUTH_SIGNATURE_INVALID, "device signature invalid")
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    if abs(now - int(signed_at)) > max_skew_ms:
-        raise DeviceProofError(DEVICE_AUTH_SIGNATURE_EXPIRED, "device signature expired")
+    if isinstance(signed_at, bool) or not isinstance(signed_at, int | float) or abs(now - int(signed_at)) > max_skew_ms:
+        raise DeviceProofError(DEVICE_AUTH_SIGNATURE_EXPIRED, "device-signature-stale", "device signature expired")
+    nonce_value = device.get("nonce")
+    nonce = nonce_value.strip() if isinstance(nonce_value, str) else ""
+    if not nonce:
+        raise DeviceProofError(DEVICE_AUTH_NONCE_REQUIRED, "device-nonce-missing", "device nonce required")
+    if nonce != expected_nonce:
+        raise DeviceProofError(DEVICE_AUTH_NONCE_MISMATCH, "device-nonce-mismatch", "device nonce mismatch")
     signature = device.get("signature")
     try:
         sig = b64url_decode(signature) if isinstance(signature, str) else b""
     except ValueError:
         sig = b""
     common = {
-        "device_id": device_id.lower(),
+        "device_id": device_id,
         "client_id": client_id,
         "client_mode": client_mode,
         "role": role,
@@ -322,10 +326,11 @@ def verify_device_proof(
         build_v3_payload(**common, platform=platform, device_family=device_family),
         build_v2_payload(**common),
     )
+    verifier = Ed25519PublicKey.from_public_bytes(raw)
     for payload in candidates:
         try:
             verifier.verify(sig, payload.encode("utf-8"))
             return raw
         except InvalidSignature:
             continue
-    raise DeviceProofError(DEVICE_AUTH_SIGNATURE_INVALID, "device signature invalid")
+    raise DeviceProofError(DEVICE_AUTH_SIGNATURE_INVALID, "device-signature", "device signature invalid")

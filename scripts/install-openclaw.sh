@@ -142,7 +142,9 @@ WRAP
   chmod 0755 "$tmp"
   mv -f "$tmp" "$1"
 }
+# shellcheck disable=SC2016  # expanded by the wrapper at run time, not here
 write_wrapper "$TOOLS/bin/node" 'exec "$NODE_DIR/node" "$@"'
+# shellcheck disable=SC2016
 write_wrapper "$TOOLS/bin/openclaw" 'exec "$NODE_DIR/node" "$TOOLS/openclaw/node_modules/openclaw/openclaw.mjs" "$@"'
 
 got="$("$TOOLS/bin/openclaw" --version 2>/dev/null | head -n1 || true)"

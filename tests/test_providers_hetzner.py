@@ -322,9 +322,7 @@ async def test_secret_env_is_refused(provider: HetznerProvider) -> None:
 
 
 async def test_build_provider_from_settings(fake: FakeHetzner) -> None:
-    settings = Settings(
-        hcloud_token=fake.token, hcloud_api_endpoint=fake.base_url, control_plane_ips=[CP_IP]
-    )  # type: ignore[call-arg]
+    settings = Settings(hcloud_token=fake.token, hcloud_api_endpoint=fake.base_url, control_plane_ips=[CP_IP])  # type: ignore[call-arg]
     provider = build_provider("hetzner", settings, poll_interval_s=0.01, poll_max_interval_s=0.02)
     assert isinstance(provider, HetznerProvider)
     assert await provider.list_managed() == []

@@ -172,9 +172,7 @@ class FakeFly(FakeApiServer):
         self.apps[name] = app
         return app
 
-    def _new_machine(
-        self, app: _App, config: dict[str, Any], region: str, name: str | None
-    ) -> dict[str, Any]:
+    def _new_machine(self, app: _App, config: dict[str, Any], region: str, name: str | None) -> dict[str, Any]:
         mid = secrets.token_hex(7)
         machine = {
             "id": mid,

@@ -1,0 +1,450 @@
+"""The local provider: a "VM" is an OpenClaw gateway process on this machine.
+
+Each VM lives in `<data_dir>/vms/<vps_id>/`:
+
+    vm.json        identity and the loopback port chosen at create (written last: marks a complete create)
+    env.json       the environment to launch with, secrets included (mode 0600, like a VM's own disk)
+    state/         OPENCLAW_STATE_DIR; the spec's rendered files are written here before the first launch
+    home/          HOME
+    gateway.pid    pid and kernel start time of the running gateway
+    gateway.log    its stdout and stderr
+
+The gateway is the real one when `openclaw_bin` is configured, otherwise the gateway simulator
+(`python -m gateway_simulator`), both started with the same CLI and environment. It runs in its
+own session, so restarting the worker does not take it down; `get` checks the pid (and its start
+time, against pid reuse) and whether the port accepts connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from providers.base import (
+    MANAGED_BY,
+    ProviderFatal,
+    ProviderRetryable,
+    VmInfo,
+    VmNotFound,
+    VmProvider,
+    VmSpec,
+    VmState,
+)
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+EX_CONFIG = 78  # the gateway's exit code for an invalid configuration: retrying will not help
+
+# Only these are inherited from the worker's environment: it also holds provider tokens,
+# the database URL and encryption keys, none of which an agent may see.
+INHERITED_ENV = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS",
+    "NODE_OPTIONS",
+    "VIRTUAL_ENV",
+)
+DEFAULT_ENV = {
+    "OPENCLAW_SKIP_CHANNELS": "1",
+    "OPENCLAW_DISABLE_BONJOUR": "1",
+    "OPENCLAW_NO_AUTO_UPDATE": "1",
+    "OPENCLAW_NO_RESPAWN": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+# Popen objects of the gateways this process launched, by pid, so that exited ones are reaped
+# (a zombie still answers kill(pid, 0)). Gateways from an earlier worker are not our children;
+# init reaps those.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+_exit_codes: dict[int, int] = {}
+_children_lock = threading.Lock()
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Kernel start time of `pid` (Linux), to tell our gateway from a later process reusing its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields and fields[0] == "Z":
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def _alive(pid: int, start_time: str | None) -> bool:
+    with _children_lock:
+        child = _children.get(pid)
+        if child is not None:
+            if child.poll() is None:
+                return True
+            del _children[pid]
+            _exit_codes[pid] = child.returncode
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    if Path("/proc").is_dir():
+        current = _proc_start_time(pid)
+        return current is not None and (start_time is None or current == start_time)
+    return True
+
+
+def _exit_code(pid: int) -> int | None:
+    with _children_lock:
+        child = _children.get(pid)
+        if child is not None:
+            return child.poll()
+        return _exit_codes.get(pid)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the gateway's whole process group (it leads its own session), or just the pid."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _free_port(avoid: set[int]) -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise ProviderRetryable("could not find a free loopback port", provider="local")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file readable by this user only, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class LocalProvider(VmProvider):
+    """Gateways as local processes. `ref` is the VPS id."""
+
+    kind = "local"
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        openclaw_bin: str | None = None,
+        python: str = sys.executable,
+        boot_timeout_s: float = 60.0,
+        stop_timeout_s: float = 10.0,
+        poll_s: float = 0.1,
+    ) -> None:
+        self.root = Path(data_dir).absolute() / "vms"
+        self.openclaw_bin = openclaw_bin or None
+        self.python = python
+        self.boot_timeout_s = boot_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.poll_s = poll_s
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> LocalProvider:
+        kwargs: dict[str, Any] = {"openclaw_bin": settings.openclaw_bin}
+        kwargs.update(overrides)
+        return cls(settings.data_dir, **kwargs)
+
+    # -- paths & files ---------------------------------------------------------------------------------
+
+    def vm_dir(self, vps_id: str) -> Path:
+        if not vps_id or "/" in vps_id or vps_id.startswith(".") or vps_id != Path(vps_id).name:
+            raise ProviderFatal(f"not a local VM ref: {vps_id!r}", provider=self.kind)
+        return self.root / vps_id
+
+    def _lock(self, vps_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vps_id, asyncio.Lock())
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None
+
+    def command(self, port: int) -> list[str]:
+        """The gateway's command line: the real OpenClaw CLI, or the simulator with the same CLI."""
+        tail = ["gateway", "run", "--port", str(port), "--bind", "loopback"]
+        if self.openclaw_bin:
+            head = [self.openclaw_bin] if Path(self.openclaw_bin).exists() else shlex.split(self.openclaw_bin)
+            return [*head, *tail]
+        return [self.python, "-m", "gateway_simulator", *tail]
+
+    def _env(self, vm: Path, launch_env: dict[str, str]) -> dict[str, str]:
+        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        env.update(DEFAULT_ENV)
+        env.update(launch_env)
+        env.update(
+            {
+                "OPENCLAW_STATE_DIR": str(vm / "state"),
+                "OPENCLAW_CONFIG_PATH": str(vm / "state" / "openclaw.json"),
+                "HOME": str(vm / "home"),
+            }
+        )
+        return env
+
+    def _used_ports(self) -> set[int]:
+        ports = set()
+        if self.root.is_dir():
+            for meta_path in self.root.glob("*/vm.json"):
+                meta = self._read_json(meta_path)
+                if meta and isinstance(meta.get("port"), int):
+                    ports.add(meta["port"])
+        return ports
+
+    def _prepare(self, spec: VmSpec) -> dict[str, Any]:
+        """First create: folders, rendered files, launch env, port. vm.json is written last."""
+        vm = self.vm_dir(spec.vps_id)
+        targets = []
+        for rel in spec.files:
+            p = PurePosixPath(rel)
+            if p.is_absolute() or ".." in p.parts or not p.parts:
+                raise ProviderFatal(f"file path must be relative inside the state folder: {rel!r}", provider=self.kind)
+            targets.append((vm / "state" / Path(*p.parts), spec.files[rel]))
+        for sub in ("", "state", "home"):
+            (vm / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        for target, content in targets:
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_private(target, content)
+        launch_env = dict(spec.env)
+        launch_env.update({k: v.get_secret_value() for k, v in spec.secret_env.items()})
+        _write_private(vm / "env.json", json.dumps(launch_env))
+        meta = {
+            "vps_id": spec.vps_id,
+            "agent_id": spec.agent_id,
+            "user_id": spec.user_id,
+            "port": _free_port(self._used_ports()),
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+        _write_private(vm / "vm.json", json.dumps(meta))
+        return meta
+
+    # -- process management ------------------------------------------------------------------------------
+
+    def _pid(self, vm: Path) -> dict[str, Any] | None:
+        return self._read_json(vm / "gateway.pid")
+
+    def _running_pid(self, vm: Path) -> int | None:
+        info = self._pid(vm)
+        if info and _alive(int(info["pid"]), info.get("start_time")):
+            return int(info["pid"])
+        return None
+
+    def _launch(self, vm: Path, meta: dict[str, Any]) -> int:
+        launch_env = self._read_json(vm / "env.json") or {}
+        cmd = self.command(int(meta["port"]))
+        with open(vm / "gateway.log", "ab") as logf:
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=vm,
+                    env=self._env(vm, launch_env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                message = f"cannot start the gateway {cmd[0]!r}: {exc.strerror}"
+                raise ProviderFatal(message, provider=self.kind) from None
+        with _children_lock:
+            _children[proc.pid] = proc
+            _exit_codes.pop(proc.pid, None)
+        pid_info = {"pid": proc.pid, "start_time": _proc_start_time(proc.pid), "started_at": time.time()}
+        _write_private(vm / "gateway.pid", json.dumps(pid_info))
+        log.info("local: started gateway for vps %s (pid %s, port %s)", meta["vps_id"], proc.pid, meta["port"])
+        return proc.pid
+
+    async def _listening(self, port: int) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), timeout=0.5)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    async def _wait_listening(self, vm: Path, pid: int, port: int) -> None:
+        """Until the port accepts connections (bounded). Raises when the gateway exits instead."""
+        deadline = time.monotonic() + self.boot_timeout_s
+        while time.monotonic() < deadline:
+            if await self._listening(port):
+                return
+            if self._running_pid(vm) != pid:
+                code = _exit_code(pid)
+                message = f"the gateway exited during start (exit code {code}); see {vm / 'gateway.log'}"
+                (vm / "gateway.pid").unlink(missing_ok=True)
+                cls = ProviderFatal if code == EX_CONFIG else ProviderRetryable
+                raise cls(message, provider=self.kind, code="gateway_exited")
+            await asyncio.sleep(self.poll_s)
+
+    async def _ensure_running(self, vm: Path, meta: dict[str, Any]) -> None:
+        pid = self._running_pid(vm)
+        if pid is None:
+            pid = await asyncio.to_thread(self._launch, vm, meta)
+        await self._wait_listening(vm, pid, int(meta["port"]))
+
+    async def _exited(self, pid: int, start_time: str | None, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not _alive(pid, start_time):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(self.poll_s)
+
+    async def _terminate(self, vm: Path) -> None:
+        info = self._pid(vm)
+        if info is None:
+            return
+        pid = int(info["pid"])
+        start_time = info.get("start_time")
+        if _alive(pid, start_time):
+            _signal_group(pid, signal.SIGTERM)
+            if not await self._exited(pid, start_time, self.stop_timeout_s):
+                log.warning("local: gateway pid %s ignored SIGTERM; killing it", pid)
+                _signal_group(pid, signal.SIGKILL)
+                await self._exited(pid, start_time, 5.0)
+        with _children_lock:
+            child = _children.pop(pid, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(child.wait, 5)
+        (vm / "gateway.pid").unlink(missing_ok=True)
+
+    # -- the interface ------------------------------------------------------------------------------------
+
+    async def _info(self, vm: Path, meta: dict[str, Any]) -> VmInfo:
+        info = self._pid(vm)
+        detail = None
+        if info is None:
+            state = VmState.STOPPED
+        elif _alive(int(info["pid"]), info.get("start_time")):
+            state = VmState.RUNNING if await self._listening(int(meta["port"])) else VmState.STARTING
+        else:
+            # A pid file without a process: the gateway died without being stopped.
+            state = VmState.ERROR
+            code = _exit_code(int(info["pid"]))
+            detail = "the gateway process exited" + (f" with code {code}" if code is not None else "")
+        created = None
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            created = datetime.fromisoformat(meta["created_at"])
+        return VmInfo(
+            provider=self.kind,
+            provider_ref=str(meta["vps_id"]),
+            vps_id=str(meta["vps_id"]),
+            state=state,
+            raw_state=state.value,
+            host=LOOPBACK,
+            gateway_port=int(meta["port"]),
+            location="local",
+            labels={"managed-by": MANAGED_BY, "vps-id": str(meta["vps_id"])},
+            created_at=created,
+            detail=detail,
+        )
+
+    async def create(self, spec: VmSpec) -> VmInfo:
+        vm = self.vm_dir(spec.vps_id)
+        async with self._lock(spec.vps_id):
+            meta = self._read_json(vm / "vm.json")
+            if meta is None:
+                try:
+                    meta = await asyncio.to_thread(self._prepare, spec)
+                except OSError as exc:
+                    raise ProviderRetryable(f"cannot prepare {vm}: {exc.strerror}", provider=self.kind) from None
+            else:
+                log.info("local: adopting existing VM folder for vps %s", spec.vps_id)
+            await self._ensure_running(vm, meta)
+            return await self._info(vm, meta)
+
+    async def get(self, ref: str) -> VmInfo | None:
+        vm = self.vm_dir(ref)
+        meta = self._read_json(vm / "vm.json")
+        if meta is None:
+            return None
+        return await self._info(vm, meta)
+
+    async def start(self, ref: str) -> None:
+        vm = self.vm_dir(ref)
+        async with self._lock(ref):
+            meta = self._read_json(vm / "vm.json")
+            if meta is None:
+                raise VmNotFound(f"local VM {ref} not found", provider=self.kind, code="not_found")
+            await self._ensure_running(vm, meta)
+
+    async def stop(self, ref: str) -> None:
+        vm = self.vm_dir(ref)
+        async with self._lock(ref):
+            if self._read_json(vm / "vm.json") is None:
+                raise VmNotFound(f"local VM {ref} not found", provider=self.kind, code="not_found")
+            await self._terminate(vm)
+
+    async def destroy(self, ref: str) -> None:
+        vm = self.vm_dir(ref)
+        async with self._lock(ref):
+            if not vm.exists():
+                return
+            await self._terminate(vm)
+            try:
+                await asyncio.to_thread(shutil.rmtree, vm)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise ProviderRetryable(f"cannot remove {vm}: {exc.strerror}", provider=self.kind) from None
+        self._locks.pop(ref, None)
+
+    async def list_managed(self) -> list[VmInfo]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for meta_path in sorted(self.root.glob("*/vm.json")):
+            meta = self._read_json(meta_path)
+            if meta and meta.get("vps_id") == meta_path.parent.name:
+                out.append(await self._info(meta_path.parent, meta))
+        return out
+
+    def gateway_url(self, info: VmInfo) -> str:
+        return f"http://{info.host or LOOPBACK}:{info.gateway_port}"

@@ -1,0 +1,278 @@
+"""LocalProvider with a stand-in gateway script (a tiny HTTP server speaking the gateway's CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from providers import ProviderFatal, ProviderRetryable, VmNotFound, VmSpec, VmState, build_provider
+from providers.local import LocalProvider
+from settings import Settings
+
+STAND_IN = """\
+#!{python}
+# Stand-in for `openclaw gateway run --port P --bind loopback`: records what it was given, serves /healthz.
+import http.server, json, os, signal, sys
+
+args = sys.argv[1:]
+assert args[:2] == ["gateway", "run"], args
+port = int(args[args.index("--port") + 1])
+mode = {mode!r}
+if mode == "bad-config":
+    sys.exit(78)
+if mode == "crash":
+    sys.exit(3)
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+state = os.environ["OPENCLAW_STATE_DIR"]
+with open(os.path.join(state, "seen.json"), "w") as f:
+    json.dump({{"argv": args, "env": dict(os.environ), "pid": os.getpid()}}, f)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({{"ok": True, "status": "live"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():
+        text = stat.read_text()
+        return text[text.rfind(")") + 2] != "Z"
+    return True
+
+
+Factory = Callable[..., LocalProvider]
+
+
+@pytest.fixture
+async def make_provider(tmp_path: Path) -> AsyncIterator[Factory]:
+    made: list[LocalProvider] = []
+
+    def make(mode: str = "ok", **overrides: Any) -> LocalProvider:
+        script = tmp_path / f"openclaw-{mode}"
+        script.write_text(STAND_IN.format(python=sys.executable, mode=mode))
+        script.chmod(0o755)
+        kwargs: dict[str, Any] = {
+            "openclaw_bin": str(script),
+            "boot_timeout_s": 15.0,
+            "stop_timeout_s": 5.0,
+            "poll_s": 0.02,
+        }
+        kwargs.update(overrides)
+        provider = LocalProvider(tmp_path / "data", **kwargs)
+        made.append(provider)
+        return provider
+
+    yield make
+    # Never leave a gateway running, whatever the test did.
+    for provider in made:
+        for info in await provider.list_managed():
+            await provider.destroy(info.provider_ref)
+
+
+def spec(vps_id: str = "vps-1", **kw: Any) -> VmSpec:
+    return VmSpec(
+        vps_id=vps_id,
+        agent_id="agent-1",
+        user_id="user-1",
+        files={"openclaw.json": '{"gateway": {"mode": "local"}}', "agents/main/AGENTS.md": "# hi\n"},
+        env={"OPENCLAW_LOG_LEVEL": "debug"},
+        secret_env={"OPENCLAW_GATEWAY_TOKEN": SecretStr("gw-token-123")},
+        **kw,
+    )
+
+
+async def test_happy_path_lifecycle(make_provider: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HCLOUD_TOKEN", "must-not-leak")
+    provider = make_provider()
+    info = await provider.create(spec())
+    assert info.state == VmState.RUNNING
+    assert info.provider_ref == "vps-1" and info.vps_id == "vps-1"
+    url = provider.gateway_url(info)
+    assert url == f"http://127.0.0.1:{info.gateway_port}"
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{url}/healthz")).json() == {"ok": True, "status": "live"}
+
+    vm = tmp_path / "data" / "vms" / "vps-1"
+    assert (vm / "state" / "openclaw.json").read_text() == '{"gateway": {"mode": "local"}}'
+    assert (vm / "state" / "agents" / "main" / "AGENTS.md").read_text() == "# hi\n"
+    assert (vm / "home").is_dir()
+    seen = json.loads((vm / "state" / "seen.json").read_text())
+    assert seen["argv"] == ["gateway", "run", "--port", str(info.gateway_port), "--bind", "loopback"]
+    env = seen["env"]
+    assert env["OPENCLAW_STATE_DIR"] == str(vm / "state")
+    assert env["OPENCLAW_CONFIG_PATH"] == str(vm / "state" / "openclaw.json")
+    assert env["HOME"] == str(vm / "home")
+    assert env["OPENCLAW_GATEWAY_TOKEN"] == "gw-token-123"
+    assert env["OPENCLAW_LOG_LEVEL"] == "debug"
+    for key in ("OPENCLAW_SKIP_CHANNELS", "OPENCLAW_DISABLE_BONJOUR", "OPENCLAW_NO_AUTO_UPDATE", "OPENCLAW_NO_RESPAWN"):
+        assert env[key] == "1"
+    assert "HCLOUD_TOKEN" not in env  # the worker's secrets stay in the worker
+    assert (vm / "env.json").stat().st_mode & 0o077 == 0
+    assert "gw-token-123" not in (vm / "vm.json").read_text()
+
+    pid = seen["pid"]
+    assert pid_alive(pid)
+    assert os.getsid(pid) == pid  # own session: a worker restart does not take it down
+
+    got = await provider.get("vps-1")
+    assert got is not None and got.state == VmState.RUNNING
+
+    await provider.stop("vps-1")
+    assert not pid_alive(pid)
+    got = await provider.get("vps-1")
+    assert got is not None and got.state == VmState.STOPPED
+    await provider.stop("vps-1")  # idempotent
+
+    await provider.start("vps-1")
+    got = await provider.get("vps-1")
+    assert got is not None and got.state == VmState.RUNNING
+    assert got.gateway_port == info.gateway_port  # the port is kept across restarts
+    pid2 = json.loads((vm / "state" / "seen.json").read_text())["pid"]
+    assert pid2 != pid and pid_alive(pid2)
+    await provider.start("vps-1")  # idempotent
+
+    await provider.destroy("vps-1")
+    assert not vm.exists()
+    assert not pid_alive(pid2)
+    assert await provider.get("vps-1") is None
+    await provider.destroy("vps-1")  # already gone = done
+
+    with pytest.raises(VmNotFound):
+        await provider.start("vps-1")
+    with pytest.raises(VmNotFound):
+        await provider.stop("vps-1")
+
+
+async def test_create_twice_is_one_gateway(make_provider: Factory, tmp_path: Path) -> None:
+    provider = make_provider()
+    first = await provider.create(spec())
+    pid = json.loads((tmp_path / "data" / "vms" / "vps-1" / "gateway.pid").read_text())["pid"]
+    second = await provider.create(spec())
+    assert second.gateway_port == first.gateway_port
+    assert json.loads((tmp_path / "data" / "vms" / "vps-1" / "gateway.pid").read_text())["pid"] == pid
+    assert [i.provider_ref for i in await provider.list_managed()] == ["vps-1"]
+
+
+async def test_new_provider_instance_adopts_running_gateway(make_provider: Factory) -> None:
+    """A restarted worker (a new provider object) sees and controls the gateway it did not launch."""
+    first = make_provider()
+    info = await first.create(spec())
+    second = make_provider()
+    got = await second.get(info.provider_ref)
+    assert got is not None and got.state == VmState.RUNNING
+    await second.stop(info.provider_ref)
+    got = await first.get(info.provider_ref)
+    assert got is not None and got.state == VmState.STOPPED
+
+
+async def test_stop_kills_a_gateway_that_ignores_sigterm(make_provider: Factory, tmp_path: Path) -> None:
+    provider = make_provider("stubborn", stop_timeout_s=0.3)
+    await provider.create(spec())
+    pid = json.loads((tmp_path / "data" / "vms" / "vps-1" / "state" / "seen.json").read_text())["pid"]
+    await provider.stop("vps-1")
+    assert not pid_alive(pid)
+
+
+async def test_invalid_config_exit_is_fatal(make_provider: Factory) -> None:
+    provider = make_provider("bad-config")
+    with pytest.raises(ProviderFatal) as err:
+        await provider.create(spec())
+    assert "exit code 78" in err.value.message
+    got = await provider.get("vps-1")
+    assert got is not None and got.state == VmState.STOPPED
+
+
+async def test_crash_on_start_is_retryable(make_provider: Factory) -> None:
+    provider = make_provider("crash")
+    with pytest.raises(ProviderRetryable) as err:
+        await provider.create(spec())
+    assert "gateway.log" in err.value.message
+    assert "gw-token-123" not in str(err.value)
+
+
+async def test_gateway_that_dies_is_reported_as_error(make_provider: Factory, tmp_path: Path) -> None:
+    provider = make_provider()
+    await provider.create(spec())
+    pid = json.loads((tmp_path / "data" / "vms" / "vps-1" / "state" / "seen.json").read_text())["pid"]
+    os.kill(pid, 9)
+    for _ in range(100):
+        got = await provider.get("vps-1")
+        assert got is not None
+        if got.state == VmState.ERROR:
+            break
+    assert got.state == VmState.ERROR
+    await provider.start("vps-1")  # recovers
+    got = await provider.get("vps-1")
+    assert got is not None and got.state == VmState.RUNNING
+
+
+async def test_list_managed_only_sees_complete_vm_folders(make_provider: Factory, tmp_path: Path) -> None:
+    provider = make_provider()
+    await provider.create(spec("vps-a"))
+    (tmp_path / "data" / "vms" / "stray").mkdir()
+    (tmp_path / "data" / "vms" / "notes.txt").write_text("x")
+    assert [i.provider_ref for i in await provider.list_managed()] == ["vps-a"]
+
+
+async def test_rejects_paths_outside_the_state_folder(make_provider: Factory) -> None:
+    provider = make_provider()
+    bad = spec().model_copy(update={"files": {"../escape": "x"}})
+    with pytest.raises(ProviderFatal):
+        await provider.create(bad)
+    with pytest.raises(ProviderFatal):
+        await provider.get("../etc")
+
+
+def test_simulator_command_when_no_openclaw_bin(tmp_path: Path) -> None:
+    provider = LocalProvider(tmp_path)
+    assert provider.command(4242) == [
+        sys.executable,
+        "-m",
+        "gateway_simulator",
+        "gateway",
+        "run",
+        "--port",
+        "4242",
+        "--bind",
+        "loopback",
+    ]
+    real = LocalProvider(tmp_path, openclaw_bin="node /opt/openclaw/openclaw.mjs")
+    assert real.command(1)[:4] == ["node", "/opt/openclaw/openclaw.mjs", "gateway", "run"]
+
+
+async def test_build_provider_from_settings(tmp_path: Path) -> None:
+    settings = Settings(SLOPBOX_DATA_DIR=str(tmp_path), openclaw_bin="/bin/true")  # type: ignore[call-arg]
+    provider = build_provider("local", settings)
+    assert isinstance(provider, LocalProvider)
+    assert provider.root == tmp_path / "vms"
+    assert provider.command(5)[0] == "/bin/true"
+    assert await provider.list_managed() == []
+    with pytest.raises(ProviderFatal):
+        build_provider("nope", settings)
