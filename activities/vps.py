@@ -191,7 +191,7 @@ class VpsActivities:
         vps, agent, _ = await self._load(inp.vps.vps_id)
         if agent is None:
             raise fail("the VPS has no agent any more")
-        device_token = await gateway.pair(self.provider(vps.provider), vps, agent)
+        device_token = await gateway.pair(self.settings, self.provider(vps.provider), vps, agent)
         if device_token:
             await self._update(vps.id, admin_device_token=device_token)
 
@@ -287,9 +287,9 @@ class VpsActivities:
                     await self._update(vps.id, state=VpsState.error, state_changed_at=now,
                                        last_error="the VM was deleted outside Slopbox")
                     report.drift_fixed.append(f"{vps.id}: {vps.state} -> error (VM gone)")
-                elif vm.state == VmState.STOPPED and vps.state == VpsState.running:
+                elif vps.state == VpsState.running and vm.state in (VmState.STOPPED, VmState.ERROR):
                     await self._update(vps.id, state=VpsState.stopped, state_changed_at=now,
-                                       last_error="the VM was stopped outside Slopbox")
+                                       last_error=f"the VM was stopped outside Slopbox ({vm.raw_state or vm.state})")
                     report.drift_fixed.append(f"{vps.id}: running -> stopped")
                 elif vm.state == VmState.RUNNING and vps.state == VpsState.stopped:
                     await self._update(vps.id, state=VpsState.running, state_changed_at=now, last_error=None)

@@ -13,8 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 from types import FrameType
 
 from cli.users import create_user
@@ -103,7 +101,7 @@ def run_dev(settings: Settings) -> int:
         _say("stopping...")
         for _name, proc in reversed(services):
             terminate(proc)
-        _stop_local_vms(data)
+        _stop_local_vms(settings)
         for _name, proc in reversed(infra):
             terminate(proc)
         if pg_proc is not None:
@@ -111,15 +109,22 @@ def run_dev(settings: Settings) -> int:
         _say("stopped.")
 
 
-def _stop_local_vms(data: Path) -> None:
-    """Local 'VMs' are gateway processes in their own sessions; they stop with the stack."""
-    vms = data / "vms"
-    if not vms.is_dir():
-        return
-    for pid_file in vms.glob("*/gateway.pid"):
-        try:
-            pid = int(pid_file.read_text().strip())
-            os.killpg(pid, signal.SIGTERM)
-        except (ValueError, ProcessLookupError, PermissionError, OSError):
-            continue
-    time.sleep(0.5)
+def _stop_local_vms(settings: Settings) -> None:
+    """Local 'VMs' are gateway processes in their own sessions; they stop with the stack.
+
+    Their VPS rows still say running; the reconciler marks them stopped on the next run, and the
+    user starts them again from the API.
+    """
+    import asyncio
+
+    from providers.local import LocalProvider
+
+    async def stop_all() -> None:
+        provider = LocalProvider.from_settings(settings)
+        for vm in await provider.list_managed():
+            await provider.stop(vm.provider_ref)
+
+    try:
+        asyncio.run(stop_all())
+    except Exception as err:  # noqa: BLE001  (shutdown goes on regardless)
+        _say(f"warning: could not stop every local gateway: {err}")

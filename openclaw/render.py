@@ -126,12 +126,29 @@ _MODEL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 _ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]+$")
 # Env names a secret may never set: they would change what runs or where state lives.
-_FORBIDDEN_ENV = frozenset({
-    "PATH", "HOME", "SHELL", "USER", "NODE_OPTIONS", "NODE_PATH", "NODE_EXTRA_CA_CERTS",
-    "OPENCLAW_STATE_DIR", "OPENCLAW_CONFIG_PATH", "OPENCLAW_HOME", "OPENCLAW_WORKSPACE_DIR",
-    "OPENCLAW_GATEWAY_PORT", "OPENCLAW_GATEWAY_PASSWORD", "OPENCLAW_CONFIG_READONLY",
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", PROXY_URL_ENV,
-})
+_FORBIDDEN_ENV = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "SHELL",
+        "USER",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "NODE_EXTRA_CA_CERTS",
+        "OPENCLAW_STATE_DIR",
+        "OPENCLAW_CONFIG_PATH",
+        "OPENCLAW_HOME",
+        "OPENCLAW_WORKSPACE_DIR",
+        "OPENCLAW_GATEWAY_PORT",
+        "OPENCLAW_GATEWAY_PASSWORD",
+        "OPENCLAW_CONFIG_READONLY",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        PROXY_URL_ENV,
+    }
+)
 
 
 # -- input ---------------------------------------------------------------------------------------
@@ -207,8 +224,15 @@ class AgentRenderInput(BaseModel):
         out = []
         for origin in v:
             parts = urlsplit(origin)
-            if (parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/")
-                    or parts.query or parts.fragment or parts.username or "*" in origin):
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+                or parts.username
+                or "*" in origin
+            ):
                 raise ValueError(f"allowed origin {origin!r} must be a full origin like https://host[:port]")
             out.append(f"{parts.scheme}://{parts.netloc}")
         return out
@@ -241,6 +265,7 @@ def llm_key_env_name(model: str) -> str | None:
 
 
 def bootstrap_base_url(inp: AgentRenderInput) -> str:
+    """Where a VM redeems its token and reports ready, unless the caller names another URL."""
     return f"{inp.control_plane_public_url}/bootstrap"
 
 
@@ -266,11 +291,11 @@ def render_openclaw_config(inp: AgentRenderInput) -> dict[str, Any]:
     * `update.auto.enabled: false`, `update.checkOnStart: false`: the control plane owns the
       version (the pre-built image pins it).
     * Hooks: the PRD wants automation webhooks (`hooks.enabled: true`), while the gateway's
-      default is off. We follow the PRD: hooks need a token, `${OPENCLAW_HOOKS_TOKEN}` (the
-      gateway refuses hook auth that reuses the gateway token, so it is a separate secret),
-      they may only target the `main` agent, callers may not pick session keys (hook runs use
-      `hook:ingress` unless a mapping says otherwise), as `openclaw security audit` advises. The gateway
-      port is reachable only from the control plane, so hooks arrive through our proxy.
+      default is off. We follow the PRD: hooks need a token, `${OPENCLAW_HOOKS_TOKEN}`, a
+      separate secret (reusing the gateway token is a critical `openclaw security audit`
+      finding); hooks may only target the `main` agent and callers may not pick session keys
+      (hook runs use `hook:ingress` unless a mapping says otherwise), as the audit advises. The
+      gateway port is reachable only from the control plane, so hooks arrive through our proxy.
       `hooks_enabled=False` on the input turns them off (and then no hooks token is needed).
     """
     gateway: dict[str, Any] = {
@@ -362,8 +387,11 @@ LOCKED_SETTINGS: tuple[LockedSetting, ...] = (
     LockedSetting("gateway.terminal.enabled", False, "the terminal is a shell on the VM"),
     LockedSetting("gateway.http.endpoints.chatCompletions.enabled", False, "/v1 endpoints bypass the proxy's filter"),
     LockedSetting("gateway.http.endpoints.responses.enabled", False, "/v1 endpoints bypass the proxy's filter"),
-    LockedSetting("gateway.controlUi.dangerouslyAllowHostHeaderOriginFallback", AbsentOr(False),
-                  "origin checks must use allowedOrigins"),
+    LockedSetting(
+        "gateway.controlUi.dangerouslyAllowHostHeaderOriginFallback",
+        AbsentOr(False),
+        "origin checks must use allowedOrigins",
+    ),
     LockedSetting("gateway.controlUi.allowExternalEmbedUrls", AbsentOr(False), "no external embeds"),
     LockedSetting("gateway.allowRealIpFallback", AbsentOr(False), "client attribution comes from XFF only"),
     LockedSetting("gateway.nodes.pairing.autoApproveCidrs", AbsentOr([]), "no automatic node pairing"),
@@ -371,19 +399,25 @@ LOCKED_SETTINGS: tuple[LockedSetting, ...] = (
     LockedSetting("agents.defaults.sandbox.backend", "docker", "the sandbox is a Docker container"),
     LockedSetting("agents.defaults.sandbox.docker.network", "none", "the sandbox has no network (PRD §7.3)"),
     LockedSetting("agents.defaults.sandbox.docker.binds", AbsentOr([]), "no host paths inside the sandbox"),
-    LockedSetting("agents.defaults.sandbox.docker.dangerouslyAllowReservedContainerTargets", AbsentOr(False),
-                  "sandbox escape"),
-    LockedSetting("agents.defaults.sandbox.docker.dangerouslyAllowExternalBindSources", AbsentOr(False),
-                  "sandbox escape"),
-    LockedSetting("agents.defaults.sandbox.docker.dangerouslyAllowContainerNamespaceJoin", AbsentOr(False),
-                  "sandbox escape"),
+    LockedSetting(
+        "agents.defaults.sandbox.docker.dangerouslyAllowReservedContainerTargets", AbsentOr(False), "sandbox escape"
+    ),
+    LockedSetting(
+        "agents.defaults.sandbox.docker.dangerouslyAllowExternalBindSources", AbsentOr(False), "sandbox escape"
+    ),
+    LockedSetting(
+        "agents.defaults.sandbox.docker.dangerouslyAllowContainerNamespaceJoin", AbsentOr(False), "sandbox escape"
+    ),
     LockedSetting("tools.deny", Includes(LOCKED_TOOLS_DENY), "the agent must not reconfigure the gateway"),
     LockedSetting("tools.elevated.enabled", False, "no host exec escape hatch (PRD §7.3)"),
     LockedSetting("tools.exec.host", "sandbox", "exec fails closed instead of running on the host"),
     LockedSetting("hooks.token", AbsentOr(HOOKS_TOKEN_REF), "the hooks token comes from the env file"),
     LockedSetting("hooks.allowRequestSessionKey", AbsentOr(False), "hook callers may not pick sessions"),
-    LockedSetting("plugins.entries.admin-http-rpc.enabled", AbsentOr(False),
-                  "an HTTP admin RPC would bypass the proxy's method filter"),
+    LockedSetting(
+        "plugins.entries.admin-http-rpc.enabled",
+        AbsentOr(False),
+        "an HTTP admin RPC would bypass the proxy's method filter",
+    ),
     LockedSetting("proxy.proxyUrl", AbsentOr(None), "egress goes through the control plane's proxy (env only)"),
     LockedSetting("proxy.enabled", AbsentOr(True), "egress goes through the control plane's proxy"),
 )
@@ -429,8 +463,9 @@ def check_locked(config: Mapping[str, Any]) -> list[str]:
         req = rule.required
         if isinstance(req, Includes):
             if not isinstance(actual, list):
-                problems.append(f"{rule.path}: must be a list containing {list(req.items)}, found {_show(actual)}"
-                                f" ({rule.reason})")
+                problems.append(
+                    f"{rule.path}: must be a list containing {list(req.items)}, found {_show(actual)} ({rule.reason})"
+                )
                 continue
             missing = [item for item in req.items if item not in actual]
             if missing:
@@ -450,8 +485,10 @@ def check_locked(config: Mapping[str, Any]) -> list[str]:
             for sub, required in _LOCKED_PER_AGENT:
                 actual = _get(entry, sub)
                 if actual is not _MISSING and actual != required:
-                    problems.append(f"agents.entries.{agent_id}.{sub}: must be absent or {json.dumps(required)},"
-                                    f" found {_show(actual)} (per-agent override of a locked setting)")
+                    problems.append(
+                        f"agents.entries.{agent_id}.{sub}: must be absent or {json.dumps(required)},"
+                        f" found {_show(actual)} (per-agent override of a locked setting)"
+                    )
 
     origins = _get(config, "gateway.controlUi.allowedOrigins")
     if isinstance(origins, list) and "*" in origins:
@@ -628,8 +665,10 @@ def render_systemd_unit(layout: VmLayout = SYSTEMD_LAYOUT) -> str:
     is left off because V8's JIT needs writable+executable pages. The service user is in the
     `docker` group (added by the bootstrap when Docker is installed) so the sandbox can start.
     """
-    token_check = (f"ExecStartPre=/bin/sh -c 'test -n \"$${GATEWAY_TOKEN_ENV}\" || "
-                   f"{{ echo \"{GATEWAY_TOKEN_ENV} is not set\" >&2; exit 78; }}'")
+    token_check = (
+        f'ExecStartPre=/bin/sh -c \'test -n "$${GATEWAY_TOKEN_ENV}" || '
+        f'{{ echo "{GATEWAY_TOKEN_ENV} is not set" >&2; exit 78; }}\''
+    )
     env_lines = "".join(
         f"Environment={k}={v}\n" for k, v in gateway_runtime_env(layout.state_dir, layout.service_home).items()
     )
@@ -768,7 +807,7 @@ _BOOTSTRAP_SCRIPT = r"""#!/bin/sh
 # Slopbox first-boot bootstrap for an OpenClaw gateway VM (rendered by openclaw/render.py).
 # Redeems the single-use bootstrap token for the gateway's secrets, seeds the state folder, starts
 # the gateway, reports ready, then approves exactly the control plane's device keys for pairing.
-# Usage: bootstrap.sh [all|pair]   (settings: $SLOPBOX_BOOTSTRAP_CONF, default /etc/openclaw/bootstrap.conf)
+# Usage: bootstrap.sh [all|redeem|pair]   (settings: $SLOPBOX_BOOTSTRAP_CONF, default /etc/openclaw/bootstrap.conf)
 set -eu
 CONF=${SLOPBOX_BOOTSTRAP_CONF:-/etc/openclaw/bootstrap.conf}
 # shellcheck source=/dev/null
@@ -993,8 +1032,9 @@ main() {
 
 case "${1:-all}" in
   all) main ;;
+  redeem) redeem ;;
   pair) pair ;;
-  *) die "usage: $0 [all|pair]" ;;
+  *) die "usage: $0 [all|redeem|pair]" ;;
 esac
 """
 
@@ -1004,8 +1044,9 @@ def render_bootstrap_script() -> str:
     return _BOOTSTRAP_SCRIPT
 
 
-def _vm_files(inp: AgentRenderInput, layout: VmLayout, bootstrap_token: str,
-              bootstrap_url: str | None) -> list[tuple[str, str, str]]:
+def _vm_files(
+    inp: AgentRenderInput, layout: VmLayout, bootstrap_token: str, bootstrap_url: str | None
+) -> list[tuple[str, str, str]]:
     """(path, mode, content) of everything written on a cloud VM before first boot."""
     files = [
         (layout.bootstrap_conf, "0644", render_bootstrap_conf(inp, layout, bootstrap_url)),
@@ -1013,8 +1054,9 @@ def _vm_files(inp: AgentRenderInput, layout: VmLayout, bootstrap_token: str,
         (layout.script_path, "0755", render_bootstrap_script()),
         (f"{layout.seed_dir}/openclaw.json", "0644", json.dumps(render_openclaw_config(inp), indent=2) + "\n"),
     ]
-    files += [(f"{layout.seed_dir}/workspace/{name}", "0644", text)
-              for name, text in render_workspace_files(inp).items()]
+    files += [
+        (f"{layout.seed_dir}/workspace/{name}", "0644", text) for name, text in render_workspace_files(inp).items()
+    ]
     return files
 
 
@@ -1063,8 +1105,9 @@ def render_cloud_init(inp: AgentRenderInput, bootstrap_token: str, bootstrap_url
                 ["systemctl", "enable", "--now", "--no-block", layout.bootstrap_unit],
             ],
         }
-        text = "#cloud-config\n" + yaml.dump(doc, Dumper=_CloudConfigDumper, sort_keys=False,
-                                             allow_unicode=True, width=1000)
+        text = "#cloud-config\n" + yaml.dump(
+            doc, Dumper=_CloudConfigDumper, sort_keys=False, allow_unicode=True, width=1000
+        )
         if len(text.encode()) <= USER_DATA_LIMIT:
             return text
     raise ValueError(f"user-data is {len(text.encode())} bytes, over Hetzner's {USER_DATA_LIMIT}")
@@ -1109,17 +1152,24 @@ def render_fly_machine_config(
         "env": env,
         "files": files,
         "init": {"exec": ["/bin/sh", layout.script_path]},
-        "services": [{
-            "protocol": "tcp",
-            "internal_port": inp.gateway_port,
-            "ports": [{"port": inp.gateway_port}],
-            "autostart": False,
-            "autostop": "off",
-        }],
+        "services": [
+            {
+                "protocol": "tcp",
+                "internal_port": inp.gateway_port,
+                "ports": [{"port": inp.gateway_port}],
+                "autostart": False,
+                "autostop": "off",
+            }
+        ],
         "checks": {
             "gateway-ready": {
-                "type": "http", "port": inp.gateway_port, "method": "GET", "path": "/readyz",
-                "interval": "15s", "timeout": "5s", "grace_period": "120s",
+                "type": "http",
+                "port": inp.gateway_port,
+                "method": "GET",
+                "path": "/readyz",
+                "interval": "15s",
+                "timeout": "5s",
+                "grace_period": "120s",
             },
         },
         "restart": {"policy": "on-failure", "max_retries": 10},
@@ -1143,4 +1193,3 @@ def render_local_files(inp: AgentRenderInput) -> dict[str, str]:
     files = {"openclaw.json": json.dumps(render_openclaw_config(inp), indent=2) + "\n"}
     files.update({f"workspace/{name}": text for name, text in render_workspace_files(inp).items()})
     return files
-

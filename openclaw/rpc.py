@@ -79,6 +79,7 @@ DEFAULT_OPERATOR_SCOPES: tuple[str, ...] = (
 RECONNECT_CLOSE_CODES: frozenset[int] = frozenset({1006, 1012, 1013, 4000})
 
 _MAX_PAYLOAD = 26_214_400  # hello-ok.policy.maxPayload
+_SHUTDOWN_GRACE_S = 5.0  # a `shutdown` event is followed by close 1012 within milliseconds
 _CONNECT_ERROR_PREFIXES = ("AUTH_", "DEVICE_AUTH_", "CONTROL_UI_", "PROTOCOL_MISMATCH", "CLIENT_VERSION")
 
 
@@ -618,14 +619,31 @@ class GatewayClient:
         log.debug("gateway %s failed: %s %s", method, err.code, err.details_code or "")
         raise err
 
+    async def read(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (per-call deadline is the API)
+    ) -> Any:
+        """`call` for side-effect-free methods: if the socket drops mid-call with a reconnect code
+        (restart), it waits for the reconnect and asks once more instead of failing."""
+        try:
+            return await self.call(method, params, timeout=timeout)
+        except GatewayConnectionError as exc:
+            if not exc.retryable or self._closing:
+                raise
+            log.info("%s interrupted by close %s; retrying after reconnect", method, exc.close_code)
+            return await self.call(method, params, timeout=timeout)
+
     async def health(self) -> dict[str, Any]:
-        return await self.call("health")
+        return await self.read("health")
 
     async def status(self) -> dict[str, Any]:
-        return await self.call("status")
+        return await self.read("status")
 
     async def config_get(self) -> dict[str, Any]:
-        return await self.call("config.get")
+        return await self.read("config.get")
 
     async def config_patch(
         self,
@@ -654,7 +672,7 @@ class GatewayClient:
         attempts = max(1, max_attempts)
         for attempt in range(1, attempts + 1):
             current = await self.config_get()
-            fresh = current.get("hash") if current.get("exists", True) else None
+            fresh = current.get("hash")  # sent even when no file exists yet: a hashless patch is refused
             try:
                 return await self.call("config.patch", {**params, **({"baseHash": fresh} if fresh else {})})
             except ConfigConflictError:
@@ -677,17 +695,17 @@ class GatewayClient:
         raw = config if isinstance(config, str) else json.dumps(config, indent=2)
         if base_hash is None:
             current = await self.config_get()
-            base_hash = current.get("hash") if current.get("exists", True) else None
+            base_hash = current.get("hash")
         params: dict[str, Any] = {"raw": raw}
         _put(params, baseHash=base_hash, note=note, restartDelayMs=restart_delay_ms, sessionKey=session_key)
         return await self.call("config.apply", params)
 
     async def agents_files_list(self, agent_id: str = "main") -> dict[str, Any]:
-        return await self.call("agents.files.list", {"agentId": agent_id})
+        return await self.read("agents.files.list", {"agentId": agent_id})
 
     async def agents_files_get(self, agent_id: str, name: str) -> dict[str, Any]:
         """Returns `{agentId, workspace, file{name, path, missing, size?, hash?, content?}}`."""
-        return await self.call("agents.files.get", {"agentId": agent_id, "name": name})
+        return await self.read("agents.files.get", {"agentId": agent_id, "name": name})
 
     async def agents_files_set(
         self, agent_id: str, name: str, content: str, *, expected_hash: str | None = None
@@ -703,7 +721,7 @@ class GatewayClient:
         params: dict[str, Any] = {}
         _put(params, channel=channel, probe=probe, timeoutMs=timeout_ms)
         call_timeout = self.request_timeout + (timeout_ms or 0) / 1000
-        return await self.call("channels.status", params, timeout=call_timeout)
+        return await self.read("channels.status", params, timeout=call_timeout)
 
     async def channels_logout(self, channel: str, *, account_id: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"channel": channel}
@@ -758,10 +776,10 @@ class GatewayClient:
     async def chat_history(self, session_key: str, *, limit: int | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"sessionKey": session_key}
         _put(params, limit=limit)
-        return await self.call("chat.history", params)
+        return await self.read("chat.history", params)
 
     async def device_pair_list(self) -> dict[str, Any]:
-        return await self.call("device.pair.list")
+        return await self.read("device.pair.list")
 
     async def device_pair_approve(self, request_id: str) -> dict[str, Any]:
         return await self.call("device.pair.approve", {"requestId": request_id})
@@ -924,9 +942,8 @@ class GatewayClient:
             self._on_disconnect(ws)
 
     def _dispatch(self, event: GatewayEvent) -> None:
-        if event.event == "shutdown" and isinstance(event.payload, Mapping):
-            hint = event.payload.get("restartExpectedMs")
-            self._restart_hint_ms = int(hint) if isinstance(hint, int | float) else None
+        if event.event == "shutdown":
+            self._on_shutdown(event)
         for sub in list(self._subscriptions):
             sub._offer(event)
         for listener in list(self._listeners):
@@ -936,6 +953,26 @@ class GatewayClient:
                     self._spawn(result)
             except Exception:
                 log.exception("event listener failed for %s", event.event)
+
+    def _on_shutdown(self, event: GatewayEvent) -> None:
+        """The gateway is going away: hold new calls until the reconnect instead of sending them
+        on a socket about to close with 1012 (calls already in flight fail with a retryable error)."""
+        payload = event.payload if isinstance(event.payload, Mapping) else {}
+        hint = payload.get("restartExpectedMs")
+        self._restart_hint_ms = int(hint) if isinstance(hint, int | float) else None
+        ws = self._ws
+        if ws is None or self._ready is None or not self._ready.done() or self._ready.exception() is not None:
+            return
+        if self._ready.result() is ws:
+            self._ready = asyncio.get_running_loop().create_future()
+
+            async def close_if_lingering() -> None:
+                await asyncio.sleep(_SHUTDOWN_GRACE_S)
+                if self._ws is ws:  # the gateway announced shutdown but kept the socket: move on
+                    self._local_close_code = 1012
+                    await ws.close(1000, "gateway shutdown")
+
+            self._spawn(close_if_lingering())
 
     async def _watchdog(self, ws: ClientConnection, tick_s: float) -> None:
         """Close with 4000 when the gateway has been silent for two tick intervals (as the reference client)."""

@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 
@@ -74,6 +74,9 @@ class VmSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, repr=False)
     secret_env: dict[str, SecretStr] = Field(default_factory=dict)
     ssh_keys: list[str] = Field(default_factory=list)
+    provider_config: dict[str, Any] = Field(default_factory=dict, repr=False)
+    """Provider-specific rendered config (Fly: a machine config from openclaw.render) whose
+    files/init/services/checks/env replace the provider's defaults; identity fields stay the provider's."""
 
 
 class VmInfo(BaseModel):
@@ -231,14 +234,6 @@ def spec_labels(spec: VmSpec) -> dict[str, str]:
 
 
 _SECRETISH = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
-
-
-def redact(text: str, secrets: list[str] | None = None) -> str:
-    """Remove known secret values from a message before it is raised or logged."""
-    for s in secrets or []:
-        if s:
-            text = text.replace(s, "***")
-    return text
 
 
 def looks_secret(key: str) -> bool:

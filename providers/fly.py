@@ -92,6 +92,10 @@ class RegionFull(ProviderRetryable):
     """Fly has no room in that region (or on the volume's host) right now."""
 
 
+# Keys of a rendered machine config (openclaw.render) that replace our defaults.
+RENDERED_KEYS = ("files", "init", "services", "checks", "env", "restart", "stop_config")
+
+
 class FlyProvider(VmProvider):
     """One Fly organization. `ref` is `<app name>/<machine id>`."""
 
@@ -409,6 +413,13 @@ class FlyProvider(VmProvider):
         return None
 
     def _machine_config(self, spec: VmSpec, image: str, volume_id: str) -> dict[str, Any]:
+        config = self._default_machine_config(spec, image, volume_id)
+        rendered = {k: v for k, v in spec.provider_config.items() if k in RENDERED_KEYS}
+        if leaky := sorted(k for k in rendered.get("env", {}) if looks_secret(k)):
+            raise ProviderFatal(f"rendered env keys look like secrets: {', '.join(leaky)}", provider=self.kind)
+        return {**config, **rendered}
+
+    def _default_machine_config(self, spec: VmSpec, image: str, volume_id: str) -> dict[str, Any]:
         return {
             "image": image,
             "guest": {"cpu_kind": spec.cpu_kind, "cpus": spec.cpus, "memory_mb": spec.memory_mb},

@@ -96,6 +96,30 @@ def _proc_start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+def _descendants(pid: int) -> list[tuple[int, str | None]]:
+    """Every process below `pid` with its start time (Linux). Some gateway helpers start their own
+    session, so the process group alone does not reach them."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    children: dict[int, list[int]] = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out: list[tuple[int, str | None]] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append((child, _proc_start_time(child)))
+        todo.extend(children.get(child, []))
+    return out
+
+
 def _alive(pid: int, start_time: str | None) -> bool:
     with _children_lock:
         child = _children.get(pid)
@@ -343,11 +367,19 @@ class LocalProvider(VmProvider):
         pid = int(info["pid"])
         start_time = info.get("start_time")
         if _alive(pid, start_time):
+            family = _descendants(pid)
             _signal_group(pid, signal.SIGTERM)
             if not await self._exited(pid, start_time, self.stop_timeout_s):
                 log.warning("local: gateway pid %s ignored SIGTERM; killing it", pid)
                 _signal_group(pid, signal.SIGKILL)
                 await self._exited(pid, start_time, 5.0)
+            # Helpers outside the group normally exit with the gateway; give them a moment, then kill.
+            for child, child_start in family:
+                if child_start is not None and not await self._exited(child, child_start, 1.0):
+                    log.warning("local: helper pid %s outlived its gateway; killing it", child)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+                    await self._exited(child, child_start, 2.0)
         with _children_lock:
             child = _children.pop(pid, None)
         if child is not None:

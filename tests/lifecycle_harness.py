@@ -1,0 +1,84 @@
+"""A control plane in one test process: the API over ASGI and a worker on the shared Temporal server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.vps import VpsActivities
+from api.app import create_app
+from db.engine import make_engine, session_factory
+from providers import VmProvider
+from settings import Settings
+from tests.helpers import headers
+from workflows import WORKFLOWS
+from workflows.contracts import LifecycleTimeouts
+
+FAST = LifecycleTimeouts(vm_running_s=30, gateway_ready_s=30, poll_interval_s=0.2, provider_call_s=60)
+
+
+@dataclass
+class Stack:
+    api: httpx.AsyncClient
+    client: Client
+    settings: Settings
+    activities: VpsActivities
+
+    async def new_agent(self, user: uuid.UUID, name: str = "molty") -> str:
+        resp = await self.api.post("/agents", json={"name": name}, headers=headers(user))
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["id"])
+
+    async def config_id(self, user: uuid.UUID, provider: str) -> str:
+        plans = (await self.api.get("/plans", headers=headers(user))).json()
+        me = (await self.api.get("/users/me", headers=headers(user))).json()
+        plan = next(p for p in plans if p["name"] == me["plan"]["name"])
+        return str(next(c["id"] for c in plan["vps_configs"] if c["provider"] == provider))
+
+    async def provision(self, user: uuid.UUID, agent: str, provider: str = "local", **hdrs: str) -> httpx.Response:
+        body = {"vps_config_id": await self.config_id(user, provider)}
+        return await self.api.post(f"/agents/{agent}/vps", json=body, headers={**headers(user), **hdrs})
+
+    async def agent(self, user: uuid.UUID, agent: str) -> dict[str, Any]:
+        resp = await self.api.get(f"/agents/{agent}", headers=headers(user))
+        assert resp.status_code == 200, resp.text
+        return resp.json()  # type: ignore[no-any-return]
+
+    async def wait_vps(self, user: uuid.UUID, agent: str, *states: str, timeout: float = 60) -> dict[str, Any]:
+        """Poll like a frontend until the VPS settles in one of `states` with no operation running."""
+        deadline = time.monotonic() + timeout
+        vps: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            vps = (await self.agent(user, agent))["vps"]
+            if vps and vps["state"] in states and vps["operation_id"] is None:
+                return vps
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"VPS never reached {states}; last seen {vps}")
+
+
+@asynccontextmanager
+async def running_stack(settings: Settings, client: Client, providers: dict[str, VmProvider] | None = None,
+                        timeouts: LifecycleTimeouts = FAST, worker: bool = True) -> AsyncIterator[Stack]:
+    engine = make_engine(settings)
+    activities = VpsActivities(settings, session_factory(engine), providers)
+    app = create_app(settings)
+    app.state.lifecycle_timeouts = timeouts
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
+            stack = Stack(api=api, client=client, settings=settings, activities=activities)
+            if not worker:
+                yield stack
+            else:
+                async with Worker(client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
+                                  activities=activities.all(), max_concurrent_activities=50):
+                    yield stack
+    await engine.dispose()

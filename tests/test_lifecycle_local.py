@@ -1,0 +1,237 @@
+"""VM lifecycle end to end with the local provider: API -> Temporal -> activities -> gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+
+from orchestration.search_attributes import VPS_ID
+from settings import Settings
+from tests.helpers import headers, make_user
+from tests.lifecycle_harness import FAST, Stack, running_stack
+from workflows.contracts import LifecycleTimeouts, ReconcileInput, ReconcileReport
+from workflows.lifecycle import Reconcile
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(settings: Settings, temporal_client: Client, db: str) -> AsyncIterator[Stack]:
+    async with running_stack(settings, temporal_client) as s:
+        yield s
+
+
+def vm_dirs(settings: Settings) -> list[Path]:
+    root = settings.data_dir / "vms"
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def gateway_pid(settings: Settings, vps_id: str) -> int | None:
+    pid_file = settings.data_dir / "vms" / vps_id / "gateway.pid"
+    if not pid_file.exists():
+        return None
+    return int(json.loads(pid_file.read_text())["pid"])
+
+
+def alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+async def test_provision_stop_start_destroy(stack: Stack, sql: psycopg.Connection) -> None:
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    resp = await stack.provision(user, agent)
+    assert resp.status_code == 202, resp.text
+    op = resp.json()
+    assert op["operation"] == "ProvisionVps" and op["operation_id"].startswith("provision-")
+
+    vps = await stack.wait_vps(user, agent, "running", "error")
+    assert vps["state"] == "running", vps["last_error"]
+    assert vps["provider"] == "local" and vps["step"] is None and vps["last_error"] is None
+    vps_id = vps["id"]
+    pid = gateway_pid(stack.settings, vps_id)
+    assert alive(pid)
+
+    # The run is findable in Temporal by its search attributes.
+    handle = stack.client.get_workflow_handle(op["operation_id"])
+    desc = await handle.describe()
+    assert desc.typed_search_attributes.get(VPS_ID) == vps_id
+    assert await handle.query("step") == "done"
+
+    # The gateway token never appears in the workflow history.
+    history = (await handle.fetch_history()).to_json()
+    token = sql.execute("SELECT gateway_token FROM agents WHERE id = %s", (agent,)).fetchone()
+    from db.encryption import keyring
+    assert keyring().decrypt(token[0]) not in history  # type: ignore[index]
+
+    resp = await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    assert (await stack.wait_vps(user, agent, "stopped"))["state"] == "stopped"
+    assert not alive(pid)
+
+    resp = await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    assert (await stack.wait_vps(user, agent, "running"))["state"] == "running"
+    assert alive(gateway_pid(stack.settings, vps_id))
+
+    resp = await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    assert (await stack.wait_vps(user, agent, "destroyed"))["state"] == "destroyed"
+    assert not (stack.settings.data_dir / "vms" / vps_id).exists()
+    usage = sql.execute("SELECT storage_bytes FROM vps_usage_periods WHERE vps_id = %s", (vps_id,)).fetchall()
+    assert usage == [(5 * 1024**3,)]
+
+    # Destroying twice is fine; the agent can then get a new VPS.
+    again = await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    assert again.status_code == 200 and again.json()["state"] == "destroyed"
+    resp = await stack.provision(user, agent)
+    assert resp.status_code == 202
+    assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_idempotency_key_returns_the_same_operation(stack: Stack, sql: psycopg.Connection) -> None:
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    first = await stack.provision(user, agent, **{"Idempotency-Key": "create-1"})
+    second = await stack.provision(user, agent, **{"Idempotency-Key": "create-1"})
+    assert first.status_code == second.status_code == 202
+    assert first.json() == second.json()
+    assert sql.execute("SELECT count(*) FROM vpses").fetchone() == (1,)
+    await stack.wait_vps(user, agent, "running", "error")
+    stop1 = await stack.api.post(f"/agents/{agent}/vps/stop", headers={**headers(user), "Idempotency-Key": "s"})
+    stop2 = await stack.api.post(f"/agents/{agent}/vps/stop", headers={**headers(user), "Idempotency-Key": "s"})
+    assert stop1.status_code == stop2.status_code == 202
+    assert stop1.json()["operation_id"] == stop2.json()["operation_id"]
+    await stack.wait_vps(user, agent, "stopped")
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_second_operation_during_provisioning_is_409(stack: Stack, sql: psycopg.Connection,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOPBOX_SIM_READY_AFTER_S", "3")  # a gateway that takes a while to boot
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    op = (await stack.provision(user, agent)).json()
+    for attempt in (stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user)),
+                    stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))):
+        resp = await attempt
+        assert resp.status_code == 409, resp.text
+        body = resp.json()
+        assert body["running_operation_id"] == op["operation_id"]
+        assert "ProvisionVps" in body["detail"]
+    again = await stack.provision(user, agent)
+    assert again.status_code == 409 and again.json()["vps_state"] == "provisioning"
+    assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_gateway_that_never_gets_ready_leaves_no_vm(settings: Settings, temporal_client: Client, db: str,
+                                                         sql: psycopg.Connection,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
+    short = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 3})
+    async with running_stack(settings, temporal_client, timeouts=short) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent)).status_code == 202
+        vps = await stack.wait_vps(user, agent, "error", "running")
+    assert vps["state"] == "error"
+    assert "gateway did not become ready within 3s" in vps["last_error"]
+    assert not (settings.data_dir / "vms" / vps["id"]).exists()  # compensated: nothing left behind
+
+
+async def test_plan_limits_on_vpses(stack: Stack, sql: psycopg.Connection) -> None:
+    user = make_user(sql, plan="free")  # one VPS, hetzner and local configs only
+    agent = await stack.new_agent(user)
+    plans = (await stack.api.get("/plans", headers=headers(user))).json()
+    fly_config = next(c["id"] for p in plans for c in p["vps_configs"] if c["provider"] == "fly")
+    resp = await stack.api.post(f"/agents/{agent}/vps", json={"vps_config_id": fly_config}, headers=headers(user))
+    assert resp.status_code == 403 and resp.json()["limit"] == "vps_config"
+    assert "free" in resp.json()["detail"]
+    resp = await stack.api.post(f"/agents/{agent}/vps", json={"vps_config_id": "nope"}, headers=headers(user))
+    assert resp.status_code == 422
+    assert sql.execute("SELECT count(*) FROM vpses").fetchone() == (0,)
+
+    starter = make_user(sql, plan="starter")  # max_vpses = 2
+    agents = [await stack.new_agent(starter, f"a{i}") for i in range(3)]
+    for a in agents[:2]:
+        assert (await stack.provision(starter, a)).status_code == 202
+    resp = await stack.provision(starter, agents[2])
+    assert resp.status_code == 403, resp.text
+    assert resp.json()["limit"] == "max_vpses" and resp.json()["max"] == 2
+    for a in agents[:2]:
+        await stack.wait_vps(starter, a, "running", "error")
+        await stack.api.delete(f"/agents/{a}/vps", headers=headers(starter))
+        await stack.wait_vps(starter, a, "destroyed")
+    # Destroyed VPSes no longer count.
+    assert (await stack.provision(starter, agents[2])).status_code == 202
+    await stack.wait_vps(starter, agents[2], "running", "error")
+    await stack.api.delete(f"/agents/{agents[2]}/vps", headers=headers(starter))
+    await stack.wait_vps(starter, agents[2], "destroyed")
+
+
+async def test_other_users_vps_is_invisible(stack: Stack, sql: psycopg.Connection) -> None:
+    alice, bob = make_user(sql), make_user(sql)
+    agent = await stack.new_agent(alice)
+    for method, path in [("POST", f"/agents/{agent}/vps/stop"), ("POST", f"/agents/{agent}/vps/start"),
+                         ("DELETE", f"/agents/{agent}/vps")]:
+        resp = await stack.api.request(method, path, headers=headers(bob))
+        assert resp.status_code == 404
+    resp = await stack.provision(bob, agent)
+    assert resp.status_code == 404
+    resp = await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(alice))
+    assert resp.status_code == 404 and "no VPS" in resp.json()["detail"]
+
+
+async def test_reconcile_repairs_drift_and_removes_orphans(stack: Stack, sql: psycopg.Connection) -> None:
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    await stack.provision(user, agent)
+    vps = await stack.wait_vps(user, agent, "running")
+    # Drift: the gateway process dies behind our back.
+    pid = gateway_pid(stack.settings, vps["id"])
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)
+    await asyncio.sleep(0.3)
+    # Orphan: a VM carrying our label that no VPS row knows about.
+    from openclaw.render import AgentRenderInput, render_local_files
+    from providers import VmSpec
+
+    local = stack.activities.provider("local")
+    files = render_local_files(AgentRenderInput(agent_id="stray", agent_name="stray", bind="loopback",
+                                                hooks_enabled=False, control_plane_public_url="http://127.0.0.1:1"))
+    orphan = await local.create(VmSpec(vps_id="00000000-0000-4000-8000-00000000dead", agent_id="x", user_id="y",
+                                       files=files, secret_env={"OPENCLAW_GATEWAY_TOKEN": "t" * 64}))  # type: ignore[dict-item]
+    report = await stack.client.execute_workflow(
+        Reconcile.run, ReconcileInput(orphan_grace_s=0), id=f"reconcile-test-{agent}",
+        task_queue=stack.settings.temporal_task_queue, result_type=ReconcileReport)
+    assert f"local:{orphan.provider_ref}" in report.orphans_destroyed
+    assert any(vps["id"] in line and "running -> stopped" in line for line in report.drift_fixed), report
+    assert await local.get(orphan.provider_ref) is None
+    after = await stack.wait_vps(user, agent, "stopped")
+    assert "outside Slopbox" in after["last_error"]
+    # The user can start it again.
+    assert (await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))).status_code == 202
+    assert (await stack.wait_vps(user, agent, "running"))["state"] == "running"
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
