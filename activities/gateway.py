@@ -132,7 +132,8 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
                        client=ADMIN_CLIENT, scopes=DEFAULT_OPERATOR_SCOPES, reconnect=True)
     async with gw:
         current = await gw.config_get()
-        live = current.get("config") or current.get("parsed") or {}
+        # `parsed` is the file as written (with ${VAR} references); `config` has secrets redacted.
+        live = current.get("parsed") or current.get("config") or {}
         if render.check_locked(live) or _differs(live, wanted):
             await gw.config_patch(_patch_for(wanted))
         for name, text in render.render_workspace_files(inp).items():

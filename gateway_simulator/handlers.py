@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway_simulator.config import (
@@ -121,8 +122,32 @@ class Handlers:
         }
         self._writes: dict[tuple[str, str], list[float]] = {}
         self._logins: dict[str, WebLogin] = {}
-        self._linked: dict[str, dict[str, Any]] = {}
+
         self._rotator: asyncio.Task[None] | None = None
+
+    # WhatsApp "creds" live where the real plugin keeps them, so a link survives restarts.
+    def _creds_path(self, account_id: str) -> Path:
+        return self.sim.state_dir / "credentials" / "whatsapp" / account_id / "creds.json"
+
+    def _linked(self, account_id: str) -> dict[str, Any] | None:
+        path = self._creds_path(account_id)
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("me")
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
+
+    def _link(self, account_id: str, me: dict[str, Any]) -> None:
+        path = self._creds_path(account_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"simulated": True, "me": me}), encoding="utf-8")
+        path.chmod(0o600)
+
+    def _unlink(self, account_id: str) -> bool:
+        path = self._creds_path(account_id)
+        if not path.exists():
+            return False
+        path.unlink()
+        return True
 
     def lookup(self, method: str) -> Handler | None:
         return self._table.get(method)
@@ -347,7 +372,8 @@ class Handlers:
         patch = self._parse_raw("config.patch", p)
         if not isinstance(patch, dict):
             raise invalid("config.patch raw must be an object")
-        if hashless and isinstance(patch.get("ui"), dict | None) is False:
+        ui = patch.get("ui")
+        if hashless and ui is not None and (not isinstance(ui, dict) or not isinstance(ui.get("prefs", {}), dict)):
             raise invalid("config base hash required; re-run config.get and retry")
         replace_paths = frozenset(str(x) for x in p.get("replacePaths") or [])
         merged = apply_merge_patch(snap.source, patch, replace_paths)
@@ -512,7 +538,7 @@ class Handlers:
             configured = bool(telegram.get("botToken") or telegram.get("tokenFile"))
             out["telegram"] = {"label": "Telegram", "configured": configured, "running": False}
         if self.sim.options.whatsapp_plugin:
-            linked = self._linked.get("default")
+            linked = self._linked("default")
             entry: dict[str, Any] = {
                 "label": "WhatsApp",
                 "configured": isinstance(channels_cfg.get("whatsapp"), dict) or linked is not None,
@@ -550,7 +576,7 @@ class Handlers:
         if p["channel"] != "whatsapp" or not self.sim.options.whatsapp_plugin:
             raise invalid("invalid channels.logout channel")
         account = str(p.get("accountId") or "default")
-        cleared = self._linked.pop(account, None) is not None
+        cleared = self._unlink(account)
         self._logins.pop(account, None)
         return {"channel": "whatsapp", "accountId": account, "cleared": cleared, "loggedOut": cleared}
 
@@ -584,7 +610,7 @@ class Handlers:
         p = check_params("web.login.start", params, {"channel", "accountId", "force", "timeoutMs", "verbose"})
         self._web_provider(p)
         account = str(p.get("accountId") or "default")
-        linked = self._linked.get(account)
+        linked = self._linked(account)
         if linked and not p.get("force"):
             return {"message": f"WhatsApp is already linked ({linked['e164']}). Say “relink” if you want a fresh QR."}
         existing = self._logins.get(account)
@@ -613,7 +639,7 @@ class Handlers:
         while True:
             if login.connected:
                 self._logins.pop(account, None)
-                self._linked[account] = {"e164": "+15550000000", "jid": "15550000000@s.whatsapp.net"}
+                self._link(account, {"e164": "+15550000000", "jid": "15550000000@s.whatsapp.net"})
                 return {"connected": True, "message": "✅ Linked! WhatsApp is ready."}
             if current and login.qr != current:
                 return {

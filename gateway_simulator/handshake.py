@@ -96,7 +96,7 @@ async def run_connect(
     device: dict[str, Any] | None = params.get("device")
 
     # 1. Startup / drain gates.
-    if sim._phase == "draining":
+    if sim.phase == "draining":
         await fail(
             "UNAVAILABLE",
             "connect unavailable during gateway restart",

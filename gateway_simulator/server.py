@@ -335,6 +335,11 @@ class GatewaySimulator:
     # -- lifecycle -------------------------------------------------------------------------------
 
     @property
+    def phase(self) -> str:
+        """starting | ready | draining | stopped."""
+        return "ready" if self.ready else self._phase
+
+    @property
     def ready(self) -> bool:
         if self._phase != "starting":
             return self._phase == "ready"
@@ -403,9 +408,10 @@ class GatewaySimulator:
     async def _drain(self, reason: str, restart_expected_ms: int | None) -> None:
         self._phase = "draining"
         conns = [c for c in self.connections if c.authenticated]
-        await asyncio.gather(
-            *(c.event("shutdown", {"reason": reason, "restartExpectedMs": restart_expected_ms}) for c in conns)
-        )
+        payload: dict[str, Any] = {"reason": reason}
+        if restart_expected_ms is not None:  # a stopping gateway sends the reason only
+            payload["restartExpectedMs"] = restart_expected_ms
+        await asyncio.gather(*(c.event("shutdown", payload) for c in conns))
         await asyncio.gather(*(c.close(1012, "service restart") for c in list(self.connections)))
 
     def schedule_restart(self, reason: str, delay_ms: int = 0) -> dict[str, Any]:
@@ -654,7 +660,7 @@ class GatewaySimulator:
     async def _handshake_timeout(self, conn: Connection) -> None:
         await asyncio.sleep(self.options.handshake_timeout_ms / 1000)
         if not conn.authenticated:
-            await conn.close(1008, "handshake timeout")
+            await conn.close(1008, "connect challenge timeout")
 
     async def _preauth_frame(self, conn: Connection, request: web.Request, data: str) -> None:
         if len(data.encode()) > PREAUTH_MAX_BYTES:

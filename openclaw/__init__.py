@@ -1,6 +1,6 @@
 """OpenClaw gateway protocol v4: device identity, the async RPC client and pairing helpers.
 
-Modules:
+Modules of the protocol side (config rendering lives beside them):
 - `openclaw.device`  Ed25519 device identity and the v3 connect signature (no I/O; safe anywhere).
 - `openclaw.rpc`     `GatewayClient`, the WebSocket RPC client activities use (websockets).
 - `openclaw.probe`   `/readyz` polling over HTTP (httpx).

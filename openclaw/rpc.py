@@ -508,6 +508,7 @@ class GatewayClient:
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._restart_hint_ms: int | None = None
+        self._terminal_shutdown = False
         self._local_close_code: int | None = None
         self._last_frame_at = 0.0
         self.reconnect_count = 0
@@ -532,7 +533,8 @@ class GatewayClient:
         return self._ws is not None and self._ready is not None and self._ready.done() and not self._closing
 
     async def connect(self) -> HelloOk:
-        """Open the socket and handshake; retries only when the gateway says "starting" (1013/UNAVAILABLE)."""
+        """Open the socket and handshake, retrying transient failures (refused, HTTP 5xx on the upgrade,
+        UNAVAILABLE / close 1013 while the gateway starts) until `connect_timeout`."""
         self._closing = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
@@ -960,6 +962,8 @@ class GatewayClient:
         payload = event.payload if isinstance(event.payload, Mapping) else {}
         hint = payload.get("restartExpectedMs")
         self._restart_hint_ms = int(hint) if isinstance(hint, int | float) else None
+        # No restartExpectedMs = the gateway is stopping for good (SIGTERM): do not reconnect.
+        self._terminal_shutdown = self._restart_hint_ms is None
         ws = self._ws
         if ws is None or self._ready is None or not self._ready.done() or self._ready.exception() is not None:
             return
@@ -994,9 +998,10 @@ class GatewayClient:
         self._ws = None
         if self._watchdog_task is not None:
             self._watchdog_task.cancel()
-        retry = self._reconnect_enabled and not self._closing and code in self._reconnect_codes
+        terminal, self._terminal_shutdown = self._terminal_shutdown, False
+        retry = self._reconnect_enabled and not self._closing and code in self._reconnect_codes and not terminal
         error = GatewayConnectionError(
-            f"gateway connection closed ({code} {reason})".strip(),
+            f"gateway {'stopped' if terminal else 'connection closed'} ({code} {reason})".strip(),
             close_code=code,
             close_reason=reason,
             retryable=code in self._reconnect_codes,

@@ -643,3 +643,37 @@ async def test_connect_during_startup_gets_unavailable_then_succeeds(tmp_path: P
         with pytest.raises(UnavailableError) as unavailable:
             await client_for(stuck, connect_timeout=0.3).connect()
         assert unavailable.value.retryable and unavailable.value.details == {"reason": "startup-sidecars"}
+
+
+async def test_stopping_gateway_is_terminal_for_the_client(tmp_path: Path) -> None:
+    async with run_simulator(tmp_path / "s", config=BASE_CONFIG, env=sim_env(), **FAST) as sim:
+        gw = client_for(sim)
+        await gw.connect()
+        with gw.subscribe("shutdown") as shutdown:
+            await sim.stop()  # SIGTERM semantics: shutdown without restartExpectedMs, then 1012
+            event = await shutdown.get(timeout=10)
+        assert event.payload == {"reason": "gateway stopping"}
+        with pytest.raises(GatewayConnectionError) as info:
+            await gw.health()
+        assert info.value.close_code == 1012 and info.value.retryable is True
+        assert gw.reconnect_count == 0
+        await gw.close()
+
+
+async def test_tick_events_arrive_with_increasing_seq(tmp_path: Path) -> None:
+    async with run_simulator(tmp_path / "s", config=BASE_CONFIG, env=sim_env(), tick_interval_ms=50) as sim:
+        async with client_for(sim) as gw:
+            assert gw.hello.tick_interval_ms == 50
+            with gw.subscribe("tick") as ticks:
+                first = await ticks.get(timeout=10)
+                second = await ticks.get(timeout=10)
+    assert set(first.payload) == {"ts"} and second.seq is not None and first.seq is not None
+    assert second.seq > first.seq
+
+
+async def test_silent_sockets_are_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
+    async with run_simulator(tmp_path / "s", config=BASE_CONFIG, env=sim_env(), handshake_timeout_ms=100) as sim:
+        ws, challenge = await raw_open(sim)
+        assert challenge["event"] == "connect.challenge"
+        frames, code, reason = await recv_until_closed(ws)
+        assert frames == [] and (code, reason) == (1008, "connect challenge timeout")

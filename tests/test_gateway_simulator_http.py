@@ -124,7 +124,11 @@ async def test_seeded_paired_json_is_imported_like_the_real_gateway(tmp_path: Pa
 
 
 async def _spawn(
-    tmp_path: Path, port: int, *extra: str, config: dict[str, Any] | None = CONFIG
+    tmp_path: Path,
+    port: int,
+    *extra: str,
+    config: dict[str, Any] | None = CONFIG,
+    env: dict[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     state = tmp_path / "state"
     state.mkdir(parents=True, exist_ok=True)
@@ -136,6 +140,7 @@ async def _spawn(
         "OPENCLAW_CONFIG_PATH": str(state / "openclaw.json"),
         "OPENCLAW_GATEWAY_TOKEN": TOKEN,
         "PYTHONPATH": str(REPO),
+        **(env or {}),
     }
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -204,3 +209,58 @@ async def test_cli_allow_unconfigured_starts_without_a_config_file(tmp_path: Pat
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 20)
+
+
+async def test_cli_sigusr2_restarts_in_process_and_env_knobs_apply(tmp_path: Path) -> None:
+    port = free_port()
+    proc = await _spawn(tmp_path / "a", port)
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}", timeout=20)
+        async with GatewayClient(f"ws://127.0.0.1:{port}/", token=TOKEN, backoff_initial=0.1) as gw:
+            boot = gw.hello.server["bootId"]
+            with gw.subscribe("shutdown") as shutdown:
+                proc.send_signal(signal.SIGUSR2)
+                assert (await shutdown.get(timeout=20)).payload["reason"] == "gateway restarting"
+            assert (await gw.health())["ok"] is True  # held until the reconnect, then answered
+            assert gw.reconnect_count == 1 and gw.hello.server["bootId"] != boot
+            assert proc.returncode is None  # same process, like the real in-process restart
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+
+    port = free_port()
+    stuck = await _spawn(tmp_path / "b", port, env={"SLOPBOX_SIM_NEVER_READY": "1"})
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(200):
+                try:
+                    response = await http.get(f"http://127.0.0.1:{port}/readyz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            assert response.status_code == 503 and response.json()["failing"] == ["startup-sidecars"]
+    finally:
+        stuck.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(stuck.wait(), 20) == 0
+
+
+async def test_scan_hook_links_whatsapp_and_the_link_survives_a_restart(tmp_path: Path) -> None:
+    knobs = {"restart_drain_s": 0.05, "restart_down_s": 0.1, "restart_startup_s": 0.05, "restart_cooldown_s": 0}
+    async with run_simulator(tmp_path / "s", config=CONFIG, env=ENV, whatsapp_plugin=True, **knobs) as sim:
+        async with GatewayClient(sim.url, token=TOKEN, backoff_initial=0.05) as gw, httpx.AsyncClient() as http:
+            start = await gw.web_login_start()
+            scan_url = f"{sim.http_url}/__simulator__/whatsapp/scan"
+            assert (await http.post(scan_url)).status_code == 401  # needs the gateway token
+            scanned = await http.post(scan_url, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert scanned.json() == {"ok": True}
+            done = await gw.web_login_wait(current_qr_data_url=start["qrDataUrl"], timeout_ms=5000)
+            assert done["connected"] is True
+            assert (sim.state_dir / "credentials" / "whatsapp" / "default" / "creds.json").exists()
+            with gw.subscribe("shutdown") as shutdown:
+                restart = await http.post(
+                    f"{sim.http_url}/__simulator__/restart", headers={"Authorization": f"Bearer {TOKEN}"}
+                )
+                assert restart.json()["signal"] == "SIGUSR2"
+                await shutdown.get(timeout=10)
+            status = await gw.channels_status(channel="whatsapp")
+            assert status["channels"]["whatsapp"]["linked"] is True and gw.reconnect_count == 1

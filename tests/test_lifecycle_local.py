@@ -235,3 +235,25 @@ async def test_reconcile_repairs_drift_and_removes_orphans(stack: Stack, sql: ps
     assert (await stack.wait_vps(user, agent, "running"))["state"] == "running"
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
     await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_start_reasserts_the_lockdown(stack: Stack, sql: psycopg.Connection) -> None:
+    """A config weakened on the VM's disk while it was stopped is locked down again on start."""
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    await stack.provision(user, agent)
+    vps = await stack.wait_vps(user, agent, "running")
+    await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user))
+    await stack.wait_vps(user, agent, "stopped")
+    config_file = stack.settings.data_dir / "vms" / vps["id"] / "state" / "openclaw.json"
+    config = json.loads(config_file.read_text())
+    config["agents"]["defaults"]["sandbox"]["mode"] = "off"
+    config["tools"]["elevated"]["enabled"] = True
+    config_file.write_text(json.dumps(config))
+    await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))
+    assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
+    healed = json.loads(config_file.read_text())
+    assert healed["agents"]["defaults"]["sandbox"]["mode"] == "all"
+    assert healed["tools"]["elevated"]["enabled"] is False
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")

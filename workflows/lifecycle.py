@@ -146,6 +146,9 @@ class StartVps(_Operation):
             await self._wait(Act.wait_vm_running, inp, inp.timeouts.vm_running_s)
             await self._set_step("wait_gateway_ready")
             await self._wait(Act.wait_gateway_ready, inp, inp.timeouts.gateway_ready_s)
+            # Whatever changed on the VM's disk while it was off, the lockdown is re-asserted.
+            await self._set_step("push_config")
+            await self._provider(Act.push_config, inp, timeout_s=90)
             return await self._finish(inp, "running")
         except ActivityError as err:
             return await self._finish(inp, "error", f"start failed: {reason(err)}")
