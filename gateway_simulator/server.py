@@ -732,7 +732,7 @@ class GatewaySimulator:
         handler = self.handlers.lookup(method)
         if required is None and handler is None:
             raise invalid(f"unknown method: {method}")
-        if required == "node":
+        if (required == "node") != (conn.role == "node"):
             raise invalid(f"unauthorized role: {conn.role}")
         if method != "health" and required is not None and not scope_satisfied(required, conn.scopes):
             raise RpcError(

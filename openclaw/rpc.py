@@ -916,6 +916,7 @@ class GatewayClient:
             ws = await asyncio.shield(ready)
             if ws is self._ws:
                 return ws
+            await asyncio.sleep(0)  # a stale "ready" for a socket already gone: look again
 
     async def _reader(self, ws: ClientConnection) -> None:
         loop = asyncio.get_running_loop()

@@ -115,6 +115,7 @@ class FlyProvider(VmProvider):
         files_root: str = "/data/state",
         gateway_port: int = GATEWAY_PORT,
         gateway_scheme: str = "http",
+        gateway_host: str | None = None,
         boot_timeout_s: float = 180.0,
         stop_timeout_s: float = 60.0,
         wait_chunk_s: int = 60,
@@ -125,6 +126,8 @@ class FlyProvider(VmProvider):
             raise ProviderFatal("FLY_API_TOKEN is not set", provider=self.kind)
         self._auth = auth_header(token)
         self.base_url = base_url.rstrip("/")
+        # Where every gateway is reached instead of `<app>.flycast` (a test VM on loopback).
+        self.gateway_host = gateway_host
         self.org_slug = org_slug
         self.app_prefix = app_prefix
         self.default_regions = tuple(default_regions)
@@ -255,7 +258,8 @@ class FlyProvider(VmProvider):
             vps_id=metadata.get("vps_id"),
             state=vm_state,
             raw_state=state,
-            host=f"{machine['id']}.vm.{app}.internal",
+            # Flycast: Fly Proxy forwards the app's private address to the gateway's IPv4 listener.
+            host=self.gateway_host or f"{app}.flycast",
             gateway_port=self.gateway_port,
             location=machine.get("region"),
             labels=metadata,

@@ -77,7 +77,7 @@ async def test_happy_path_lifecycle(fake: FakeFly, provider: FlyProvider) -> Non
     assert info.location == "fra"
     assert info.vps_id == "vps-1"
     app, mid = info.provider_ref.split("/")
-    assert provider.gateway_url(info) == f"http://{mid}.vm.{app}.internal:18789"
+    assert provider.gateway_url(info) == f"http://{app}.flycast:18789"
 
     assert fake.apps[app].network == app
     machine = fake.machines[mid]

@@ -145,6 +145,10 @@ class FakeHetzner(FakeApiServer):
         self.boot_delay_s = 0.0
         self.never_boot = False
         self.ignore_shutdown = False
+        self.user_data: dict[int, str | None] = {}
+        # Lifecycle tests point servers at loopback, where an emulated VM runs; other tests keep
+        # documentation addresses (203.0.113.0/24) that nothing ever connects to.
+        self.fixed_ipv4: str | None = None
         self.rate_limit = 3600
         self._budget = float(self.rate_limit)
         self._budget_at = time.monotonic()
@@ -300,7 +304,7 @@ class FakeHetzner(FakeApiServer):
             "public_net": {
                 "ipv4": {
                     "id": server_id + 100000,
-                    "ip": f"203.0.113.{server_id % 250 + 1}",
+                    "ip": self.fixed_ipv4 or f"203.0.113.{server_id % 250 + 1}",
                     "blocked": False,
                     "dns_ptr": f"static.{server_id}.example",
                 },
@@ -434,6 +438,8 @@ class FakeHetzner(FakeApiServer):
                     return self._invalid(["firewalls"], f"firewall {fid} not found")
             labels = body.get("labels") or {}
             server = self._new_server(name, labels, location, server_type, str(body["image"]), firewall_ids)
+            # Kept aside like Hetzner does (the API never returns it): what the VM would boot with.
+            self.user_data[server["id"]] = body.get("user_data")
             for fid in firewall_ids:
                 self.firewalls[fid]["applied_to"].append({"type": "server", "server": {"id": server["id"]}})
             start = body.get("start_after_create", True) is not False
