@@ -40,6 +40,7 @@ from workflows.contracts import (
     StepInput,
     WaitInput,
 )
+from workflows.lifecycle import PROVISIONING_FAILED
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -265,7 +266,10 @@ class VpsActivities:
                 activity.heartbeat(vm.provider_ref)
                 owner = known.get(vm.vps_id or "")
                 orphan = owner is None or owner.state == VpsState.destroyed or (
-                    owner.provider_ref not in (None, vm.provider_ref))
+                    owner.provider_ref not in (None, vm.provider_ref)) or (
+                    # a failed provisioning whose compensation did not get through
+                    owner.state == VpsState.error and owner.operation_id is None
+                    and (owner.last_error or "").startswith(PROVISIONING_FAILED))
                 old_enough = vm.created_at is None or (now - vm.created_at).total_seconds() >= inp.orphan_grace_s
                 if orphan and old_enough:
                     await self._call(lambda r=vm.provider_ref, p=provider: p.destroy(r))  # type: ignore[misc]

@@ -80,5 +80,17 @@ async def running_stack(settings: Settings, client: Client, providers: dict[str,
             else:
                 async with Worker(client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
                                   activities=activities.all(), max_concurrent_activities=50):
-                    yield stack
+                    try:
+                        yield stack
+                    finally:
+                        await stop_local_vms(settings)
     await engine.dispose()
+
+
+async def stop_local_vms(settings: Settings) -> None:
+    """Safety net for a failed test: no gateway process outlives it."""
+    from providers.local import LocalProvider
+
+    local = LocalProvider.from_settings(settings)
+    for vm in await local.list_managed():
+        await local.destroy(vm.provider_ref)

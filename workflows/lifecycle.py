@@ -38,6 +38,9 @@ CLEANUP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_inter
                             maximum_attempts=30)
 
 
+PROVISIONING_FAILED = "provisioning failed:"
+
+
 def reason(err: BaseException) -> str:
     """The most useful human-readable message inside a (possibly nested) activity failure."""
     cause: BaseException | None = err
@@ -128,8 +131,12 @@ class ProvisionVps(_Operation):
                 workflow.logger.warning("provisioning failed", extra={"vps_id": inp.vps.vps_id, "reason": message})
                 if vm_may_exist:
                     await self._set_step("compensate_destroy_vm")
-                    await self._provider(Act.destroy_vm, inp, retry=CLEANUP_RETRY)
-                return await self._finish(inp, "error", f"provisioning failed: {message}")
+                    try:
+                        await self._provider(Act.destroy_vm, inp, retry=CLEANUP_RETRY)
+                    except ActivityError as cleanup:
+                        # The VPS is marked failed either way; Reconcile removes what is left.
+                        message += f"; removing the VM failed too ({reason(cleanup)}), it will be retried"
+                return await self._finish(inp, "error", f"{PROVISIONING_FAILED} {message}")
         finally:
             await self._release(inp)
 

@@ -1,0 +1,165 @@
+"""Provisioning on Hetzner and Fly: real hcloud/httpx clients against fake provider APIs, and an
+emulated VM that boots the way a real one does (bootstrap redemption, pairing, ready report)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import pytest_asyncio
+from pydantic import SecretStr
+from temporalio.client import Client
+
+from providers import build_provider
+from settings import Settings
+from tests import vm_emulator
+from tests.conftest import free_port
+from tests.fakes.fly_api import FakeFly
+from tests.fakes.hetzner_api import FakeHetzner
+from tests.helpers import headers, make_user
+from tests.lifecycle_harness import FAST, Stack, running_stack
+from workflows.contracts import LifecycleTimeouts
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def eventually(check, timeout: float = 30):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition never became true")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def hetzner() -> AsyncIterator[FakeHetzner]:
+    fake = FakeHetzner()
+    await fake.start()
+    fake.fixed_ipv4 = "127.0.0.1"
+    yield fake
+    await fake.aclose()
+
+
+def hetzner_settings(settings: Settings, fake: FakeHetzner) -> Settings:
+    return settings.model_copy(update={"hcloud_token": SecretStr(fake.token), "hcloud_api_endpoint": fake.base_url,
+                                       "control_plane_ips": ["127.0.0.1"]})
+
+
+async def test_hetzner_provision_stop_start_destroy(settings: Settings, temporal_client: Client, db: str,
+                                                    sql: psycopg.Connection, hetzner: FakeHetzner,
+                                                    tmp_path: Path) -> None:
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        resp = await stack.provision(user, agent, "hetzner")
+        assert resp.status_code == 202, resp.text
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        user_data = hetzner.user_data[server_id]
+        # Provider-stored metadata holds no long-lived secret: not the gateway token, not our keys.
+        token = sql.execute("SELECT gateway_token FROM agents WHERE id = %s", (agent,)).fetchone()[0]  # type: ignore[index]
+        from db.encryption import keyring
+        assert keyring().decrypt(token) not in user_data
+        server = hetzner.servers[server_id]
+        assert server["labels"] == {"managed-by": "slopbox", "vps-id": resp.json()["vps_id"]}
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(user_data), vm_emulator.SYSTEMD_LAYOUT,
+                                    stack.api, port=port, state_dir=tmp_path / "vm") as vm:
+            assert vm["secrets"]["env"]["OPENCLAW_GATEWAY_TOKEN"] == keyring().decrypt(token)
+            vps = await stack.wait_vps(user, agent, "running", "error")
+            assert vps["state"] == "running", vps["last_error"]
+            assert vps["region"] == "fsn1"
+            assert (await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user))).status_code == 202
+            await stack.wait_vps(user, agent, "stopped")
+            assert hetzner.servers[server_id]["status"] == "off"
+            assert (await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))).status_code == 202
+            assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
+            assert hetzner.servers[server_id]["status"] == "running"
+        assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 202
+        await stack.wait_vps(user, agent, "destroyed")
+        assert hetzner.servers == {}
+        assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 200
+
+
+async def test_hetzner_rate_limited_then_created_once(settings: Settings, temporal_client: Client, db: str,
+                                                      sql: psycopg.Connection, hetzner: FakeHetzner,
+                                                      tmp_path: Path) -> None:
+    hetzner.fail_next("POST /servers", 429, times=2, code="rate_limit_exceeded", message="rate limit exceeded",
+                      headers={"Retry-After": "1", "RateLimit-Remaining": "0"})
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(hetzner.user_data[server_id]),
+                                    vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port, state_dir=tmp_path / "vm"):
+            assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
+        assert len(hetzner.calls("POST /servers")) == 3  # two 429s, then one create
+        assert len(hetzner.servers) == 1
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_hetzner_gateway_never_ready_leaves_no_server(settings: Settings, temporal_client: Client, db: str,
+                                                            sql: psycopg.Connection, hetzner: FakeHetzner) -> None:
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=free_port(), poll_interval_s=0.05)
+    short = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 2})
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}, timeouts=short) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+        vps = await stack.wait_vps(user, agent, "error", "running")
+    assert vps["state"] == "error"
+    assert vps["last_error"].startswith("provisioning failed: the gateway did not become ready within 2s")
+    assert hetzner.servers == {}  # created, then compensated: nothing billed to us is left
+
+
+async def test_hetzner_invalid_token_fails_fast_with_the_providers_message(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner) -> None:
+    cloud = hetzner_settings(settings, hetzner).model_copy(update={"hcloud_token": SecretStr("wrong")})
+    provider = build_provider("hetzner", cloud, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+        vps = await stack.wait_vps(user, agent, "error", "running")
+    assert vps["state"] == "error" and "unable to authenticate" in vps["last_error"].lower()
+    assert hetzner.servers == {}
+
+
+async def test_fly_provision_and_destroy(settings: Settings, temporal_client: Client, db: str,
+                                         sql: psycopg.Connection, tmp_path: Path) -> None:
+    fake = FakeFly()
+    await fake.start()
+    try:
+        port = free_port()
+        cloud = settings.model_copy(update={"fly_api_token": SecretStr(fake.token), "fly_api_base_url": fake.base_url})
+        provider = build_provider("fly", cloud, gateway_host="127.0.0.1", gateway_port=port)
+        async with running_stack(cloud, temporal_client, providers={"fly": provider}) as stack:
+            user = make_user(sql, plan="starter")
+            agent = await stack.new_agent(user)
+            resp = await stack.provision(user, agent, "fly")
+            assert resp.status_code == 202, resp.text
+            machine = await eventually(lambda: next(iter(fake.machines.values()), None))
+            config = machine["config"]
+            assert config["metadata"]["vps_id"] == resp.json()["vps_id"]
+            assert not any("TOKEN" in k or "KEY" in k for k in config["env"])  # Fly shows env to anyone
+            async with vm_emulator.boot(vm_emulator.files_from_fly_config(config), vm_emulator.FLY_LAYOUT,
+                                        stack.api, port=port, state_dir=tmp_path / "vm"):
+                vps = await stack.wait_vps(user, agent, "running", "error")
+                assert vps["state"] == "running", vps["last_error"]
+            assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 202
+            await stack.wait_vps(user, agent, "destroyed")
+            assert [m for m in fake.machines.values() if m["state"] != "destroyed"] == []
+    finally:
+        await fake.aclose()
