@@ -14,6 +14,7 @@ from datetime import timedelta
 from temporalio.worker import Worker
 
 from orchestration.client import connect, ensure_search_attributes
+from orchestration.schedules import ensure_reconcile_schedule
 from settings import Settings
 
 log = logging.getLogger("worker")
@@ -38,6 +39,7 @@ async def build_worker(settings: Settings, client: object | None = None) -> Work
 async def run(settings: Settings) -> None:
     client = await connect(settings)
     await ensure_search_attributes(client, settings.temporal_namespace)
+    await ensure_reconcile_schedule(client, settings.temporal_task_queue)
     worker = await build_worker(settings, client)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,7 +21,7 @@ from tests.conftest import free_port
 from tests.fakes.fly_api import FakeFly
 from tests.fakes.hetzner_api import FakeHetzner
 from tests.helpers import headers, make_user
-from tests.lifecycle_harness import FAST, Stack, running_stack
+from tests.lifecycle_harness import FAST, running_stack
 from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

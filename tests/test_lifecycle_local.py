@@ -257,3 +257,14 @@ async def test_start_reasserts_the_lockdown(stack: Stack, sql: psycopg.Connectio
     assert healed["tools"]["elevated"]["enabled"] is False
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
     await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_reconcile_schedule_is_created_once(temporal_client: Client, settings: Settings) -> None:
+    from orchestration.schedules import RECONCILE_SCHEDULE_ID, ensure_reconcile_schedule
+
+    await ensure_reconcile_schedule(temporal_client, settings.temporal_task_queue)
+    await ensure_reconcile_schedule(temporal_client, settings.temporal_task_queue)  # idempotent
+    desc = await temporal_client.get_schedule_handle(RECONCILE_SCHEDULE_ID).describe()
+    assert desc.schedule.spec.intervals[0].every.total_seconds() == 300
+    assert desc.schedule.policy.overlap.name == "SKIP"
+    await temporal_client.get_schedule_handle(RECONCILE_SCHEDULE_ID).delete()
