@@ -1,0 +1,172 @@
+"""Control-plane overhead of provisioning: POST /agents/{id}/vps -> `running`, minus provider time.
+
+Runs the real API (in-process ASGI), a real Temporal dev server, a real worker and an embedded
+PostgreSQL; VMs are local gateway-simulator processes. For each VPS:
+
+  total     = the VPS row's `running` timestamp - the moment the POST was sent
+  provider  = time inside create_vm + wait_vm_running + wait_gateway_ready (the VM booting),
+              read from the workflow history (activity started -> completed)
+  overhead  = total - provider   (API, Temporal scheduling, DB bookkeeping, pairing, config push)
+
+The baseline is one provision alone, measured in the same run; 50 concurrent provisions are
+reported as a ratio against it. Usage: `.venv/bin/python -m bench.provision [--concurrency 50]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+from cryptography.fernet import Fernet
+from temporalio.api.enums.v1 import EventType
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.vps import VpsActivities
+from api.app import create_app
+from db.engine import make_engine, session_factory
+from db.migrate import migrate_and_seed
+from devstack import postgres
+from devstack.postgres import EmbeddedPostgres
+from devstack.temporal import temporal_cli
+from orchestration.search_attributes import SEARCH_ATTRIBUTES
+from settings import Settings
+from workflows import WORKFLOWS
+from workflows.contracts import LifecycleTimeouts
+
+PROVIDER_ACTIVITIES = {"vps.create_vm", "vps.wait_vm_running", "vps.wait_gateway_ready"}
+KEY = "bench-key-" + "k" * 40
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def provider_seconds(client, workflow_id: str) -> float:  # type: ignore[no-untyped-def]
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    scheduled: dict[int, str] = {}
+    started: dict[int, float] = {}
+    total = 0.0
+    for event in history.events:
+        ts = event.event_time.ToDatetime().timestamp()
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            scheduled[event.event_id] = event.activity_task_scheduled_event_attributes.activity_type.name
+        elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            started[event.activity_task_started_event_attributes.scheduled_event_id] = ts
+        elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            sched = event.activity_task_completed_event_attributes.scheduled_event_id
+            if scheduled.get(sched) in PROVIDER_ACTIVITIES:
+                total += ts - started[sched]
+    return total
+
+
+async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, user: str, n: int,  # type: ignore[no-untyped-def]
+                    config_id: str) -> list[tuple[float, float]]:
+    hdrs = {"Authorization": f"Bearer {KEY}", "X-User-Id": user}
+    agents = []
+    for _ in range(n):
+        resp = await api.post("/agents", json={"name": f"b-{uuid.uuid4().hex[:8]}"}, headers=hdrs)
+        agents.append(resp.json()["id"])
+
+    async def one(agent: str) -> tuple[float, float]:
+        sent = time.time()
+        resp = await api.post(f"/agents/{agent}/vps", json={"vps_config_id": config_id}, headers=hdrs)
+        assert resp.status_code == 202, resp.text
+        op = resp.json()
+        while True:
+            row = sql.execute("SELECT state, extract(epoch from state_changed_at), operation_id, last_error "
+                              "FROM vpses WHERE id = %s", (op["vps_id"],)).fetchone()
+            assert row is not None
+            if row[0] in ("running", "error") and row[2] is None:
+                break
+            await asyncio.sleep(0.05)
+        assert row[0] == "running", row[3]
+        total = float(row[1]) - sent
+        return total, await provider_seconds(client, op["operation_id"])
+
+    results = await asyncio.gather(*[one(a) for a in agents])
+    for agent in agents:
+        await api.delete(f"/agents/{agent}/vps", headers=hdrs)
+    return list(results)
+
+
+def summary(label: str, rows: list[tuple[float, float]]) -> dict[str, float]:
+    overhead = [t - p for t, p in rows]
+    out = {"p50_total": statistics.median(t for t, _ in rows), "p50_provider": statistics.median(p for _, p in rows),
+           "p50_overhead": statistics.median(overhead), "max_overhead": max(overhead)}
+    print(f"{label:>14}: n={len(rows):3d}  total p50 {out['p50_total']:.2f}s  provider p50 {out['p50_provider']:.2f}s"
+          f"  overhead p50 {out['p50_overhead']:.3f}s  max {out['max_overhead']:.3f}s")
+    return out
+
+
+async def main(concurrency: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="slopbox-bench-"))
+    pg = EmbeddedPostgres(tmp, free_port())
+    proc = pg.spawn()
+    try:
+        pg.wait_ready(proc)
+        pg.ensure_database()
+        url = pg.url()
+        migrate_and_seed(url.replace("postgresql://", "postgresql+psycopg://"))
+        tport = free_port()
+        async with await WorkflowEnvironment.start_local(
+            dev_server_existing_path=temporal_cli(), search_attributes=SEARCH_ATTRIBUTES,
+            data_converter=pydantic_data_converter, port=tport, ui=False,
+        ) as env:
+            settings = Settings(database_url=url, control_plane_api_key=KEY,
+                                encryption_keys=[Fernet.generate_key().decode()],
+                                temporal_address=f"127.0.0.1:{tport}", data_dir=tmp / "data")
+            with psycopg.connect(url, autocommit=True) as sql:
+                sql.execute("INSERT INTO plans (name, display_name, max_agents, max_vpses, max_bandwidth_bytes, "
+                            "max_storage_bytes, max_cpu_ms, max_memory_mb_seconds, "
+                            "overage_bandwidth_cost_per_gb_cents, overage_storage_cost_per_gb_cents, "
+                            "overage_cpu_cost_per_hour_cents, overage_memory_cost_per_gb_hour_cents) "
+                            "VALUES ('bench', 'Bench', 1000, 1000, 1, 1, 1, 1, 0, 0, 0, 0)")
+                sql.execute("INSERT INTO plan_vps_configs SELECT p.id, c.id FROM plans p, vps_configs c "
+                            "WHERE p.name = 'bench' AND c.name = 'local-small'")
+                user = str(sql.execute("INSERT INTO users (email, plan_id) VALUES ('bench@example.com', "
+                                       "(SELECT id FROM plans WHERE name = 'bench')) RETURNING id").fetchone()[0])  # type: ignore[index]
+                config_id = str(sql.execute("SELECT id FROM vps_configs WHERE name = 'local-small'").fetchone()[0])  # type: ignore[index]
+                engine = make_engine(settings, pool_size=20)
+                activities = VpsActivities(settings, session_factory(engine))
+                app = create_app(settings)
+                app.state.lifecycle_timeouts = LifecycleTimeouts(gateway_ready_s=180, poll_interval_s=0.1)
+                async with app.router.lifespan_context(app), httpx.AsyncClient(
+                        transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60) as api:
+                    async with Worker(env.client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
+                                      activities=activities.all(), max_concurrent_activities=200):
+                        await run_round(api, env.client, sql, user, 1, config_id)  # warm-up, not counted
+                        base = summary("1 alone", await run_round(api, env.client, sql, user, 1, config_id))
+                        many = summary(f"{concurrency} at once",
+                                       await run_round(api, env.client, sql, user, concurrency, config_id))
+                        await asyncio.sleep(2)  # let the destroys finish
+                print(f"overhead ratio ({concurrency} concurrent / 1 alone, p50): "
+                      f"{many['p50_overhead'] / base['p50_overhead']:.2f}x")
+                await engine.dispose()
+    finally:
+        postgres.stop(proc)
+        from providers.local import LocalProvider
+
+        local = LocalProvider(tmp / "data")
+        for vm in await local.list_managed():
+            await local.destroy(vm.provider_ref)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=50)
+    asyncio.run(main(parser.parse_args().concurrency))
+    sys.exit(0)
