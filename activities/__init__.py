@@ -9,8 +9,8 @@ from settings import Settings
 
 
 async def build_activities(settings: Settings) -> list[Callable[..., Any]]:
-    from activities.vps import VpsActivities
+    from activities.agent_ops import AgentActivities
     from db.engine import make_engine, session_factory
 
     engine = make_engine(settings, pool_size=10)
-    return VpsActivities(settings, session_factory(engine)).all()
+    return AgentActivities(settings, session_factory(engine)).all()

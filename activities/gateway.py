@@ -119,6 +119,14 @@ async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent)
             approver.cancel()
 
 
+def admin_client(provider: VmProvider, vps: Vps, agent: Agent, **options: Any) -> GatewayClient:
+    """The control plane's admin identity on this gateway; never used for user traffic."""
+    return GatewayClient(ws_url(provider, vps), token=str(agent.gateway_token),
+                         device=DeviceIdentity.from_pem(str(vps.admin_device_key)),
+                         device_token=str(vps.admin_device_token) if vps.admin_device_token else None,
+                         client=ADMIN_CLIENT, scopes=DEFAULT_OPERATOR_SCOPES, **{"reconnect": True, **options})
+
+
 async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent) -> None:
     """Re-assert the locked-down config and write the workspace files through the admin identity."""
     inp = render_input(settings, agent, local=vps.provider == "local")
@@ -126,11 +134,7 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
     violations = render.check_locked(wanted)
     if violations:
         raise ValueError("refusing to push a config that weakens the lockdown: " + "; ".join(violations))
-    gw = GatewayClient(ws_url(provider, vps), token=str(agent.gateway_token),
-                       device=DeviceIdentity.from_pem(str(vps.admin_device_key)),
-                       device_token=str(vps.admin_device_token) if vps.admin_device_token else None,
-                       client=ADMIN_CLIENT, scopes=DEFAULT_OPERATOR_SCOPES, reconnect=True)
-    async with gw:
+    async with admin_client(provider, vps, agent) as gw:
         current = await gw.config_get()
         # `parsed` is the file as written (with ${VAR} references); `config` has secrets redacted.
         live = current.get("parsed") or current.get("config") or {}

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request, Response
 from temporalio.client import Client
 
 from api import problems
-from api.routes import agents, bootstrap, health, plans, users, vps
+from api.routes import agent_settings, agents, bootstrap, channels, health, plans, users, vps
 from db.engine import make_engine, session_factory
 from orchestration.client import connect
 from settings import Settings
@@ -75,6 +75,6 @@ def create_app(settings: Settings) -> FastAPI:
                                    "ms": round((time.perf_counter() - start) * 1000, 1)})
         return response
 
-    for module in (health, users, plans, agents, vps, bootstrap):
+    for module in (health, users, plans, agents, agent_settings, vps, channels, bootstrap):
         app.include_router(module.router)
     return app

@@ -31,7 +31,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.vps import VpsActivities
+from activities.agent_ops import AgentActivities as VpsActivities
 from api.app import create_app
 from db.engine import make_engine, session_factory
 from db.migrate import migrate_and_seed

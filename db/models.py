@@ -11,7 +11,7 @@ these classes mirror them for queries.
 import enum
 import uuid
 from datetime import date, datetime
-from typing import Optional
+from typing import Any, Optional
 
 from sqlalchemy import (
     BigInteger,
@@ -248,6 +248,11 @@ class AgentChannel(SQLModel, table=True):
     webhook_secret: str | None = Field(default=None, sa_column=Column(EncryptedText))
     status: str = Field(default="pending", sa_column=Column(String(32), nullable=False, server_default="pending"))
     last_error: str | None = Field(default=None, sa_column=Column(Text))
+    # WhatsApp pairing: the current QR (a short-lived secret) and a counter for long-polling.
+    qr_data_url: str | None = Field(default=None, sa_column=Column(EncryptedText))
+    qr_version: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    qr_expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    live_status: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB))
     created_at: datetime | None = Field(default=None, sa_column=_created())
     updated_at: datetime | None = Field(default=None, sa_column=_created())
 

@@ -14,7 +14,7 @@ import httpx
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.vps import VpsActivities
+from activities.agent_ops import AgentActivities as VpsActivities
 from api.app import create_app
 from db.engine import make_engine, session_factory
 from providers import VmProvider

@@ -1,7 +1,10 @@
 """Deterministic Temporal workflows. No I/O here: every side effect is an activity."""
 
+from workflows.agent_ops import ConnectChannel, DisconnectChannel, PushConfig, RestartAgent
 from workflows.lifecycle import DestroyVps, ProvisionVps, Reconcile, StartVps, StopVps
 
-WORKFLOWS = [ProvisionVps, StartVps, StopVps, DestroyVps, Reconcile]
+WORKFLOWS = [ProvisionVps, StartVps, StopVps, DestroyVps, Reconcile, PushConfig, RestartAgent, ConnectChannel,
+             DisconnectChannel]
 
-__all__ = ["WORKFLOWS", "DestroyVps", "ProvisionVps", "Reconcile", "StartVps", "StopVps"]
+__all__ = ["WORKFLOWS", "ConnectChannel", "DestroyVps", "DisconnectChannel", "ProvisionVps", "PushConfig",
+           "Reconcile", "RestartAgent", "StartVps", "StopVps"]

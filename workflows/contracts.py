@@ -25,6 +25,12 @@ class Act(StrEnum):
     mark_state = "vps.mark_state"
     release_operation = "vps.release_operation"
     reconcile = "vps.reconcile"
+    restart_gateway = "agent.restart_gateway"
+    configure_channel = "agent.configure_channel"
+    await_channel = "agent.await_channel"
+    whatsapp_login = "agent.whatsapp_login"
+    remove_channel = "agent.remove_channel"
+    mark_channel = "agent.mark_channel"
 
 
 class VpsRef(BaseModel):
@@ -87,4 +93,17 @@ class ReconcileReport(BaseModel):
 class OperationResult(BaseModel):
     vps_id: str
     state: str
+    error: str | None = None
+
+
+class ChannelInput(OperationInput):
+    kind: str
+    status_timeout_s: float = 30
+    qr_timeout_s: float = 180
+
+
+class ChannelStatusInput(BaseModel):
+    agent_id: str
+    kind: str
+    status: str
     error: str | None = None

@@ -9,6 +9,7 @@ for the API.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -126,7 +127,7 @@ class ProvisionVps(_Operation):
                 await self._set_step("push_config")
                 await self._provider(Act.push_config, inp, timeout_s=90)
                 return await self._finish(inp, "running")
-            except (ActivityError, CancelledError) as err:
+            except (ActivityError, CancelledError, asyncio.CancelledError) as err:
                 message = reason(err)
                 workflow.logger.warning("provisioning failed", extra={"vps_id": inp.vps.vps_id, "reason": message})
                 if vm_may_exist:

@@ -78,12 +78,13 @@ async def operation_running(client: Client, operation_id: str) -> str | None:
 
 
 async def start_operation(request: Request, session: AsyncSession, user: User, agent: Agent, vps: Vps,
-                          workflow: Any, operation_id: str) -> None:
+                          workflow: Any, operation_id: str, input_type: type[OperationInput] = OperationInput,
+                          **extra: Any) -> None:
     """Start the run while the row lock is held; if Temporal refuses, the transaction rolls back."""
     client = await temporal(request)
     settings: Settings = request.app.state.settings
-    inp = OperationInput(vps=VpsRef(vps_id=str(vps.id), agent_id=str(agent.id), user_id=str(user.id)),
-                         operation_id=operation_id, timeouts=request.app.state.lifecycle_timeouts)
+    inp = input_type(vps=VpsRef(vps_id=str(vps.id), agent_id=str(agent.id), user_id=str(user.id)),
+                     operation_id=operation_id, timeouts=request.app.state.lifecycle_timeouts, **extra)
     try:
         await client.start_workflow(
             workflow.run, inp, id=operation_id, task_queue=settings.temporal_task_queue,

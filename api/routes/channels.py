@@ -1,0 +1,169 @@
+"""Messaging channels: connect (token channels, WhatsApp QR), list, follow the QR, disconnect.
+
+Credentials are format-checked before anything is stored, stored encrypted, and only ever shown
+masked. The gateway work is a workflow (ConnectChannel / DisconnectChannel) holding the VPS's
+operation slot; the QR a WhatsApp login shows is written to the channel row by that workflow's
+activity and read here, with a long-poll so a frontend follows rotation without hammering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from api.deps import CurrentUser, SessionDep
+from api.problems import Problem
+from api.routes.vps import accepted, claim, locked_vps, operation_id_for, operation_running, start_operation, temporal
+from db.models import AgentChannel, User, Vps, VpsState
+from workflows.agent_ops import ConnectChannel, DisconnectChannel
+from workflows.contracts import ChannelInput
+
+router = APIRouter(prefix="/agents/{agent_id}/channels", tags=["channels"])
+Kind = Literal["telegram", "discord", "slack", "whatsapp"]
+ACTIVE = {"connected", "configured", "connecting", "awaiting_scan", "pending"}
+
+# What each token looks like, checked before anything is written (a typo fails here, not on the VM).
+FORMATS: dict[str, dict[str, tuple[re.Pattern[str], str]]] = {
+    "telegram": {"bot_token": (re.compile(r"^\d{5,12}:[A-Za-z0-9_-]{30,64}$"),
+                               "a Telegram bot token looks like 123456789:AA... (from @BotFather)")},
+    "discord": {"bot_token": (re.compile(r"^[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}$"),
+                              "a Discord bot token has three dot-separated parts")},
+    "slack": {"bot_token": (re.compile(r"^xoxb-[A-Za-z0-9-]{20,250}$"), "a Slack bot token starts with xoxb-"),
+              "app_token": (re.compile(r"^xapp-[A-Za-z0-9-]{20,250}$"), "a Slack app-level token starts with xapp-")},
+    "whatsapp": {},
+}
+
+
+class ChannelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Kind
+    credentials: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_format(self) -> ChannelIn:
+        expected = FORMATS[self.kind]
+        unknown = set(self.credentials) - set(expected)
+        if unknown:
+            raise ValueError(f"unexpected credentials for {self.kind}: {', '.join(sorted(unknown))}")
+        for name, (pattern, hint) in expected.items():
+            value = self.credentials.get(name, "").strip()
+            if not value:
+                raise ValueError(f"credentials.{name} is required for {self.kind}")
+            if not pattern.fullmatch(value):
+                raise ValueError(f"credentials.{name} is not valid: {hint}")
+            self.credentials[name] = value
+        return self
+
+
+def mask(credentials: str | None) -> dict[str, str]:
+    values: dict[str, str] = json.loads(credentials) if credentials else {}
+    return {k: "…" + v[-4:] for k, v in values.items()}
+
+
+def channel_out(row: AgentChannel) -> dict[str, Any]:
+    return {"kind": row.kind, "status": row.status, "last_error": row.last_error,
+            "credentials": mask(row.credentials), "live_status": row.live_status,
+            "updated_at": row.updated_at.isoformat() if row.updated_at else None}
+
+
+async def running_vps(session: AsyncSession, user: User, agent_id: uuid.UUID) -> tuple[Any, Vps]:
+    agent, vps = await locked_vps(session, user, agent_id)
+    if vps.state != VpsState.running:
+        raise Problem(409, "Agent is not running", f"The agent's VPS is {vps.state}; start it first "
+                      f"(POST /agents/{agent_id}/vps/start).", type_="invalid-state", vps_state=vps.state)
+    return agent, vps
+
+
+async def find_channel(session: AsyncSession, agent_id: uuid.UUID, kind: str) -> AgentChannel | None:
+    return (await session.exec(select(AgentChannel).where(AgentChannel.agent_id == agent_id,
+                                                          AgentChannel.kind == kind))).first()
+
+
+@router.post("", status_code=202)
+async def connect(agent_id: uuid.UUID, body: ChannelIn, request: Request, session: SessionDep,
+                  user: CurrentUser) -> JSONResponse:
+    agent, vps = await running_vps(session, user, agent_id)
+    row = await find_channel(session, agent_id, body.kind)
+    if row is not None and row.status in ACTIVE:
+        raise Problem(409, "Channel exists", f"{body.kind} is already {row.status} on this agent; remove it first "
+                      f"(DELETE /agents/{agent_id}/channels/{body.kind}).", type_="conflict", channel_status=row.status)
+    operation_id = operation_id_for(f"channel-{body.kind}", vps.id, user, None)
+    await claim(request, session, vps, operation_id)
+    if row is None:
+        row = AgentChannel(agent_id=agent_id, kind=body.kind)
+    row.credentials = json.dumps(body.credentials) if body.credentials else None
+    row.status, row.last_error, row.qr_data_url, row.updated_at = "pending", None, None, datetime.now(UTC)
+    session.add(row)
+    await session.flush()
+    await start_operation(request, session, user, agent, vps, ConnectChannel, operation_id,
+                          input_type=ChannelInput, kind=body.kind)
+    return accepted(agent_id, vps.id, operation_id, "ConnectChannel")
+
+
+@router.get("")
+async def list_channels(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> dict[str, Any]:
+    from api.routes.agents import owned_agent
+
+    await owned_agent(session, user, agent_id)
+    rows = (await session.exec(select(AgentChannel).where(AgentChannel.agent_id == agent_id)
+                               .order_by(AgentChannel.kind))).all()
+    return {"items": [channel_out(r) for r in rows]}
+
+
+@router.delete("/{kind}", status_code=202)
+async def disconnect(agent_id: uuid.UUID, kind: Kind, request: Request, session: SessionDep,
+                     user: CurrentUser) -> Response:
+    agent, vps = await locked_vps(session, user, agent_id)
+    row = await find_channel(session, agent_id, kind)
+    if row is None:
+        raise Problem(404, "Not found", f"No {kind} channel on agent {agent_id}", type_="not-found")
+    if kind == "whatsapp" and vps.operation_id and vps.operation_id.startswith(f"channel-whatsapp-{vps.id}"):
+        # A pairing in progress: cancel it (the workflow records `cancelled` and frees the VPS).
+        client = await temporal(request)
+        if await operation_running(client, vps.operation_id):
+            await client.get_workflow_handle(vps.operation_id).cancel()
+            return JSONResponse({"operation_id": vps.operation_id, "operation": "ConnectChannel",
+                                 "status": "cancelling"}, status_code=202)
+    if vps.state != VpsState.running:
+        raise Problem(409, "Agent is not running", f"The agent's VPS is {vps.state}; start it to remove {kind}.",
+                      type_="invalid-state", vps_state=vps.state)
+    operation_id = operation_id_for(f"unchannel-{kind}", vps.id, user, None)
+    await claim(request, session, vps, operation_id)
+    await start_operation(request, session, user, agent, vps, DisconnectChannel, operation_id,
+                          input_type=ChannelInput, kind=kind)
+    return accepted(agent_id, vps.id, operation_id, "DisconnectChannel")
+
+
+@router.get("/whatsapp/qr")
+async def whatsapp_qr(agent_id: uuid.UUID, request: Request, user: CurrentUser,
+                      after: Annotated[int | None, Query(ge=0, description="long-poll: answer once the QR "
+                                                                           "version is past this one")] = None,
+                      wait: Annotated[float, Query(ge=0, le=30)] = 25) -> dict[str, Any]:
+    """The current pairing QR. With `after=<version>`, waits up to `wait` s for a newer QR or an end state."""
+    from api.routes.agents import owned_agent
+
+    deadline = time.monotonic() + (wait if after is not None else 0)
+    while True:
+        async with request.app.state.sessions() as session:
+            await owned_agent(session, user, agent_id)
+            row = await find_channel(session, agent_id, "whatsapp")
+        if row is None:
+            raise Problem(404, "Not found", "No WhatsApp pairing on this agent; start one with "
+                          f"POST /agents/{agent_id}/channels", type_="not-found")
+        changed = after is None or row.qr_version > after or row.status != "awaiting_scan"
+        if changed or time.monotonic() >= deadline:
+            return {"status": row.status, "qr_data_url": row.qr_data_url, "version": row.qr_version,
+                    "expires_at": row.qr_expires_at.isoformat() if row.qr_expires_at else None,
+                    "last_error": row.last_error}
+        await asyncio.sleep(0.25)

@@ -1,0 +1,215 @@
+"""Settings push, restart and channels on a running agent (local VPS, gateway simulator)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+
+from settings import Settings
+from tests.helpers import headers, make_user
+from tests.lifecycle_harness import Stack, running_stack
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+TELEGRAM = "123456789:AAH" + "x" * 32
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(settings: Settings, temporal_client: Client, db: str) -> AsyncIterator[Stack]:
+    async with running_stack(settings, temporal_client) as s:
+        yield s
+
+
+async def running_agent(stack: Stack, sql: psycopg.Connection) -> tuple[Any, str, dict[str, Any]]:
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    assert (await stack.provision(user, agent)).status_code == 202
+    vps = await stack.wait_vps(user, agent, "running", "error")
+    assert vps["state"] == "running", vps["last_error"]
+    return user, agent, vps
+
+
+def state_dir(stack: Stack, vps: dict[str, Any]) -> Any:
+    return stack.settings.data_dir / "vms" / vps["id"] / "state"
+
+
+async def operation_result(stack: Stack, operation_id: str) -> dict[str, Any]:
+    result = await stack.client.get_workflow_handle(operation_id).result()
+    return result if isinstance(result, dict) else result.model_dump()  # type: ignore[no-any-return]
+
+
+async def test_settings_are_pushed_to_the_running_gateway(stack: Stack, sql: psycopg.Connection) -> None:
+    user, agent, vps = await running_agent(stack, sql)
+    body = {"files": {"SOUL.md": "# Soul\nAlways answer in haiku.\n"}, "model": "openai/gpt-6-astra"}
+    resp = await stack.api.patch(f"/agents/{agent}/settings", json=body, headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["operation"] == "PushConfig"
+    result = await operation_result(stack, resp.json()["operation_id"])
+    assert result["error"] is None
+    state = state_dir(stack, vps)
+    assert (state / "workspace" / "SOUL.md").read_text() == "# Soul\nAlways answer in haiku.\n"
+    config = json.loads((state / "openclaw.json").read_text())
+    assert config["agents"]["defaults"]["model"]["primary"] == "openai/gpt-6-astra"
+    assert config["agents"]["defaults"]["sandbox"]["mode"] == "all"  # still locked down
+    assert (await stack.agent(user, agent))["model"] == "openai/gpt-6-astra"
+
+
+@pytest.mark.parametrize("body", [{}, {"files": {"TOOLS.md": "x"}}, {"sandbox": {"mode": "off"}},
+                                  {"files": {"SOUL.md": "x" * 70_000}}, {"model": "not a model"},
+                                  {"files": {"SOUL.md": "a\x00b"}}])
+async def test_settings_refuse_anything_else(stack: Stack, sql: psycopg.Connection, body: dict) -> None:  # type: ignore[type-arg]
+    user = make_user(sql)
+    agent = await stack.new_agent(user)
+    resp = await stack.api.patch(f"/agents/{agent}/settings", json=body, headers=headers(user))
+    assert resp.status_code == 422, resp.text
+    assert sql.execute("SELECT personality, model FROM agents WHERE id = %s", (agent,)).fetchone() == ({}, None)
+
+
+async def test_settings_on_a_stopped_agent_apply_at_start(stack: Stack, sql: psycopg.Connection) -> None:
+    user, agent, vps = await running_agent(stack, sql)
+    await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user))
+    await stack.wait_vps(user, agent, "stopped")
+    resp = await stack.api.patch(f"/agents/{agent}/settings", json={"files": {"IDENTITY.md": "name: Nova\n"}},
+                                 headers=headers(user))
+    assert resp.status_code == 200 and resp.json()["saved"] is True
+    for path in (f"/agents/{agent}/restart",):
+        r = await stack.api.post(path, headers=headers(user))
+        assert r.status_code == 409 and r.json()["vps_state"] == "stopped"
+    r = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "telegram",
+                             "credentials": {"bot_token": TELEGRAM}}, headers=headers(user))
+    assert r.status_code == 409 and "start it first" in r.json()["detail"]
+    await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))
+    await stack.wait_vps(user, agent, "running")
+    assert (state_dir(stack, vps) / "workspace" / "IDENTITY.md").read_text() == "name: Nova\n"
+
+
+async def test_restart_brings_the_gateway_back(stack: Stack, sql: psycopg.Connection) -> None:
+    user, agent, _ = await running_agent(stack, sql)
+    resp = await stack.api.post(f"/agents/{agent}/restart", headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    result = await operation_result(stack, resp.json()["operation_id"])
+    assert result["error"] is None and result["state"] == "running"
+    assert (await stack.agent(user, agent))["vps"]["state"] == "running"
+
+
+@pytest.mark.parametrize(("payload", "fragment"), [
+    ({"kind": "telegram", "credentials": {"bot_token": "nope"}}, "Telegram bot token looks like"),
+    ({"kind": "telegram", "credentials": {}}, "bot_token is required"),
+    ({"kind": "slack", "credentials": {"bot_token": "xoxb-" + "a" * 30}}, "app_token is required"),
+    ({"kind": "discord", "credentials": {"bot_token": "abc"}}, "three dot-separated parts"),
+    ({"kind": "telegram", "credentials": {"bot_token": TELEGRAM, "x": "y"}}, "unexpected credentials"),
+    ({"kind": "myspace", "credentials": {}}, "Input should be"),
+])
+async def test_bad_channel_credentials_are_422_and_store_nothing(stack: Stack, sql: psycopg.Connection,
+                                                                 payload: dict, fragment: str) -> None:  # type: ignore[type-arg]
+    user = make_user(sql)
+    agent = await stack.new_agent(user)
+    resp = await stack.api.post(f"/agents/{agent}/channels", json=payload, headers=headers(user))
+    assert resp.status_code == 422 and fragment in resp.json()["detail"], resp.text
+    assert sql.execute("SELECT count(*) FROM agent_channels").fetchone() == (0,)
+
+
+async def test_telegram_connect_and_disconnect(stack: Stack, sql: psycopg.Connection) -> None:
+    user, agent, vps = await running_agent(stack, sql)
+    resp = await stack.api.post(f"/agents/{agent}/channels",
+                                json={"kind": "telegram", "credentials": {"bot_token": TELEGRAM}},
+                                headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    await operation_result(stack, resp.json()["operation_id"])
+    listed = (await stack.api.get(f"/agents/{agent}/channels", headers=headers(user))).json()["items"]
+    assert listed[0]["kind"] == "telegram"
+    # No network here: the gateway accepts the bot but cannot reach Telegram, so it is configured, not connected.
+    assert listed[0]["status"] == "configured" and listed[0]["live_status"]["configured"] is True
+    assert listed[0]["credentials"] == {"bot_token": "…" + TELEGRAM[-4:]}
+    assert TELEGRAM not in json.dumps(listed)
+    stored = sql.execute("SELECT credentials FROM agent_channels").fetchone()[0]  # type: ignore[index]
+    assert TELEGRAM not in stored
+    config = json.loads((state_dir(stack, vps) / "openclaw.json").read_text())
+    assert config["channels"]["telegram"]["botToken"] == TELEGRAM
+    again = await stack.api.post(f"/agents/{agent}/channels",
+                                 json={"kind": "telegram", "credentials": {"bot_token": TELEGRAM}},
+                                 headers=headers(user))
+    assert again.status_code == 409
+
+    resp = await stack.api.delete(f"/agents/{agent}/channels/telegram", headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    await operation_result(stack, resp.json()["operation_id"])
+    assert (await stack.api.get(f"/agents/{agent}/channels", headers=headers(user))).json()["items"] == []
+    config = json.loads((state_dir(stack, vps) / "openclaw.json").read_text())
+    assert "telegram" not in (config.get("channels") or {})
+    missing = await stack.api.delete(f"/agents/{agent}/channels/telegram", headers=headers(user))
+    assert missing.status_code == 404
+
+
+async def test_whatsapp_without_the_plugin_is_a_clear_error(stack: Stack, sql: psycopg.Connection) -> None:
+    user, agent, _ = await running_agent(stack, sql)
+    resp = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"}, headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    result = await operation_result(stack, resp.json()["operation_id"])
+    assert "plugin is not installed" in result["error"]
+    qr = (await stack.api.get(f"/agents/{agent}/channels/whatsapp/qr", headers=headers(user))).json()
+    assert qr["status"] == "error" and qr["qr_data_url"] is None and "plugin" in qr["last_error"]
+
+
+async def wait_qr(stack: Stack, user: Any, agent: str, after: int | None = None) -> dict[str, Any]:
+    params = {"after": after, "wait": 10} if after is not None else {}
+    deadline = time.monotonic() + 30
+    while True:
+        qr = (await stack.api.get(f"/agents/{agent}/channels/whatsapp/qr", params=params,
+                                  headers=headers(user))).json()
+        if qr.get("status") not in ("pending", "connecting") or time.monotonic() > deadline:
+            return qr  # type: ignore[no-any-return]
+        await asyncio.sleep(0.1)
+
+
+async def test_whatsapp_qr_rotates_and_pairs(stack: Stack, sql: psycopg.Connection,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOPBOX_SIM_WHATSAPP", "1")
+    monkeypatch.setenv("SLOPBOX_SIM_QR_ROTATE_S", "1")
+    user, agent, vps = await running_agent(stack, sql)
+    resp = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"}, headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    first = await wait_qr(stack, user, agent)
+    assert first["status"] == "awaiting_scan" and first["qr_data_url"].startswith("data:image/png;base64,")
+    rotated = await wait_qr(stack, user, agent, after=first["version"])  # long-poll for the next QR
+    assert rotated["version"] > first["version"] and rotated["qr_data_url"] != first["qr_data_url"]
+    # While pairing runs, other operations on this VPS wait their turn.
+    busy = await stack.api.post(f"/agents/{agent}/restart", headers=headers(user))
+    assert busy.status_code == 409 and "ConnectChannel" in busy.json()["detail"]
+    # The phone scans the code (the simulator's test hook, on loopback with the gateway token).
+    token = sql.execute("SELECT gateway_token FROM agents WHERE id = %s", (agent,)).fetchone()[0]  # type: ignore[index]
+    from db.encryption import keyring
+    port = sql.execute("SELECT gateway_port FROM vpses WHERE id = %s", (vps["id"],)).fetchone()[0]  # type: ignore[index]
+    async with httpx.AsyncClient() as http:
+        scan = await http.post(f"http://127.0.0.1:{port}/__simulator__/whatsapp/scan",
+                               headers={"Authorization": f"Bearer {keyring().decrypt(token)}"})
+        assert scan.json() == {"ok": True}
+    result = await operation_result(stack, resp.json()["operation_id"])
+    assert result["error"] is None
+    done = (await stack.api.get(f"/agents/{agent}/channels/whatsapp/qr", headers=headers(user))).json()
+    assert done["status"] == "connected" and done["qr_data_url"] is None
+
+
+async def test_whatsapp_pairing_can_be_cancelled(stack: Stack, sql: psycopg.Connection,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOPBOX_SIM_WHATSAPP", "1")
+    user, agent, _ = await running_agent(stack, sql)
+    resp = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"}, headers=headers(user))
+    assert (await wait_qr(stack, user, agent))["status"] == "awaiting_scan"
+    cancel = await stack.api.delete(f"/agents/{agent}/channels/whatsapp", headers=headers(user))
+    assert cancel.status_code == 202 and cancel.json()["status"] == "cancelling"
+    assert (await operation_result(stack, resp.json()["operation_id"]))["error"] == "cancelled"
+    deadline = time.monotonic() + 20
+    while (await wait_qr(stack, user, agent))["status"] != "cancelled":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    vps = await stack.wait_vps(user, agent, "running")
+    assert vps["operation_id"] is None  # the slot is free again

@@ -1,0 +1,116 @@
+"""Operations on a running agent's gateway: settings push, restart, channel connect/disconnect.
+
+They hold the same per-VPS operation slot as the lifecycle workflows (one operation at a time,
+409 otherwise) but never change the VPS's state: a failed push leaves a running VM running.
+Channel credentials never pass through here; activities read them from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, CancelledError
+
+from workflows.contracts import Act, ChannelInput, ChannelStatusInput, OperationInput, OperationResult
+from workflows.lifecycle import DB_RETRY, _Operation, reason
+
+GATEWAY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                            maximum_interval=timedelta(seconds=15), maximum_attempts=5)
+
+
+class _AgentOperation(_Operation):
+    async def _gateway(self, act: Act, inp: OperationInput, timeout_s: float = 90,
+                       heartbeat_s: float | None = None) -> None:
+        await workflow.execute_activity(
+            act, inp, start_to_close_timeout=timedelta(seconds=timeout_s), retry_policy=GATEWAY_RETRY,
+            heartbeat_timeout=timedelta(seconds=heartbeat_s) if heartbeat_s else None)
+
+    async def _done(self, inp: OperationInput, error: str | None = None) -> OperationResult:
+        await self._set_step(None)
+        return OperationResult(vps_id=inp.vps.vps_id, state="running", error=error)
+
+    async def _mark_channel(self, inp: ChannelInput, status: str, error: str | None = None) -> None:
+        await workflow.execute_activity(
+            Act.mark_channel, ChannelStatusInput(agent_id=inp.vps.agent_id, kind=inp.kind, status=status, error=error),
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=DB_RETRY)
+
+
+@workflow.defn(name="PushConfig")
+class PushConfig(_AgentOperation):
+    """Apply the agent's settings (personality files, model) and re-assert the lockdown."""
+
+    @workflow.run
+    async def run(self, inp: OperationInput) -> OperationResult:
+        self._inp = inp
+        try:
+            await self._set_step("push_config")
+            await self._gateway(Act.push_config, inp)
+            return await self._done(inp)
+        except ActivityError as err:
+            return await self._done(inp, f"settings not applied: {reason(err)}")
+        finally:
+            await self._release(inp)
+
+
+@workflow.defn(name="RestartAgent")
+class RestartAgent(_AgentOperation):
+    @workflow.run
+    async def run(self, inp: OperationInput) -> OperationResult:
+        self._inp = inp
+        try:
+            await self._set_step("restart_gateway")
+            await self._gateway(Act.restart_gateway, inp)
+            await self._set_step("wait_gateway_ready")
+            await self._wait(Act.wait_gateway_ready, inp, inp.timeouts.gateway_ready_s)
+            return await self._done(inp)
+        except ActivityError as err:
+            return await self._done(inp, f"restart failed: {reason(err)}")
+        finally:
+            await self._release(inp)
+
+
+@workflow.defn(name="ConnectChannel")
+class ConnectChannel(_AgentOperation):
+    """Token channels: write the config, then report the live status. WhatsApp: QR login loop."""
+
+    @workflow.run
+    async def run(self, inp: ChannelInput) -> OperationResult:
+        self._inp = inp
+        try:
+            if inp.kind == "whatsapp":
+                await self._set_step("whatsapp_login")
+                await self._gateway(Act.whatsapp_login, inp, timeout_s=inp.qr_timeout_s + 60, heartbeat_s=30)
+            else:
+                await self._set_step("configure_channel")
+                await self._gateway(Act.configure_channel, inp)
+                await self._set_step("await_channel")
+                await self._gateway(Act.await_channel, inp, timeout_s=inp.status_timeout_s + 30, heartbeat_s=20)
+            return await self._done(inp)
+        except (asyncio.CancelledError, CancelledError, ActivityError) as err:
+            if not isinstance(err, ActivityError) or isinstance(err.cause, CancelledError):
+                # DELETE during a WhatsApp pairing: record it and free the VPS; nothing to undo.
+                await self._mark_channel(inp, "cancelled", "pairing cancelled")
+                return await self._done(inp, "cancelled")
+            message = reason(err)
+            await self._mark_channel(inp, "error", message)
+            return await self._done(inp, f"{inp.kind} not connected: {message}")
+        finally:
+            await self._release(inp)
+
+
+@workflow.defn(name="DisconnectChannel")
+class DisconnectChannel(_AgentOperation):
+    @workflow.run
+    async def run(self, inp: ChannelInput) -> OperationResult:
+        self._inp = inp
+        try:
+            await self._set_step("remove_channel")
+            await self._gateway(Act.remove_channel, inp)
+            return await self._done(inp)
+        except ActivityError as err:
+            return await self._done(inp, f"{inp.kind} not removed: {reason(err)}")
+        finally:
+            await self._release(inp)
