@@ -6,7 +6,8 @@ PostgreSQL; VMs are local gateway-simulator processes. For each VPS:
   total     = the VPS row's `running` timestamp - the moment the POST was sent
   provider  = time inside create_vm + wait_vm_running + wait_gateway_ready (the VM booting),
               read from the workflow history (activity started -> completed)
-  overhead  = total - provider   (API, Temporal scheduling, DB bookkeeping, pairing, config push)
+  overhead  = total - provider, split into gateway RPC (pairing + config push, which also waits on
+              the gateway's CPU) and the rest (API, Temporal scheduling, database bookkeeping)
 
 The baseline is one provision alone, measured in the same run; 50 concurrent provisions are
 reported as a ratio against it. Usage: `.venv/bin/python -m bench.provision [--concurrency 50]`.
@@ -44,6 +45,7 @@ from workflows import WORKFLOWS
 from workflows.contracts import LifecycleTimeouts
 
 PROVIDER_ACTIVITIES = {"vps.create_vm", "vps.wait_vm_running", "vps.wait_gateway_ready"}
+GATEWAY_RPC_ACTIVITIES = {"vps.pair_gateway", "vps.push_config"}
 KEY = "bench-key-" + "k" * 40
 
 
@@ -55,11 +57,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def provider_seconds(client, workflow_id: str) -> float:  # type: ignore[no-untyped-def]
+async def activity_seconds(client, workflow_id: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Seconds spent inside each activity type (started -> completed), from the run's history."""
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     scheduled: dict[int, str] = {}
     started: dict[int, float] = {}
-    total = 0.0
+    spent: dict[str, float] = {}
     for event in history.events:
         ts = event.event_time.ToDatetime().timestamp()
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
@@ -68,20 +71,23 @@ async def provider_seconds(client, workflow_id: str) -> float:  # type: ignore[n
             started[event.activity_task_started_event_attributes.scheduled_event_id] = ts
         elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
             sched = event.activity_task_completed_event_attributes.scheduled_event_id
-            if scheduled.get(sched) in PROVIDER_ACTIVITIES:
-                total += ts - started[sched]
-    return total
+            name = scheduled[sched]
+            spent[name] = spent.get(name, 0.0) + ts - started[sched]
+    return spent
+
+
+Row = tuple[float, float, float]  # total, provider, gateway RPC (pairing + config push)
 
 
 async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, user: str, n: int,  # type: ignore[no-untyped-def]
-                    config_id: str) -> list[tuple[float, float]]:
+                    config_id: str) -> list[Row]:
     hdrs = {"Authorization": f"Bearer {KEY}", "X-User-Id": user}
     agents = []
     for _ in range(n):
         resp = await api.post("/agents", json={"name": f"b-{uuid.uuid4().hex[:8]}"}, headers=hdrs)
         agents.append(resp.json()["id"])
 
-    async def one(agent: str) -> tuple[float, float]:
+    async def one(agent: str) -> Row:
         sent = time.time()
         resp = await api.post(f"/agents/{agent}/vps", json={"vps_config_id": config_id}, headers=hdrs)
         assert resp.status_code == 202, resp.text
@@ -95,7 +101,9 @@ async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, use
             await asyncio.sleep(0.05)
         assert row[0] == "running", row[3]
         total = float(row[1]) - sent
-        return total, await provider_seconds(client, op["operation_id"])
+        spent = await activity_seconds(client, op["operation_id"])
+        provider = sum(v for k, v in spent.items() if k in PROVIDER_ACTIVITIES)
+        return total, provider, sum(v for k, v in spent.items() if k in GATEWAY_RPC_ACTIVITIES)
 
     results = await asyncio.gather(*[one(a) for a in agents])
     for agent in agents:
@@ -103,12 +111,16 @@ async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, use
     return list(results)
 
 
-def summary(label: str, rows: list[tuple[float, float]]) -> dict[str, float]:
-    overhead = [t - p for t, p in rows]
-    out = {"p50_total": statistics.median(t for t, _ in rows), "p50_provider": statistics.median(p for _, p in rows),
-           "p50_overhead": statistics.median(overhead), "max_overhead": max(overhead)}
+def summary(label: str, rows: list[Row]) -> dict[str, float]:
+    overhead = [t - p for t, p, _ in rows]
+    orchestration = [t - p - g for t, p, g in rows]
+    out = {"p50_total": statistics.median(r[0] for r in rows), "p50_provider": statistics.median(r[1] for r in rows),
+           "p50_overhead": statistics.median(overhead), "max_overhead": max(overhead),
+           "p50_gateway_rpc": statistics.median(r[2] for r in rows),
+           "p50_orchestration": statistics.median(orchestration)}
     print(f"{label:>14}: n={len(rows):3d}  total p50 {out['p50_total']:.2f}s  provider p50 {out['p50_provider']:.2f}s"
-          f"  overhead p50 {out['p50_overhead']:.3f}s  max {out['max_overhead']:.3f}s")
+          f"  overhead p50 {out['p50_overhead']:.3f}s (max {out['max_overhead']:.3f}s) = gateway RPC "
+          f"{out['p50_gateway_rpc']:.3f}s + API/Temporal/DB {out['p50_orchestration']:.3f}s")
     return out
 
 
@@ -153,8 +165,8 @@ async def main(concurrency: int) -> None:
                         many = summary(f"{concurrency} at once",
                                        await run_round(api, env.client, sql, user, concurrency, config_id))
                         await asyncio.sleep(2)  # let the destroys finish
-                print(f"overhead ratio ({concurrency} concurrent / 1 alone, p50): "
-                      f"{many['p50_overhead'] / base['p50_overhead']:.2f}x")
+                for key in ("p50_overhead", "p50_gateway_rpc", "p50_orchestration"):
+                    print(f"{key} ratio ({concurrency} concurrent / 1 alone): {many[key] / base[key]:.2f}x")
                 await engine.dispose()
     finally:
         postgres.stop(proc)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,6 +18,11 @@ from workflows.contracts import LifecycleTimeouts
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.real_gateway]
 
 OPENCLAW_BIN = os.environ.get("OPENCLAW_BIN")
+
+
+async def result(stack: Any, operation_id: str) -> dict[str, Any]:
+    outcome = await stack.client.get_workflow_handle(operation_id).result()
+    return outcome if isinstance(outcome, dict) else outcome.model_dump()  # type: ignore[no-any-return]
 
 
 @pytest.mark.skipif(not OPENCLAW_BIN, reason="OPENCLAW_BIN not set (real gateway tier)")
@@ -37,10 +44,53 @@ async def test_real_gateway_provision_stop_start_destroy(settings: Settings, tem
         assert row == (True, True)
         workspace = real.data_dir / "vms" / vps["id"] / "state" / "workspace" / "IDENTITY.md"
         assert "molty" in workspace.read_text()
+        state = real.data_dir / "vms" / vps["id"] / "state"
+
+        # Settings push through the admin identity: the real gateway writes the file and the model.
+        resp = await stack.api.patch(f"/agents/{agent}/settings", headers=headers(user),
+                                     json={"files": {"SOUL.md": "# Soul\nBe brief.\n"}, "model": "openai/gpt-6-astra"})
+        assert resp.status_code == 202, resp.text
+        assert (await result(stack, resp.json()["operation_id"]))["error"] is None
+        assert (state / "workspace" / "SOUL.md").read_text() == "# Soul\nBe brief.\n"
+        config = json.loads((state / "openclaw.json").read_text())
+        assert config["agents"]["defaults"]["model"]["primary"] == "openai/gpt-6-astra"
+
+        # Channel config keys are accepted by the real gateway's (closed) schema.
+        for kind, creds in [("telegram", {"bot_token": "123456789:AAH" + "x" * 32}),
+                            ("discord", {"bot_token": "M" * 24 + "." + "G" * 6 + "." + "z" * 27}),
+                            ("slack", {"bot_token": "xoxb-" + "1" * 30, "app_token": "xapp-" + "1" * 30})]:
+            resp = await stack.api.post(f"/agents/{agent}/channels", json={"kind": kind, "credentials": creds},
+                                        headers=headers(user))
+            assert resp.status_code == 202, resp.text
+            assert (await result(stack, resp.json()["operation_id"]))["error"] is None, kind
+        channels = (await stack.api.get(f"/agents/{agent}/channels", headers=headers(user))).json()["items"]
+        assert {c["kind"]: c["status"] for c in channels} == {
+            "discord": "configured", "slack": "configured", "telegram": "configured"}
+        resp = await stack.api.delete(f"/agents/{agent}/channels/telegram", headers=headers(user))
+        assert (await result(stack, resp.json()["operation_id"]))["error"] is None
+        assert "telegram" not in json.loads((state / "openclaw.json").read_text()).get("channels", {})
+
+        # WhatsApp without its plugin: a clear error, not a hang.
+        resp = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"}, headers=headers(user))
+        assert "plugin is not installed" in (await result(stack, resp.json()["operation_id"]))["error"]
+
+        # A lockdown weakened on disk while stopped is re-asserted by the next start.
         assert (await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user))).status_code == 202
         assert (await stack.wait_vps(user, agent, "stopped", timeout=60))["state"] == "stopped"
+        config = json.loads((state / "openclaw.json").read_text())
+        config["tools"]["elevated"]["enabled"] = True
+        config["agents"]["defaults"]["sandbox"]["docker"]["network"] = "bridge"
+        (state / "openclaw.json").write_text(json.dumps(config))
         assert (await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))).status_code == 202
         assert (await stack.wait_vps(user, agent, "running", "error", timeout=180))["state"] == "running"
+        healed = json.loads((state / "openclaw.json").read_text())
+        assert healed["tools"]["elevated"]["enabled"] is False
+        assert healed["agents"]["defaults"]["sandbox"]["docker"]["network"] == "none"
+
+        # Restart: the gateway goes away and comes back.
+        resp = await stack.api.post(f"/agents/{agent}/restart", headers=headers(user))
+        assert resp.status_code == 202
+        assert (await result(stack, resp.json()["operation_id"]))["error"] is None
         assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 202
         assert (await stack.wait_vps(user, agent, "destroyed", timeout=60))["state"] == "destroyed"
         assert not (real.data_dir / "vms" / vps["id"]).exists()
