@@ -89,12 +89,13 @@ class AgentActivities(VpsActivities):
     async def await_channel(self, inp: ChannelInput) -> None:
         """Wait for the channel to run; report what the gateway says when it does not (yet)."""
         vps, agent = await self._gateway_for(inp.vps.vps_id)
-        deadline = time.monotonic() + inp.status_timeout_s
+        deadline = time.monotonic() + inp.timeouts.channel_status_s
         live: dict[str, Any] = {}
         async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
             while time.monotonic() < deadline:
                 activity.heartbeat()
-                status = await gw.channels_status(channel=inp.kind)
+                # Unfiltered: a gateway answers `unknown channel` for a plugin it has not loaded yet.
+                status = await gw.channels_status()
                 live = (status.get("channels") or {}).get(inp.kind) or {}
                 if live.get("running") or live.get("connected"):
                     await self._set_channel(inp.vps.agent_id, inp.kind, status="connected", live_status=live,

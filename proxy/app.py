@@ -1,37 +1,149 @@
-"""Proxy process skeleton: health endpoints now; the gateway and forward proxies land with their issue.
+"""The proxy process: the browsers' gateway proxy and the agents' forward proxy, side by side.
 
-Until then every gateway route answers 503 with a problem body, so nothing is silently
-passed through unfiltered.
+`slopbox proxy` calls `run(settings)`. The process is stateless apart from in-memory counters
+(byte meter, rate limits) and short caches, so any number can run behind a load balancer:
+metering adds up in the database, and each process enforces its own share of the per-user
+limits. `serve()` is the same thing as an async context manager, for tests and benchmarks.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db.engine import make_engine
+from openclaw.relay import relay_origin
+from proxy.access import AccessResolver
+from proxy.config import ProxyConfig
+from proxy.denylist import VmAddressDenylist, control_plane_hosts, control_plane_networks
+from proxy.egress import EgressPolicy, system_resolver
+from proxy.enforcement import UsageEnforcer
+from proxy.forward import ForwardCredentials, ForwardProxy
+from proxy.gateway import GatewayProxy
+from proxy.metering import Meter
 from settings import Settings
+
+__all__ = ["RunningProxy", "create_app", "run", "serve"]
+
+log = logging.getLogger(__name__)
 
 
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def gateway_unavailable(request: web.Request) -> web.Response:
-    body = {
-        "type": "about:blank", "title": "Gateway proxy not available", "status": 503,
-        "detail": "The gateway proxy is not enabled in this build.", "instance": request.path,
-    }
-    return web.Response(status=503, text=json.dumps(body), content_type="application/problem+json")
-
-
-def create_app() -> web.Application:
+def create_app(gateway: GatewayProxy) -> web.Application:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
-    app.router.add_route("*", "/agents/{agent_id}/gateway/{path:.*}", gateway_unavailable)
+    app.router.add_route("*", "/agents/{agent_id}/gateway", gateway.handle)
+    app.router.add_route("*", "/agents/{agent_id}/gateway/{tail:.*}", gateway.handle)
+
+    async def on_shutdown(_app: web.Application) -> None:
+        await gateway.close_sockets()
+
+    app.on_shutdown.append(on_shutdown)
     return app
 
 
+@dataclass
+class RunningProxy:
+    url: str
+    """http://host:port of the gateway proxy."""
+    forward_host: str
+    forward_port: int
+    gateway: GatewayProxy
+    forward: ForwardProxy
+    meter: Meter
+    engine: AsyncEngine
+
+
+async def _resolved_control_plane(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Our own services' addresses, resolved once (best effort: a failure only logs)."""
+    networks = control_plane_networks(settings)
+    for host in control_plane_hosts(settings):
+        try:
+            for addr in await system_resolver(host):
+                networks.append(ipaddress.ip_network(addr.split("%", 1)[0]))
+        except (OSError, ValueError):
+            log.warning("could not resolve a control-plane host for the egress denylist", extra={"host": host})
+    return networks
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy: EgressPolicy | None = None,
+                host: str | None = None, port: int | None = None, forward_port: int | None = None,
+                ) -> AsyncIterator[RunningProxy]:
+    """Both listeners up until the block exits; then sockets are closed and the meter flushed."""
+    cfg = config or ProxyConfig()
+    host = host if host is not None else settings.proxy_host
+    port = port if port is not None else settings.proxy_port
+    forward_port = forward_port if forward_port is not None else settings.forward_proxy_port
+    engine = make_engine(settings)
+    meter = Meter(engine, flush_interval_s=cfg.flush_interval_s)
+    denylist = VmAddressDenylist(engine, cfg.denylist_refresh_s)
+    client = aiohttp.ClientSession(
+        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30),
+    )
+    runner: web.AppRunner | None = None
+    server: asyncio.Server | None = None
+    forward: ForwardProxy | None = None
+    try:
+        meter.start()
+        access = AccessResolver(engine, settings, ttl_s=cfg.auth_cache_ttl_s)
+        gateway = GatewayProxy(config=cfg, access=access, client=client, meter=meter,
+                               relay_origin=relay_origin(settings))
+        runner = web.AppRunner(create_app(gateway), access_log=None, shutdown_timeout=5.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1] if runner.addresses else port
+        if policy is None:
+            denylist.start()
+            policy = EgressPolicy(system_resolver, denied=await _resolved_control_plane(settings),
+                                  denied_dynamic=denylist.addresses)
+        forward = ForwardProxy(
+            config=cfg, meter=meter, policy=policy,
+            credentials=ForwardCredentials(engine, ttl_s=cfg.forward_credentials_ttl_s),
+            enforcer=UsageEnforcer(engine, meter, ttl_s=cfg.enforcement_cache_ttl_s),
+        )
+        server = await forward.start(host, forward_port)
+        fport = server.sockets[0].getsockname()[1]
+        yield RunningProxy(url=f"http://{host}:{bound}", forward_host=host, forward_port=fport, gateway=gateway,
+                           forward=forward, meter=meter, engine=engine)
+    finally:
+        if server is not None:
+            server.close()
+        if forward is not None:
+            await forward.close()
+        if runner is not None:
+            await runner.cleanup()
+        await client.close()
+        await denylist.stop()
+        await meter.close()
+        await engine.dispose()
+
+
+async def _main(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with serve(settings) as running:
+        log.info("proxy listening", extra={"gateway_proxy": running.url,
+                                           "forward_proxy": f"{running.forward_host}:{running.forward_port}"})
+        await stop.wait()
+    log.info("proxy stopped; usage flushed")
+
+
 def run(settings: Settings) -> None:
-    web.run_app(create_app(), host=settings.proxy_host, port=settings.proxy_port, print=None,
-                access_log=None)
+    asyncio.run(_main(settings))

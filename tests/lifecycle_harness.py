@@ -23,7 +23,8 @@ from tests.helpers import headers
 from workflows import WORKFLOWS
 from workflows.contracts import LifecycleTimeouts
 
-FAST = LifecycleTimeouts(vm_running_s=30, gateway_ready_s=30, poll_interval_s=0.2, provider_call_s=60)
+FAST = LifecycleTimeouts(vm_running_s=30, gateway_ready_s=30, poll_interval_s=0.2, provider_call_s=60,
+                         channel_status_s=2)
 
 
 @dataclass

@@ -87,7 +87,8 @@ class ConnectChannel(_AgentOperation):
                 await self._set_step("configure_channel")
                 await self._gateway(Act.configure_channel, inp)
                 await self._set_step("await_channel")
-                await self._gateway(Act.await_channel, inp, timeout_s=inp.status_timeout_s + 30, heartbeat_s=20)
+                await self._gateway(Act.await_channel, inp, timeout_s=inp.timeouts.channel_status_s + 30,
+                                    heartbeat_s=20)
             return await self._done(inp)
         except (asyncio.CancelledError, CancelledError, ActivityError) as err:
             if not isinstance(err, ActivityError) or isinstance(err.cause, CancelledError):

@@ -46,6 +46,8 @@ class LifecycleTimeouts(BaseModel):
     gateway_ready_s: float = Field(default=180, ge=1)
     poll_interval_s: float = 2.0
     provider_call_s: float = 180
+    channel_status_s: float = 30
+    """How long a new channel may take to report running before it is left as `configured`."""
 
 
 class OperationInput(BaseModel):
@@ -98,7 +100,6 @@ class OperationResult(BaseModel):
 
 class ChannelInput(OperationInput):
     kind: str
-    status_timeout_s: float = 30
     qr_timeout_s: float = 180
 
 

@@ -1,0 +1,149 @@
+"""Who may reach which gateway: Auth.js session cookie -> user -> own agent -> running VPS.
+
+One query answers all three questions (session valid and unexpired, agent owned by that user,
+the agent's VPS and its state), so a request costs one database round trip, and a short cache
+(`auth_cache_ttl_s`, and never past the session's expiry) absorbs the burst of asset requests a
+page load makes. Another user's agent and a non-existent one look the same (404). A VPS that
+is not running gets a 409 saying so; nothing here ever starts a VM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from db.models import Agent, AuthSession, Vps, VpsState
+from providers import ProviderError, VmInfo, VmProvider, VmState, build_provider
+from settings import Settings
+
+__all__ = ["SESSION_COOKIES", "AccessDenied", "AccessResolver", "GatewayTarget", "session_token"]
+
+# Auth.js v5 names: the `__Secure-` one over https (reference Part B2); prefer it when both exist.
+SESSION_COOKIES = ("__Secure-authjs.session-token", "authjs.session-token")
+_MAX_TOKEN_LEN = 255  # the column's width
+
+
+def session_token(cookies: Mapping[str, str]) -> str | None:
+    for name in SESSION_COOKIES:
+        value = cookies.get(name)
+        if value:
+            return value
+    return None
+
+
+class AccessDenied(Exception):
+    """Maps to a problem+json answer; `detail` is safe to show the user."""
+
+    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.extra = extra
+
+
+@dataclass(frozen=True)
+class GatewayTarget:
+    """Everything needed to reach one agent's gateway. Holds secrets: never log it."""
+
+    user_id: uuid.UUID
+    agent_id: uuid.UUID
+    vps_id: uuid.UUID
+    base_url: str = field(repr=False)
+    gateway_token: str = field(repr=False)
+    relay_key_pem: str | None = field(repr=False)
+    session_expires: datetime = field(repr=False)
+
+
+@dataclass
+class _Cached:
+    value: GatewayTarget | AccessDenied
+    until: float
+
+
+class AccessResolver:
+    def __init__(self, engine: AsyncEngine, settings: Settings, *, ttl_s: float = 1.0, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._clock = clock
+        self._cache: OrderedDict[tuple[bytes, uuid.UUID], _Cached] = OrderedDict()
+        self._providers: dict[str, VmProvider] = {}
+
+    async def resolve(self, token: str | None, agent_id: uuid.UUID, *, fresh: bool = False) -> GatewayTarget:
+        """The gateway for this session and agent, or AccessDenied (401, 404, 409, 503)."""
+        if not token or len(token) > _MAX_TOKEN_LEN:
+            raise AccessDenied(401, "Not signed in", "Sign in to open the agent's Control UI.")
+        key = (hashlib.sha256(token.encode()).digest(), agent_id)
+        now = self._clock()
+        if not fresh and self._ttl > 0:
+            hit = self._cache.get(key)
+            if hit is not None and hit.until > now:
+                if isinstance(hit.value, AccessDenied):
+                    raise hit.value
+                if hit.value.session_expires > datetime.now(UTC):
+                    return hit.value
+        try:
+            result: GatewayTarget | AccessDenied = await self._lookup(token, agent_id)
+        except AccessDenied as denied:
+            result = denied
+        if self._ttl > 0 and not (isinstance(result, AccessDenied) and result.status >= 500):
+            self._cache[key] = _Cached(result, now + self._ttl)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        if isinstance(result, AccessDenied):
+            raise result
+        return result
+
+    async def _lookup(self, token: str, agent_id: uuid.UUID) -> GatewayTarget:
+        stmt = (
+            select(  # type: ignore[call-overload]
+                AuthSession.user_id, AuthSession.expires, Agent.id, Agent.gateway_token, Vps.id, Vps.state,
+                Vps.provider, Vps.provider_ref, Vps.host, Vps.gateway_port, Vps.relay_device_key,
+            )
+            .select_from(AuthSession)
+            .outerjoin(Agent, and_(Agent.id == agent_id, Agent.user_id == AuthSession.user_id))
+            .outerjoin(Vps, Vps.id == Agent.vps_id)
+            .where(AuthSession.session_token == token, AuthSession.expires > func.now())
+        )
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            raise AccessDenied(401, "Not signed in", "Your session has expired or was signed out. Sign in again.")
+        user_id, expires, found_agent, gateway_token, vps_id, state, provider, ref, host, port, relay_key = row
+        if found_agent is None:
+            raise AccessDenied(404, "Not found", "No such agent.")
+        if vps_id is None:
+            raise AccessDenied(409, "Agent has no VM", "This agent has no VM yet. Create one from the dashboard.",
+                               vps_state=None)
+        if state != VpsState.running:
+            raise AccessDenied(409, "VM not running",
+                               f"This agent's VM is {state}. Start it from the dashboard to open its Control UI.",
+                               vps_state=str(state))
+        try:
+            base_url = self._gateway_url(str(provider), str(ref or ""), vps_id, host, port)
+        except ProviderError:
+            raise AccessDenied(503, "Gateway unreachable", "The agent's VM has no address yet; try again shortly.",
+                               vps_state=str(state)) from None
+        return GatewayTarget(user_id=user_id, agent_id=found_agent, vps_id=vps_id, base_url=base_url,
+                             gateway_token=str(gateway_token), relay_key_pem=relay_key, session_expires=expires)
+
+    def _gateway_url(self, provider: str, ref: str, vps_id: uuid.UUID, host: str | None, port: int | None) -> str:
+        impl = self._providers.get(provider)
+        if impl is None:
+            impl = self._providers[provider] = build_provider(provider, self._settings)
+        info = VmInfo(provider=provider, provider_ref=ref, vps_id=str(vps_id), state=VmState.RUNNING, host=host,
+                      gateway_port=port or 18789)
+        return impl.gateway_url(info).rstrip("/")

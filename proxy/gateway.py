@@ -1,0 +1,231 @@
+"""`/agents/{agent_id}/gateway/...`: the browser's way to its own agent's gateway.
+
+Order of checks, each answering before any byte reaches a VM: path (403 for `/tools/invoke`,
+400 for anything ambiguous), cross-site Origin on upgrades and unsafe methods, the Auth.js
+session and ownership (401/404), the VPS state (409, never woken), per-user rate and connection
+limits (429 + Retry-After). Then a WebSocket upgrade goes to the relay and anything else is
+streamed through with the gateway token injected.
+
+The gateway serves the Control UI under `gateway.controlUi.basePath` (`/openclaw` as rendered);
+the browser sees it under `/agents/{id}/gateway`. Paths map one to one, and the UI document's
+base-path attribute and asset links are rewritten so the UI builds every URL (assets, config,
+its WebSocket) under our prefix. Root-level gateway routes (`/tools/invoke`, hooks, `/api/...`)
+are not reachable through this mapping at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import WSCloseCode, web
+from yarl import URL
+
+from openclaw.render import CONTROL_UI_BASE_PATH
+from proxy.access import AccessDenied, AccessResolver, GatewayTarget, session_token
+from proxy.config import ProxyConfig
+from proxy.headers import (
+    forwarded_for,
+    is_websocket_upgrade,
+    response_headers,
+    upstream_request_headers,
+    valid_host,
+)
+from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
+from proxy.metering import Meter
+from proxy.paths import BadPath, GatewayPath, parse_gateway_path, rewrite_location
+from proxy.problems import problem
+from proxy.ws_relay import BrowserSocket, RelayContext, relay
+
+__all__ = ["GatewayProxy", "rewrite_html"]
+
+log = logging.getLogger(__name__)
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_CHUNK = 64 * 1024
+
+
+def rewrite_html(html: str, upstream_base: str, prefix: str) -> str:
+    """Point the Control UI document at our prefix: its base-path attribute and asset links.
+
+    Only attribute values are touched (`="/openclaw`), never inline scripts, so the gateway's
+    CSP script hashes still match.
+    """
+    base = upstream_base.rstrip("/")
+    if not base or base == prefix:
+        return html
+    html = html.replace(f'data-openclaw-control-ui-base-path="{base}"',
+                        f'data-openclaw-control-ui-base-path="{prefix}"')
+    return re.sub(r'(\s(?:src|href|content)=")' + re.escape(base) + r'(/|")',
+                  lambda m: m.group(1) + prefix + m.group(2), html)
+
+
+@dataclass
+class GatewayProxy:
+    config: ProxyConfig
+    access: AccessResolver
+    client: aiohttp.ClientSession
+    meter: Meter
+    relay_origin: str
+    upstream_base: str = CONTROL_UI_BASE_PATH
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.http_limiter = RateLimiter(cfg.http_rate_per_s, cfg.http_burst)
+        self.frame_limiter = RateLimiter(cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
+        self.ws_connections = ConnectionLimiter(cfg.ws_connections_per_user)
+        self.open_sockets: set[BrowserSocket] = set()
+
+    async def close_sockets(self) -> None:
+        """At shutdown: every open Control UI socket gets 1001 (going away) and reconnects elsewhere."""
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"proxy restarting")
+                               for ws in list(self.open_sockets)), return_exceptions=True)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        response = await self._handle(request)
+        log.info("gateway request", extra={"method": request.method, "path": request.path[:200],
+                                           "status": response.status,
+                                           "ms": round((time.monotonic() - started) * 1000, 1)})
+        return response
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            gpath = parse_gateway_path(request.raw_path)
+        except BadPath as exc:
+            titles = {400: "Bad path", 403: "Forbidden", 404: "Not found"}
+            return problem(exc.status, titles.get(exc.status, "Refused"), exc.reason)
+        upgrade = is_websocket_upgrade(request.headers)
+        origin = request.headers.get("Origin")
+        if origin is not None and (upgrade or request.method not in _SAFE_METHODS):
+            if not _same_origin(origin, request.host):
+                return problem(403, "Cross-site request", "Requests from other sites are not accepted.")
+        if not valid_host(request.host):
+            return problem(400, "Bad Host header", "The Host header is not a valid host name.")
+        try:
+            target = await self.access.resolve(session_token(request.cookies), gpath.agent_id)
+        except AccessDenied as denied:
+            return problem(denied.status, denied.title, denied.detail, **denied.extra)
+        wait = self.http_limiter.acquire(target.user_id)
+        if wait > 0:
+            return problem(429, "Too many requests", "Slow down and retry shortly.",
+                           headers={"Retry-After": retry_after_header(wait)})
+        if upgrade:
+            return await self._websocket(request, gpath, target)
+        if gpath.is_prefix_root and request.method in ("GET", "HEAD"):
+            location = gpath.prefix + "/" + ("?" + gpath.query if gpath.query else "")
+            return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+        return await self._forward(request, gpath, target)
+
+    # -- WebSocket ---------------------------------------------------------------------------------
+
+    async def _websocket(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget
+                         ) -> web.StreamResponse:
+        if not self.ws_connections.try_acquire(target.user_id):
+            return problem(429, "Too many connections", "Close another Control UI tab and retry.",
+                           headers={"Retry-After": "5"})
+        try:
+            headers = {"Host": request.host}
+            xff = forwarded_for(request.remote)
+            if xff is not None:
+                headers.update({"X-Forwarded-For": xff, "X-Forwarded-Proto": request.scheme,
+                                "X-Forwarded-Host": request.host})
+            url = "ws" + target.base_url.removeprefix("http") + gpath.upstream(self.upstream_base)
+            token = session_token(request.cookies)
+
+            async def recheck() -> GatewayTarget:
+                return await self.access.resolve(token, gpath.agent_id, fresh=True)
+
+            ctx = RelayContext(client=self.client, config=self.config, meter=self.meter,
+                               frame_limiter=self.frame_limiter, relay_origin=self.relay_origin, recheck=recheck,
+                               open_sockets=self.open_sockets)
+            log.info("relay open", extra={"agent_id": str(target.agent_id), "vps_id": str(target.vps_id)})
+            return await relay(request, ctx, target, str(URL(url, encoded=True)), headers)
+        finally:
+            self.ws_connections.release(target.user_id)
+            log.info("relay closed", extra={"agent_id": str(target.agent_id)})
+
+    # -- plain HTTP --------------------------------------------------------------------------------
+
+    async def _forward(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget
+                       ) -> web.StreamResponse:
+        url = URL(target.base_url + gpath.upstream(self.upstream_base), encoded=True)
+        headers = upstream_request_headers(request.headers, client_ip=request.remote, scheme=request.scheme,
+                                           host=request.host, gateway_token=target.gateway_token)
+        data = self._metered_body(request, target) if request.body_exists else None
+        try:
+            upstream = await self.client.request(
+                request.method, url, headers=headers, data=data, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.upstream_connect_timeout_s),
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return problem(502, "Gateway unavailable", "The agent's gateway cannot be reached right now.")
+        async with upstream:
+            return await self._respond(request, gpath, target, upstream)
+
+    async def _metered_body(self, request: web.Request, target: GatewayTarget):  # type: ignore[no-untyped-def]
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            self.meter.add(target.vps_id, inbound=len(chunk))
+            yield chunk
+
+    async def _respond(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget,
+                       upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        ctype = upstream.headers.get("Content-Type", "").lower()
+        rewrite = (ctype.startswith("text/html") and "Content-Encoding" not in upstream.headers
+                   and self.upstream_base.rstrip("/") not in ("", gpath.prefix))
+        buffered = b""
+        complete = False
+        if rewrite:
+            limit = self.config.max_rewritten_html_bytes
+            chunks: list[bytes] = []
+            size = 0
+            try:
+                while size <= limit:
+                    chunk = await upstream.content.readany()
+                    if not chunk:
+                        complete = True
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+            except (aiohttp.ClientError, OSError):
+                return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
+            buffered = b"".join(chunks)
+            self.meter.add(target.vps_id, outbound=len(buffered))
+        headers = response_headers(upstream.headers, drop_length=complete)
+        location = upstream.headers.get("Location")
+        if location is not None:
+            mapped = rewrite_location(location, upstream_base=self.upstream_base,
+                                      upstream_origin=target.base_url, prefix=gpath.prefix)
+            if mapped is not None:
+                headers["Location"] = mapped
+        if complete:
+            charset = upstream.charset or "utf-8"
+            try:
+                body = rewrite_html(buffered.decode(charset), self.upstream_base, gpath.prefix).encode(charset)
+            except (UnicodeDecodeError, LookupError):
+                body = buffered
+            return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+        out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        await out.prepare(request)
+        try:
+            if buffered:
+                await out.write(buffered)
+            async for chunk in upstream.content.iter_any():
+                self.meter.add(target.vps_id, outbound=len(chunk))
+                await out.write(chunk)
+            await out.write_eof()
+        except (aiohttp.ClientError, ConnectionError, OSError):
+            # Either side went away mid-body; the status is already sent, so just stop.
+            if request.transport is not None:
+                request.transport.close()
+        return out
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    parts = urlsplit(origin)
+    return bool(host) and parts.scheme in ("http", "https") and parts.netloc.lower() == (host or "").lower()

@@ -1,0 +1,83 @@
+"""Per-user rate and connection limits, in memory (each proxy process enforces its own share).
+
+A token bucket per (kind, user) for requests and a counter per (kind, user) for open
+connections. Buckets that are full again are dropped, so memory follows active users only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+__all__ = ["ConnectionLimiter", "RateLimiter", "retry_after_header"]
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class RateLimiter:
+    """Token bucket: `rate` tokens per second, at most `burst` saved up."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[Hashable, _Bucket] = {}
+        self._last_sweep = clock()
+
+    def acquire(self, key: Hashable, cost: float = 1.0) -> float:
+        """0.0 when allowed; otherwise the seconds to wait before this would be allowed."""
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(float(self.burst), now)
+        else:
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
+        if now - self._last_sweep > 60.0:
+            self._sweep(now)
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
+            return 0.0
+        return (cost - bucket.tokens) / self.rate if self.rate > 0 else math.inf
+
+    def _sweep(self, now: float) -> None:
+        self._last_sweep = now
+        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * self.rate >= self.burst]
+        for key in full:
+            del self._buckets[key]
+
+
+class ConnectionLimiter:
+    """At most `limit` open connections per key."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[Hashable, int] = {}
+
+    def try_acquire(self, key: Hashable) -> bool:
+        count = self._open.get(key, 0)
+        if count >= self.limit:
+            return False
+        self._open[key] = count + 1
+        return True
+
+    def release(self, key: Hashable) -> None:
+        count = self._open.get(key, 0) - 1
+        if count <= 0:
+            self._open.pop(key, None)
+        else:
+            self._open[key] = count
+
+    def open_count(self, key: Hashable) -> int:
+        return self._open.get(key, 0)
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After is whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds))) if math.isfinite(seconds) else "60"

@@ -1,0 +1,136 @@
+"""Byte metering per VPS: counted in memory, added to `vps_usage_periods` in batches.
+
+Counting is a dict update per frame or chunk; the database sees one statement per flush for all
+VPSes (an upsert that *adds* to the month's row, so any number of proxy processes add up). A
+failed flush puts its counts back for the next one; `close()` flushes what is left at shutdown.
+
+Direction is the VM's point of view: `inbound` = bytes delivered to the VM (browser requests,
+responses the agent fetched), `outbound` = bytes the VM sent (gateway responses, agent uploads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import logging
+import time
+import uuid
+from datetime import UTC, date, datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing.plans import month_start
+
+__all__ = ["Meter"]
+
+log = logging.getLogger(__name__)
+
+_UPSERT = text(
+    """
+    INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_in_bytes, bandwidth_out_bytes)
+    SELECT t.vps_id, t.period_start, t.bytes_in, t.bytes_out
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:periods AS date[]), CAST(:ins AS bigint[]), CAST(:outs AS bigint[]))
+         AS t(vps_id, period_start, bytes_in, bytes_out)
+    WHERE EXISTS (SELECT 1 FROM vpses v WHERE v.id = t.vps_id)
+    ORDER BY t.vps_id, t.period_start
+    ON CONFLICT ON CONSTRAINT uq_vps_usage_periods_vps_month DO UPDATE
+    SET bandwidth_in_bytes = vps_usage_periods.bandwidth_in_bytes + EXCLUDED.bandwidth_in_bytes,
+        bandwidth_out_bytes = vps_usage_periods.bandwidth_out_bytes + EXCLUDED.bandwidth_out_bytes,
+        updated_at = now()
+    """
+)
+
+
+def _next_month_ts(start: date) -> float:
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    return calendar.timegm(datetime(year, month, 1, tzinfo=UTC).timetuple())
+
+
+class Meter:
+    def __init__(self, engine: AsyncEngine, *, flush_interval_s: float = 5.0) -> None:
+        self._engine = engine
+        self.flush_interval_s = flush_interval_s
+        self._pending: dict[tuple[uuid.UUID, date], list[int]] = {}
+        self._month = month_start()
+        self._month_ends = _next_month_ts(self._month)
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def _current_month(self) -> date:
+        if time.time() >= self._month_ends:
+            self._month = month_start()
+            self._month_ends = _next_month_ts(self._month)
+        return self._month
+
+    def add(self, vps_id: uuid.UUID, *, inbound: int = 0, outbound: int = 0) -> None:
+        if not inbound and not outbound:
+            return
+        key = (vps_id, self._current_month())
+        counts = self._pending.get(key)
+        if counts is None:
+            self._pending[key] = [inbound, outbound]
+        else:
+            counts[0] += inbound
+            counts[1] += outbound
+
+    def pending(self, vps_ids: set[uuid.UUID]) -> int:
+        """Unflushed bytes (both directions) this month for these VPSes: enforcement adds them."""
+        month = self._current_month()
+        return sum(c[0] + c[1] for (vps, m), c in self._pending.items() if m == month and vps in vps_ids)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            batch, self._pending = self._pending, {}
+            if not batch:
+                return
+            keys = sorted(batch, key=lambda k: (str(k[0]), k[1]))
+            params = {
+                "ids": [k[0] for k in keys],
+                "periods": [k[1] for k in keys],
+                "ins": [batch[k][0] for k in keys],
+                "outs": [batch[k][1] for k in keys],
+            }
+            try:
+                async with self._engine.begin() as conn:
+                    await conn.execute(_UPSERT, params)
+            except Exception:
+                for key, (inbound, outbound) in batch.items():
+                    self.add_for(key, inbound, outbound)
+                raise
+
+    def add_for(self, key: tuple[uuid.UUID, date], inbound: int, outbound: int) -> None:
+        counts = self._pending.setdefault(key, [0, 0])
+        counts[0] += inbound
+        counts[1] += outbound
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            try:
+                await self.flush()
+            except Exception:
+                log.warning("usage flush failed; counts kept for the next flush", exc_info=True)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="meter-flush")
+
+    async def close(self) -> None:
+        """Stop the periodic flush and write what is left (shutdown must not lose bytes)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for attempt in range(3):
+            try:
+                await self.flush()
+                return
+            except Exception:
+                log.warning("final usage flush failed (attempt %d)", attempt + 1, exc_info=True)
+                await asyncio.sleep(0.5 * (attempt + 1))
+        lost = sum(c[0] + c[1] for c in self._pending.values())
+        log.error("usage counts could not be written at shutdown", extra={"bytes": lost,
+                                                                         "vpses": len(self._pending)})
