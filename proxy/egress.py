@@ -24,7 +24,7 @@ import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -165,7 +165,7 @@ def forbidden_reason(ip: IPAddress) -> str | None:
 class EgressPolicy:
     def __init__(self, resolver: Resolver = system_resolver, *,
                  denied: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-                 denied_dynamic: Callable[[], Iterable[IPAddress]] | None = None,
+                 denied_dynamic: Callable[[], Collection[IPAddress]] | None = None,
                  allowed_targets: Iterable[tuple[str, int]] = (), resolve_timeout_s: float = 5.0) -> None:
         self._resolver = resolver
         self._denied = [ipaddress.ip_network(d, strict=False) if isinstance(d, str) else d for d in denied]
@@ -178,7 +178,7 @@ class EgressPolicy:
             return
         if any(ip in net for net in self._denied if net.version == ip.version):
             raise EgressRefused("the destination is a control-plane address")
-        if self._denied_dynamic is not None and ip in set(self._denied_dynamic()):
+        if self._denied_dynamic is not None and ip in self._denied_dynamic():
             raise EgressRefused("the destination is a control-plane address")
         reason = forbidden_reason(ip)
         if reason is not None:

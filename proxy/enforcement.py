@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from billing.plans import effective_plan, month_start
@@ -100,17 +100,17 @@ class UsageEnforcer:
             if user is None:
                 raise LookupError("no such user")
             plan = await effective_plan(session, user)
-            rows = (await session.execute(
-                select(Vps.id, VpsUsagePeriod.bandwidth_in_bytes, VpsUsagePeriod.bandwidth_out_bytes,  # type: ignore[call-overload]
+            rows = (await session.exec(
+                select(Vps.id, VpsUsagePeriod.bandwidth_in_bytes, VpsUsagePeriod.bandwidth_out_bytes,
                        VpsUsagePeriod.cpu_ms, VpsUsagePeriod.memory_mb_seconds, VpsUsagePeriod.storage_bytes)
                 .select_from(Vps)
                 .outerjoin(VpsUsagePeriod, (VpsUsagePeriod.vps_id == Vps.id) & (VpsUsagePeriod.period_start == period))
                 .where(Vps.user_id == user_id)
             )).all()
-            budget = (await session.execute(
-                select(OverageBudget.budget_cents).where(  # type: ignore[call-overload]
+            budget = (await session.exec(
+                select(OverageBudget.budget_cents).where(
                     OverageBudget.user_id == user_id, OverageBudget.period_start == period)
-            )).scalar_one_or_none()
+            )).first()
         return UsageSnapshot(
             plan=plan, budget_cents=int(budget or 0), vps_ids=frozenset(r[0] for r in rows),
             bandwidth_bytes=sum((r[1] or 0) + (r[2] or 0) for r in rows), cpu_ms=sum(r[3] or 0 for r in rows),

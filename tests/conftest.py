@@ -92,6 +92,9 @@ def settings(database_url: str, encryption_key: str, tmp_path_factory: pytest.Te
         temporal_address=f"127.0.0.1:{temporal_port}",
         temporal_task_queue=f"tq-{uuid.uuid4().hex[:8]}",
         data_dir=tmp_path_factory.mktemp("data"),
+        # Local VMs run the simulator unless a test opts into the real gateway (OPENCLAW_BIN);
+        # no provider credentials leak in from the environment.
+        openclaw_bin=None, hcloud_token=None, fly_api_token=None,
     )
 
 

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 GIB = 1024**3
 PUBLIC_NAME = "api.example.test"
+_dial = asyncio.open_connection  # the tests' own client connections, not seen by the guard below
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Env:
         return basic(self.seeded.agent_id, self.seeded.gateway_token)
 
     async def exchange(self, data: bytes, *, then: bytes = b"", read_until_close: bool = True) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy_port)
+        reader, writer = await _dial("127.0.0.1", self.proxy_port)
         writer.write(data)
         await writer.drain()
         if then:
@@ -169,9 +170,10 @@ async def env(settings: Settings, sql: psycopg.Connection, upstream: RawUpstream
 
 async def test_missing_or_wrong_credentials_are_407(env: Env, upstream: RawUpstream) -> None:
     target = f"GET http://{PUBLIC_NAME}:{upstream.port}/ HTTP/1.1\r\nHost: x\r\n"
-    for auth in (None, basic(env.seeded.agent_id, "wrong-token"), basic(uuid.uuid4(), env.seeded.gateway_token),
-                 basic("not-a-uuid", env.seeded.gateway_token), "Basic !!!notbase64", "Bearer " + env.seeded.gateway_token,
-                 basic(env.seeded.agent_id, env.seeded.gateway_token + "x")):
+    token = env.seeded.gateway_token
+    for auth in (None, basic(env.seeded.agent_id, "wrong-token"), basic(uuid.uuid4(), token),
+                 basic("not-a-uuid", token), "Basic !!!notbase64", "Bearer " + token,
+                 basic(env.seeded.agent_id, token + "x")):
         head = target + (f"Proxy-Authorization: {auth}\r\n" if auth else "") + "\r\n"
         out = await env.exchange(head.encode())
         assert status_of(out) == 407, (auth, out)
@@ -376,7 +378,7 @@ async def test_rate_and_connection_limits_are_429(settings: Settings, sql: psyco
         async with running_proxy(settings, config=cfg, policy=policy) as proxy:
             env = Env(seeded, proxy.forward_port)
             # One tunnel open: a second connection of the same user is refused.
-            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.forward_port)
+            reader, writer = await _dial("127.0.0.1", proxy.forward_port)
             writer.write((f"CONNECT {PUBLIC_NAME}:{echo.port} HTTP/1.1\r\nHost: a\r\n"
                           f"Proxy-Authorization: {env.auth()}\r\n\r\n").encode())
             assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
