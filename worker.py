@@ -32,6 +32,9 @@ async def build_worker(settings: Settings, client: object | None = None) -> Work
         workflows=WORKFLOWS,
         activities=activities,
         max_concurrent_activities=100,
+        # More pollers than the defaults (5): provisioning bursts are many short activities.
+        max_concurrent_workflow_task_polls=10,
+        max_concurrent_activity_task_polls=20,
         graceful_shutdown_timeout=timedelta(seconds=20),
     )
 

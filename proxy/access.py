@@ -9,6 +9,7 @@ is not running gets a 409 saying so; nothing here ever starts a VM.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -80,6 +81,7 @@ class AccessResolver:
         self._clock = clock
         self._cache: OrderedDict[tuple[bytes, uuid.UUID], _Cached] = OrderedDict()
         self._providers: dict[str, VmProvider] = {}
+        self._inflight: dict[tuple[bytes, uuid.UUID], asyncio.Future[GatewayTarget | AccessDenied]] = {}
 
     async def resolve(self, token: str | None, agent_id: uuid.UUID, *, fresh: bool = False) -> GatewayTarget:
         """The gateway for this session and agent, or AccessDenied (401, 404, 409, 503)."""
@@ -94,10 +96,7 @@ class AccessResolver:
                     raise hit.value
                 if hit.value.session_expires > datetime.now(UTC):
                     return hit.value
-        try:
-            result: GatewayTarget | AccessDenied = await self._lookup(token, agent_id)
-        except AccessDenied as denied:
-            result = denied
+        result = await self._single_flight(key, token, agent_id)
         if self._ttl > 0 and not (isinstance(result, AccessDenied) and result.status >= 500):
             self._cache[key] = _Cached(result, now + self._ttl)
             self._cache.move_to_end(key)
@@ -106,6 +105,28 @@ class AccessResolver:
         if isinstance(result, AccessDenied):
             raise result
         return result
+
+    async def _single_flight(self, key: tuple[bytes, uuid.UUID], token: str, agent_id: uuid.UUID
+                             ) -> GatewayTarget | AccessDenied:
+        """One database lookup per key at a time: a page load's burst waits for the first one."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[GatewayTarget | AccessDenied] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            try:
+                result: GatewayTarget | AccessDenied = await self._lookup(token, agent_id)
+            except AccessDenied as denied:
+                result = denied
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unawaited future does not warn
+            raise
+        finally:
+            self._inflight.pop(key, None)
 
     async def _lookup(self, token: str, agent_id: uuid.UUID) -> GatewayTarget:
         stmt = (

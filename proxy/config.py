@@ -28,6 +28,8 @@ class ProxyConfig:
     handshake_timeout_s: float = 15.0
     upstream_connect_timeout_s: float = 10.0
     heartbeat_s: float = 25.0
+    close_timeout_s: float = 3.0
+    """How long a close waits for the peer's close frame."""
 
     # HTTP
     max_rewritten_html_bytes: int = 4 * MIB

@@ -16,6 +16,7 @@ are not reachable through this mapping at all.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -40,7 +41,7 @@ from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
 from proxy.metering import Meter
 from proxy.paths import BadPath, GatewayPath, parse_gateway_path, rewrite_location
 from proxy.problems import problem
-from proxy.ws_relay import BrowserSocket, RelayContext, relay
+from proxy.ws_relay import Relay, RelayContext, relay
 
 __all__ = ["GatewayProxy", "rewrite_html"]
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _CHUNK = 64 * 1024
+_SMALL_BODY = 64 * 1024
 
 
 def rewrite_html(html: str, upstream_base: str, prefix: str) -> str:
@@ -79,12 +81,38 @@ class GatewayProxy:
         self.http_limiter = RateLimiter(cfg.http_rate_per_s, cfg.http_burst)
         self.frame_limiter = RateLimiter(cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
         self.ws_connections = ConnectionLimiter(cfg.ws_connections_per_user)
-        self.open_sockets: set[BrowserSocket] = set()
+        self.open_relays: set[Relay] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def close_sockets(self) -> None:
         """At shutdown: every open Control UI socket gets 1001 (going away) and reconnects elsewhere."""
-        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"proxy restarting")
-                               for ws in list(self.open_sockets)), return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.gather(*(r.browser.close(code=WSCloseCode.GOING_AWAY, message=b"proxy restarting")
+                               for r in list(self.open_relays)), return_exceptions=True)
+
+    async def _sweep(self) -> None:
+        """Re-check every open relay's access periodically: one lookup per (session, agent), one task."""
+        while True:
+            await asyncio.sleep(self.config.session_recheck_s)
+            verdicts: dict[object, int | None] = {}
+            for relay_conn in list(self.open_relays):
+                key = relay_conn.ctx.access_key
+                if key not in verdicts:
+                    try:
+                        await relay_conn.ctx.recheck()
+                        verdicts[key] = None
+                    except AccessDenied as denied:
+                        verdicts[key] = denied.status
+                    except Exception:
+                        log.warning("access re-check failed; keeping the connection", exc_info=True)
+                        verdicts[key] = None
+                status = verdicts[key]
+                if status is not None:
+                    task = asyncio.create_task(relay_conn.end_access(status))
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -143,7 +171,10 @@ class GatewayProxy:
 
             ctx = RelayContext(client=self.client, config=self.config, meter=self.meter,
                                frame_limiter=self.frame_limiter, relay_origin=self.relay_origin, recheck=recheck,
-                               open_sockets=self.open_sockets)
+                               access_key=(hashlib.sha256((token or "").encode()).digest(), gpath.agent_id),
+                               open_relays=self.open_relays)
+            if self._sweeper is None or self._sweeper.done():
+                self._sweeper = asyncio.create_task(self._sweep(), name="relay-access-sweep")
             log.info("relay open", extra={"agent_id": str(target.agent_id), "vps_id": str(target.vps_id)})
             return await relay(request, ctx, target, str(URL(url, encoded=True)), headers)
         finally:
@@ -203,6 +234,13 @@ class GatewayProxy:
                                       upstream_origin=target.base_url, prefix=gpath.prefix)
             if mapped is not None:
                 headers["Location"] = mapped
+        if not rewrite and upstream.content_length is not None and upstream.content_length <= _SMALL_BODY:
+            try:
+                body = await upstream.read()  # small and of known size: one write instead of three
+            except (aiohttp.ClientError, OSError):
+                return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
+            self.meter.add(target.vps_id, outbound=len(body))
+            return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
         if complete:
             charset = upstream.charset or "utf-8"
             try:

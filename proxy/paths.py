@@ -15,6 +15,7 @@ Control UI base path too) is refused with 403.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes, urlsplit
@@ -25,6 +26,7 @@ PREFIX_SEGMENTS = ("agents", "{agent_id}", "gateway")
 _PCHAR_SAFE = "!$&'()*+,;=:@-._~"
 _BLOCKED_SEQUENCES: tuple[tuple[str, ...], ...] = (("tools", "invoke"),)
 _HEX = frozenset("0123456789abcdefABCDEF")
+_PLAIN_SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]*$")
 
 
 class BadPath(ValueError):
@@ -63,6 +65,8 @@ class GatewayPath:
 
 
 def _decode_segment(raw: str) -> str:
+    if _PLAIN_SEGMENT.match(raw):
+        return raw  # nothing to decode, nothing to refuse (the common case)
     i = raw.find("%")
     while i != -1:
         if len(raw) < i + 3 or raw[i + 1] not in _HEX or raw[i + 2] not in _HEX:

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from openclaw.device import DeviceIdentity, DeviceProofError, signature_token, verify_device_proof
 from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES
-from proxy.access import AccessDenied, GatewayTarget
+from proxy.access import GatewayTarget
 from proxy.config import ProxyConfig
 from proxy.frames import (
     FrameViolation,
@@ -49,7 +49,7 @@ from proxy.frames import (
 from proxy.limits import RateLimiter
 from proxy.metering import Meter
 
-__all__ = ["KNOWN_CAPS", "BrowserSocket", "RelayContext", "relay"]
+__all__ = ["KNOWN_CAPS", "BrowserSocket", "Relay", "RelayContext", "relay"]
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,10 @@ class RelayContext:
     relay_origin: str
     recheck: Callable[[], Awaitable[GatewayTarget]]
     """Re-runs the access check (session, ownership, VPS running) without the cache."""
-    open_sockets: set[BrowserSocket]
-    """Every browser socket of this process, so shutdown can close them with 1001."""
+    access_key: Hashable
+    """Relays with the same key share one re-check (same session, same agent)."""
+    open_relays: set[Relay]
+    """Every open relay of this process: re-checked periodically, closed with 1001 at shutdown."""
 
 
 class _HandshakeFailed(Exception):
@@ -225,7 +227,7 @@ def _check_browser_connect(frame: dict[str, Any], nonce: str) -> tuple[str, dict
     return rid, params
 
 
-class _Relay:
+class Relay:
     def __init__(self, ctx: RelayContext, target: GatewayTarget, browser: BrowserSocket,
                  upstream: aiohttp.ClientWebSocketResponse) -> None:
         self.ctx = ctx
@@ -390,24 +392,14 @@ class _Relay:
                         WSCloseCode.INTERNAL_ERROR if msg.type is WSMsgType.ERROR else WSCloseCode.OK, b"")
                 return
 
-    async def watchdog(self) -> None:
-        """Sessions end, VMs stop, agents change hands: re-check while the socket is open."""
-        while True:
-            await asyncio.sleep(self.ctx.config.session_recheck_s)
-            try:
-                await self.ctx.recheck()
-            except AccessDenied as denied:
-                log.info("closing relay: access ended", extra={"agent_id": str(self.target.agent_id),
-                                                              "status": denied.status})
-                await self.close_both(WSCloseCode.POLICY_VIOLATION, "session or VM no longer valid",
-                                      upstream_code=WSCloseCode.GOING_AWAY)
-                return
-            except Exception:
-                log.warning("access re-check failed; keeping the connection", exc_info=True)
+    async def end_access(self, status: int) -> None:
+        """The session ended, the VM stopped or the agent changed hands: close both sides."""
+        log.info("closing relay: access ended", extra={"agent_id": str(self.target.agent_id), "status": status})
+        await self.close_both(WSCloseCode.POLICY_VIOLATION, "session or VM no longer valid",
+                              upstream_code=WSCloseCode.GOING_AWAY)
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self.browser_to_upstream()), asyncio.create_task(self.upstream_to_browser())]
-        watchdog = asyncio.create_task(self.watchdog())
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             # The first pump to finish has closed the other side; let the second one drain briefly.
@@ -418,10 +410,9 @@ class _Relay:
                 if not task.cancelled() and task.exception() is not None:
                     log.warning("relay pump failed", exc_info=task.exception())
         finally:
-            watchdog.cancel()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(watchdog, *tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.close_both(WSCloseCode.GOING_AWAY, "proxy closing")
 
 
@@ -437,7 +428,7 @@ async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, 
         upstream = await ctx.client.ws_connect(
             upstream_url, origin=ctx.relay_origin, headers=upstream_headers, autoclose=False, autoping=True,
             heartbeat=cfg.heartbeat_s, max_msg_size=cfg.max_upstream_frame_bytes, decode_text=False,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0), compress=0,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=cfg.close_timeout_s), compress=0,
         )
     except aiohttp.WSServerHandshakeError as exc:
         log.warning("gateway refused the websocket upgrade", extra={"agent_id": str(target.agent_id),
@@ -445,9 +436,9 @@ async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, 
         return problem(502, "Gateway unavailable", "The agent's gateway refused the connection.")
     except (aiohttp.ClientError, OSError, TimeoutError):
         return problem(502, "Gateway unavailable", "The agent's gateway cannot be reached right now.")
-    browser = BrowserSocket(autoclose=False, autoping=True, heartbeat=cfg.heartbeat_s,
+    browser = BrowserSocket(timeout=cfg.close_timeout_s, autoclose=False, autoping=True, heartbeat=cfg.heartbeat_s,
                             max_msg_size=cfg.max_client_frame_bytes, compress=False, decode_text=False)
-    relay_conn = _Relay(ctx, target, browser, upstream)
+    relay_conn = Relay(ctx, target, browser, upstream)
     try:
         try:
             first = await relay_conn.from_upstream(cfg.upstream_connect_timeout_s)
@@ -461,12 +452,12 @@ async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, 
             await upstream.close()
             return problem(502, "Gateway unavailable", "The agent's gateway did not start the handshake.")
         await browser.prepare(request)
-        ctx.open_sockets.add(browser)
+        ctx.open_relays.add(relay_conn)
         try:
             if await relay_conn.handshake(challenge):
                 await relay_conn.run()
         finally:
-            ctx.open_sockets.discard(browser)
+            ctx.open_relays.discard(relay_conn)
     finally:
         if not upstream.closed:
             with contextlib.suppress(Exception):

@@ -202,10 +202,11 @@ async def next_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -
     """Skip frames until the close; (code, reason)."""
     while True:
         msg = await ws.receive(timeout=timeout)
-        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
-            if msg.type is aiohttp.WSMsgType.CLOSE:
-                await ws.close()
-            return ws.close_code, str(msg.extra or "")
+        if msg.type is aiohttp.WSMsgType.CLOSE:
+            await ws.close()
+            return int(msg.data), str(msg.extra or "")
+        if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+            return ws.close_code, ""
 
 
 def usage(sql: psycopg.Connection, vps_id: uuid.UUID) -> tuple[int, int]:

@@ -440,3 +440,23 @@ async def test_websocket_bytes_are_metered_exactly(settings: Settings, sql: psyc
             await proxy.meter.flush()
         assert usage(sql, seeded.vps_id) == (fake.received_bytes, fake.sent_bytes)
         assert fake.received_bytes > 0 and fake.sent_bytes > 0
+
+
+async def test_shutdown_closes_sockets_with_1001_and_flushes_the_meter(settings: Settings,
+                                                                       sql: psycopg.Connection) -> None:
+    async with FakeGateway() as fake:
+        seeded = await _fake_env(settings, sql, fake)
+        browser: Browser | None = None
+        try:
+            async with running_proxy(settings) as proxy:  # flush interval: an hour
+                browser = Browser(proxy.url, seeded.session)
+                ws, _ = await browser.handshake(seeded.agent_id)
+                assert (await browser.call(ws, "chat.send", {"message": "before shutdown"}))["ok"] is True
+                closing = asyncio.create_task(next_close(ws))  # read while the proxy shuts down
+            code, _ = await closing
+            assert code == 1001
+            await asyncio.wait_for(fake.closed.wait(), 10)
+        finally:
+            if browser is not None:
+                await browser.close()
+        assert usage(sql, seeded.vps_id) == (fake.received_bytes, fake.sent_bytes)

@@ -1,0 +1,417 @@
+"""Gateway proxy overhead: direct to the upstream vs nginx (plain reverse proxy) vs our proxy.
+
+One run on this machine measures, for each of the three paths to the same upstream:
+
+  HTTP      requests/s and p50/p99 latency, `--concurrency` keep-alive clients, `--seconds` each
+  WS        frames/s and p50/p99 round trip on one connection (request -> response, one at a time),
+            frames/s over `--ws-parallel` connections, and the added p50 latency vs direct
+  memory    RSS growth of the proxying process per open WebSocket (`--ws-conns` held open)
+
+The upstream is a small aiohttp server in its own process that speaks the gateway's handshake
+(challenge, connect, hello-ok) and echoes every request frame as a response, so our proxy does
+its full work: session lookup (cached as in production), handshake termination with a real
+Ed25519 signature check, per-frame parsing and method filtering, byte metering. nginx 1.22 from
+Debian runs with one worker (our proxy is one process, one event loop) as a plain HTTP/WS
+reverse proxy. Our proxy's per-user rate limits are raised for the run (one bench user would hit
+them at once); everything else is the production configuration. The load generator is Python
+(aiohttp) in this process: on a 2-core machine all parties share the CPUs, so compare ratios.
+
+Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300]`
+(needs `nginx` on PATH: `apt-get install -y nginx`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+from aiohttp import WSMsgType, web
+from cryptography.fernet import Fernet
+
+from openclaw.device import DeviceIdentity
+
+BODY = b"x" * 1024
+KEY = "bench-key-" + "k" * 40
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out.extend(int(p) for p in text)
+    return out
+
+
+# -- the upstream ("gateway") -------------------------------------------------------------------------
+
+
+async def upstream_ws(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse(max_msg_size=32 * 1024 * 1024)
+    await ws.prepare(request)
+    await ws.send_str(json.dumps({"type": "event", "event": "connect.challenge",
+                                  "payload": {"nonce": str(uuid.uuid4()), "ts": int(time.time() * 1000),
+                                              "capabilities": []}}))
+    async for msg in ws:
+        if msg.type is not WSMsgType.TEXT:
+            continue
+        frame = json.loads(msg.data)
+        if frame.get("method") == "connect":
+            await ws.send_str(json.dumps({"type": "res", "id": frame["id"], "ok": True, "payload": {
+                "type": "hello-ok", "protocol": 4, "auth": {"method": "token", "role": "operator",
+                                                            "scopes": ["operator.read"]},
+                "features": {"methods": ["chat.send"], "events": []}, "policy": {"maxPayload": 26214400}}}))
+        else:
+            await ws.send_str(json.dumps({"type": "res", "id": frame.get("id"), "ok": True,
+                                          "payload": {"runId": frame.get("id"), "status": "started"}}))
+    return ws
+
+
+async def upstream_http(request: web.Request) -> web.StreamResponse:
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await upstream_ws(request)
+    return web.Response(body=BODY, content_type="application/octet-stream")
+
+
+def run_upstream(port: int) -> None:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", upstream_http)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# -- our proxy, as `slopbox proxy` runs it, with the per-user limits raised ---------------------------
+
+
+def run_ours(port: int, forward_port: int, database_url: str, key: str) -> None:
+    from proxy.app import serve
+    from proxy.config import ProxyConfig
+    from settings import Settings
+    from telemetry.logs import configure_logging
+
+    configure_logging("proxy", "WARNING")
+    settings = Settings(database_url=database_url, control_plane_api_key=KEY, encryption_keys=[key],
+                        proxy_host="127.0.0.1", proxy_port=port, forward_proxy_port=forward_port)
+    config = ProxyConfig(http_rate_per_s=1e9, http_burst=10**9, ws_frame_rate_per_s=1e9, ws_frame_burst=10**9,
+                         ws_connections_per_user=10**6)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        async with serve(settings, config=config, host="127.0.0.1", port=port, forward_port=forward_port):
+            await stop.wait()
+
+    if os.environ.get("BENCH_PROFILE"):
+        import cProfile
+
+        cProfile.runctx("asyncio.run(main())", globals(), locals(), os.environ["BENCH_PROFILE"])
+    else:
+        asyncio.run(main())
+
+
+NGINX_CONF = """
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
+    uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+    upstream gw {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://gw;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+
+# -- load generation ----------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
+
+
+async def http_load(url: str, headers: dict[str, str], seconds: float, concurrency: int) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def worker(deadline: float, record: bool) -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                async with session.get(url, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                if record:
+                    latencies.append(time.perf_counter() - t0)
+
+        warm = time.perf_counter() + 1.0
+        await asyncio.gather(*(worker(warm, False) for _ in range(concurrency)))
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"rps": len(latencies) / elapsed, "p50_ms": pct(latencies, 0.5) * 1000,
+            "p99_ms": pct(latencies, 0.99) * 1000, "errors": errors}
+
+
+class WsClient:
+    def __init__(self, session: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> None:
+        self.session, self.url, self.headers = session, url, headers
+        self.device = DeviceIdentity.generate()
+
+    async def open(self) -> aiohttp.ClientWebSocketResponse:
+        ws = await self.session.ws_connect(self.url, headers=self.headers, max_msg_size=32 * 1024 * 1024)
+        challenge = json.loads((await ws.receive()).data)["payload"]
+        scopes = ["operator.read", "operator.write"]
+        device = self.device.connect_proof(nonce=challenge["nonce"], signed_at_ms=challenge["ts"],
+                                           client_id="openclaw-control-ui", client_mode="webchat", role="operator",
+                                           scopes=scopes, token="", platform="bench")
+        await ws.send_str(json.dumps({"type": "req", "id": "c", "method": "connect", "params": {
+            "minProtocol": 4, "maxProtocol": 4, "role": "operator", "scopes": scopes,
+            "client": {"id": "openclaw-control-ui", "version": "bench", "platform": "bench", "mode": "webchat"},
+            "device": device}}))
+        hello = json.loads((await ws.receive()).data)
+        assert hello.get("ok") is True, hello
+        return ws
+
+
+async def ping_pong(ws: aiohttp.ClientWebSocketResponse, deadline: float, rtts: list[float]) -> None:
+    i = 0
+    frame = {"type": "req", "id": "", "method": "chat.send",
+             "params": {"sessionKey": "agent:main:main", "message": "y" * 200, "idempotencyKey": ""}}
+    while time.perf_counter() < deadline:
+        i += 1
+        frame["id"] = frame["params"]["idempotencyKey"] = str(i)  # type: ignore[index]
+        t0 = time.perf_counter()
+        await ws.send_str(json.dumps(frame))
+        await ws.receive()
+        rtts.append(time.perf_counter() - t0)
+
+
+async def ws_load(url: str, headers: dict[str, str], seconds: float, parallel: int) -> dict[str, float]:
+    async with aiohttp.ClientSession() as session:
+        client = WsClient(session, url, headers)
+        ws = await client.open()
+        await ping_pong(ws, time.perf_counter() + 0.5, [])
+        single: list[float] = []
+        start = time.perf_counter()
+        await ping_pong(ws, start + seconds, single)
+        single_elapsed = time.perf_counter() - start
+        await ws.close()
+        sockets = [await client.open() for _ in range(parallel)]
+        many: list[list[float]] = [[] for _ in sockets]
+        start = time.perf_counter()
+        await asyncio.gather(*(ping_pong(s, start + seconds, r) for s, r in zip(sockets, many, strict=True)))
+        many_elapsed = time.perf_counter() - start
+        for s in sockets:
+            await s.close()
+    return {"frames_per_s_1conn": len(single) / single_elapsed, "rtt_p50_ms": pct(single, 0.5) * 1000,
+            "rtt_p99_ms": pct(single, 0.99) * 1000,
+            f"frames_per_s_{parallel}conn": sum(len(r) for r in many) / many_elapsed}
+
+
+async def ws_memory(url: str, headers: dict[str, str], pids: list[int], count: int) -> float:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        client = WsClient(session, url, headers)
+        warm = [await client.open() for _ in range(10)]  # first-use allocations are not per connection
+        await asyncio.sleep(0.5)
+        before = sum(rss_kib(p) for p in pids)
+        opened = []
+        for _ in range(count // 50):
+            opened += await asyncio.gather(*(client.open() for _ in range(50)))
+        await asyncio.sleep(1.0)
+        after = sum(rss_kib(p) for p in pids)
+        for ws in opened + warm:
+            await ws.close()
+    return (after - before) / len(opened)
+
+
+# -- orchestration --------------------------------------------------------------------------------
+
+
+def seed(url: str, key: str, upstream_port: int) -> tuple[str, str]:
+    from db.encryption import configure_keys
+
+    ring = configure_keys([key])
+    with psycopg.connect(url, autocommit=True) as sql:
+        user = sql.execute("INSERT INTO users (email, plan_id) VALUES ('bench@example.com', "
+                           "(SELECT id FROM plans WHERE name = 'pro')) RETURNING id").fetchone()[0]  # type: ignore[index]
+        token = str(uuid.uuid4())
+        sql.execute('INSERT INTO sessions ("userId", expires, "sessionToken") VALUES (%s, %s, %s)',
+                    (user, datetime.now(UTC) + timedelta(days=1), token))
+        config_id = sql.execute("SELECT id FROM vps_configs WHERE name = 'local-small'").fetchone()[0]  # type: ignore[index]
+        vps = sql.execute(
+            "INSERT INTO vpses (user_id, vps_config_id, provider, provider_ref, state, host, gateway_port, "
+            "relay_device_key) VALUES (%s, %s, 'local', 'bench', 'running', '127.0.0.1', %s, %s) RETURNING id",
+            (user, config_id, upstream_port, ring.encrypt(DeviceIdentity.generate().private_pem().decode())),
+        ).fetchone()[0]  # type: ignore[index]
+        gw_token = secrets.token_urlsafe(32)
+        agent = sql.execute("INSERT INTO agents (user_id, name, gateway_token, gateway_token_last4, vps_id) "
+                            "VALUES (%s, 'bench', %s, %s, %s) RETURNING id",
+                            (user, ring.encrypt(gw_token), gw_token[-4:], vps)).fetchone()[0]  # type: ignore[index]
+    return str(agent), token
+
+
+async def measure(args: argparse.Namespace) -> None:
+    from db.migrate import migrate_and_seed
+    from devstack import postgres
+    from devstack.postgres import EmbeddedPostgres
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        sys.exit("nginx not found: apt-get install -y nginx")
+    tmp = Path(tempfile.mkdtemp(prefix="slopbox-proxy-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    pg = EmbeddedPostgres(tmp / "pg", free_port())
+    pg_proc = pg.spawn()
+    try:
+        pg.wait_ready(pg_proc)
+        pg.ensure_database()
+        url = pg.url()
+        migrate_and_seed(url.replace("postgresql://", "postgresql+psycopg://"))
+        key = Fernet.generate_key().decode()
+        up_port, ours_port, nginx_port = free_port(), free_port(), free_port()
+        agent, session = seed(url, key, up_port)
+        me = [sys.executable, "-m", "bench.proxy"]
+        upstream = subprocess.Popen([*me, "upstream", "--port", str(up_port)])
+        procs.append(upstream)
+        ours = subprocess.Popen([*me, "ours", "--port", str(ours_port), "--forward-port", str(free_port()),
+                                 "--database-url", url], env={**os.environ, "BENCH_KEY": key})
+        procs.append(ours)
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nginx_port))
+        ngx = subprocess.Popen([nginx, "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c",
+                                str(tmp / "nginx.conf"), "-g", "daemon off;"])
+        procs.append(ngx)
+        for port in (up_port, ours_port, nginx_port):
+            wait_port(port)
+        origin = f"http://127.0.0.1:{ours_port}"
+        targets = {
+            "direct": (f"http://127.0.0.1:{up_port}/openclaw/bench", f"ws://127.0.0.1:{up_port}/openclaw", {},
+                       [upstream.pid]),
+            "nginx": (f"http://127.0.0.1:{nginx_port}/openclaw/bench", f"ws://127.0.0.1:{nginx_port}/openclaw", {},
+                      children(ngx.pid)),
+            "slopbox": (f"{origin}/agents/{agent}/gateway/bench", f"ws://127.0.0.1:{ours_port}/agents/{agent}/gateway",
+                        {"Cookie": f"authjs.session-token={session}", "Origin": origin}, [ours.pid]),
+        }
+        results: dict[str, dict[str, Any]] = {}
+        for name, (http_url, ws_url, headers, pids) in targets.items():
+            print(f"-- {name}", flush=True)
+            res: dict[str, Any] = {}
+            res.update({f"http_{k}": v for k, v in
+                        (await http_load(http_url, headers, args.seconds, args.concurrency)).items()})
+            res.update(await ws_load(ws_url, headers, args.seconds, args.ws_parallel))
+            res["ws_kib_per_conn"] = await ws_memory(ws_url, headers, pids, args.ws_conns)
+            results[name] = res
+            print("   " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
+        report(results, args)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        postgres.stop(pg_proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    d, n, s = results["direct"], results["nginx"], results["slopbox"]
+    par = f"frames_per_s_{args.ws_parallel}conn"
+    rows = [
+        ("HTTP req/s", "http_rps", "{:.0f}"), ("HTTP p50 ms", "http_p50_ms", "{:.2f}"),
+        ("HTTP p99 ms", "http_p99_ms", "{:.2f}"), ("WS frames/s (1 conn)", "frames_per_s_1conn", "{:.0f}"),
+        (f"WS frames/s ({args.ws_parallel} conns)", par, "{:.0f}"), ("WS RTT p50 ms", "rtt_p50_ms", "{:.3f}"),
+        ("WS RTT p99 ms", "rtt_p99_ms", "{:.3f}"), ("KiB per open WS", "ws_kib_per_conn", "{:.1f}"),
+    ]
+    print(f"\n{'':26}{'direct':>10}{'nginx':>10}{'slopbox':>10}{'slopbox/direct':>16}{'slopbox/nginx':>15}")
+    for label, key, fmt in rows:
+        ratio_d = s[key] / d[key] if d[key] else float("nan")
+        ratio_n = s[key] / n[key] if n[key] else float("nan")
+        print(f"{label:26}{fmt.format(d[key]):>10}{fmt.format(n[key]):>10}{fmt.format(s[key]):>10}"
+              f"{ratio_d:>15.2f}x{ratio_n:>14.2f}x")
+    for name, res in (("nginx", n), ("slopbox", s)):
+        print(f"added WS latency p50 ({name} - direct): {res['rtt_p50_ms'] - d['rtt_p50_ms']:.3f} ms")
+    errors = {k: v["http_errors"] for k, v in results.items() if v["http_errors"]}
+    if errors:
+        print(f"HTTP errors: {errors}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd")
+    up = sub.add_parser("upstream")
+    up.add_argument("--port", type=int, required=True)
+    ours = sub.add_parser("ours")
+    ours.add_argument("--port", type=int, required=True)
+    ours.add_argument("--forward-port", type=int, required=True)
+    ours.add_argument("--database-url", required=True)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--ws-parallel", type=int, default=16)
+    parser.add_argument("--ws-conns", type=int, default=300)
+    args = parser.parse_args()
+    if args.cmd == "upstream":
+        run_upstream(args.port)
+    elif args.cmd == "ours":
+        run_ours(args.port, args.forward_port, args.database_url, os.environ["BENCH_KEY"])
+    else:
+        asyncio.run(measure(args))
+
+
+if __name__ == "__main__":
+    main()
