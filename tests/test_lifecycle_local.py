@@ -123,6 +123,8 @@ async def test_idempotency_key_returns_the_same_operation(stack: Stack, sql: psy
     await stack.wait_vps(user, agent, "stopped")
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
     await stack.wait_vps(user, agent, "destroyed")
+    reused = await stack.provision(user, agent, **{"Idempotency-Key": "create-1"})
+    assert reused.status_code == 409 and "Idempotency-Key" in reused.json()["title"]
 
 
 async def test_second_operation_during_provisioning_is_409(stack: Stack, sql: psycopg.Connection,

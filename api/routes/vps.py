@@ -139,6 +139,9 @@ async def provision(agent_id: uuid.UUID, body: ProvisionIn, request: Request, se
     current = await agent_vps(session, agent)
     if current is not None and current.id == vps_id:
         return accepted(agent_id, vps_id, f"provision-{vps_id}", "ProvisionVps")  # a retried request
+    if idempotency_key and await session.get(Vps, vps_id) is not None:
+        raise Problem(409, "Idempotency-Key reused", "This Idempotency-Key was already used for an earlier VPS "
+                      "of this agent; send a new key for a new request.", type_="conflict")
     if current is not None and current.state in LIVE_STATES:
         raise Problem(409, "Agent already has a VPS", f"Agent {agent_id} already has a VPS ({current.state}).",
                       type_="conflict", vps_id=str(current.id), vps_state=current.state)
