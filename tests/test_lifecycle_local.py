@@ -123,8 +123,17 @@ async def test_idempotency_key_returns_the_same_operation(stack: Stack, sql: psy
     await stack.wait_vps(user, agent, "stopped")
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
     await stack.wait_vps(user, agent, "destroyed")
+    # Replaying the key answers like the first time and creates nothing...
+    replay = await stack.provision(user, agent, **{"Idempotency-Key": "create-1"})
+    assert replay.status_code == 202 and replay.json() == first.json()
+    assert sql.execute("SELECT count(*) FROM vpses").fetchone() == (1,)
+    # ...but once the agent has moved on to another VPS, the old key is refused.
+    assert (await stack.provision(user, agent)).status_code == 202
+    await stack.wait_vps(user, agent, "running", "error")
     reused = await stack.provision(user, agent, **{"Idempotency-Key": "create-1"})
     assert reused.status_code == 409 and "Idempotency-Key" in reused.json()["title"]
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
 
 
 async def test_second_operation_during_provisioning_is_409(stack: Stack, sql: psycopg.Connection,
