@@ -63,6 +63,24 @@ def _cmd_user_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_secrets_rotate(settings: Settings, _args: argparse.Namespace) -> int:
+    from sqlalchemy import create_engine
+
+    from cli.embedded import database_available
+    from db.encryption import Keyring
+    from db.rotation import rotate_all
+
+    with database_available(settings) as url:
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                count = rotate_all(conn, Keyring(settings.secret_keys()))
+        finally:
+            engine.dispose()
+    print(f"re-encrypted {count} secret(s) under the newest key; older keys can now be removed")
+    return 0
+
+
 def _cmd_dev(settings: Settings, _args: argparse.Namespace) -> int:
     from cli.dev import run_dev
 
@@ -83,12 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name")
     create.add_argument("--plan", help="plan name (default: the default plan)")
     create.add_argument("--admin", action="store_true")
+    secrets_cmd = sub.add_parser("secrets", help="secrets at rest").add_subparsers(dest="secrets_command",
+                                                                                  required=True)
+    secrets_cmd.add_parser("rotate", help="re-encrypt every stored secret under the first SLOPBOX_ENCRYPTION_KEYS key")
     return parser
 
 
 COMMANDS = {
     "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "proxy": _cmd_proxy, "migrate": _cmd_migrate,
-    "user": _cmd_user_create,
+    "user": _cmd_user_create, "secrets": _cmd_secrets_rotate,
 }
 
 

@@ -74,3 +74,26 @@ def test_user_create_prints_the_id_last(database_url: str, tmp_path: Path) -> No
         bad_plan = _run(["user", "create", "--email", "x@example.com", "--plan", "platinum"], env)
         assert bad_plan.returncode == 1 and "no plan named 'platinum'" in bad_plan.stderr
         conn.execute("DELETE FROM users WHERE email = 'op@example.com'")
+
+
+def test_secrets_rotate_moves_every_secret_to_the_new_key(database_url: str, tmp_path: Path) -> None:
+    import psycopg
+    from cryptography.fernet import Fernet
+
+    from db.encryption import Keyring
+
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user = conn.execute("INSERT INTO users (email) VALUES ('rot@example.com') RETURNING id").fetchone()[0]  # type: ignore[index]
+        conn.execute("INSERT INTO agents (user_id, name, gateway_token, gateway_token_last4) VALUES (%s, 'r', %s, "
+                     "'abcd')", (user, Keyring([old]).encrypt("t" * 64)))
+        try:
+            env = {"DATABASE_URL": database_url, "SLOPBOX_DATA_DIR": str(tmp_path), "CONTROL_PLANE_API_KEY": "k" * 40,
+                   "SLOPBOX_ENCRYPTION_KEYS": f"{new},{old}"}
+            result = _run(["secrets", "rotate"], env)
+            assert result.returncode == 0, result.stderr
+            assert "re-encrypted 1 secret" in result.stdout
+            stored = conn.execute("SELECT gateway_token FROM agents WHERE user_id = %s", (user,)).fetchone()[0]  # type: ignore[index]
+            assert Keyring([new]).decrypt(stored) == "t" * 64  # readable without the old key
+        finally:
+            conn.execute("DELETE FROM users WHERE id = %s", (user,))
