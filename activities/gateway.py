@@ -18,6 +18,7 @@ from openclaw import render
 from openclaw.agent_env import gateway_env, render_input
 from openclaw.device import DeviceIdentity
 from openclaw.pairing import approve_device_keys
+from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, relay_origin
 from openclaw.rpc import DEFAULT_OPERATOR_SCOPES, ClientInfo, GatewayClient, NotPairedError
 from providers import VmInfo, VmProvider, VmSpec, VmState
 from settings import Settings
@@ -61,9 +62,6 @@ def base_url(provider: VmProvider, vps: Vps) -> str:
 # --- gateway RPC: pairing and config push ------------------------------------------------------------
 
 ADMIN_CLIENT = ClientInfo(id="gateway-client", mode="backend", display_name="slopbox-control-plane")
-RELAY_CLIENT = ClientInfo(id="openclaw-control-ui", mode="webchat", platform="linux",
-                          display_name="slopbox-ui-relay")
-RELAY_SCOPES = ("operator.read", "operator.write", "operator.approvals", "operator.questions")
 PAIRING_BUDGET_S = 90.0
 
 
@@ -108,9 +106,8 @@ async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent)
     try:
         device_token = await _connect_until_paired(url, token=token, device=admin, client=ADMIN_CLIENT,
                                                    scopes=DEFAULT_OPERATOR_SCOPES, origin=None, deadline=deadline)
-        origin = f"http://{settings.proxy_host}:{settings.proxy_port}"
         await _connect_until_paired(url, token=token, device=relay, client=RELAY_CLIENT, scopes=RELAY_SCOPES,
-                                    origin=origin, deadline=deadline)
+                                    origin=relay_origin(settings), deadline=deadline)
         # Both identities connected with their scopes: paired (a loopback connection may have been
         # paired silently, so the approver need not have seen a request for it).
         return device_token

@@ -17,7 +17,8 @@ them at once); everything else is the production configuration. The load generat
 (aiohttp) in this process: on a 2-core machine all parties share the CPUs, so compare ratios.
 
 Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300]`
-(needs `nginx` on PATH: `apt-get install -y nginx`).
+(needs `nginx` on PATH: `apt-get install -y nginx`). `BENCH_PROFILE=/tmp/p.out` also writes a
+cProfile of our proxy process.
 """
 
 from __future__ import annotations
@@ -305,7 +306,23 @@ def seed(url: str, key: str, upstream_port: int) -> tuple[str, str]:
     return str(agent), token
 
 
-async def measure(args: argparse.Namespace) -> None:
+async def run_loads(targets: dict[str, tuple[str, str, dict[str, str], list[int]]],
+                    args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for name, (http_url, ws_url, headers, pids) in targets.items():
+        print(f"-- {name}", flush=True)
+        res: dict[str, Any] = {}
+        res.update({f"http_{k}": v for k, v in
+                    (await http_load(http_url, headers, args.seconds, args.concurrency)).items()})
+        res.update(await ws_load(ws_url, headers, args.seconds, args.ws_parallel))
+        res["ws_kib_per_conn"] = await ws_memory(ws_url, headers, pids, args.ws_conns)
+        results[name] = res
+        print("   " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
+    return results
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Start PostgreSQL, the upstream, our proxy and nginx; load each path; stop everything we started."""
     from db.migrate import migrate_and_seed
     from devstack import postgres
     from devstack.postgres import EmbeddedPostgres
@@ -346,17 +363,7 @@ async def measure(args: argparse.Namespace) -> None:
             "slopbox": (f"{origin}/agents/{agent}/gateway/bench", f"ws://127.0.0.1:{ours_port}/agents/{agent}/gateway",
                         {"Cookie": f"authjs.session-token={session}", "Origin": origin}, [ours.pid]),
         }
-        results: dict[str, dict[str, Any]] = {}
-        for name, (http_url, ws_url, headers, pids) in targets.items():
-            print(f"-- {name}", flush=True)
-            res: dict[str, Any] = {}
-            res.update({f"http_{k}": v for k, v in
-                        (await http_load(http_url, headers, args.seconds, args.concurrency)).items()})
-            res.update(await ws_load(ws_url, headers, args.seconds, args.ws_parallel))
-            res["ws_kib_per_conn"] = await ws_memory(ws_url, headers, pids, args.ws_conns)
-            results[name] = res
-            print("   " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
-        report(results, args)
+        report(asyncio.run(run_loads(targets, args)), args)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -410,7 +417,7 @@ def main() -> None:
     elif args.cmd == "ours":
         run_ours(args.port, args.forward_port, args.database_url, os.environ["BENCH_KEY"])
     else:
-        asyncio.run(measure(args))
+        measure(args)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def run_dev(settings: Settings) -> int:
         user_id = create_user(settings.sqlalchemy_url, email=DEMO_EMAIL, plan="starter", admin=True,
                               name="Demo", exist_ok=True)
         env = dict(os.environ, SLOPBOX_DATA_DIR=str(data))
+        # Our VM image ships the WhatsApp plugin; simulated local gateways behave like it.
+        env.setdefault("SLOPBOX_SIM_WHATSAPP", "1")
         for name in ("worker", "api", "proxy"):
             proc = spawn([sys.executable, "-m", "cli.main", name], log_path=logs / f"{name}.log", env=env)
             services.append((name, proc))

@@ -22,6 +22,11 @@ def hooks_token(gateway_token: str) -> str:
     return hmac.new(gateway_token.encode(), b"openclaw-hooks-token", hashlib.sha256).hexdigest()
 
 
+def relay_origin(settings: Settings) -> str:
+    """The Origin the proxy's UI relay sends upstream; the rendered `allowedOrigins` lists exactly it."""
+    return f"http://{settings.proxy_host}:{settings.proxy_port}"
+
+
 def render_input(settings: Settings, agent: Agent, *, local: bool) -> AgentRenderInput:
     return AgentRenderInput(
         agent_id=str(agent.id),
@@ -29,7 +34,7 @@ def render_input(settings: Settings, agent: Agent, *, local: bool) -> AgentRende
         model=agent.model or DEFAULT_MODEL,
         personality=dict(agent.personality or {}),
         bind="loopback" if local else "lan",
-        allowed_origins=[f"http://{settings.proxy_host}:{settings.proxy_port}"],
+        allowed_origins=[relay_origin(settings)],
         trusted_proxies=["127.0.0.1"] if local else [f"{ip}/32" for ip in settings.control_plane_ips],
         control_plane_public_url=settings.control_plane_public_url,
     )

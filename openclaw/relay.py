@@ -8,16 +8,11 @@ It never carries `operator.admin`: the gateway refuses admin methods by itself t
 
 from __future__ import annotations
 
+from openclaw.agent_env import relay_origin
 from openclaw.rpc import ClientInfo
-from settings import Settings
 
 __all__ = ["RELAY_CLIENT", "RELAY_SCOPES", "relay_origin"]
 
 RELAY_CLIENT = ClientInfo(id="openclaw-control-ui", mode="webchat", platform="linux",
                           display_name="slopbox-ui-relay")
 RELAY_SCOPES: tuple[str, ...] = ("operator.read", "operator.write", "operator.approvals", "operator.questions")
-
-
-def relay_origin(settings: Settings) -> str:
-    """The Origin the relay sends upstream; the rendered `gateway.controlUi.allowedOrigins` lists it."""
-    return f"http://{settings.proxy_host}:{settings.proxy_port}"

@@ -92,7 +92,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
     denylist = VmAddressDenylist(engine, cfg.denylist_refresh_s)
     client = aiohttp.ClientSession(
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30),
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
     )
     runner: web.AppRunner | None = None
     server: asyncio.Server | None = None

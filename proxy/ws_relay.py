@@ -48,6 +48,7 @@ from proxy.frames import (
 )
 from proxy.limits import RateLimiter
 from proxy.metering import Meter
+from proxy.problems import problem
 
 __all__ = ["KNOWN_CAPS", "BrowserSocket", "Relay", "RelayContext", "relay"]
 
@@ -419,17 +420,15 @@ class Relay:
 async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, upstream_url: str,
                 upstream_headers: dict[str, str]) -> web.StreamResponse:
     """Open the upstream, upgrade the browser, terminate the handshake, pump until either side closes."""
-    from proxy.problems import problem
-
     cfg = ctx.config
     if not target.relay_key_pem:
         return problem(503, "Gateway not paired", "The agent's VM is not ready for the Control UI yet.")
     try:
-        upstream = await ctx.client.ws_connect(
+        upstream = await asyncio.wait_for(ctx.client.ws_connect(
             upstream_url, origin=ctx.relay_origin, headers=upstream_headers, autoclose=False, autoping=True,
             heartbeat=cfg.heartbeat_s, max_msg_size=cfg.max_upstream_frame_bytes, decode_text=False,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=cfg.close_timeout_s), compress=0,
-        )
+        ), cfg.upstream_connect_timeout_s)
     except aiohttp.WSServerHandshakeError as exc:
         log.warning("gateway refused the websocket upgrade", extra={"agent_id": str(target.agent_id),
                                                                     "status": exc.status})

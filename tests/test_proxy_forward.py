@@ -24,7 +24,7 @@ from proxy.config import ProxyConfig
 from proxy.egress import EgressPolicy, system_resolver
 from proxy.metering import Meter
 from settings import Settings
-from tests.test_proxy_harness import TEST_CONFIG, Seeded, running_proxy, seed_gateway_user, usage
+from tests.proxy_harness import TEST_CONFIG, Seeded, running_proxy, seed_gateway_user, usage
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

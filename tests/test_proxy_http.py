@@ -18,7 +18,7 @@ import pytest_asyncio
 from proxy.app import RunningProxy
 from proxy.config import ProxyConfig
 from settings import Settings
-from tests.test_proxy_harness import (
+from tests.proxy_harness import (
     TEST_CONFIG,
     RecordingUpstream,
     Seeded,

@@ -15,7 +15,7 @@ from temporalio.client import Client
 from settings import Settings
 from tests.helpers import make_user
 from tests.lifecycle_harness import FAST, Stack, running_stack
-from tests.test_proxy_harness import Browser, add_session, running_proxy, usage
+from tests.proxy_harness import Browser, add_session, running_proxy, usage
 from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -13,7 +13,7 @@ from billing.plans import month_start
 from db.engine import make_engine
 from proxy.metering import Meter
 from settings import Settings
-from tests.test_proxy_harness import seed_gateway_user, usage
+from tests.proxy_harness import seed_gateway_user, usage
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

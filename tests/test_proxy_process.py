@@ -15,7 +15,7 @@ import pytest
 
 from settings import Settings
 from tests.conftest import API_KEY, free_port
-from tests.test_proxy_harness import seed_gateway_user
+from tests.proxy_harness import seed_gateway_user
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -22,7 +22,7 @@ from gateway_simulator.server import GatewaySimulator
 from proxy.app import RunningProxy
 from proxy.config import ProxyConfig
 from settings import Settings
-from tests.test_proxy_harness import (
+from tests.proxy_harness import (
     TEST_CONFIG,
     Browser,
     FakeGateway,

@@ -13,7 +13,7 @@ import asyncio
 import json
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import psycopg
-import pytest
 from aiohttp import WSMsgType, web
 
 from db.encryption import configure_keys
@@ -213,11 +212,6 @@ def usage(sql: psycopg.Connection, vps_id: uuid.UUID) -> tuple[int, int]:
     row = sql.execute("SELECT bandwidth_in_bytes, bandwidth_out_bytes FROM vps_usage_periods WHERE vps_id = %s",
                       (vps_id,)).fetchone()
     return (0, 0) if row is None else (int(row[0]), int(row[1]))
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path / "gateway"
 
 
 class FakeGateway:
