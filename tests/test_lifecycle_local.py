@@ -279,3 +279,26 @@ async def test_reconcile_schedule_is_created_once(temporal_client: Client, setti
     assert desc.schedule.spec.intervals[0].every.total_seconds() == 300
     assert desc.schedule.policy.overlap.name == "SKIP"
     await temporal_client.get_schedule_handle(RECONCILE_SCHEDULE_ID).delete()
+
+
+async def test_reconcile_fails_provisioning_stuck_past_its_deadline(stack: Stack, sql: psycopg.Connection) -> None:
+    """A provisioning whose run died (terminated by an operator, say) does not stay `provisioning` forever."""
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    vps_id = sql.execute(
+        "INSERT INTO vpses (user_id, vps_config_id, provider, state, step, operation_id, created_at) "
+        "VALUES (%s, (SELECT id FROM vps_configs WHERE name = 'local-small'), 'local', 'provisioning', "
+        "'wait_gateway_ready', 'provision-ghost', now() - interval '2 hours') RETURNING id", (user,)).fetchone()[0]  # type: ignore[index]
+    sql.execute("UPDATE agents SET vps_id = %s WHERE id = %s", (vps_id, agent))
+    report = await stack.client.execute_workflow(
+        Reconcile.run, ReconcileInput(provisioning_deadline_s=3600), id=f"reconcile-stuck-{agent}",
+        task_queue=stack.settings.temporal_task_queue, result_type=ReconcileReport)
+    assert str(vps_id) in report.stuck_failed
+    vps = (await stack.agent(user, agent))["vps"]
+    assert vps["state"] == "error" and vps["operation_id"] is None
+    assert "deadline" in vps["last_error"]
+    # ...and the user can provision again.
+    assert (await stack.provision(user, agent)).status_code == 202
+    await stack.wait_vps(user, agent, "running", "error")
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
