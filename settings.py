@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     openclaw_bin: str | None = None
     control_plane_public_url: str = "http://127.0.0.1:8000"
     control_plane_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    forward_proxy_public_url: str | None = Field(
+        default=None, description="how cloud VMs reach the forward proxy; unset = their egress is not proxied")
 
     # LLM keys handed to each agent's gateway (host env on the VM, never inside the sandbox)
     anthropic_api_key: SecretStr | None = None

@@ -37,7 +37,15 @@ def render_input(settings: Settings, agent: Agent, *, local: bool) -> AgentRende
         allowed_origins=[relay_origin(settings)],
         trusted_proxies=["127.0.0.1"] if local else [f"{ip}/32" for ip in settings.control_plane_ips],
         control_plane_public_url=settings.control_plane_public_url,
+        forward_proxy_url=forward_proxy_url(settings, local=local),
     )
+
+
+def forward_proxy_url(settings: Settings, *, local: bool) -> str | None:
+    """Where the agent's outbound traffic goes (metered, plan-enforced, SSRF-guarded by proxy/)."""
+    if local:
+        return f"http://127.0.0.1:{settings.forward_proxy_port}"
+    return settings.forward_proxy_public_url
 
 
 def gateway_env(settings: Settings, agent: Agent, *, local: bool) -> dict[str, str]:

@@ -67,6 +67,11 @@ async def test_provision_stop_start_destroy(stack: Stack, sql: psycopg.Connectio
     vps_id = vps["id"]
     pid = gateway_pid(stack.settings, vps_id)
     assert alive(pid)
+    # The agent's egress goes through our forward proxy, authenticated as agent_id:gateway_token.
+    gateway_env = json.loads((stack.settings.data_dir / "vms" / vps_id / "env.json").read_text())
+    proxy_url = gateway_env.get("OPENCLAW_PROXY_URL") or gateway_env.get("env", {}).get("OPENCLAW_PROXY_URL")
+    assert proxy_url.startswith(f"http://{agent}:") and proxy_url.endswith(
+        f"@127.0.0.1:{stack.settings.forward_proxy_port}")
 
     # The run is findable in Temporal by its search attributes.
     handle = stack.client.get_workflow_handle(op["operation_id"])
