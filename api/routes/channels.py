@@ -24,6 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import CurrentUser, SessionDep
 from api.problems import Problem
+from api.routes.agents import owned_agent
 from api.routes.vps import accepted, claim, locked_vps, operation_id_for, operation_running, start_operation, temporal
 from db.models import AgentChannel, User, Vps, VpsState
 from workflows.agent_ops import ConnectChannel, DisconnectChannel
@@ -113,8 +114,6 @@ async def connect(agent_id: uuid.UUID, body: ChannelIn, request: Request, sessio
 
 @router.get("")
 async def list_channels(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> dict[str, Any]:
-    from api.routes.agents import owned_agent
-
     await owned_agent(session, user, agent_id)
     rows = (await session.exec(select(AgentChannel).where(AgentChannel.agent_id == agent_id)
                                .order_by(AgentChannel.kind))).all()
