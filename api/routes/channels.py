@@ -145,24 +145,24 @@ async def disconnect(agent_id: uuid.UUID, kind: Kind, request: Request, session:
 
 
 @router.get("/whatsapp/qr")
-async def whatsapp_qr(agent_id: uuid.UUID, request: Request, user: CurrentUser,
+async def whatsapp_qr(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser,
                       after: Annotated[int | None, Query(ge=0, description="long-poll: answer once the QR "
                                                                            "version is past this one")] = None,
                       wait: Annotated[float, Query(ge=0, le=30)] = 25) -> dict[str, Any]:
     """The current pairing QR. With `after=<version>`, waits up to `wait` s for a newer QR or an end state."""
-    from api.routes.agents import owned_agent
-
     deadline = time.monotonic() + (wait if after is not None else 0)
+    await owned_agent(session, user, agent_id)  # ownership does not change while we wait
     while True:
-        async with request.app.state.sessions() as session:
-            await owned_agent(session, user, agent_id)
-            row = await find_channel(session, agent_id, "whatsapp")
+        row = await find_channel(session, agent_id, "whatsapp")
         if row is None:
             raise Problem(404, "Not found", "No WhatsApp pairing on this agent; start one with "
                           f"POST /agents/{agent_id}/channels", type_="not-found")
-        changed = after is None or row.qr_version > after or row.status != "awaiting_scan"
+        qr = {"status": row.status, "qr_data_url": row.qr_data_url, "version": row.qr_version,
+              "expires_at": row.qr_expires_at.isoformat() if row.qr_expires_at else None,
+              "last_error": row.last_error}
+        # End the read transaction: a long-poll must not hold a pooled connection while it sleeps.
+        await session.rollback()
+        changed = after is None or qr["version"] > after or qr["status"] != "awaiting_scan"
         if changed or time.monotonic() >= deadline:
-            return {"status": row.status, "qr_data_url": row.qr_data_url, "version": row.qr_version,
-                    "expires_at": row.qr_expires_at.isoformat() if row.qr_expires_at else None,
-                    "last_error": row.last_error}
+            return qr
         await asyncio.sleep(0.25)
