@@ -47,8 +47,8 @@ class AgentActivities(VpsActivities):
         return [*super().all(), self.restart_gateway, self.configure_channel, self.await_channel,
                 self.whatsapp_login, self.remove_channel, self.mark_channel]
 
-    async def _gateway_for(self, vps_id: str) -> tuple[Vps, Agent]:
-        vps, agent, _ = await self._load(vps_id)
+    async def _gateway_for(self, vps_id: str, step: str | None = None) -> tuple[Vps, Agent]:
+        vps, agent, _ = await self._load(vps_id, step)
         if agent is None:
             raise fail("the VPS has no agent any more")
         return vps, agent
@@ -69,13 +69,13 @@ class AgentActivities(VpsActivities):
 
     @activity.defn(name=Act.restart_gateway)
     async def restart_gateway(self, inp: OperationInput) -> None:
-        vps, agent = await self._gateway_for(inp.vps.vps_id)
+        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
         async with gateway.admin_client(self.provider(vps.provider), vps, agent, reconnect=False) as gw:
             await gw.gateway_restart_request(reason="restart requested from Slopbox")
 
     @activity.defn(name=Act.configure_channel)
     async def configure_channel(self, inp: ChannelInput) -> None:
-        vps, agent = await self._gateway_for(inp.vps.vps_id)
+        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
         row = await self._channel(inp.vps.agent_id, inp.kind)
         credentials = json.loads(str(row.credentials or "{}"))
         await self._set_channel(inp.vps.agent_id, inp.kind, status="connecting", last_error=None)
@@ -88,7 +88,7 @@ class AgentActivities(VpsActivities):
     @activity.defn(name=Act.await_channel)
     async def await_channel(self, inp: ChannelInput) -> None:
         """Wait for the channel to run; report what the gateway says when it does not (yet)."""
-        vps, agent = await self._gateway_for(inp.vps.vps_id)
+        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
         deadline = time.monotonic() + inp.timeouts.channel_status_s
         live: dict[str, Any] = {}
         async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
@@ -112,7 +112,7 @@ class AgentActivities(VpsActivities):
     @activity.defn(name=Act.whatsapp_login)
     async def whatsapp_login(self, inp: ChannelInput) -> None:
         """start -> show QR -> wait (QR rotates) -> connected | expired | cancelled."""
-        vps, agent = await self._gateway_for(inp.vps.vps_id)
+        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
         agent_id = inp.vps.agent_id
         deadline = time.monotonic() + inp.qr_timeout_s
         async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
@@ -158,7 +158,7 @@ class AgentActivities(VpsActivities):
 
     @activity.defn(name=Act.remove_channel)
     async def remove_channel(self, inp: ChannelInput) -> None:
-        vps, agent = await self._gateway_for(inp.vps.vps_id)
+        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
         async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
             await gw.config_patch({"channels": {inp.kind: None}})
             try:

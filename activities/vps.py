@@ -37,7 +37,6 @@ from workflows.contracts import (
     ReconcileInput,
     ReconcileReport,
     ReleaseInput,
-    StepInput,
     WaitInput,
 )
 from workflows.lifecycle import PROVISIONING_FAILED
@@ -65,7 +64,7 @@ class VpsActivities:
         self._providers: dict[str, VmProvider] = dict(providers or {})
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.set_step, self.create_vm, self.wait_vm_running, self.wait_gateway_ready, self.pair_gateway,
+        return [self.create_vm, self.wait_vm_running, self.wait_gateway_ready, self.pair_gateway,
                 self.push_config, self.start_vm, self.stop_vm, self.destroy_vm, self.record_final_usage,
                 self.mark_state, self.release_operation, self.reconcile]
 
@@ -83,7 +82,9 @@ class VpsActivities:
         except ProviderError as err:
             raise provider_failure(err) from None
 
-    async def _load(self, vps_id: str) -> tuple[Vps, Agent | None, VpsConfig]:
+    async def _load(self, vps_id: str, step: str | None = None) -> tuple[Vps, Agent | None, VpsConfig]:
+        if step:
+            await self._update(vps_id, step=step)
         async with self.sessions() as s:
             vps = await s.get(Vps, vps_id)
             if vps is None:
@@ -99,14 +100,10 @@ class VpsActivities:
 
     # --- bookkeeping -------------------------------------------------------------------------------
 
-    @activity.defn(name=Act.set_step)
-    async def set_step(self, inp: StepInput) -> None:
-        await self._update(inp.vps_id, step=inp.step)
-
     @activity.defn(name=Act.mark_state)
     async def mark_state(self, inp: MarkStateInput) -> None:
         values: dict[str, Any] = {"state": inp.state, "state_changed_at": datetime.now(UTC),
-                                  "last_error": inp.error}
+                                  "last_error": inp.error, "step": None}
         if inp.state == VpsState.destroyed:
             values["destroyed_at"] = datetime.now(UTC)
         await self._update(inp.vps_id, **values)
@@ -116,13 +113,13 @@ class VpsActivities:
     async def release_operation(self, inp: ReleaseInput) -> None:
         async with self.sessions() as s, s.begin():
             await s.exec(update(Vps).where(Vps.id == inp.vps_id, Vps.operation_id == inp.operation_id)  # type: ignore[call-overload,arg-type]
-                         .values(operation_id=None))
+                         .values(operation_id=None, step=None))
 
     # --- provider calls ----------------------------------------------------------------------------
 
     @activity.defn(name=Act.create_vm)
     async def create_vm(self, inp: OperationInput) -> None:
-        vps, agent, config = await self._load(inp.vps.vps_id)
+        vps, agent, config = await self._load(inp.vps.vps_id, inp.step)
         if agent is None:
             raise fail("the VPS has no agent any more")
         provider = self.provider(vps.provider)
@@ -147,7 +144,7 @@ class VpsActivities:
 
     @activity.defn(name=Act.wait_vm_running)
     async def wait_vm_running(self, inp: WaitInput) -> None:
-        vps, _, _ = await self._load(inp.vps_id)
+        vps, _, _ = await self._load(inp.vps_id, inp.step)
         if not vps.provider_ref:
             raise fail("the VM was never created")
         provider = self.provider(vps.provider)
@@ -170,7 +167,7 @@ class VpsActivities:
 
     @activity.defn(name=Act.wait_gateway_ready)
     async def wait_gateway_ready(self, inp: WaitInput) -> None:
-        vps, _, _ = await self._load(inp.vps_id)
+        vps, _, _ = await self._load(inp.vps_id, inp.step)
         url = gateway.base_url(self.provider(vps.provider), vps)
         deadline = time.monotonic() + inp.timeout_s
         last = "no answer yet"
@@ -189,7 +186,7 @@ class VpsActivities:
 
     @activity.defn(name=Act.pair_gateway)
     async def pair_gateway(self, inp: OperationInput) -> None:
-        vps, agent, _ = await self._load(inp.vps.vps_id)
+        vps, agent, _ = await self._load(inp.vps.vps_id, inp.step)
         if agent is None:
             raise fail("the VPS has no agent any more")
         device_token = await gateway.pair(self.settings, self.provider(vps.provider), vps, agent)
@@ -198,27 +195,27 @@ class VpsActivities:
 
     @activity.defn(name=Act.push_config)
     async def push_config(self, inp: OperationInput) -> None:
-        vps, agent, _ = await self._load(inp.vps.vps_id)
+        vps, agent, _ = await self._load(inp.vps.vps_id, inp.step)
         if agent is None:
             raise fail("the VPS has no agent any more")
         await gateway.push_config(self.settings, self.provider(vps.provider), vps, agent)
 
     @activity.defn(name=Act.start_vm)
     async def start_vm(self, inp: OperationInput) -> None:
-        vps, _, _ = await self._load(inp.vps.vps_id)
+        vps, _, _ = await self._load(inp.vps.vps_id, inp.step)
         provider = self.provider(vps.provider)
         await self._call(lambda: provider.start(vps.provider_ref))  # type: ignore[arg-type]
 
     @activity.defn(name=Act.stop_vm)
     async def stop_vm(self, inp: OperationInput) -> None:
-        vps, _, _ = await self._load(inp.vps.vps_id)
+        vps, _, _ = await self._load(inp.vps.vps_id, inp.step)
         provider = self.provider(vps.provider)
         await self._call(lambda: provider.stop(vps.provider_ref))  # type: ignore[arg-type]
 
     @activity.defn(name=Act.destroy_vm)
     async def destroy_vm(self, inp: OperationInput) -> None:
         """Destroy by reference, or by label when create failed before we saw the reference."""
-        vps, _, _ = await self._load(inp.vps.vps_id)
+        vps, _, _ = await self._load(inp.vps.vps_id, inp.step)
         provider = self.provider(vps.provider)
         refs = {vps.provider_ref} if vps.provider_ref else set()
         if not refs:
@@ -235,7 +232,7 @@ class VpsActivities:
         CPU, memory and bandwidth counters come from provider metrics and the proxies; they are
         added by the metering workflow, which this step precedes on destroy.
         """
-        vps, _, config = await self._load(inp.vps.vps_id)
+        vps, _, config = await self._load(inp.vps.vps_id, inp.step)
         from sqlalchemy.dialects.postgresql import insert
 
         stmt = insert(VpsUsagePeriod).values(vps_id=vps.id, period_start=month_start(),

@@ -25,7 +25,8 @@ class _AgentOperation(_Operation):
     async def _gateway(self, act: Act, inp: OperationInput, timeout_s: float = 90,
                        heartbeat_s: float | None = None) -> None:
         await workflow.execute_activity(
-            act, inp, start_to_close_timeout=timedelta(seconds=timeout_s), retry_policy=GATEWAY_RETRY,
+            act, inp.model_copy(update={"step": self._step}), start_to_close_timeout=timedelta(seconds=timeout_s),
+            retry_policy=GATEWAY_RETRY,
             heartbeat_timeout=timedelta(seconds=heartbeat_s) if heartbeat_s else None)
 
     async def _done(self, inp: OperationInput, error: str | None = None) -> OperationResult:

@@ -12,7 +12,6 @@ from pydantic import BaseModel, Field
 
 
 class Act(StrEnum):
-    set_step = "vps.set_step"
     create_vm = "vps.create_vm"
     wait_vm_running = "vps.wait_vm_running"
     wait_gateway_ready = "vps.wait_gateway_ready"
@@ -54,11 +53,8 @@ class OperationInput(BaseModel):
     vps: VpsRef
     operation_id: str
     timeouts: LifecycleTimeouts = Field(default_factory=LifecycleTimeouts)
-
-
-class StepInput(BaseModel):
-    vps_id: str
-    step: str | None
+    step: str | None = None
+    """The workflow step this activity call is; the activity records it on the VPS row."""
 
 
 class MarkStateInput(BaseModel):
@@ -72,6 +68,7 @@ class WaitInput(BaseModel):
     timeout_s: float
     poll_interval_s: float
     want: str = "running"
+    step: str | None = None
 
 
 class ReleaseInput(BaseModel):

@@ -25,7 +25,6 @@ from workflows.contracts import (
     ReconcileInput,
     ReconcileReport,
     ReleaseInput,
-    StepInput,
     WaitInput,
 )
 
@@ -71,22 +70,22 @@ class _Operation:
                                         retry_policy=DB_RETRY)
 
     async def _set_step(self, step: str | None) -> None:
-        assert self._inp is not None
+        """Where the run is: for the query and the UI now, and on the VPS row when the next activity
+        starts (it carries the step), so no extra activity round trip is spent on bookkeeping."""
         self._step = step or "done"
         workflow.set_current_details(f"**step:** {self._step}")
-        await self._db(Act.set_step, StepInput(vps_id=self._inp.vps.vps_id, step=step))
 
     async def _provider(self, act: Act, inp: OperationInput, *, heartbeat: bool = False,
                         timeout_s: float | None = None, retry: RetryPolicy = PROVIDER_RETRY) -> Any:
         budget = timedelta(seconds=timeout_s or inp.timeouts.provider_call_s)
         return await workflow.execute_activity(
-            act, inp, start_to_close_timeout=budget, retry_policy=retry,
+            act, inp.model_copy(update={"step": self._step}), start_to_close_timeout=budget, retry_policy=retry,
             heartbeat_timeout=timedelta(seconds=max(10, inp.timeouts.poll_interval_s * 5)) if heartbeat else None,
         )
 
     async def _wait(self, act: Act, inp: OperationInput, timeout_s: float, want: str = "running") -> None:
         arg = WaitInput(vps_id=inp.vps.vps_id, timeout_s=timeout_s, poll_interval_s=inp.timeouts.poll_interval_s,
-                        want=want)
+                        want=want, step=self._step)
         await workflow.execute_activity(
             act, arg,
             start_to_close_timeout=timedelta(seconds=timeout_s + 30),
