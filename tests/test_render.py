@@ -684,15 +684,11 @@ def test_real_gateway_starts_from_the_local_files(tmp_path: Path) -> None:
     assert gw.proc.returncode in (0, -signal.SIGTERM, 143), gw.log.read_text()[-2000:]
 
 
-def lan_address() -> str | None:
-    """This host's own non-loopback IPv4: a client dialing it looks remote to the gateway (ref §6.0 R1)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # no packet is sent
-            ip = str(s.getsockname()[0])
-    except OSError:
-        return None
-    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
+# The control plane as the gateway sees it behind a trusted proxy (reference §6.0 R2): the socket
+# comes from 127.0.0.1 (listed in trustedProxies) and the forwarded headers name a remote client.
+# 203.0.113.7 is a documentation address that only ever appears in a header; no packet leaves loopback.
+REMOTE_HEADERS = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https",
+                  "X-Forwarded-Host": "agent.slopbox.example"}
 
 
 def device_key() -> tuple[Ed25519PrivateKey, str, str]:
@@ -706,7 +702,7 @@ async def operator_connect(url: str, key: Ed25519PrivateKey, pub: str, dev_id: s
     import websockets
 
     scopes = ["operator.admin", "operator.read", "operator.write", "operator.approvals", "operator.pairing"]
-    async with websockets.connect(url, open_timeout=10) as ws:
+    async with websockets.connect(url, open_timeout=10, additional_headers=REMOTE_HEADERS) as ws:
         challenge = json.loads(await asyncio.wait_for(ws.recv(), 10))
         nonce, ts = challenge["payload"]["nonce"], challenge["payload"]["ts"]
         signed = "|".join(["v3", dev_id, "gateway-client", "backend", "operator", ",".join(scopes), str(ts),
@@ -727,9 +723,6 @@ async def operator_connect(url: str, key: Ed25519PrivateKey, pub: str, dev_id: s
 @needs_gateway
 def test_real_pairing_step_approves_only_the_control_plane_key(tmp_path: Path) -> None:
     """The bootstrap script's one-shot pairing step against a live lan-bound gateway."""
-    ip = lan_address()
-    if ip is None:
-        pytest.skip("no non-loopback IPv4 address to make a client look remote")
     port = free_port()
     inp = cloud_input(gateway_port=port, trusted_proxies=["127.0.0.1"])
     layout = write_vm(tmp_path, inp, "https://cp.slopbox.example/bootstrap")
@@ -750,7 +743,7 @@ def test_real_pairing_step_approves_only_the_control_plane_key(tmp_path: Path) -
     genv["HOME"] = layout.service_home
     gw = start_gateway(state, genv, port, tmp_path / "gateway.log")
     try:
-        url = f"ws://{ip}:{port}/"
+        url = f"ws://127.0.0.1:{port}/"
         for key, pub, dev_id in ((other_key, other_pub, other_id), (cp_key, cp_pub, cp_id)):
             first = asyncio.run(operator_connect(url, key, pub, dev_id))
             assert first["ok"] is False and first["error"]["details"]["code"] == "PAIRING_REQUIRED", first
