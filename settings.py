@@ -144,6 +144,15 @@ class Settings(BaseSettings):
             return dev_secrets(self)["control_plane_api_key"]
         raise MissingSetting("CONTROL_PLANE_API_KEY", "is required when DATABASE_URL is set")
 
+    def configured_providers(self) -> list[str]:
+        """VM providers this control plane can use: local always, clouds when their token is set."""
+        kinds = ["local"]
+        if self.hcloud_token is not None:
+            kinds.append("hetzner")
+        if self.fly_api_token is not None:
+            kinds.append("fly")
+        return kinds
+
     def llm_api_keys(self) -> dict[str, SecretStr]:
         """Env var name -> key, for the keys that are set."""
         keys = {"ANTHROPIC_API_KEY": self.anthropic_api_key, "OPENAI_API_KEY": self.openai_api_key,

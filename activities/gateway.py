@@ -143,10 +143,14 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
                 await gw.agents_files_set("main", name, text)
 
 
+# The config sections we own and re-assert; the rest (channels, plugins, meta) is the gateway's.
+OWNED_SECTIONS = ("gateway", "agents", "tools", "hooks")
+
+
 def _patch_for(wanted: dict[str, Any]) -> dict[str, Any]:
-    """The locked sections of our config, as a merge patch (channels etc. are left alone)."""
-    return {key: wanted[key] for key in ("gateway", "agents", "tools", "hooks") if key in wanted}
+    """Our sections as a merge patch (channels etc. are left alone)."""
+    return {key: wanted[key] for key in OWNED_SECTIONS if key in wanted}
 
 
 def _differs(live: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return any(live.get(key) != wanted.get(key) for key in ("gateway", "agents", "tools", "hooks"))
+    return any(live.get(key) != wanted.get(key) for key in OWNED_SECTIONS)

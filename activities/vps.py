@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import httpx
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -65,7 +65,7 @@ class VpsActivities:
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.create_vm, self.wait_vm_running, self.wait_gateway_ready, self.pair_gateway,
-                self.push_config, self.start_vm, self.stop_vm, self.destroy_vm, self.record_final_usage,
+                self.push_config, self.start_vm, self.stop_vm, self.destroy_vm, self.record_storage_usage,
                 self.mark_state, self.release_operation, self.reconcile]
 
     def provider(self, kind: str) -> VmProvider:
@@ -83,15 +83,18 @@ class VpsActivities:
             raise provider_failure(err) from None
 
     async def _load(self, vps_id: str, step: str | None = None) -> tuple[Vps, Agent | None, VpsConfig]:
+        """The VPS, its agent and its config in one query (every activity starts here)."""
         if step:
             await self._update(vps_id, step=step)
         async with self.sessions() as s:
-            vps = await s.get(Vps, vps_id)
-            if vps is None:
+            row = (await s.exec(
+                select(Vps, VpsConfig, Agent)
+                .join(VpsConfig, col(VpsConfig.id) == col(Vps.vps_config_id))
+                .join(Agent, col(Agent.vps_id) == col(Vps.id), isouter=True)
+                .where(Vps.id == vps_id))).first()
+            if row is None:
                 raise fail(f"VPS {vps_id} does not exist")
-            agent = (await s.exec(select(Agent).where(Agent.vps_id == vps.id))).first()
-            config = await s.get(VpsConfig, vps.vps_config_id)
-            assert config is not None
+            vps, config, agent = row
             return vps, agent, config
 
     async def _update(self, vps_id: str, **values: Any) -> None:
@@ -225,12 +228,12 @@ class VpsActivities:
             await self._call(lambda r=ref: provider.destroy(r))  # type: ignore[misc]
         await self._update(vps.id, bootstrap_token_sha256=None)
 
-    @activity.defn(name=Act.record_final_usage)
-    async def record_final_usage(self, inp: OperationInput) -> None:
-        """Make sure the month's usage row exists with the storage allocation before the VM goes.
+    @activity.defn(name=Act.record_storage_usage)
+    async def record_storage_usage(self, inp: OperationInput) -> None:
+        """Make sure the month's usage row exists, with the storage allocation, before the VM goes.
 
-        CPU, memory and bandwidth counters come from provider metrics and the proxies; they are
-        added by the metering workflow, which this step precedes on destroy.
+        Only storage is recorded here. Bandwidth is added by the proxies as they carry it; CPU and
+        memory from provider metrics are not collected yet (no metering workflow exists).
         """
         vps, _, config = await self._load(inp.vps.vps_id, inp.step)
         from sqlalchemy.dialects.postgresql import insert
@@ -250,7 +253,7 @@ class VpsActivities:
         async with self.sessions() as s:
             rows = (await s.exec(select(Vps).where(Vps.state != VpsState.destroyed))).all()
             known = {str(v.id): v for v in (await s.exec(select(Vps))).all()}
-        kinds = sorted({v.provider for v in rows} | set(self._configured_kinds()))
+        kinds = sorted({v.provider for v in rows} | set(self.settings.configured_providers()))
         for kind in kinds:
             try:
                 provider = self.provider(kind)
@@ -304,11 +307,3 @@ class VpsActivities:
         await self._update(vps.id, state=VpsState.error, state_changed_at=datetime.now(UTC), operation_id=None,
                            step=None, last_error="provisioning did not finish before its deadline")
         report.stuck_failed.append(str(vps.id))
-
-    def _configured_kinds(self) -> list[str]:
-        kinds = ["local"]
-        if self.settings.hcloud_token:
-            kinds.append("hetzner")
-        if self.settings.fly_api_token:
-            kinds.append("fly")
-        return kinds

@@ -20,7 +20,7 @@ class Act(StrEnum):
     start_vm = "vps.start_vm"
     stop_vm = "vps.stop_vm"
     destroy_vm = "vps.destroy_vm"
-    record_final_usage = "vps.record_final_usage"
+    record_storage_usage = "vps.record_storage_usage"
     mark_state = "vps.mark_state"
     release_operation = "vps.release_operation"
     reconcile = "vps.reconcile"

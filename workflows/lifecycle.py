@@ -186,13 +186,13 @@ class DestroyVps(_Operation):
     async def run(self, inp: OperationInput) -> OperationResult:
         self._inp = inp
         try:
-            await self._set_step("record_final_usage")
+            await self._set_step("record_storage_usage")
             try:
-                await self._provider(Act.record_final_usage, inp, timeout_s=60,
+                await self._provider(Act.record_storage_usage, inp, timeout_s=60,
                                      retry=RetryPolicy(maximum_attempts=3))
             except ActivityError as err:
-                # Losing the last hours of metering is better than keeping a billed VM alive.
-                workflow.logger.warning("final usage not recorded", extra={"reason": reason(err)})
+                # Losing a usage row is better than keeping a billed VM alive.
+                workflow.logger.warning("storage usage not recorded", extra={"reason": reason(err)})
             await self._set_step("destroy_vm")
             await self._provider(Act.destroy_vm, inp, retry=CLEANUP_RETRY)
             return await self._finish(inp, "destroyed")

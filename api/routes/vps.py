@@ -50,11 +50,6 @@ def accepted(agent_id: uuid.UUID, vps_id: Any, operation_id: str, operation: str
                                  "status_url": f"/agents/{agent_id}"})
 
 
-def provider_configured(settings: Settings, provider: str) -> bool:
-    return provider == "local" or (provider == "hetzner" and settings.hcloud_token is not None) or (
-        provider == "fly" and settings.fly_api_token is not None)
-
-
 def operation_id_for(kind: str, vps_id: Any, user: User, key: str | None) -> str:
     suffix = (hashlib.sha256(f"{user.id}:{key}".encode()).hexdigest()[:16] if key else uuid.uuid4().hex[:16])
     return f"{kind}-{vps_id}-{suffix}"
@@ -153,7 +148,7 @@ async def provision(agent_id: uuid.UUID, body: ProvisionIn, request: Request, se
         raise Problem(403, "VPS config not allowed",
                       f"VPS config {body.vps_config_id} is not available on plan '{plan.name}'; "
                       "GET /plans lists the configs each plan allows.", type_="plan-limit", limit="vps_config")
-    if not provider_configured(settings, config.provider):
+    if config.provider not in settings.configured_providers():
         raise Problem(409, "Provider not configured",
                       f"The {config.provider} provider is not configured on this control plane.",
                       type_="provider-unavailable", provider=config.provider)
