@@ -19,8 +19,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import gateway
-from activities.vps import VpsActivities, fail
-from db.models import Agent, AgentChannel, Vps
+from activities.vps import VpsActivities, fail, heartbeating
+from db.models import Agent, AgentChannel, Vps, VpsState
 from openclaw.rpc import GatewayError
 from workflows.contracts import Act, ChannelInput, ChannelStatusInput, OperationInput
 
@@ -47,10 +47,13 @@ class AgentActivities(VpsActivities):
         return [*super().all(), self.restart_gateway, self.configure_channel, self.await_channel,
                 self.whatsapp_login, self.remove_channel, self.mark_channel]
 
-    async def _gateway_for(self, vps_id: str, step: str | None = None) -> tuple[Vps, Agent]:
-        vps, agent, _ = await self._load(vps_id, step)
+    async def _gateway_for(self, inp: OperationInput) -> tuple[Vps, Agent]:
+        """The running agent's VPS; an operation queued behind a stop finds it stopped and says so."""
+        vps, agent, _ = await self._load(inp)
         if agent is None:
             raise fail("the VPS has no agent any more")
+        if vps.state != VpsState.running:
+            raise fail(f"the agent is not running (its VPS is {vps.state})", "NotRunning")
         return vps, agent
 
     async def _channel(self, agent_id: str, kind: str) -> AgentChannel:
@@ -69,105 +72,111 @@ class AgentActivities(VpsActivities):
 
     @activity.defn(name=Act.restart_gateway)
     async def restart_gateway(self, inp: OperationInput) -> None:
-        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
-        async with gateway.admin_client(self.provider(vps.provider), vps, agent, reconnect=False) as gw:
-            await gw.gateway_restart_request(reason="restart requested from Slopbox")
+        async with heartbeating():
+            vps, agent = await self._gateway_for(inp)
+            async with gateway.admin_client(self.provider(vps.provider), vps, agent, reconnect=False) as gw:
+                await gw.gateway_restart_request(reason="restart requested from Slopbox")
 
     @activity.defn(name=Act.configure_channel)
     async def configure_channel(self, inp: ChannelInput) -> None:
-        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
-        row = await self._channel(inp.vps.agent_id, inp.kind)
-        credentials = json.loads(str(row.credentials or "{}"))
-        await self._set_channel(inp.vps.agent_id, inp.kind, status="connecting", last_error=None)
-        async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
-            try:
-                await gw.config_patch({"channels": {inp.kind: channel_config(inp.kind, credentials)}})
-            except GatewayError as err:
-                raise fail(f"the gateway refused the {inp.kind} settings: {err.message}", "ChannelRejected") from None
+        async with heartbeating():
+            vps, agent = await self._gateway_for(inp)
+            row = await self._channel(inp.vps.agent_id, inp.kind)
+            credentials = json.loads(str(row.credentials or "{}"))
+            await self._set_channel(inp.vps.agent_id, inp.kind, status="connecting", last_error=None)
+            async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
+                try:
+                    await gw.config_patch({"channels": {inp.kind: channel_config(inp.kind, credentials)}})
+                except GatewayError as err:
+                    raise fail(f"the gateway refused the {inp.kind} settings: {err.message}",
+                               "ChannelRejected") from None
 
     @activity.defn(name=Act.await_channel)
     async def await_channel(self, inp: ChannelInput) -> None:
         """Wait for the channel to run; report what the gateway says when it does not (yet)."""
-        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
-        deadline = time.monotonic() + inp.timeouts.channel_status_s
-        live: dict[str, Any] = {}
-        async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
-            while time.monotonic() < deadline:
-                activity.heartbeat()
-                # Unfiltered: a gateway answers `unknown channel` for a plugin it has not loaded yet.
-                status = await gw.channels_status()
-                live = (status.get("channels") or {}).get(inp.kind) or {}
-                if live.get("running") or live.get("connected"):
-                    await self._set_channel(inp.vps.agent_id, inp.kind, status="connected", live_status=live,
-                                            last_error=None)
-                    return
-                if live.get("lastError"):
-                    await self._set_channel(inp.vps.agent_id, inp.kind, status="error", live_status=live,
-                                            last_error=str(live["lastError"]))
-                    raise fail(f"{inp.kind}: {live['lastError']}", "ChannelError")
-                await asyncio.sleep(1.0)
-        # Accepted by the gateway, not running yet (no network, or channels paused on this gateway).
-        await self._set_channel(inp.vps.agent_id, inp.kind, status="configured", live_status=live, last_error=None)
+        async with heartbeating():
+            vps, agent = await self._gateway_for(inp)
+            deadline = time.monotonic() + inp.timeouts.channel_status_s
+            live: dict[str, Any] = {}
+            async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
+                while time.monotonic() < deadline:
+                    activity.heartbeat()
+                    # Unfiltered: a gateway answers `unknown channel` for a plugin it has not loaded yet.
+                    status = await gw.channels_status()
+                    live = (status.get("channels") or {}).get(inp.kind) or {}
+                    if live.get("running") or live.get("connected"):
+                        await self._set_channel(inp.vps.agent_id, inp.kind, status="connected", live_status=live,
+                                                last_error=None)
+                        return
+                    if live.get("lastError"):
+                        await self._set_channel(inp.vps.agent_id, inp.kind, status="error", live_status=live,
+                                                last_error=str(live["lastError"]))
+                        raise fail(f"{inp.kind}: {live['lastError']}", "ChannelError")
+                    await asyncio.sleep(1.0)
+            # Accepted by the gateway, not running yet (no network, or channels paused on this gateway).
+            await self._set_channel(inp.vps.agent_id, inp.kind, status="configured", live_status=live, last_error=None)
 
     @activity.defn(name=Act.whatsapp_login)
     async def whatsapp_login(self, inp: ChannelInput) -> None:
         """start -> show QR -> wait (QR rotates) -> connected | expired | cancelled."""
-        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
-        agent_id = inp.vps.agent_id
-        deadline = time.monotonic() + inp.qr_timeout_s
-        async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
-            try:
-                started = await gw.web_login_start(channel="whatsapp", force=True, timeout_ms=30_000)
-            except GatewayError as err:
-                if WHATSAPP_UNAVAILABLE in err.message:
-                    raise fail("WhatsApp is not available on this gateway: the @openclaw/whatsapp plugin is not "
-                               "installed on the agent's VM image", "WhatsAppUnavailable") from None
-                raise fail(f"WhatsApp login could not start: {err.message}", "WhatsAppLogin") from None
-            if started.get("connected"):
-                await self._set_channel(agent_id, "whatsapp", status="connected", qr_data_url=None)
-                return
-            qr = started.get("qrDataUrl")
-            version = (await self._channel(agent_id, "whatsapp")).qr_version
-            while True:
-                if qr:
-                    version += 1
-                    await self._set_channel(agent_id, "whatsapp", status="awaiting_scan", qr_data_url=qr,
-                                            qr_version=version, qr_expires_at=datetime.now(UTC) + QR_LIFETIME)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    await self._set_channel(agent_id, "whatsapp", status="expired", qr_data_url=None,
-                                            last_error="the QR code was not scanned in time")
-                    raise ApplicationError("the QR code was not scanned in time", type="QrExpired",
-                                           non_retryable=True)
-                activity.heartbeat(version)
-                waited = await gw.web_login_wait(channel="whatsapp", current_qr_data_url=qr,
-                                                 timeout_ms=int(min(20.0, remaining) * 1000))
-                if waited.get("connected"):
-                    await self._set_channel(agent_id, "whatsapp", status="connected", qr_data_url=None,
-                                            last_error=None)
+        async with heartbeating():
+            vps, agent = await self._gateway_for(inp)
+            agent_id = inp.vps.agent_id
+            deadline = time.monotonic() + inp.qr_timeout_s
+            async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
+                try:
+                    started = await gw.web_login_start(channel="whatsapp", force=True, timeout_ms=30_000)
+                except GatewayError as err:
+                    if WHATSAPP_UNAVAILABLE in err.message:
+                        raise fail("WhatsApp is not available on this gateway: the @openclaw/whatsapp plugin is not "
+                                   "installed on the agent's VM image", "WhatsAppUnavailable") from None
+                    raise fail(f"WhatsApp login could not start: {err.message}", "WhatsAppLogin") from None
+                if started.get("connected"):
+                    await self._set_channel(agent_id, "whatsapp", status="connected", qr_data_url=None)
                     return
-                new_qr = waited.get("qrDataUrl")
-                if new_qr and new_qr != qr:
-                    qr = new_qr
-                elif "expired" in str(waited.get("message", "")).lower():
-                    await self._set_channel(agent_id, "whatsapp", status="expired", qr_data_url=None,
-                                            last_error=str(waited.get("message")))
-                    raise ApplicationError(str(waited.get("message")), type="QrExpired", non_retryable=True)
-                else:
-                    qr = None  # unchanged: keep waiting, nothing new to show
+                qr = started.get("qrDataUrl")
+                version = (await self._channel(agent_id, "whatsapp")).qr_version
+                while True:
+                    if qr:
+                        version += 1
+                        await self._set_channel(agent_id, "whatsapp", status="awaiting_scan", qr_data_url=qr,
+                                                qr_version=version, qr_expires_at=datetime.now(UTC) + QR_LIFETIME)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        await self._set_channel(agent_id, "whatsapp", status="expired", qr_data_url=None,
+                                                last_error="the QR code was not scanned in time")
+                        raise ApplicationError("the QR code was not scanned in time", type="QrExpired",
+                                               non_retryable=True)
+                    activity.heartbeat(version)
+                    waited = await gw.web_login_wait(channel="whatsapp", current_qr_data_url=qr,
+                                                     timeout_ms=int(min(20.0, remaining) * 1000))
+                    if waited.get("connected"):
+                        await self._set_channel(agent_id, "whatsapp", status="connected", qr_data_url=None,
+                                                last_error=None)
+                        return
+                    new_qr = waited.get("qrDataUrl")
+                    if new_qr and new_qr != qr:
+                        qr = new_qr
+                    elif "expired" in str(waited.get("message", "")).lower():
+                        await self._set_channel(agent_id, "whatsapp", status="expired", qr_data_url=None,
+                                                last_error=str(waited.get("message")))
+                        raise ApplicationError(str(waited.get("message")), type="QrExpired", non_retryable=True)
+                    else:
+                        qr = None  # unchanged: keep waiting, nothing new to show
 
     @activity.defn(name=Act.remove_channel)
     async def remove_channel(self, inp: ChannelInput) -> None:
-        vps, agent = await self._gateway_for(inp.vps.vps_id, inp.step)
-        async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
-            await gw.config_patch({"channels": {inp.kind: None}})
-            try:
-                await gw.channels_logout(inp.kind)
-            except GatewayError as err:  # not logged in / not running: nothing to log out of
-                log.info("channel logout skipped", extra={"kind": inp.kind, "reason": err.message})
-        async with self.sessions() as s, s.begin():
-            await s.exec(delete(AgentChannel).where(AgentChannel.agent_id == inp.vps.agent_id,  # type: ignore[call-overload,arg-type]
-                                                    AgentChannel.kind == inp.kind))
+        async with heartbeating():
+            vps, agent = await self._gateway_for(inp)
+            async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
+                await gw.config_patch({"channels": {inp.kind: None}})
+                try:
+                    await gw.channels_logout(inp.kind)
+                except GatewayError as err:  # not logged in / not running: nothing to log out of
+                    log.info("channel logout skipped", extra={"kind": inp.kind, "reason": err.message})
+            async with self.sessions() as s, s.begin():
+                await s.exec(delete(AgentChannel).where(AgentChannel.agent_id == inp.vps.agent_id,  # type: ignore[call-overload,arg-type]
+                                                        AgentChannel.kind == inp.kind))
 
     @activity.defn(name=Act.mark_channel)
     async def mark_channel(self, inp: ChannelStatusInput) -> None:

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from db.models import Agent, Vps, VpsConfig
 from openclaw import render
@@ -86,7 +87,8 @@ async def _connect_until_paired(url: str, *, token: str, device: DeviceIdentity,
             await asyncio.sleep(1.0)
 
 
-async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent) -> str | None:
+async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent,
+               budget_s: float = PAIRING_BUDGET_S) -> str | None:
     """Pair the admin and UI-relay identities; returns the admin identity's device token.
 
     On cloud VMs the boot-time pairing step approves exactly our public keys (they came with the
@@ -97,12 +99,12 @@ async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent)
     admin = DeviceIdentity.from_pem(str(vps.admin_device_key))
     relay = DeviceIdentity.from_pem(str(vps.relay_device_key))
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + PAIRING_BUDGET_S
+    deadline = loop.time() + budget_s
     approver = None
     if vps.provider == "local":
         approver = asyncio.create_task(approve_device_keys(
             url, token=token, public_keys=[admin.public_key_b64url, relay.public_key_b64url],
-            timeout=PAIRING_BUDGET_S, poll_interval=0.5))
+            timeout=budget_s, poll_interval=0.5))
     try:
         device_token = await _connect_until_paired(url, token=token, device=admin, client=ADMIN_CLIENT,
                                                    scopes=DEFAULT_OPERATOR_SCOPES, origin=None, deadline=deadline)
@@ -130,7 +132,9 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
     wanted = render.render_openclaw_config(inp)
     violations = render.check_locked(wanted)
     if violations:
-        raise ValueError("refusing to push a config that weakens the lockdown: " + "; ".join(violations))
+        # Deterministic: retrying the same render cannot help, so it fails the operation at once.
+        raise ApplicationError("refusing to push a config that weakens the lockdown: " + "; ".join(violations),
+                               type="LockdownViolation", non_retryable=True)
     async with admin_client(provider, vps, agent) as gw:
         current = await gw.config_get()
         # `parsed` is the file as written (with ${VAR} references); `config` has secrets redacted.

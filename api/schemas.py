@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
@@ -83,17 +83,41 @@ class AgentCreate(BaseModel):
     model: ModelId | None = None
 
 
+class OperationOut(BaseModel):
+    id: str
+    operation: str = Field(description="The workflow type, e.g. StartVps")
+    kind: str
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    step: str | None
+    error: str | None = Field(description="Why it failed (or a note on a success)")
+    detail: dict[str, Any]
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
 class VpsOut(BaseModel):
     id: uuid.UUID
-    state: str
+    state: str = Field(description="Lifecycle state: provisioning, running, stopped, destroyed or error")
     provider: str
     vps_config_id: uuid.UUID
-    step: str | None
+    operation_id: str | None = Field(description="The oldest operation queued or running on this VPS; null when idle")
+    step: str | None = Field(description="Where that operation is")
+    operation: OperationOut | None
+    last_operation: OperationOut | None = Field(description="The most recently finished operation, failed or not")
     last_error: str | None
-    operation_id: str | None
+    observed_state: str | None = Field(description="What the provider last reported about the VM")
+    observed_at: datetime | None
+    needs_cleanup: bool = Field(description="A VM may be left that Reconcile will remove")
     region: str | None
     created_at: datetime | None
     state_changed_at: datetime | None
+
+
+class SettingsSync(BaseModel):
+    saved_version: int = Field(description="Bumped on every saved settings change")
+    applied_version: int | None = Field(description="The version the agent's gateway last confirmed holding")
+    in_sync: bool
 
 
 class AgentOut(BaseModel):
@@ -102,4 +126,5 @@ class AgentOut(BaseModel):
     model: str | None
     gateway_token_hint: str = Field(description="Last 4 characters only; the token is never returned")
     vps: VpsOut | None
+    settings: SettingsSync
     created_at: datetime | None

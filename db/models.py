@@ -187,9 +187,12 @@ class Vps(SQLModel, table=True):
     provider: str = Field(sa_column=Column(String(16), nullable=False))
     provider_ref: str | None = Field(default=None, sa_column=Column(String(255)))
     state: str = Field(default=VpsState.provisioning, sa_column=Column(String(16), nullable=False))
-    step: str | None = Field(default=None, sa_column=Column(String(64)))
     last_error: str | None = Field(default=None, sa_column=Column(Text))
-    operation_id: str | None = Field(default=None, sa_column=Column(String(255)))
+    # What the provider last reported, kept apart from the lifecycle state; reconcile converges
+    # `error` back to running/stopped from it. `needs_cleanup`: a VM may exist that must go.
+    observed_state: str | None = Field(default=None, sa_column=Column(String(16)))
+    observed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    needs_cleanup: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
     region: str | None = Field(default=None, sa_column=Column(String(64)))
     host: str | None = Field(default=None, sa_column=Column(String(255)))
     gateway_port: int | None = Field(default=None, sa_column=Column(Integer))
@@ -198,11 +201,15 @@ class Vps(SQLModel, table=True):
     admin_device_key: str | None = Field(default=None, sa_column=Column(EncryptedText))
     admin_device_token: str | None = Field(default=None, sa_column=Column(EncryptedText))
     relay_device_key: str | None = Field(default=None, sa_column=Column(EncryptedText))
-    # Single-use bootstrap token: only its SHA-256 is stored.
+    # Single-use bootstrap token: kept encrypted until redeemed (so a retried create hands the
+    # same token to the VM it adopts), its SHA-256 for the lookup at redemption.
+    bootstrap_token: str | None = Field(default=None, sa_column=Column(EncryptedText))
     bootstrap_token_sha256: str | None = Field(default=None, sa_column=Column(String(64), unique=True))
     bootstrap_expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     bootstrap_redeemed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     ready_reported_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    applied_settings_version: int | None = Field(default=None, sa_column=Column(Integer))
+    """The agent's `settings_version` the gateway last confirmed holding (None: never pushed)."""
     state_changed_at: datetime | None = Field(default=None, sa_column=_created())
     created_at: datetime | None = Field(default=None, sa_column=_created())
     destroyed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
@@ -228,11 +235,43 @@ class Agent(SQLModel, table=True):
     personality: dict[str, str] = Field(
         default_factory=dict, sa_column=Column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     )
+    settings_version: int = Field(default=1, sa_column=Column(Integer, nullable=False, server_default="1"))
+    """Bumped on every saved settings change; compared with `Vps.applied_settings_version`."""
     created_at: datetime | None = Field(default=None, sa_column=_created())
     updated_at: datetime | None = Field(default=None, sa_column=_created())
 
     vps: Optional["Vps"] = Relationship()
     channels: list["AgentChannel"] = Relationship(back_populates="agent", cascade_delete=True)
+
+
+ACTIVE_OPERATION = ("queued", "running")
+"""Statuses of an operation still in flight (see `workflows.contracts.OperationStatus`)."""
+
+
+class VpsOperation(SQLModel, table=True):
+    """One requested operation on a VPS and its outcome; the id is the Temporal workflow id."""
+
+    __tablename__ = "vps_operations"
+    __table_args__ = (UniqueConstraint("user_id", "idempotency_key", name="uq_vps_operations_user_idempotency_key"),)
+    id: str = Field(sa_column=Column(String(255), primary_key=True))
+    vps_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("vpses.id", ondelete="CASCADE"), nullable=False)
+    )
+    user_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    )
+    kind: str = Field(sa_column=Column(String(32), nullable=False))
+    status: str = Field(default="queued",
+                        sa_column=Column(String(16), nullable=False, server_default="queued"))
+    step: str | None = Field(default=None, sa_column=Column(String(64)))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    detail: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    )
+    idempotency_key: str | None = Field(default=None, sa_column=Column(String(255)))
+    created_at: datetime | None = Field(default=None, sa_column=_created())
+    started_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    finished_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
 
 
 class AgentChannel(SQLModel, table=True):

@@ -118,7 +118,8 @@ async def test_idempotency_key_returns_the_same_operation(stack: Stack, sql: psy
     first = await stack.provision(user, agent, **{"Idempotency-Key": "create-1"})
     second = await stack.provision(user, agent, **{"Idempotency-Key": "create-1"})
     assert first.status_code == second.status_code == 202
-    assert first.json() == second.json()
+    assert first.json()["operation_id"] == second.json()["operation_id"]
+    assert first.json()["vps_id"] == second.json()["vps_id"]
     assert sql.execute("SELECT count(*) FROM vpses").fetchone() == (1,)
     await stack.wait_vps(user, agent, "running", "error")
     stop1 = await stack.api.post(f"/agents/{agent}/vps/stop", headers={**headers(user), "Idempotency-Key": "s"})
@@ -126,39 +127,59 @@ async def test_idempotency_key_returns_the_same_operation(stack: Stack, sql: psy
     assert stop1.status_code == stop2.status_code == 202
     assert stop1.json()["operation_id"] == stop2.json()["operation_id"]
     await stack.wait_vps(user, agent, "stopped")
+    # Replayed after the operation finished and another ran (issue 8 #5: this was a 500): the original.
+    start = await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))
+    assert start.status_code == 202, start.text
+    await stack.wait_vps(user, agent, "running")
+    stop3 = await stack.api.post(f"/agents/{agent}/vps/stop", headers={**headers(user), "Idempotency-Key": "s"})
+    assert stop3.status_code == 202, stop3.text
+    assert stop3.json()["operation_id"] == stop1.json()["operation_id"] and stop3.json()["status"] == "succeeded"
+    assert (await stack.agent(user, agent))["vps"]["state"] == "running"  # nothing ran again
+    # The same key on another route is a clear 409, not a second operation.
+    other = await stack.api.post(f"/agents/{agent}/restart", headers={**headers(user), "Idempotency-Key": "s"})
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["title"], other.text
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
     await stack.wait_vps(user, agent, "destroyed")
-    # Replaying the key answers like the first time and creates nothing...
+    # Replaying the key answers with the original operation and creates nothing...
     replay = await stack.provision(user, agent, **{"Idempotency-Key": "create-1"})
-    assert replay.status_code == 202 and replay.json() == first.json()
+    assert replay.status_code == 202 and replay.json()["operation_id"] == first.json()["operation_id"]
+    assert replay.json()["status"] == "succeeded"
     assert sql.execute("SELECT count(*) FROM vpses").fetchone() == (1,)
-    # ...but once the agent has moved on to another VPS, the old key is refused.
+    # ...even once the agent has moved on to another VPS: still the original, nothing new.
     assert (await stack.provision(user, agent)).status_code == 202
     await stack.wait_vps(user, agent, "running", "error")
     reused = await stack.provision(user, agent, **{"Idempotency-Key": "create-1"})
-    assert reused.status_code == 409 and "Idempotency-Key" in reused.json()["title"]
+    assert reused.status_code == 202 and reused.json()["operation_id"] == first.json()["operation_id"]
+    assert sql.execute("SELECT count(*) FROM vpses").fetchone() == (2,)
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
     await stack.wait_vps(user, agent, "destroyed")
 
 
-async def test_second_operation_during_provisioning_is_409(stack: Stack, sql: psycopg.Connection,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_operations_during_provisioning_conflict_or_queue(stack: Stack, sql: psycopg.Connection,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop/start during a provision are 409 naming it; settings and destroy queue behind it, in order."""
     monkeypatch.setenv("SLOPBOX_SIM_READY_AFTER_S", "3")  # a gateway that takes a while to boot
     user = make_user(sql, plan="starter")
     agent = await stack.new_agent(user)
     op = (await stack.provision(user, agent)).json()
-    for attempt in (stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user)),
-                    stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))):
-        resp = await attempt
-        assert resp.status_code == 409, resp.text
-        body = resp.json()
-        assert body["running_operation_id"] == op["operation_id"]
-        assert "ProvisionVps" in body["detail"]
+    resp = await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user))
+    assert resp.status_code == 409, resp.text
+    assert resp.json().get("running_operation_id") == op["operation_id"], resp.text
+    assert resp.json()["running_operation"] == "ProvisionVps" and "ProvisionVps" in resp.json()["detail"]
     again = await stack.provision(user, agent)
     assert again.status_code == 409 and again.json()["vps_state"] == "provisioning"
-    assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
-    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    settings = await stack.api.patch(f"/agents/{agent}/settings", json={"files": {"SOUL.md": "queued"}},
+                                     headers=headers(user))
+    assert settings.status_code == 202, settings.text
+    destroy = await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    assert destroy.status_code == 202, destroy.text
+    twice = await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    assert twice.json()["operation_id"] == destroy.json()["operation_id"]  # one destroy is enough
+    assert (await stack.agent(user, agent))["vps"]["operation_id"] == op["operation_id"]
     await stack.wait_vps(user, agent, "destroyed")
+    ops = (await stack.api.get(f"/agents/{agent}/operations", headers=headers(user))).json()["items"]
+    ran = [(o["operation"], o["status"]) for o in sorted(ops, key=lambda o: o["finished_at"])]
+    assert ran == [("ProvisionVps", "succeeded"), ("PushConfig", "succeeded"), ("DestroyVps", "succeeded")]
 
 
 async def test_gateway_that_never_gets_ready_leaves_no_vm(settings: Settings, temporal_client: Client, db: str,
@@ -287,22 +308,33 @@ async def test_reconcile_schedule_is_created_once(temporal_client: Client, setti
 
 
 async def test_reconcile_fails_provisioning_stuck_past_its_deadline(stack: Stack, sql: psycopg.Connection) -> None:
-    """A provisioning whose run died (terminated by an operator, say) does not stay `provisioning` forever."""
+    """A provisioning whose run died unrecorded (terminated by an operator, say) does not stay
+    `provisioning` forever: its operation expires, the VPS fails, and the user can destroy it and start over."""
     user = make_user(sql, plan="starter")
     agent = await stack.new_agent(user)
     vps_id = sql.execute(
-        "INSERT INTO vpses (user_id, vps_config_id, provider, state, step, operation_id, created_at) "
+        "INSERT INTO vpses (user_id, vps_config_id, provider, state, created_at) "
         "VALUES (%s, (SELECT id FROM vps_configs WHERE name = 'local-small'), 'local', 'provisioning', "
-        "'wait_gateway_ready', 'provision-ghost', now() - interval '2 hours') RETURNING id", (user,)).fetchone()[0]  # type: ignore[index]
+        "now() - interval '2 hours') RETURNING id", (user,)).fetchone()[0]  # type: ignore[index]
+    sql.execute("INSERT INTO vps_operations (id, vps_id, user_id, kind, status, step, created_at) VALUES "
+                "('provision-ghost', %s, %s, 'provision', 'running', 'wait_gateway_ready', now() - interval '2 hours')",
+                (vps_id, user))
     sql.execute("UPDATE agents SET vps_id = %s WHERE id = %s", (vps_id, agent))
+    assert (await stack.agent(user, agent))["vps"]["operation_id"] == "provision-ghost"
     report = await stack.client.execute_workflow(
-        Reconcile.run, ReconcileInput(provisioning_deadline_s=3600), id=f"reconcile-stuck-{agent}",
+        Reconcile.run, ReconcileInput(operation_deadline_s=3600), id=f"reconcile-stuck-{agent}",
         task_queue=stack.settings.temporal_task_queue, result_type=ReconcileReport)
+    assert report.operations_expired == ["provision-ghost"]
     assert str(vps_id) in report.stuck_failed
     vps = (await stack.agent(user, agent))["vps"]
     assert vps["state"] == "error" and vps["operation_id"] is None
-    assert "deadline" in vps["last_error"]
-    # ...and the user can provision again.
+    assert vps["last_operation"]["status"] == "failed" and "time limit" in vps["last_operation"]["error"]
+    assert "provisioning did not finish" in vps["last_error"]
+    # An error VPS blocks a new one (it may own a VM) until it is destroyed; then the agent starts over.
+    blocked = await stack.provision(user, agent)
+    assert blocked.status_code == 409 and blocked.json()["vps_state"] == "error"
+    assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 202
+    await stack.wait_vps(user, agent, "destroyed")
     assert (await stack.provision(user, agent)).status_code == 202
     await stack.wait_vps(user, agent, "running", "error")
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))

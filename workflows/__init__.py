@@ -1,10 +1,11 @@
 """Deterministic Temporal workflows. No I/O here: every side effect is an activity."""
 
 from workflows.agent_ops import ConnectChannel, DisconnectChannel, PushConfig, RestartAgent
+from workflows.entity import VpsEntity
 from workflows.lifecycle import DestroyVps, ProvisionVps, Reconcile, StartVps, StopVps
 
-WORKFLOWS = [ProvisionVps, StartVps, StopVps, DestroyVps, Reconcile, PushConfig, RestartAgent, ConnectChannel,
-             DisconnectChannel]
+WORKFLOWS = [VpsEntity, ProvisionVps, StartVps, StopVps, DestroyVps, Reconcile, PushConfig, RestartAgent,
+             ConnectChannel, DisconnectChannel]
 
 __all__ = ["WORKFLOWS", "ConnectChannel", "DestroyVps", "DisconnectChannel", "ProvisionVps", "PushConfig",
-           "Reconcile", "RestartAgent", "StartVps", "StopVps"]
+           "Reconcile", "RestartAgent", "StartVps", "StopVps", "VpsEntity"]

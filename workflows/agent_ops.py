@@ -1,8 +1,10 @@
 """Operations on a running agent's gateway: settings push, restart, channel connect/disconnect.
 
-They hold the same per-VPS operation slot as the lifecycle workflows (one operation at a time,
-409 otherwise) but never change the VPS's state: a failed push leaves a running VM running.
-Channel credentials never pass through here; activities read them from the database.
+They run as children of the VPS's entity workflow, queued behind whatever runs, and never change
+the VPS's lifecycle state: a failed push leaves a running VM running, and its failure is recorded
+on the operation's row for the API. An operation that finds the agent not running (it was stopped
+while this one waited in the queue) ends with that reason; saved settings are applied at the next
+start. Channel credentials never pass through here; activities read them from the database.
 """
 
 from __future__ import annotations
@@ -14,24 +16,26 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, CancelledError
 
-from workflows.contracts import Act, ChannelInput, ChannelStatusInput, OperationInput, OperationResult
-from workflows.lifecycle import DB_RETRY, _Operation, reason
+from workflows.contracts import (
+    Act,
+    ChannelInput,
+    ChannelStatusInput,
+    OperationInput,
+    OperationResult,
+    OperationStatus,
+)
+from workflows.lifecycle import DB_RETRY, DETERMINISTIC, _Operation, error_type, reason
 
 GATEWAY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                            maximum_interval=timedelta(seconds=15), maximum_attempts=5)
+                            maximum_interval=timedelta(seconds=15), maximum_attempts=5,
+                            non_retryable_error_types=[*DETERMINISTIC, "ChannelRejected", "ChannelError"])
 
 
 class _AgentOperation(_Operation):
-    async def _gateway(self, act: Act, inp: OperationInput, timeout_s: float = 90,
-                       heartbeat_s: float | None = None) -> None:
+    async def _gateway(self, act: Act, inp: OperationInput, timeout_s: float = 90) -> None:
         await workflow.execute_activity(
             act, inp.model_copy(update={"step": self._step}), start_to_close_timeout=timedelta(seconds=timeout_s),
-            retry_policy=GATEWAY_RETRY,
-            heartbeat_timeout=timedelta(seconds=heartbeat_s) if heartbeat_s else None)
-
-    async def _done(self, inp: OperationInput, error: str | None = None) -> OperationResult:
-        await self._set_step(None)
-        return OperationResult(vps_id=inp.vps.vps_id, state="running", error=error)
+            heartbeat_timeout=timedelta(seconds=inp.timeouts.heartbeat_s), retry_policy=GATEWAY_RETRY)
 
     async def _mark_channel(self, inp: ChannelInput, status: str, error: str | None = None) -> None:
         await workflow.execute_activity(
@@ -45,32 +49,30 @@ class PushConfig(_AgentOperation):
 
     @workflow.run
     async def run(self, inp: OperationInput) -> OperationResult:
-        self._inp = inp
         try:
             await self._set_step("push_config")
             await self._gateway(Act.push_config, inp)
-            return await self._done(inp)
+            return await self._finish(inp, OperationStatus.succeeded)
         except ActivityError as err:
-            return await self._done(inp, f"settings not applied: {reason(err)}")
-        finally:
-            await self._release(inp)
+            if error_type(err) == "NotRunning":
+                # Saved already; StartVps pushes the settings when the agent next starts.
+                return await self._finish(inp, OperationStatus.succeeded,
+                                          error=f"{reason(err)}; the settings are applied at the next start")
+            return await self._finish(inp, OperationStatus.failed, error=f"settings not applied: {reason(err)}")
 
 
 @workflow.defn(name="RestartAgent")
 class RestartAgent(_AgentOperation):
     @workflow.run
     async def run(self, inp: OperationInput) -> OperationResult:
-        self._inp = inp
         try:
             await self._set_step("restart_gateway")
             await self._gateway(Act.restart_gateway, inp)
             await self._set_step("wait_gateway_ready")
             await self._wait(Act.wait_gateway_ready, inp, inp.timeouts.gateway_ready_s)
-            return await self._done(inp)
+            return await self._finish(inp, OperationStatus.succeeded)
         except ActivityError as err:
-            return await self._done(inp, f"restart failed: {reason(err)}")
-        finally:
-            await self._release(inp)
+            return await self._finish(inp, OperationStatus.failed, error=f"restart failed: {reason(err)}")
 
 
 @workflow.defn(name="ConnectChannel")
@@ -79,40 +81,33 @@ class ConnectChannel(_AgentOperation):
 
     @workflow.run
     async def run(self, inp: ChannelInput) -> OperationResult:
-        self._inp = inp
         try:
             if inp.kind == "whatsapp":
                 await self._set_step("whatsapp_login")
-                await self._gateway(Act.whatsapp_login, inp, timeout_s=inp.qr_timeout_s + 60, heartbeat_s=30)
+                await self._gateway(Act.whatsapp_login, inp, timeout_s=inp.qr_timeout_s + 60)
             else:
                 await self._set_step("configure_channel")
                 await self._gateway(Act.configure_channel, inp)
                 await self._set_step("await_channel")
-                await self._gateway(Act.await_channel, inp, timeout_s=inp.timeouts.channel_status_s + 30,
-                                    heartbeat_s=20)
-            return await self._done(inp)
+                await self._gateway(Act.await_channel, inp, timeout_s=inp.timeouts.channel_status_s + 30)
+            return await self._finish(inp, OperationStatus.succeeded)
         except (asyncio.CancelledError, CancelledError, ActivityError) as err:
             if not isinstance(err, ActivityError) or isinstance(err.cause, CancelledError):
-                # DELETE during a WhatsApp pairing: record it and free the VPS; nothing to undo.
+                # DELETE during a WhatsApp pairing, or the agent is being stopped: nothing to undo.
                 await self._mark_channel(inp, "cancelled", "pairing cancelled")
-                return await self._done(inp, "cancelled")
+                return await self._finish(inp, OperationStatus.cancelled, error="pairing cancelled")
             message = reason(err)
             await self._mark_channel(inp, "error", message)
-            return await self._done(inp, f"{inp.kind} not connected: {message}")
-        finally:
-            await self._release(inp)
+            return await self._finish(inp, OperationStatus.failed, error=f"{inp.kind} not connected: {message}")
 
 
 @workflow.defn(name="DisconnectChannel")
 class DisconnectChannel(_AgentOperation):
     @workflow.run
     async def run(self, inp: ChannelInput) -> OperationResult:
-        self._inp = inp
         try:
             await self._set_step("remove_channel")
             await self._gateway(Act.remove_channel, inp)
-            return await self._done(inp)
+            return await self._finish(inp, OperationStatus.succeeded)
         except ActivityError as err:
-            return await self._done(inp, f"{inp.kind} not removed: {reason(err)}")
-        finally:
-            await self._release(inp)
+            return await self._finish(inp, OperationStatus.failed, error=f"{inp.kind} not removed: {reason(err)}")

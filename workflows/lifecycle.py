@@ -1,10 +1,15 @@
-"""VM lifecycle workflows: provision, start, stop, destroy, reconcile.
+"""VM lifecycle operations: provision, start, stop, destroy; and the Reconcile sweep.
 
 Deterministic orchestration only: every side effect is an idempotent activity named in
-`contracts.Act`. Each operation holds the VPS's operation slot (set by the API when it starts
-the run) and always releases it, whatever happens, so a crashed or failed run never blocks the
-next request. The query `step` says where a run is; the same step is written to the VPS row
-for the API.
+`contracts.Act`. Each operation runs as a child of its VPS's entity workflow (workflows/entity.py),
+which guarantees one at a time; an operation ends by recording its outcome on its row in
+`vps_operations` and, for a lifecycle operation, by a compare-and-set of the VPS's state from the
+states it expects, so a stale run can never overwrite what another wrote. The query `step` says
+where a run is; the same step is on the operation's row for the API.
+
+Timeouts: provider calls are single-shot and short; every wait is a heartbeating poll activity
+(a dead worker is noticed within `heartbeat_s`, and cancellation reaches it); every retry policy
+names the errors that retrying cannot fix.
 """
 
 from __future__ import annotations
@@ -19,26 +24,33 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 from workflows.contracts import (
     Act,
-    MarkStateInput,
+    FinishInput,
     OperationInput,
     OperationResult,
+    OperationStatus,
     ReconcileInput,
     ReconcileReport,
-    ReleaseInput,
     WaitInput,
 )
 
-# Provider calls: 429/5xx/timeouts come back as retryable errors and are retried with backoff;
-# invalid input, quota and auth errors are raised non-retryable and fail fast.
+# Errors no retry can fix: the activity raised them on purpose (see activities/vps.py `fail`).
+DETERMINISTIC = ["VpsError", "StateChanged", "NotRunning", "LockdownViolation", "ValidationError",
+                 "ProviderFatal", "VmNotFound", "CapacityUnavailable", "GatewayNotReady", "Timeout"]
+# Provider calls: 429/5xx/timeouts come back as retryable errors (honouring Retry-After) and are
+# retried with backoff; invalid input, quota and auth errors fail fast.
 PROVIDER_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                             maximum_interval=timedelta(seconds=30), maximum_attempts=8)
-DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=10))
-# A compensation that gives up leaves a VM billed to us: retry it for much longer.
-CLEANUP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=60),
-                            maximum_attempts=30)
+                             maximum_interval=timedelta(seconds=30), maximum_attempts=8,
+                             non_retryable_error_types=DETERMINISTIC)
+DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=10),
+                       maximum_attempts=20, non_retryable_error_types=DETERMINISTIC)
+# A compensation that gives up leaves a VM billed to us; past this, `needs_cleanup` hands it to Reconcile.
+CLEANUP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_interval=timedelta(seconds=30),
+                            maximum_attempts=12, non_retryable_error_types=["VpsError", "ProviderFatal"])
+# A poll is its own retry loop; another attempt only covers a lost worker.
+POLL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3,
+                         non_retryable_error_types=DETERMINISTIC)
 
-
-PROVISIONING_FAILED = "provisioning failed:"
+ANY_LIVE_STATE = ["provisioning", "running", "stopped", "error"]
 
 
 def reason(err: BaseException) -> str:
@@ -54,98 +66,101 @@ def reason(err: BaseException) -> str:
     return message
 
 
+def error_type(err: BaseException) -> str | None:
+    """The ApplicationError type inside an activity failure (e.g. `NotRunning`)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            return cause.type
+        cause = cause.__cause__
+    return None
+
+
 class _Operation:
-    """What every lifecycle run shares: the step query, DB bookkeeping, the slot release."""
+    """What every operation shares: the step query, activity options, the outcome record."""
 
     def __init__(self) -> None:
         self._step = "queued"
-        self._inp: OperationInput | None = None
 
     @workflow.query
     def step(self) -> str:
         return self._step
 
-    async def _db(self, act: Act, arg: Any) -> None:
-        await workflow.execute_activity(act, arg, start_to_close_timeout=timedelta(seconds=30),
-                                        retry_policy=DB_RETRY)
-
     async def _set_step(self, step: str | None) -> None:
-        """Where the run is: for the query and the UI now, and on the VPS row when the next activity
-        starts (it carries the step), so no extra activity round trip is spent on bookkeeping."""
+        """Where the run is: for the query and the UI now, and on the operation's row when the next
+        activity starts (it carries the step), so no extra round trip is spent on bookkeeping."""
         self._step = step or "done"
         workflow.set_current_details(f"**step:** {self._step}")
 
-    async def _provider(self, act: Act, inp: OperationInput, *, heartbeat: bool = False,
-                        timeout_s: float | None = None, retry: RetryPolicy = PROVIDER_RETRY) -> Any:
-        budget = timedelta(seconds=timeout_s or inp.timeouts.provider_call_s)
+    async def _provider(self, act: Act, inp: OperationInput, *, timeout_s: float | None = None,
+                        retry: RetryPolicy = PROVIDER_RETRY) -> Any:
         return await workflow.execute_activity(
-            act, inp.model_copy(update={"step": self._step}), start_to_close_timeout=budget, retry_policy=retry,
-            heartbeat_timeout=timedelta(seconds=max(10, inp.timeouts.poll_interval_s * 5)) if heartbeat else None,
+            act, inp.model_copy(update={"step": self._step}),
+            start_to_close_timeout=timedelta(seconds=timeout_s or inp.timeouts.provider_call_s),
+            heartbeat_timeout=timedelta(seconds=inp.timeouts.heartbeat_s), retry_policy=retry,
         )
 
     async def _wait(self, act: Act, inp: OperationInput, timeout_s: float, want: str = "running") -> None:
-        arg = WaitInput(vps_id=inp.vps.vps_id, timeout_s=timeout_s, poll_interval_s=inp.timeouts.poll_interval_s,
-                        want=want, step=self._step)
+        arg = WaitInput(vps_id=inp.vps.vps_id, operation_id=inp.operation_id, timeout_s=timeout_s,
+                        poll_interval_s=inp.timeouts.poll_interval_s, want=want, step=self._step)
         await workflow.execute_activity(
-            act, arg,
-            start_to_close_timeout=timedelta(seconds=timeout_s + 30),
-            heartbeat_timeout=timedelta(seconds=max(10, inp.timeouts.poll_interval_s * 5)),
-            # The poll itself is the retry loop; a second attempt only covers a lost worker.
-            retry_policy=RetryPolicy(maximum_attempts=3, initial_interval=timedelta(seconds=1)),
+            act, arg, start_to_close_timeout=timedelta(seconds=timeout_s + 30),
+            heartbeat_timeout=timedelta(seconds=inp.timeouts.heartbeat_s), retry_policy=POLL_RETRY,
         )
 
-    async def _finish(self, inp: OperationInput, state: str, error: str | None = None) -> OperationResult:
-        await self._db(Act.mark_state, MarkStateInput(vps_id=inp.vps.vps_id, state=state, error=error))
+    async def _finish(self, inp: OperationInput, status: OperationStatus, *, state: str | None = None,
+                      expect: list[str] | None = None, error: str | None = None,
+                      needs_cleanup: bool | None = None) -> OperationResult:
+        """Record the outcome (and the state, compare-and-set) in one activity; the result says what stuck."""
+        finish = FinishInput(vps_id=inp.vps.vps_id, user_id=inp.vps.user_id, operation=inp.operation,
+                             operation_id=inp.operation_id, status=status, error=error,
+                             state=state, expect=expect or [], needs_cleanup=needs_cleanup,
+                             last_error=error if state is not None else None)
+        result: OperationResult = await workflow.execute_activity(
+            Act.finish_operation, finish, start_to_close_timeout=timedelta(seconds=30), retry_policy=DB_RETRY,
+            result_type=OperationResult)
         await self._set_step(None)
-        return OperationResult(vps_id=inp.vps.vps_id, state=state, error=error)
-
-    async def _release(self, inp: OperationInput) -> None:
-        await workflow.execute_activity(
-            Act.release_operation, ReleaseInput(vps_id=inp.vps.vps_id, operation_id=inp.operation_id),
-            start_to_close_timeout=timedelta(seconds=30), retry_policy=DB_RETRY)
+        return result
 
 
 @workflow.defn(name="ProvisionVps")
 class ProvisionVps(_Operation):
     @workflow.run
     async def run(self, inp: OperationInput) -> OperationResult:
-        self._inp = inp
-        vm_may_exist = False
+        expect = ["provisioning"]
         try:
+            await self._set_step("create_vm")
+            await self._provider(Act.create_vm, inp)
+            await self._set_step("wait_vm_running")
+            await self._wait(Act.wait_vm_running, inp, inp.timeouts.vm_running_s)
+            await self._set_step("wait_gateway_ready")
+            await self._wait(Act.wait_gateway_ready, inp, inp.timeouts.gateway_ready_s)
+            await self._set_step("pair_gateway")
+            await self._provider(Act.pair_gateway, inp, timeout_s=inp.timeouts.pairing_s + 30)
+            await self._set_step("push_config")
+            await self._provider(Act.push_config, inp, timeout_s=90)
+            return await self._finish(inp, OperationStatus.succeeded, state="running", expect=expect)
+        except (ActivityError, CancelledError, asyncio.CancelledError) as err:
+            # From create_vm on a VM may exist at the provider even if the call failed locally.
+            message = f"provisioning failed: {reason(err)}"
+            workflow.logger.warning("provisioning failed", extra={"vps_id": inp.vps.vps_id, "reason": message})
+            await self._set_step("compensate_destroy_vm")
+            cleanup_failed = False
             try:
-                await self._set_step("create_vm")
-                # From here on a VM may exist at the provider even if the call fails locally.
-                vm_may_exist = True
-                await self._provider(Act.create_vm, inp)
-                await self._set_step("wait_vm_running")
-                await self._wait(Act.wait_vm_running, inp, inp.timeouts.vm_running_s)
-                await self._set_step("wait_gateway_ready")
-                await self._wait(Act.wait_gateway_ready, inp, inp.timeouts.gateway_ready_s)
-                await self._set_step("pair_gateway")
-                await self._provider(Act.pair_gateway, inp, timeout_s=60)
-                await self._set_step("push_config")
-                await self._provider(Act.push_config, inp, timeout_s=90)
-                return await self._finish(inp, "running")
-            except (ActivityError, CancelledError, asyncio.CancelledError) as err:
-                message = reason(err)
-                workflow.logger.warning("provisioning failed", extra={"vps_id": inp.vps.vps_id, "reason": message})
-                if vm_may_exist:
-                    await self._set_step("compensate_destroy_vm")
-                    try:
-                        await self._provider(Act.destroy_vm, inp, retry=CLEANUP_RETRY)
-                    except ActivityError as cleanup:
-                        # The VPS is marked failed either way; Reconcile removes what is left.
-                        message += f"; removing the VM failed too ({reason(cleanup)}), it will be retried"
-                return await self._finish(inp, "error", f"{PROVISIONING_FAILED} {message}")
-        finally:
-            await self._release(inp)
+                await self._provider(Act.destroy_vm, inp, timeout_s=inp.timeouts.vm_gone_s + 30,
+                                     retry=CLEANUP_RETRY)
+            except ActivityError as cleanup:
+                cleanup_failed = True
+                message += f"; removing the VM failed too ({reason(cleanup)}), Reconcile will retry it"
+            return await self._finish(inp, OperationStatus.failed, state="error", expect=expect, error=message,
+                                      needs_cleanup=cleanup_failed)
 
 
 @workflow.defn(name="StartVps")
 class StartVps(_Operation):
     @workflow.run
     async def run(self, inp: OperationInput) -> OperationResult:
-        self._inp = inp
+        expect = ["stopped", "error", "running"]
         try:
             await self._set_step("start_vm")
             await self._provider(Act.start_vm, inp)
@@ -156,61 +171,60 @@ class StartVps(_Operation):
             # Whatever changed on the VM's disk while it was off, the lockdown is re-asserted.
             await self._set_step("push_config")
             await self._provider(Act.push_config, inp, timeout_s=90)
-            return await self._finish(inp, "running")
+            return await self._finish(inp, OperationStatus.succeeded, state="running", expect=expect)
         except ActivityError as err:
-            return await self._finish(inp, "error", f"start failed: {reason(err)}")
-        finally:
-            await self._release(inp)
+            return await self._finish(inp, OperationStatus.failed, state="error", expect=expect,
+                                      error=f"start failed: {reason(err)}")
 
 
 @workflow.defn(name="StopVps")
 class StopVps(_Operation):
     @workflow.run
     async def run(self, inp: OperationInput) -> OperationResult:
-        self._inp = inp
+        expect = ["running", "error", "stopped"]
         try:
             await self._set_step("stop_vm")
             await self._provider(Act.stop_vm, inp)
             await self._set_step("wait_vm_stopped")
             await self._wait(Act.wait_vm_running, inp, inp.timeouts.vm_running_s, want="stopped")
-            return await self._finish(inp, "stopped")
+            return await self._finish(inp, OperationStatus.succeeded, state="stopped", expect=expect)
         except ActivityError as err:
-            return await self._finish(inp, "error", f"stop failed: {reason(err)}")
-        finally:
-            await self._release(inp)
+            return await self._finish(inp, OperationStatus.failed, state="error", expect=expect,
+                                      error=f"stop failed: {reason(err)}")
 
 
 @workflow.defn(name="DestroyVps")
 class DestroyVps(_Operation):
     @workflow.run
     async def run(self, inp: OperationInput) -> OperationResult:
-        self._inp = inp
         try:
             await self._set_step("record_storage_usage")
             try:
-                await self._provider(Act.record_storage_usage, inp, timeout_s=60,
-                                     retry=RetryPolicy(maximum_attempts=3))
+                await self._provider(Act.record_storage_usage, inp, retry=RetryPolicy(
+                    maximum_attempts=3, non_retryable_error_types=DETERMINISTIC))
             except ActivityError as err:
                 # Losing a usage row is better than keeping a billed VM alive.
                 workflow.logger.warning("storage usage not recorded", extra={"reason": reason(err)})
             await self._set_step("destroy_vm")
-            await self._provider(Act.destroy_vm, inp, retry=CLEANUP_RETRY)
-            return await self._finish(inp, "destroyed")
+            await self._provider(Act.destroy_vm, inp, timeout_s=inp.timeouts.vm_gone_s + 30, retry=CLEANUP_RETRY)
+            return await self._finish(inp, OperationStatus.succeeded, state="destroyed", expect=ANY_LIVE_STATE,
+                                      needs_cleanup=False)
         except ActivityError as err:
-            return await self._finish(inp, "error", f"destroy failed: {reason(err)}")
-        finally:
-            await self._release(inp)
+            return await self._finish(inp, OperationStatus.failed, state="error", expect=ANY_LIVE_STATE,
+                                      error=f"destroy failed: {reason(err)}; Reconcile will retry removing the VM",
+                                      needs_cleanup=True)
 
 
 @workflow.defn(name="Reconcile")
 class Reconcile:
-    """Run by a Temporal Schedule: repairs drift, removes orphans, fails stuck provisioning."""
+    """Run by a Temporal Schedule: repairs drift, removes orphans, converges `error`, expires stuck runs."""
 
     @workflow.run
     async def run(self, inp: ReconcileInput) -> ReconcileReport:
         report: ReconcileReport = await workflow.execute_activity(
             Act.reconcile, inp, start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(seconds=60), retry_policy=RetryPolicy(maximum_attempts=3),
+            heartbeat_timeout=timedelta(seconds=60),
+            retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=DETERMINISTIC),
             result_type=ReconcileReport,
         )
         return report

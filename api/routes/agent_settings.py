@@ -11,17 +11,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
 
 from api.deps import CurrentUser, SessionDep
+from api.operations import IdempotencyKey, accepted, operation_id_for, replayed, submit
 from api.problems import Problem
-from api.routes.agents import owned_agent
-from api.routes.vps import accepted, claim, locked_vps, operation_id_for, start_operation
+from api.routes.agents import agent_vps, owned_agent
+from api.routes.vps import agent_and_vps
 from api.schemas import ModelId
-from db.models import Vps, VpsState
-from workflows.agent_ops import PushConfig, RestartAgent
+from db.models import VpsState
+from workflows.contracts import OperationKind
 
 router = APIRouter(prefix="/agents/{agent_id}", tags=["agents"])
 FileText = Annotated[str, StringConstraints(max_length=64 * 1024)]
-
-
 
 
 class SettingsIn(BaseModel):
@@ -44,37 +43,45 @@ class SettingsIn(BaseModel):
 
 @router.patch("/settings")
 async def update_settings(agent_id: uuid.UUID, body: SettingsIn, request: Request, session: SessionDep,
-                          user: CurrentUser) -> JSONResponse:
-    """Saved at once; pushed to the gateway now if it runs, otherwise on its next start."""
+                          user: CurrentUser, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    """Saved at once; pushed to the gateway if it runs (queued behind any running operation),
+    otherwise applied at its next start. `GET /agents/{id}` says whether the gateway holds them."""
     agent = await owned_agent(session, user, agent_id, lock=True)
-    vps: Vps | None = None
-    if agent.vps_id is not None:
-        _, vps = await locked_vps(session, user, agent_id)
-    operation_id = None
-    if vps is not None and vps.state == VpsState.running:
-        operation_id = operation_id_for("settings", vps.id, user, None)
-        await claim(request, session, vps, operation_id)  # 409 while another operation runs
+    vps = await agent_vps(session, agent)
+    operation_id = operation_id_for("settings", vps.id, user, idempotency_key) if vps is not None else None
+    if vps is not None and operation_id is not None:
+        earlier = await replayed(session, user, idempotency_key, operation_id)
+        if earlier is not None:
+            return accepted(agent_id, vps.id, operation_id, OperationKind.settings, earlier.status)
     if body.files:
         agent.personality = {**(agent.personality or {}), **body.files}
     if body.model:
         agent.model = body.model
+    agent.settings_version += 1
     agent.updated_at = datetime.now(UTC)
     session.add(agent)
-    await session.flush()
-    if vps is not None and operation_id is not None:
-        await start_operation(request, session, user, agent, vps, PushConfig, operation_id)
-        return accepted(agent_id, vps.id, operation_id, "PushConfig")
     await session.commit()
-    return JSONResponse({"saved": True, "applied": "on the next start of the agent's VPS"}, status_code=200)
+    if vps is None or operation_id is None or vps.state not in (VpsState.running, VpsState.provisioning):
+        return JSONResponse({"saved": True, "applied": "on the next start of the agent's VPS",
+                             "settings_version": agent.settings_version}, status_code=200)
+    try:
+        done = await submit(request, session, user, agent, vps, OperationKind.settings, operation_id, idempotency_key)
+    except Problem as problem:
+        problem.detail = f"The settings were saved, but pushing them to the agent failed: {problem.detail}"
+        raise
+    return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
 
 @router.post("/restart", status_code=202)
-async def restart(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser) -> JSONResponse:
-    agent, vps = await locked_vps(session, user, agent_id)
+async def restart(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser,
+                  idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    agent, vps = await agent_and_vps(session, user, agent_id)
+    operation_id = operation_id_for("restart", vps.id, user, idempotency_key)
+    earlier = await replayed(session, user, idempotency_key, operation_id)
+    if earlier is not None:
+        return accepted(agent_id, vps.id, operation_id, OperationKind.restart, earlier.status)
     if vps.state != VpsState.running:
         raise Problem(409, "Agent is not running", f"The agent's VPS is {vps.state}; restart needs it running.",
                       type_="invalid-state", vps_state=vps.state)
-    operation_id = operation_id_for("restart", vps.id, user, None)
-    await claim(request, session, vps, operation_id)
-    await start_operation(request, session, user, agent, vps, RestartAgent, operation_id)
-    return accepted(agent_id, vps.id, operation_id, "RestartAgent")
+    done = await submit(request, session, user, agent, vps, OperationKind.restart, operation_id, idempotency_key)
+    return accepted(agent_id, vps.id, done.operation_id, done.operation)

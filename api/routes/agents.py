@@ -6,30 +6,45 @@ import secrets
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import CurrentUser, SessionDep
+from api.operations import active_operations, last_operations, operation_out
 from api.problems import Problem
-from api.schemas import AgentCreate, AgentOut, Page, VpsOut
+from api.schemas import AgentCreate, AgentOut, OperationOut, Page, SettingsSync, VpsOut
 from billing.plans import effective_plan
-from db.models import Agent, User, Vps, VpsState
+from db.models import Agent, User, Vps, VpsOperation, VpsState
 
 router = APIRouter(prefix="/agents", tags=["agents"])
 
 
-def agent_out(agent: Agent, vps: Vps | None) -> AgentOut:
-    return AgentOut(
-        id=agent.id,  # type: ignore[arg-type]
-        name=agent.name,
-        model=agent.model,
-        gateway_token_hint="…" + agent.gateway_token_last4,
-        vps=VpsOut.model_validate(vps.model_dump()) if vps is not None else None,
-        created_at=agent.created_at,
-    )
+async def agents_out(session: AsyncSession, pairs: list[tuple[Agent, Vps | None]]) -> list[AgentOut]:
+    """Agents with their VPS, its operation in flight and its last outcome (two queries for any page)."""
+    vps_ids = [vps.id for _, vps in pairs if vps is not None]
+    active = await active_operations(session, vps_ids)
+    last = await last_operations(session, vps_ids)
+    out = []
+    for agent, vps in pairs:
+        vps_out = None
+        if vps is not None:
+            now, done = active.get(vps.id), last.get(vps.id)
+            vps_out = VpsOut.model_validate({
+                **vps.model_dump(), "operation_id": now.id if now else None, "step": now.step if now else None,
+                "operation": operation_out(now) if now else None,
+                "last_operation": operation_out(done) if done else None})
+        applied = vps.applied_settings_version if vps is not None else None
+        out.append(AgentOut(
+            id=agent.id,  # type: ignore[arg-type]
+            name=agent.name, model=agent.model, gateway_token_hint="…" + agent.gateway_token_last4, vps=vps_out,
+            settings=SettingsSync(saved_version=agent.settings_version, applied_version=applied,
+                                  in_sync=applied == agent.settings_version),
+            created_at=agent.created_at,
+        ))
+    return out
 
 
 async def owned_agent(session: AsyncSession, user: User, agent_id: uuid.UUID, *, lock: bool = False) -> Agent:
@@ -73,7 +88,7 @@ async def create_agent(body: AgentCreate, session: SessionDep, user: CurrentUser
                       type_="conflict") from None
     await session.refresh(agent)
     response.headers["Location"] = f"/agents/{agent.id}"
-    return agent_out(agent, None)
+    return (await agents_out(session, [(agent, None)]))[0]
 
 
 @router.get("", response_model=Page[AgentOut])
@@ -94,13 +109,39 @@ async def list_agents(
             .offset(offset)
         )
     ).all()
-    return Page(items=[agent_out(a, v) for a, v in rows], total=total, limit=limit, offset=offset)
+    return Page(items=await agents_out(session, [(a, v) for a, v in rows]), total=total, limit=limit, offset=offset)
 
 
 @router.get("/{agent_id}", response_model=AgentOut)
 async def get_agent(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> AgentOut:
     agent = await owned_agent(session, user, agent_id)
-    return agent_out(agent, await agent_vps(session, agent))
+    return (await agents_out(session, [(agent, await agent_vps(session, agent))]))[0]
+
+
+@router.get("/{agent_id}/operations", response_model=Page[OperationOut])
+async def list_operations(
+    agent_id: uuid.UUID, session: SessionDep, user: CurrentUser,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20, offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> Page[OperationOut]:
+    """Every operation on the agent's VPSes, newest first, with its outcome."""
+    agent = await owned_agent(session, user, agent_id)
+    scope = select(VpsOperation).join(Agent, col(Agent.vps_id) == col(VpsOperation.vps_id)).where(
+        Agent.id == agent.id, VpsOperation.user_id == user.id)
+    total = (await session.exec(select(func.count()).select_from(scope.subquery()))).one()
+    rows = (await session.exec(scope.order_by(col(VpsOperation.created_at).desc()).limit(limit).offset(offset))).all()
+    return Page(items=[OperationOut.model_validate(operation_out(r)) for r in rows], total=total, limit=limit,
+                offset=offset)
+
+
+@router.get("/{agent_id}/operations/{operation_id}", response_model=OperationOut)
+async def get_operation(agent_id: uuid.UUID, operation_id: Annotated[str, Path(max_length=255)],
+                        session: SessionDep, user: CurrentUser) -> OperationOut:
+    await owned_agent(session, user, agent_id)
+    row = (await session.exec(select(VpsOperation).join(Agent, col(Agent.vps_id) == col(VpsOperation.vps_id)).where(
+        VpsOperation.id == operation_id, VpsOperation.user_id == user.id, Agent.id == agent_id))).first()
+    if row is None:
+        raise Problem(404, "Not found", f"No operation {operation_id} on agent {agent_id}", type_="not-found")
+    return OperationOut.model_validate(operation_out(row))
 
 
 @router.delete("/{agent_id}", status_code=204)

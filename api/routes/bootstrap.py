@@ -45,6 +45,7 @@ async def redeem(request: Request, session: SessionDep,
     if agent is None or vps.admin_device_key is None or vps.relay_device_key is None:
         raise Problem(409, "Not ready", "This VPS is not being provisioned", type_="conflict")
     vps.bootstrap_redeemed_at = now
+    vps.bootstrap_token = None  # kept only until redeemed (a retried create reuses it)
     session.add(vps)
     await session.commit()
     settings: Settings = request.app.state.settings

@@ -1,8 +1,9 @@
 """Messaging channels: connect (token channels, WhatsApp QR), list, follow the QR, disconnect.
 
 Credentials are format-checked before anything is stored, stored encrypted, and only ever shown
-masked. The gateway work is a workflow (ConnectChannel / DisconnectChannel) holding the VPS's
-operation slot; the QR a WhatsApp login shows is written to the channel row by that workflow's
+masked. The gateway work is an operation (ConnectChannel / DisconnectChannel) queued on the VPS's
+entity workflow; a WhatsApp pairing runs beside that queue, so it blocks nothing. The QR a
+WhatsApp login shows is written to the channel row by that workflow's
 activity and read here, with a long-poll so a frontend follows rotation without hammering.
 """
 
@@ -23,12 +24,12 @@ from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import CurrentUser, SessionDep
+from api.operations import accepted, cancel_pairing, operation_id_for, submit
 from api.problems import Problem
 from api.routes.agents import owned_agent
-from api.routes.vps import accepted, claim, locked_vps, operation_id_for, operation_running, start_operation, temporal
+from api.routes.vps import agent_and_vps
 from db.models import AgentChannel, User, Vps, VpsState
-from workflows.agent_ops import ConnectChannel, DisconnectChannel
-from workflows.contracts import ChannelInput
+from workflows.contracts import OperationKind
 
 router = APIRouter(prefix="/agents/{agent_id}/channels", tags=["channels"])
 Kind = Literal["telegram", "discord", "slack", "whatsapp"]
@@ -79,7 +80,7 @@ def channel_out(row: AgentChannel) -> dict[str, Any]:
 
 
 async def running_vps(session: AsyncSession, user: User, agent_id: uuid.UUID) -> tuple[Any, Vps]:
-    agent, vps = await locked_vps(session, user, agent_id)
+    agent, vps = await agent_and_vps(session, user, agent_id)
     if vps.state != VpsState.running:
         raise Problem(409, "Agent is not running", f"The agent's VPS is {vps.state}; start it first "
                       f"(POST /agents/{agent_id}/vps/start).", type_="invalid-state", vps_state=vps.state)
@@ -94,22 +95,35 @@ async def find_channel(session: AsyncSession, agent_id: uuid.UUID, kind: str) ->
 @router.post("", status_code=202)
 async def connect(agent_id: uuid.UUID, body: ChannelIn, request: Request, session: SessionDep,
                   user: CurrentUser) -> JSONResponse:
+    """Stores the credentials, then queues ConnectChannel (a WhatsApp pairing runs beside the queue)."""
     agent, vps = await running_vps(session, user, agent_id)
     row = await find_channel(session, agent_id, body.kind)
     if row is not None and row.status in ACTIVE:
         raise Problem(409, "Channel exists", f"{body.kind} is already {row.status} on this agent; remove it first "
                       f"(DELETE /agents/{agent_id}/channels/{body.kind}).", type_="conflict", channel_status=row.status)
-    operation_id = operation_id_for(f"channel-{body.kind}", vps.id, user, None)
-    await claim(request, session, vps, operation_id)
+    previous = None if row is None else {k: getattr(row, k) for k in ("credentials", "status", "last_error",
+                                                                      "qr_data_url", "updated_at")}
     if row is None:
         row = AgentChannel(agent_id=agent_id, kind=body.kind)
     row.credentials = json.dumps(body.credentials) if body.credentials else None
     row.status, row.last_error, row.qr_data_url, row.updated_at = "pending", None, None, datetime.now(UTC)
     session.add(row)
-    await session.flush()
-    await start_operation(request, session, user, agent, vps, ConnectChannel, operation_id,
-                          input_type=ChannelInput, kind=body.kind)
-    return accepted(agent_id, vps.id, operation_id, "ConnectChannel")
+    await session.commit()  # the operation's activity reads the credentials from this row
+    operation_id = operation_id_for(f"channel-{body.kind}", vps.id, user, None)
+    try:
+        done = await submit(request, session, user, agent, vps, OperationKind.channel_connect, operation_id,
+                            channel=body.kind)
+    except Problem:
+        # Not accepted: the channel is as it was before this request.
+        if previous is None:
+            await session.delete(row)
+        else:
+            for key, value in previous.items():
+                setattr(row, key, value)
+            session.add(row)
+        await session.commit()
+        raise
+    return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
 
 @router.get("")
@@ -123,25 +137,23 @@ async def list_channels(agent_id: uuid.UUID, session: SessionDep, user: CurrentU
 @router.delete("/{kind}", status_code=202)
 async def disconnect(agent_id: uuid.UUID, kind: Kind, request: Request, session: SessionDep,
                      user: CurrentUser) -> Response:
-    agent, vps = await locked_vps(session, user, agent_id)
+    agent, vps = await agent_and_vps(session, user, agent_id)
     row = await find_channel(session, agent_id, kind)
     if row is None:
         raise Problem(404, "Not found", f"No {kind} channel on agent {agent_id}", type_="not-found")
-    if kind == "whatsapp" and vps.operation_id and vps.operation_id.startswith(f"channel-whatsapp-{vps.id}"):
-        # A pairing in progress: cancel it (the workflow records `cancelled` and frees the VPS).
-        client = await temporal(request)
-        if await operation_running(client, vps.operation_id):
-            await client.get_workflow_handle(vps.operation_id).cancel()
-            return JSONResponse({"operation_id": vps.operation_id, "operation": "ConnectChannel",
-                                 "status": "cancelling"}, status_code=202)
+    if kind == "whatsapp" and row.status in ("pending", "connecting", "awaiting_scan"):
+        # A pairing in progress: cancel it (the operation records `cancelled`); nothing else waits on it.
+        cancelled = await cancel_pairing(request, vps)
+        if cancelled is not None:
+            return JSONResponse({"operation_id": cancelled, "operation": "ConnectChannel", "status": "cancelling"},
+                                status_code=202)
     if vps.state != VpsState.running:
         raise Problem(409, "Agent is not running", f"The agent's VPS is {vps.state}; start it to remove {kind}.",
                       type_="invalid-state", vps_state=vps.state)
     operation_id = operation_id_for(f"unchannel-{kind}", vps.id, user, None)
-    await claim(request, session, vps, operation_id)
-    await start_operation(request, session, user, agent, vps, DisconnectChannel, operation_id,
-                          input_type=ChannelInput, kind=kind)
-    return accepted(agent_id, vps.id, operation_id, "DisconnectChannel")
+    done = await submit(request, session, user, agent, vps, OperationKind.channel_disconnect, operation_id,
+                        channel=kind)
+    return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
 
 @router.get("/whatsapp/qr")
