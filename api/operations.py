@@ -12,6 +12,7 @@ the same id, which the entity (or, once finished, the operation's row) answers w
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from datetime import timedelta
@@ -42,6 +43,7 @@ from workflows.entity import VpsEntity, entity_id
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
 SUBMIT_TIMEOUT = timedelta(seconds=15)
 RETRY_AFTER_S = 5
+CONFLICT_SETTLE_TRIES = 15
 
 WORKFLOW_NAME = {
     OperationKind.provision: "ProvisionVps", OperationKind.start: "StartVps", OperationKind.stop: "StopVps",
@@ -89,6 +91,21 @@ async def replayed(session: AsyncSession, user: User, key: str | None, operation
     return row
 
 
+def _blocking(err: WorkflowUpdateFailedError) -> str | None:
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.type == "Conflict" and cause.details:
+        return str(cause.details[0])
+    return None
+
+
+async def _finished(session: AsyncSession, operation_id: str | None) -> bool:
+    if operation_id is None:
+        return False
+    status = (await session.exec(select(VpsOperation.status).where(VpsOperation.id == operation_id))).first()
+    await session.commit()
+    return status in ("succeeded", "failed", "cancelled")
+
+
 def _conflict(err: WorkflowUpdateFailedError) -> Problem:
     cause = err.cause
     if isinstance(cause, ApplicationError):
@@ -117,15 +134,26 @@ async def submit(request: Request, session: AsyncSession, user: User, agent: Age
                            timeouts=request.app.state.lifecycle_timeouts)
     await session.commit()  # hold no transaction (and no lock) across the RPC; reads stay loaded
     client = await temporal(request)
-    start = WithStartWorkflowOperation(
-        VpsEntity.run, EntityInput(vps=ref), id=entity_id(ref.vps_id), task_queue=settings.temporal_task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        search_attributes=run_attributes(user_id=ref.user_id, agent_id=ref.agent_id, vps_id=ref.vps_id))
+
+    def start() -> WithStartWorkflowOperation[Any, Any]:
+        return WithStartWorkflowOperation(
+            VpsEntity.run, EntityInput(vps=ref), id=entity_id(ref.vps_id), task_queue=settings.temporal_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=run_attributes(user_id=ref.user_id, agent_id=ref.agent_id, vps_id=ref.vps_id))
+
     try:
-        submitted: Submitted = await client.execute_update_with_start_workflow(
-            VpsEntity.submit, req, start_workflow_operation=start, rpc_timeout=SUBMIT_TIMEOUT)
-    except WorkflowUpdateFailedError as err:
-        raise _conflict(err) from None
+        for attempt in range(CONFLICT_SETTLE_TRIES):
+            try:
+                submitted: Submitted = await client.execute_update_with_start_workflow(
+                    VpsEntity.submit, req, start_workflow_operation=start(), rpc_timeout=SUBMIT_TIMEOUT)
+                break
+            except WorkflowUpdateFailedError as err:
+                # The blocking operation may have recorded its end a moment before the entity moved on:
+                # what the API showed as finished must not be answered with a 409.
+                if attempt + 1 < CONFLICT_SETTLE_TRIES and await _finished(session, _blocking(err)):
+                    await asyncio.sleep(0.2)
+                    continue
+                raise _conflict(err) from None
     except WorkflowUpdateRPCTimeoutOrCancelledError:
         raise unavailable("Temporal did not confirm the operation in time (no worker took it). It may still run: "
                           f"GET /agents/{agent.id} shows it if it does; retry with the same Idempotency-Key "

@@ -96,7 +96,7 @@ async def test_restart_brings_the_gateway_back(stack: Stack, sql: psycopg.Connec
     resp = await stack.api.post(f"/agents/{agent}/restart", headers=headers(user))
     assert resp.status_code == 202, resp.text
     result = await operation_result(stack, resp.json()["operation_id"])
-    assert result["error"] is None and result["state"] == "running"
+    assert result["error"] is None and result["status"] == "succeeded"
     assert (await stack.agent(user, agent))["vps"]["state"] == "running"
 
 
@@ -181,9 +181,14 @@ async def test_whatsapp_qr_rotates_and_pairs(stack: Stack, sql: psycopg.Connecti
     assert first["status"] == "awaiting_scan" and first["qr_data_url"].startswith("data:image/png;base64,")
     rotated = await wait_qr(stack, user, agent, after=first["version"])  # long-poll for the next QR
     assert rotated["version"] > first["version"] and rotated["qr_data_url"] != first["qr_data_url"]
-    # While pairing runs, other operations on this VPS wait their turn.
-    busy = await stack.api.post(f"/agents/{agent}/restart", headers=headers(user))
-    assert busy.status_code == 409 and "ConnectChannel" in busy.json()["detail"]
+    # A pairing in progress blocks nothing: another channel connects meanwhile (it used to be a 409)...
+    other = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "telegram",
+                                 "credentials": {"bot_token": TELEGRAM}}, headers=headers(user))
+    assert other.status_code == 202, other.text
+    assert (await operation_result(stack, other.json()["operation_id"]))["status"] == "succeeded"
+    # ...but a second pairing is refused, naming the one in progress.
+    second = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"}, headers=headers(user))
+    assert second.status_code == 409, second.text
     # The phone scans the code (the simulator's test hook, on loopback with the gateway token).
     token = sql.execute("SELECT gateway_token FROM agents WHERE id = %s", (agent,)).fetchone()[0]  # type: ignore[index]
     from db.encryption import keyring
@@ -206,10 +211,27 @@ async def test_whatsapp_pairing_can_be_cancelled(stack: Stack, sql: psycopg.Conn
     assert (await wait_qr(stack, user, agent))["status"] == "awaiting_scan"
     cancel = await stack.api.delete(f"/agents/{agent}/channels/whatsapp", headers=headers(user))
     assert cancel.status_code == 202 and cancel.json()["status"] == "cancelling"
-    assert (await operation_result(stack, resp.json()["operation_id"]))["error"] == "cancelled"
+    cancelled = await operation_result(stack, resp.json()["operation_id"])
+    assert cancelled["status"] == "cancelled" and cancelled["error"] == "pairing cancelled"
     deadline = time.monotonic() + 20
     while (await wait_qr(stack, user, agent))["status"] != "cancelled":
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
     vps = await stack.wait_vps(user, agent, "running")
-    assert vps["operation_id"] is None  # the slot is free again
+    assert vps["operation_id"] is None and vps["last_operation"]["status"] == "cancelled"
+
+
+async def test_stop_and_destroy_do_not_wait_for_a_whatsapp_pairing(stack: Stack, sql: psycopg.Connection,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pairing waits minutes for a scan; stopping the agent cancels it instead of waiting (or a 409)."""
+    monkeypatch.setenv("SLOPBOX_SIM_WHATSAPP", "1")
+    user, agent, _ = await running_agent(stack, sql)
+    pairing = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"}, headers=headers(user))
+    assert (await wait_qr(stack, user, agent))["status"] == "awaiting_scan"
+    stop = await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user))
+    assert stop.status_code == 202, stop.text
+    assert (await stack.wait_vps(user, agent, "stopped", timeout=30))["state"] == "stopped"
+    assert (await operation_result(stack, pairing.json()["operation_id"]))["status"] == "cancelled"
+    assert (await wait_qr(stack, user, agent))["status"] == "cancelled"
+    assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 202
+    await stack.wait_vps(user, agent, "destroyed")

@@ -109,6 +109,34 @@ async def test_hetzner_rate_limited_then_created_once(settings: Settings, tempor
         await stack.wait_vps(user, agent, "destroyed")
 
 
+async def test_hetzner_create_answered_504_after_committing_still_ends_running(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner,
+        tmp_path: Path) -> None:
+    """Issue 8 #1: the retry adopts the server the first attempt made, which must hold the same bootstrap
+    token (it used to get a new one, so the VM's redeem answered 401 and compensation destroyed it)."""
+    hetzner.fail_next("POST /servers", 504, commit=True, code="timeout", message="gateway timeout")
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        # Let the retry happen before the VM boots with the first attempt's user-data.
+        await eventually(lambda: len(hetzner.calls("POST /servers")) >= 2 or
+                         sql.execute("SELECT provider_ref FROM vpses").fetchone()[0])  # type: ignore[index]
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(hetzner.user_data[server_id]),
+                                    vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port, state_dir=tmp_path / "vm"):
+            vps = await stack.wait_vps(user, agent, "running", "error")
+            assert vps["state"] == "running", vps["last_error"]
+        assert list(hetzner.servers) == [server_id]  # adopted, not duplicated
+        assert sql.execute("SELECT bootstrap_token FROM vpses").fetchone() == (None,)  # redeemed: gone
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+        assert hetzner.servers == {}
+
+
 async def test_hetzner_gateway_never_ready_leaves_no_server(settings: Settings, temporal_client: Client, db: str,
                                                             sql: psycopg.Connection, hetzner: FakeHetzner) -> None:
     cloud = hetzner_settings(settings, hetzner)
