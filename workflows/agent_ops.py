@@ -26,8 +26,10 @@ from workflows.contracts import (
 )
 from workflows.lifecycle import DB_RETRY, DETERMINISTIC, _Operation, error_type, reason
 
+# The RPC client already retries its connect for 20 s (a gateway restarting); a few activity attempts
+# on top cover a lost worker or a dropped session without stacking minutes of retries.
 GATEWAY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                            maximum_interval=timedelta(seconds=15), maximum_attempts=5,
+                            maximum_interval=timedelta(seconds=15), maximum_attempts=3,
                             non_retryable_error_types=[*DETERMINISTIC, "ChannelRejected", "ChannelError"])
 
 

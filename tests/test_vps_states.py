@@ -1,0 +1,207 @@
+"""Recoverable states (issue 8 #2, #3, #6, #7): `error` is no dead end, no VM outlives the knowledge
+of it, every state write is a compare-and-set, failures are on the API, deterministic errors fail fast."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+
+from db.models import Vps
+from settings import Settings
+from tests.helpers import headers, make_user
+from tests.lifecycle_harness import FAST, Stack, running_stack
+from workflows.contracts import LifecycleTimeouts, ReconcileInput, ReconcileReport
+from workflows.lifecycle import Reconcile
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(settings: Settings, temporal_client: Client, db: str) -> AsyncIterator[Stack]:
+    async with running_stack(settings, temporal_client) as s:
+        yield s
+
+
+async def reconcile(stack: Stack, name: str) -> ReconcileReport:
+    return await stack.client.execute_workflow(  # type: ignore[no-any-return]
+        Reconcile.run, ReconcileInput(), id=f"reconcile-{name}-{time.monotonic_ns()}",
+        task_queue=stack.settings.temporal_task_queue, result_type=ReconcileReport)
+
+
+async def running(stack: Stack, sql: psycopg.Connection, plan: str = "starter") -> tuple[Any, str, dict[str, Any]]:
+    user = make_user(sql, plan=plan)
+    agent = await stack.new_agent(user)
+    assert (await stack.provision(user, agent)).status_code == 202
+    vps = await stack.wait_vps(user, agent, "running", "error")
+    assert vps["state"] == "running", vps["last_error"]
+    return user, agent, vps
+
+
+def fail_vps(sql: psycopg.Connection, vps_id: str, why: str = "stop failed: provider said no") -> None:
+    """What a failed start/stop/destroy leaves: `error`, with the VM possibly still there."""
+    sql.execute("UPDATE vpses SET state = 'error', last_error = %s WHERE id = %s", (why, vps_id))
+
+
+async def test_error_vps_with_a_live_vm_blocks_a_new_one_and_counts_against_the_plan(
+        stack: Stack, sql: psycopg.Connection) -> None:
+    user, agent, vps = await running(stack, sql)  # starter: max_vpses = 2
+    fail_vps(sql, vps["id"])
+    again = await stack.provision(user, agent)
+    assert again.status_code == 409 and again.json()["vps_state"] == "error", again.text
+    assert "destroy it first" in again.json()["detail"]
+    second = await stack.new_agent(user, "second")
+    assert (await stack.provision(user, second)).status_code == 202
+    third = await stack.new_agent(user, "third")
+    over = await stack.provision(user, third)
+    assert over.status_code == 403 and over.json()["limit"] == "max_vpses", over.text
+    assert over.json()["current"] == 2  # the error VPS counts: its VM may still be billed
+    assert sql.execute("SELECT count(*) FROM vpses").fetchone() == (2,)
+    await stack.wait_vps(user, second, "running", "error")
+    await stack.api.delete(f"/agents/{second}/vps", headers=headers(user))
+    await stack.wait_vps(user, second, "destroyed")
+    managed = await stack.activities.provider("local").list_managed()
+    assert [vm.vps_id for vm in managed] == [vps["id"]]  # the VM is still known, and still ours
+    # Destroy works from error and removes the VM; then the agent can start over.
+    assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 202
+    await stack.wait_vps(user, agent, "destroyed")
+    assert await stack.activities.provider("local").list_managed() == []
+    assert (await stack.provision(user, agent)).status_code == 202
+    await stack.wait_vps(user, agent, "running", "error")
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_reconcile_converges_error_from_what_the_provider_reports(stack: Stack, sql: psycopg.Connection) -> None:
+    user, agent, vps = await running(stack, sql)
+    fail_vps(sql, vps["id"])
+    report = await reconcile(stack, "error-running")
+    assert any(vps["id"] in line and "error -> running" in line for line in report.drift_fixed), report
+    now = (await stack.agent(user, agent))["vps"]
+    assert now["state"] == "running" and now["last_error"] is None and now["observed_state"] == "running"
+
+    local = stack.activities.provider("local")
+    await local.stop(now["id"] if False else sql.execute("SELECT provider_ref FROM vpses").fetchone()[0])  # type: ignore[index]
+    fail_vps(sql, vps["id"], "start failed: something")
+    report = await reconcile(stack, "error-stopped")
+    assert any("error -> stopped" in line for line in report.drift_fixed), report
+    assert (await stack.agent(user, agent))["vps"]["state"] == "stopped"
+
+    # Start works from error, not only from stopped.
+    fail_vps(sql, vps["id"], "stop failed: whatever")
+    resp = await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    started = await stack.wait_vps(user, agent, "running", "error")
+    assert started["state"] == "running", started["last_error"]
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_needs_cleanup_vm_is_removed_by_reconcile_and_the_flag_cleared(
+        stack: Stack, sql: psycopg.Connection) -> None:
+    """A failed compensation or destroy flags the VPS (no error-message string matching any more)."""
+    user, agent, vps = await running(stack, sql)
+    sql.execute("UPDATE vpses SET state = 'error', needs_cleanup = true, last_error = 'destroy failed: x' "
+                "WHERE id = %s", (vps["id"],))
+    report = await reconcile(stack, "cleanup")
+    assert report.cleaned_up == [vps["id"]], report
+    assert await stack.activities.provider("local").list_managed() == []
+    row = sql.execute("SELECT state, needs_cleanup, observed_state FROM vpses").fetchone()
+    assert row == ("error", False, "deleted")
+    assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 202
+    assert (await stack.wait_vps(user, agent, "destroyed"))["state"] == "destroyed"
+
+
+async def test_reconcile_never_overwrites_a_state_it_read_before_it_changed(
+        stack: Stack, sql: psycopg.Connection) -> None:
+    """Reconcile read `running`, then the VPS was destroyed: its write must not land on the destroyed row."""
+    user, agent, vps = await running(stack, sql)
+    async with stack.activities.sessions() as s:
+        stale = await s.get(Vps, vps["id"])
+    assert stale is not None and stale.state == "running"
+    assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 202
+    await stack.wait_vps(user, agent, "destroyed")
+    report = ReconcileReport()
+    await stack.activities._converge(stale, stack.activities.provider("local"), [], stale.created_at,  # type: ignore[arg-type]
+                                     ReconcileInput(), report)
+    assert report.drift_fixed == []
+    assert sql.execute("SELECT state, last_error FROM vpses").fetchone() == ("destroyed", None)
+
+
+async def test_reconcile_leaves_a_vps_alone_while_an_operation_runs(stack: Stack, sql: psycopg.Connection,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOPBOX_SIM_READY_AFTER_S", "4")
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    assert (await stack.provision(user, agent)).status_code == 202
+    deadline = time.monotonic() + 30
+    while (await stack.agent(user, agent))["vps"]["step"] != "wait_gateway_ready":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    sql.execute("UPDATE vpses SET created_at = now() - interval '1 day'")  # old enough to look stuck
+    report = await reconcile(stack, "busy")
+    assert report.stuck_failed == [] and report.checked == 0, report
+    assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_a_failed_settings_push_is_visible_on_the_api(stack: Stack, sql: psycopg.Connection) -> None:
+    """Issue 8 #6: it used to show `running`, `last_error: null`, the failure only in the workflow result."""
+    user, agent, vps = await running(stack, sql)
+    before = await stack.agent(user, agent)
+    assert before["settings"]["in_sync"] is True
+    pid = json.loads((stack.settings.data_dir / "vms" / vps["id"] / "gateway.pid").read_text())["pid"]
+    os.killpg(pid, signal.SIGKILL)  # the gateway dies; the VPS row still says running
+    resp = await stack.api.patch(f"/agents/{agent}/settings", json={"files": {"SOUL.md": "lost?"}},
+                                 headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    op_url = resp.json()["status_url"]
+    deadline = time.monotonic() + 150
+    while (op := (await stack.api.get(op_url, headers=headers(user))).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, op
+        await asyncio.sleep(0.2)
+    assert op["status"] == "failed" and op["error"].startswith("settings not applied:"), op
+    after = await stack.agent(user, agent)
+    assert after["vps"]["last_operation"]["id"] == resp.json()["operation_id"]
+    assert after["vps"]["last_operation"]["status"] == "failed"
+    assert after["settings"] == {"saved_version": before["settings"]["saved_version"] + 1,
+                                 "applied_version": before["settings"]["saved_version"], "in_sync": False}
+    assert after["vps"]["state"] == "running"  # a config push never changes the lifecycle state
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_deterministic_failures_are_not_retried_and_every_run_has_a_timeout(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
+    short = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 2})
+    async with running_stack(settings, temporal_client, timeouts=short) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        op = (await stack.provision(user, agent)).json()
+        vps = await stack.wait_vps(user, agent, "error", "running")
+        assert vps["state"] == "error" and "did not become ready" in vps["last_error"]
+        handle = stack.client.get_workflow_handle(op["operation_id"])
+        attempts = [e.activity_task_started_event_attributes.attempt async for e in handle.fetch_history_events()
+                    if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
+        scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name
+                     async for e in handle.fetch_history_events()
+                     if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]
+        waits = [a for name, a in zip(scheduled, attempts, strict=True) if name == "vps.wait_gateway_ready"]
+        assert waits == [1], (scheduled, attempts)  # GatewayNotReady is final: no second 2 s wait
+        desc = await handle.describe()
+        assert desc.raw_description.execution_config.workflow_execution_timeout.seconds == int(short.operation_s)
+        entity = await stack.client.get_workflow_handle(f"vps-{vps['id']}").describe()
+        assert entity.workflow_type == "Vps"
