@@ -286,26 +286,29 @@ class HetznerProvider(VmProvider):
             detail=failure,
         )
 
-    def _boot_failure_sync(self, server: BoundServer) -> str | None:
-        """Why an `off` server is off when its latest power action was a create/start that failed.
+    def _boot_failure_sync(self, server: BoundServer) -> tuple[str | None, bool]:
+        """(why, create_failed): why an `off` server is off when its latest power action was a
+        create/start that failed, and whether its create_server action itself failed.
 
         One extra read, only for servers that are off and not locked: that is how Hetzner tells
         "stopped" from "never came up" (the server has no error status of its own).
         """
         if server.status != "off" or server.locked:
-            return None
+            return None, False
         page = self._client.servers.get_actions_list(server, sort=["id:desc"], per_page=25)
-        latest = next((a for a in page.actions if a.command in _POWER_COMMANDS), None)
+        power = [a for a in page.actions if a.command in _POWER_COMMANDS]
+        create_failed = any(a.command == "create_server" and a.status == "error" for a in power)
+        latest = power[0] if power else None
         if latest is None or latest.status != "error" or latest.command not in _BOOT_COMMANDS:
-            return None
+            return None, False
         err = latest.error or {}
-        return f"{latest.command} failed: {err.get('message', 'unknown error')}"
+        return f"{latest.command} failed: {err.get('message', 'unknown error')}", create_failed
 
     def _read_sync(self, server_id: int) -> VmInfo | None:
         server = self._get_sync(server_id)
         if server is None:
             return None
-        return self._info(server, self._boot_failure_sync(server))
+        return self._info(server, self._boot_failure_sync(server)[0])
 
     @staticmethod
     def _server_id(ref: str) -> int:
@@ -469,9 +472,9 @@ class HetznerProvider(VmProvider):
             raise ProviderRetryable(
                 f"server {ref} from an earlier attempt is still being deleted", provider=self.kind, code="conflict"
             )
-        failure = await self._call(self._boot_failure_sync, server)
-        if failure is not None and failure.startswith("create_server"):
-            # It never got created properly: remove it so that a later retry starts clean.
+        failure, create_failed = await self._call(self._boot_failure_sync, server)
+        if failure is not None and create_failed:
+            # It never got created properly (no state worth keeping): remove it so a retry starts clean.
             log.warning("hetzner: server %s for vps %s %s; deleting it", ref, spec.vps_id, failure)
             await self.destroy(ref)
             raise ProviderRetryable(
