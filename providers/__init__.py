@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from providers.base import (
     GATEWAY_PORT,
     MANAGED_BY,
+    MAX_REQUEST_TIMEOUT_S,
     CapacityUnavailable,
     ProviderError,
     ProviderFatal,
@@ -21,6 +22,7 @@ from providers.base import (
     VmProvider,
     VmSpec,
     VmState,
+    is_gone,
 )
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ ProviderFactory = Callable[..., VmProvider]
 __all__ = [
     "GATEWAY_PORT",
     "MANAGED_BY",
+    "MAX_REQUEST_TIMEOUT_S",
     "CapacityUnavailable",
     "ProviderError",
     "ProviderFatal",
@@ -41,6 +44,7 @@ __all__ = [
     "VmSpec",
     "VmState",
     "build_provider",
+    "is_gone",
     "provider_kinds",
     "register_provider",
 ]

@@ -5,6 +5,19 @@ Activities call providers; providers never retry on their own. Instead every fai
 (429, 5xx, timeouts, locks, conflicts) or to fail fast with the provider's own message (invalid
 input, quota, auth). Every method is idempotent: `create` adopts what an earlier attempt made
 (deterministic names plus labels/metadata carrying the VPS id), `destroy` treats "gone" as done.
+
+Every cloud provider method is single-shot: it submits its request(s) and returns once the provider
+accepted them, a handful of short HTTP calls (each at most `MAX_REQUEST_TIMEOUT_S`), never waiting
+for a VM to boot, stop or vanish. Waiting belongs to the caller, which polls `get` from a
+heartbeating activity so that a dead worker is noticed and cancellation can arrive:
+
+    after create / start:  poll `get` until RUNNING (ERROR = failed, None = gone)
+    after stop:            poll `get` until STOPPED or ERROR (both mean "not running")
+                           and call `force_stop` if a graceful stop takes too long
+    after destroy:         poll `get` until `is_gone(info)` (None, or state DELETED)
+
+A step that needs an earlier step to have finished is resumable instead of waiting: the retried
+call adopts what exists and carries on, or raises a retryable error while the provider is busy.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ import asyncio
 import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
@@ -24,6 +38,9 @@ MANAGED_BY = "slopbox"
 
 GATEWAY_PORT = 18789
 """The OpenClaw gateway's default port on a cloud VM."""
+
+MAX_REQUEST_TIMEOUT_S = 30.0
+"""Upper bound for one provider HTTP call; longer waits are polls in the caller, with heartbeats."""
 
 # Lower-case letters, digits and inner dashes: valid in a hostname, a Hetzner label value, a Fly
 # app name and a folder name at once, so one id can be used everywhere without escaping.
@@ -170,7 +187,7 @@ class CapacityUnavailable(ProviderError):
 
 
 class VmProvider(ABC):
-    """A place to run one OpenClaw gateway per VPS. All methods are idempotent."""
+    """A place to run one OpenClaw gateway per VPS. All methods are idempotent and single-shot."""
 
     kind: ClassVar[str]
 
@@ -178,25 +195,50 @@ class VmProvider(ABC):
     async def create(self, spec: VmSpec) -> VmInfo:
         """Create the VM for `spec.vps_id`, or adopt the one an earlier attempt made.
 
-        Waits (bounded) for it to boot; the returned state may still be provisioning/starting
-        when the bound is reached, in which case the caller polls `get` / `wait_until_running`.
+        Returns as soon as the provider accepted the VM, typically PROVISIONING or STARTING; store
+        `provider_ref` at once and poll `get` until RUNNING. An adopted VM that is powered off is
+        sent a start (not awaited). A half-made VM (a step whose predecessor is still in progress)
+        raises a retryable error; the retry resumes from what exists.
         """
 
     @abstractmethod
     async def get(self, ref: str) -> VmInfo | None:
-        """Current state; None when the VM is gone."""
+        """Current state, one cheap read; None when the VM is gone (see `is_gone`).
+
+        ERROR means the last create/start failed (the VM is not running); DELETING means a destroy
+        is in progress; None (or DELETED) means the destroy has finished.
+        """
 
     @abstractmethod
     async def start(self, ref: str) -> None:
-        """Power on (no-op when running). Raises VmNotFound when the VM is gone."""
+        """Ask for the VM to power on; returns once accepted (poll `get` for RUNNING).
+
+        No-op when running or already booting. Retryable error while the provider is busy with
+        the VM (stopping, locked by another action). Raises VmNotFound when the VM is gone.
+        """
 
     @abstractmethod
     async def stop(self, ref: str) -> None:
-        """Power off, gracefully first (no-op when stopped). Raises VmNotFound when gone."""
+        """Ask for a graceful power off; returns once accepted (poll `get` for STOPPED).
+
+        No-op when stopped or already stopping. Retryable error while the provider is busy with
+        the VM. Raises VmNotFound when the VM is gone.
+        """
+
+    async def force_stop(self, ref: str) -> None:
+        """Hard power off, for when a graceful `stop` did not finish in time; returns once accepted.
+
+        No-op when stopped. Providers without a harder stop use `stop`.
+        """
+        await self.stop(ref)
 
     @abstractmethod
     async def destroy(self, ref: str) -> None:
-        """Delete the VM and what was made for it. Already gone = done."""
+        """Ask for the VM and what was made for it to be deleted; returns once accepted.
+
+        Already gone or already being deleted = done. Poll `get` until `is_gone` to know the
+        deletion finished.
+        """
 
     @abstractmethod
     async def list_managed(self) -> list[VmInfo]:
@@ -209,14 +251,26 @@ class VmProvider(ABC):
     async def wait_until_running(self, ref: str, timeout_s: float = 120.0, poll_s: float = 2.0) -> VmInfo | None:
         """Poll `get` until running, gone, errored or `timeout_s`; returns the last info seen.
 
-        Providers with a server-side wait (Fly) override this to avoid polling.
+        A helper for tests and scripts; activities poll `get` themselves, heartbeating in between.
         """
+        return await self._poll(ref, lambda i: i.state in (VmState.RUNNING, VmState.ERROR), timeout_s, poll_s)
+
+    async def wait_until_gone(self, ref: str, timeout_s: float = 120.0, poll_s: float = 2.0) -> VmInfo | None:
+        """Poll `get` until the VM is gone (returns None) or `timeout_s` (returns the last info seen).
+
+        A helper for tests and scripts, like `wait_until_running`.
+        """
+        return await self._poll(ref, lambda i: False, timeout_s, poll_s)
+
+    async def _poll(
+        self, ref: str, done: Callable[[VmInfo], bool], timeout_s: float, poll_s: float
+    ) -> VmInfo | None:
         deadline = time.monotonic() + timeout_s
         while True:
             info = await self.get(ref)
-            if info is None or info.state in (VmState.RUNNING, VmState.ERROR, VmState.DELETED):
-                return info
-            if time.monotonic() >= deadline:
+            if info is None or is_gone(info):
+                return None
+            if done(info) or time.monotonic() >= deadline:
                 return info
             await asyncio.sleep(poll_s)
 
@@ -226,6 +280,11 @@ class VmProvider(ABC):
 
 
 # -- helpers shared by the providers -------------------------------------------------------------
+
+
+def is_gone(info: VmInfo | None) -> bool:
+    """True when `get` says the VM no longer exists: a finished destroy (None or DELETED)."""
+    return info is None or info.state == VmState.DELETED
 
 
 def spec_labels(spec: VmSpec) -> dict[str, str]:

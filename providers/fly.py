@@ -4,9 +4,12 @@ One Fly app per VPS, named `<prefix>-<vps_id>` (deterministic, so a retried crea
 on app create followed by a successful GET means "ours already"), on its own 6PN network. Inside
 it: one volume for the agent's state mounted at /data, created first because it pins the region,
 and one machine whose `metadata` carries `managed_by=slopbox` and `vps_id`, which is how a retried
-create adopts the machine and how `list_managed` finds them. Boots are awaited with the
-server-side long poll `GET .../wait`, never by polling GET. Destroy deletes the app, which
+create adopts the machine and how `list_managed` finds them. Destroy deletes the app, which
 cascades to the machine and the volume.
+
+Nothing here waits (base.py): create makes app -> volume -> machine, each step adopting what an
+earlier attempt made, and returns the machine as Fly accepted it (usually `created`); start, stop
+and destroy submit and return. The caller polls `get` (Fly allows 5 GETs per second per machine).
 
 The gateway port is not in `services`, so it is not reachable from the internet; the control
 plane reaches `<machine_id>.vm.<app>.internal:18789` over Fly's private network.
@@ -17,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import math
-import time
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ import httpx
 from providers.base import (
     GATEWAY_PORT,
     MANAGED_BY,
+    MAX_REQUEST_TIMEOUT_S,
     CapacityUnavailable,
     ProviderError,
     ProviderFatal,
@@ -63,6 +65,8 @@ _STATES = {
     "launch_failed": VmState.ERROR,
 }
 _GONE = {"destroying", "destroyed"}
+_STARTABLE = {"stopped", "suspended", "failed", "created"}
+_STOPPED = {"stopped", "suspended", "failed", "created"}
 _CAPACITY_STATUSES = {"insufficient_capacity", "volume_placement_capacity"}
 # Fly reports capacity problems with several status codes; these texts are what identifies them
 # (observed in production by others: Kilo-Org/cloud #412, #516, #787; fly-go #306).
@@ -116,10 +120,7 @@ class FlyProvider(VmProvider):
         gateway_port: int = GATEWAY_PORT,
         gateway_scheme: str = "http",
         gateway_host: str | None = None,
-        boot_timeout_s: float = 180.0,
-        stop_timeout_s: float = 60.0,
-        wait_chunk_s: int = 60,
-        request_timeout_s: float = 30.0,
+        request_timeout_s: float = MAX_REQUEST_TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not token:
@@ -137,10 +138,7 @@ class FlyProvider(VmProvider):
         self.files_root = files_root.rstrip("/")
         self.gateway_port = gateway_port
         self.gateway_scheme = gateway_scheme
-        self.boot_timeout_s = boot_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self.wait_chunk_s = max(1, min(60, int(wait_chunk_s)))
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s = min(request_timeout_s, MAX_REQUEST_TIMEOUT_S)
         self._transport = transport
         self._http_client: httpx.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
@@ -183,14 +181,10 @@ class FlyProvider(VmProvider):
         json: Any = None,
         params: dict[str, Any] | None = None,
         allow: tuple[int, ...] = (),
-        read_timeout_s: float | None = None,
     ) -> httpx.Response:
         """One API call. 2xx and statuses in `allow` come back; anything else raises a ProviderError."""
-        kwargs: dict[str, Any] = {"json": json, "params": params}
-        if read_timeout_s is not None:
-            kwargs["timeout"] = read_timeout_s
         try:
-            resp = await self._http().request(method, path.lstrip("/"), **kwargs)
+            resp = await self._http().request(method, path.lstrip("/"), json=json, params=params)
         except httpx.TimeoutException:
             raise ProviderRetryable(
                 f"timed out talking to the Fly API ({method} {path})", provider=self.kind, code="timeout"
@@ -274,7 +268,11 @@ class FlyProvider(VmProvider):
         return resp.json()
 
     async def get(self, ref: str) -> VmInfo | None:
+        """The machine; for `<app>/no-machine` (from `list_managed`) the app, until it is deleted."""
         app, mid = self._split(ref)
+        if mid == NO_MACHINE:
+            resp = await self._request("GET", f"apps/{app}", allow=(404,))
+            return None if resp.status_code == 404 else self._app_info(app)
         machine = await self._machine(app, mid)
         if machine is None or machine.get("state") == "destroyed":
             return None
@@ -311,52 +309,21 @@ class FlyProvider(VmProvider):
                 if meta.get("managed_by") == MANAGED_BY and meta.get("vps_id"):
                     out.append(self._info(name, m))
             if not live:
-                vps_id = name.removeprefix(prefix)
-                out.append(
-                    VmInfo(
-                        provider=self.kind,
-                        provider_ref=f"{name}/{NO_MACHINE}",
-                        vps_id=vps_id,
-                        state=VmState.PROVISIONING,
-                        raw_state="app-without-machine",
-                        gateway_port=self.gateway_port,
-                        labels={"managed_by": MANAGED_BY, "vps_id": vps_id},
-                        detail="the app exists but holds no machine (an interrupted create)",
-                    )
-                )
+                out.append(self._app_info(name))
         return out
 
-    # -- waiting ----------------------------------------------------------------------------------------
-
-    async def _wait(self, app: str, mid: str, state: str, timeout_s: float, instance_id: str | None = None) -> bool:
-        """Long-poll `GET .../wait` until `state` (True) or `timeout_s` / a dead end (False)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            chunk = max(1, min(self.wait_chunk_s, math.ceil(remaining)))
-            params: dict[str, Any] = {"state": state, "timeout": chunk}
-            if instance_id:
-                params["instance_id"] = instance_id
-            resp = await self._request(
-                "GET",
-                f"apps/{app}/machines/{mid}/wait",
-                params=params,
-                allow=(408,),
-                read_timeout_s=chunk + self.request_timeout_s,
-            )
-            if resp.status_code != 408:
-                return True
-            machine = await self._machine(app, mid)
-            current = (machine or {}).get("state")
-            if machine is None or current in ("failed", "launch_failed") or (current in _GONE and state != "destroyed"):
-                return False
-
-    async def wait_until_running(self, ref: str, timeout_s: float = 120.0, poll_s: float = 2.0) -> VmInfo | None:
-        app, mid = self._split(ref)
-        await self._wait(app, mid, "started", timeout_s)
-        return await self.get(ref)
+    def _app_info(self, app: str) -> VmInfo:
+        vps_id = app.removeprefix(f"{self.app_prefix}-")
+        return VmInfo(
+            provider=self.kind,
+            provider_ref=f"{app}/{NO_MACHINE}",
+            vps_id=vps_id,
+            state=VmState.PROVISIONING,
+            raw_state="app-without-machine",
+            gateway_port=self.gateway_port,
+            labels={"managed_by": MANAGED_BY, "vps_id": vps_id},
+            detail="the app exists but holds no machine (an interrupted create)",
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -397,13 +364,15 @@ class FlyProvider(VmProvider):
         if org and org != self.org_slug:
             raise ProviderFatal(f"app {app} exists in another organization ({org})", provider=self.kind)
 
-    async def _find_machine(self, app: str, vps_id: str) -> dict[str, Any] | None:
+    async def _our_machines(self, app: str, vps_id: str) -> list[dict[str, Any]]:
+        """Machines an earlier attempt made for this VPS (destroyed ones are not listed by Fly)."""
         resp = await self._request("GET", f"apps/{app}/machines", params={"metadata.vps_id": vps_id})
+        out = []
         for m in resp.json() or []:
             meta = (m.get("config") or {}).get("metadata") or {}
-            if meta.get("vps_id") == vps_id and meta.get("managed_by") == MANAGED_BY and m.get("state") not in _GONE:
-                return m
-        return None
+            if meta.get("vps_id") == vps_id and meta.get("managed_by") == MANAGED_BY and m.get("state") != "destroyed":
+                out.append(m)
+        return out
 
     async def _free_volume(self, app: str) -> dict[str, Any] | None:
         resp = await self._request("GET", f"apps/{app}/volumes")
@@ -483,64 +452,84 @@ class FlyProvider(VmProvider):
         )
 
     async def create(self, spec: VmSpec) -> VmInfo:
+        """App, then volume, then machine, each adopted when an earlier attempt made it.
+
+        Returns the machine as Fly accepted it (usually `created`); the boot is not awaited.
+        """
         image = self._check_spec(spec)
         app = self.app_name(spec.vps_id)
         await self._ensure_app(app)
-        machine = await self._find_machine(app, spec.vps_id)
-        if machine is None:
-            machine = await self._launch(app, spec, image)
-        else:
-            log.info("fly: adopting machine %s for vps %s (state %s)", machine["id"], spec.vps_id, machine.get("state"))
-            if machine.get("state") in ("stopped", "suspended"):
-                await self.start(f"{app}/{machine['id']}")
+        machines = await self._our_machines(app, spec.vps_id)
+        live = [m for m in machines if m.get("state") not in _GONE]
+        if live:
+            return await self._adopt(app, live[0], spec)
+        if machines:
+            # Its volume is only free once Fly has destroyed it; launching now would make a second one.
+            raise ProviderRetryable(
+                f"machine {machines[0]['id']} from an earlier attempt is being destroyed",
+                provider=self.kind,
+                code="conflict",
+            )
+        machine = await self._launch(app, spec, image)
+        return self._info(app, machine)
+
+    async def _adopt(self, app: str, machine: dict[str, Any], spec: VmSpec) -> VmInfo:
         mid = str(machine["id"])
-        await self._wait(app, mid, "started", self.boot_timeout_s)
-        current = await self._machine(app, mid)
-        if current is None:
-            raise ProviderRetryable(f"machine {mid} disappeared right after create", provider=self.kind)
-        if current.get("state") in ("failed", "launch_failed"):
-            # Remove it so the retried create launches a fresh one on the (kept) volume.
-            log.warning("fly: machine %s for vps %s failed to launch; destroying it", mid, spec.vps_id)
-            await self._request("DELETE", f"apps/{app}/machines/{mid}", params={"force": "true"}, allow=(404,))
-            await self._wait(app, mid, "destroyed", self.stop_timeout_s)
-            raise ProviderRetryable(f"machine {mid} failed to launch", provider=self.kind, code="launch_failed")
-        return self._info(app, current)
+        state = machine.get("state")
+        log.info("fly: adopting machine %s for vps %s (state %s)", mid, spec.vps_id, state)
+        if state in ("stopped", "suspended", "failed"):
+            await self.start(f"{app}/{mid}")
+            machine = await self._machine(app, mid) or machine
+        return self._info(app, machine)
+
+    async def _live_machine(self, ref: str) -> tuple[str, str, dict[str, Any]]:
+        app, mid = self._split(ref)
+        machine = await self._machine(app, mid) if mid != NO_MACHINE else None
+        if machine is None or machine.get("state") in _GONE:
+            raise VmNotFound(f"machine {ref} not found", provider=self.kind, code="not_found")
+        return app, mid, machine
+
+    def _busy(self, ref: str, state: Any, what: str) -> ProviderRetryable:
+        return ProviderRetryable(
+            f"machine {ref} is {state}; {what} it once that has finished", provider=self.kind, code="conflict"
+        )
 
     async def start(self, ref: str) -> None:
-        app, mid = self._split(ref)
-        machine = await self._machine(app, mid)
-        if machine is None or machine.get("state") in _GONE:
-            raise VmNotFound(f"machine {ref} not found", provider=self.kind, code="not_found")
+        app, mid, machine = await self._live_machine(ref)
         state = machine.get("state")
-        if state == "started":
+        if state in ("started", "starting"):
             return
-        if state in ("stopping", "suspending"):
-            await self._wait(app, mid, "stopped", self.stop_timeout_s, instance_id=machine.get("instance_id"))
-        if state != "starting":
-            await self._request("POST", f"apps/{app}/machines/{mid}/start")
-        await self._wait(app, mid, "started", self.boot_timeout_s)
-        after = await self._machine(app, mid)
-        if after is not None and after.get("state") in ("failed", "launch_failed"):
-            raise ProviderRetryable(f"machine {ref} failed to start", provider=self.kind, code="start_failed")
+        if state not in _STARTABLE:
+            raise self._busy(ref, state, "start")
+        await self._request("POST", f"apps/{app}/machines/{mid}/start")
 
     async def stop(self, ref: str) -> None:
-        app, mid = self._split(ref)
-        machine = await self._machine(app, mid)
-        if machine is None or machine.get("state") in _GONE:
-            raise VmNotFound(f"machine {ref} not found", provider=self.kind, code="not_found")
-        if machine.get("state") in ("stopped", "suspended", "failed", "created"):
+        """SIGTERM with 30 s grace (the gateway saves its state); Fly kills the machine after that."""
+        await self._stop(ref, {"signal": "SIGTERM", "timeout": "30s"})
+
+    async def force_stop(self, ref: str) -> None:
+        """SIGKILL, for a machine still not stopped after the graceful stop's grace period."""
+        await self._stop(ref, {"signal": "SIGKILL", "timeout": "1s"}, again_when_stopping=True)
+
+    async def _stop(self, ref: str, body: dict[str, str], *, again_when_stopping: bool = False) -> None:
+        app, mid, machine = await self._live_machine(ref)
+        state = machine.get("state")
+        if state in _STOPPED or (state in ("stopping", "suspending") and not again_when_stopping):
             return
-        if machine.get("state") != "stopping":
-            await self._request("POST", f"apps/{app}/machines/{mid}/stop", json={"signal": "SIGTERM", "timeout": "30s"})
-        await self._wait(app, mid, "stopped", self.stop_timeout_s, instance_id=machine.get("instance_id"))
+        if state not in ("started", "starting", "stopping", "suspending"):
+            raise self._busy(ref, state, "stop")
+        await self._request("POST", f"apps/{app}/machines/{mid}/stop", json=body)
 
     async def destroy(self, ref: str) -> None:
-        """Delete the whole app: machine, volume and IPs go with it. Already gone = done."""
+        """Ask Fly to delete the whole app (machine, volume and IPs go with it); returns once accepted.
+
+        `get` says DELETING while the machine is destroyed, then None. Already gone = done.
+        """
         app, _ = self._split(ref)
         if not app.startswith(f"{self.app_prefix}-"):
             raise ProviderFatal(f"refusing to delete app {app}: not a {self.app_prefix} app", provider=self.kind)
         await self._request("DELETE", f"apps/{app}", params={"force": "true"}, allow=(404,))
-        log.info("fly: deleted app %s", app)
+        log.info("fly: asked to delete app %s", app)
 
 
 def _retry_after(resp: httpx.Response) -> float | None:

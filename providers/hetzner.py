@@ -7,8 +7,10 @@ Hetzner) adopts the same way. The firewall `slopbox-gateway` lets TCP 18789 in f
 plane only and is attached in the create call, so the gateway is never exposed, not even at boot.
 
 hcloud's own retry loop is switched off by default (`client_retries=0`): Temporal activities do
-the retrying, with backoff, based on the `ProviderError.retryable` flag set here. Waiting for
-actions is done here too (async sleeps, bounded), so no worker thread is held while a VM boots.
+the retrying, with backoff, based on the `ProviderError.retryable` flag set here. Nothing here
+waits for an action: every method submits and returns (base.py), and the caller polls `get`. A
+server with an action still running is `locked`; starting or stopping it raises a retryable error.
+A failed create/start action shows up in `get` as state ERROR (the server is left `off`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 from hcloud import APIException, Client, exponential_backoff_function
-from hcloud.actions import BoundAction
 from hcloud.firewalls import Firewall, FirewallRule
 from hcloud.images import Image
 from hcloud.locations import Location
@@ -35,6 +36,7 @@ from hcloud.ssh_keys import SSHKey
 from providers.base import (
     GATEWAY_PORT,
     MANAGED_BY,
+    MAX_REQUEST_TIMEOUT_S,
     CapacityUnavailable,
     ProviderError,
     ProviderFatal,
@@ -82,10 +84,9 @@ _RETRYABLE_CODES = {
     "service_error",
 }
 _CAPACITY_CODES = {"resource_unavailable", "placement_error"}
-
-
-class ActionFailed(ProviderRetryable):
-    """A Hetzner action (create_server, start_server, ...) finished with status `error`."""
+# Actions that decide whether an `off` server is stopped on purpose or failed to come up.
+_POWER_COMMANDS = {"create_server", "start_server", "stop_server", "shutdown_server"}
+_BOOT_COMMANDS = {"create_server", "start_server"}
 
 
 def server_name(vps_id: str) -> str:
@@ -123,11 +124,7 @@ class HetznerProvider(VmProvider):
         gateway_port: int = GATEWAY_PORT,
         gateway_scheme: str = "http",
         poll_interval_s: float = 1.0,
-        poll_max_interval_s: float = 10.0,
-        boot_timeout_s: float = 180.0,
-        stop_timeout_s: float = 60.0,
-        destroy_timeout_s: float = 60.0,
-        request_timeout_s: float = 30.0,
+        request_timeout_s: float = MAX_REQUEST_TIMEOUT_S,
         client_retries: int = 0,
         client_retry_base_s: float = 1.0,
     ) -> None:
@@ -137,8 +134,9 @@ class HetznerProvider(VmProvider):
             token=token,
             api_endpoint=api_endpoint.rstrip("/"),
             application_name="slopbox",
+            # Only hcloud's own action waits use poll_interval; this provider never calls them.
             poll_interval=poll_interval_s,
-            timeout=request_timeout_s,
+            timeout=min(request_timeout_s, MAX_REQUEST_TIMEOUT_S),
         )
         # Private knobs of hcloud 2.x (providers.md §1.1): retries belong to Temporal, not here.
         base = self._client._client
@@ -157,11 +155,6 @@ class HetznerProvider(VmProvider):
         self.firewall_name = firewall_name
         self.gateway_port = gateway_port
         self.gateway_scheme = gateway_scheme
-        self.poll_interval_s = poll_interval_s
-        self.poll_max_interval_s = poll_max_interval_s
-        self.boot_timeout_s = boot_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self.destroy_timeout_s = destroy_timeout_s
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> HetznerProvider:
@@ -260,11 +253,14 @@ class HetznerProvider(VmProvider):
 
     # -- reading -------------------------------------------------------------------------------------
 
-    def _info(self, server: BoundServer) -> VmInfo:
+    def _info(self, server: BoundServer, failure: str | None = None) -> VmInfo:
+        """`failure`: the error of the create/start action that left this server off (state ERROR)."""
         status = server.status or "unknown"
         state = _STATES.get(status, VmState.UNKNOWN)
         if state == VmState.RUNNING and server.locked:
             state = VmState.BUSY
+        if failure is not None:
+            state = VmState.ERROR
         host = None
         pn = server.public_net
         if pn is not None and not isinstance(pn, dict):
@@ -287,7 +283,32 @@ class HetznerProvider(VmProvider):
             location=location,
             labels=labels,
             created_at=created,
+            detail=failure,
         )
+
+    def _boot_failure_sync(self, server: BoundServer) -> tuple[str | None, bool]:
+        """(why, create_failed): why an `off` server is off when its latest power action was a
+        create/start that failed, and whether its create_server action itself failed.
+
+        One extra read, only for servers that are off and not locked: that is how Hetzner tells
+        "stopped" from "never came up" (the server has no error status of its own).
+        """
+        if server.status != "off" or server.locked:
+            return None, False
+        page = self._client.servers.get_actions_list(server, sort=["id:desc"], per_page=25)
+        power = [a for a in page.actions if a.command in _POWER_COMMANDS]
+        create_failed = any(a.command == "create_server" and a.status == "error" for a in power)
+        latest = power[0] if power else None
+        if latest is None or latest.status != "error" or latest.command not in _BOOT_COMMANDS:
+            return None, False
+        err = latest.error or {}
+        return f"{latest.command} failed: {err.get('message', 'unknown error')}", create_failed
+
+    def _read_sync(self, server_id: int) -> VmInfo | None:
+        server = self._get_sync(server_id)
+        if server is None:
+            return None
+        return self._info(server, self._boot_failure_sync(server)[0])
 
     @staticmethod
     def _server_id(ref: str) -> int:
@@ -308,8 +329,7 @@ class HetznerProvider(VmProvider):
         return await self._call(self._get_sync, self._server_id(ref))
 
     async def get(self, ref: str) -> VmInfo | None:
-        server = await self._get_server(ref)
-        return self._info(server) if server is not None else None
+        return await self._call(self._read_sync, self._server_id(ref))
 
     async def list_managed(self) -> list[VmInfo]:
         servers = await self._call(self._client.servers.get_all, label_selector=f"managed-by={MANAGED_BY}")
@@ -320,51 +340,6 @@ class HetznerProvider(VmProvider):
             raise ProviderRetryable("the server has no public address yet", provider=self.kind)
         host = f"[{info.host}]" if ":" in info.host else info.host
         return f"{self.gateway_scheme}://{host}:{info.gateway_port}"
-
-    # -- waiting -------------------------------------------------------------------------------------
-
-    def _backoff(self, attempt: int) -> float:
-        return min(self.poll_max_interval_s, self.poll_interval_s * (1.5**attempt))
-
-    async def _wait_actions(self, actions: list[BoundAction], timeout_s: float) -> bool:
-        """Wait until every action left `running`. True when all succeeded, False on timeout.
-
-        Raises ActionFailed (retryable) naming the action when one ended in `error`.
-        """
-        deadline = time.monotonic() + timeout_s
-        attempt = 0
-        pending = [a for a in actions if a.status == "running"]
-        self._raise_failed(actions)
-        while pending:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(self._backoff(attempt))
-            attempt += 1
-            fresh = [await self._call(self._client.actions.get_by_id, a.id) for a in pending]
-            self._raise_failed(fresh)
-            pending = [a for a in fresh if a.status == "running"]
-        return True
-
-    def _raise_failed(self, actions: list[BoundAction]) -> None:
-        for a in actions:
-            if a.status == "error":
-                err = a.error or {}
-                raise ActionFailed(
-                    f"{a.command} ended in error: {err.get('message', 'unknown error')}",
-                    provider=self.kind,
-                    code=err.get("code", "action_failed"),
-                )
-
-    async def _wait_status(self, ref: str, wanted: set[str], timeout_s: float) -> BoundServer | None:
-        """Poll the server until its status is in `wanted`, it is gone (None) or `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        attempt = 0
-        while True:
-            server = await self._get_server(ref)
-            if server is None or server.status in wanted or time.monotonic() >= deadline:
-                return server
-            await asyncio.sleep(self._backoff(attempt))
-            attempt += 1
 
     # -- firewall ------------------------------------------------------------------------------------
 
@@ -440,6 +415,11 @@ class HetznerProvider(VmProvider):
         return "created", resp
 
     async def create(self, spec: VmSpec) -> VmInfo:
+        """Firewall, then server, each adopted when it exists; returns the server as Hetzner accepted it.
+
+        The create_server/start_server actions are not awaited: the server is usually
+        `initializing` when this returns, and `get` reports RUNNING (or ERROR) later.
+        """
         if not self.control_plane_cidrs:
             raise ProviderFatal(
                 "CONTROL_PLANE_IPS is empty: the firewall would keep the control plane out of the gateway",
@@ -475,7 +455,7 @@ class HetznerProvider(VmProvider):
                     )
                 return await self._adopt(taken, spec)
             log.info("hetzner: created server %s for vps %s in %s", value.server.id, spec.vps_id, location)
-            return await self._finish_create(value, spec)
+            return self._info(value.server)
         raise CapacityUnavailable(
             "no capacity in any allowed location: " + "; ".join(refusals),
             provider=self.kind,
@@ -483,24 +463,8 @@ class HetznerProvider(VmProvider):
             tried=locations,
         )
 
-    async def _finish_create(self, resp: Any, spec: VmSpec) -> VmInfo:
-        ref = str(resp.server.id)
-        try:
-            await self._wait_actions([resp.action, *resp.next_actions], self.boot_timeout_s)
-        except ActionFailed:
-            # The server exists but will not boot: remove it so the retried create starts clean.
-            log.warning("hetzner: create of vps %s ended in error; deleting server %s", spec.vps_id, ref)
-            try:
-                await self.destroy(ref)
-            except ProviderError as cleanup_exc:
-                log.warning("hetzner: cleanup of server %s failed: %s", ref, cleanup_exc)
-            raise
-        info = await self.get(ref)
-        if info is None:
-            raise ProviderRetryable(f"server {ref} disappeared right after create", provider=self.kind)
-        return info
-
     async def _adopt(self, server: BoundServer, spec: VmSpec) -> VmInfo:
+        """Carry on with the server an earlier attempt made: one step at most, never a wait."""
         self._check_ours(server, spec.vps_id)
         ref = str(server.id)
         log.info("hetzner: adopting server %s for vps %s (status %s)", ref, spec.vps_id, server.status)
@@ -508,54 +472,70 @@ class HetznerProvider(VmProvider):
             raise ProviderRetryable(
                 f"server {ref} from an earlier attempt is still being deleted", provider=self.kind, code="conflict"
             )
-        if server.status == "off":
+        failure, create_failed = await self._call(self._boot_failure_sync, server)
+        if failure is not None and create_failed:
+            # It never got created properly (no state worth keeping): remove it so a retry starts clean.
+            log.warning("hetzner: server %s for vps %s %s; deleting it", ref, spec.vps_id, failure)
+            await self.destroy(ref)
+            raise ProviderRetryable(
+                f"server {ref} from an earlier attempt failed ({failure}); it is being deleted",
+                provider=self.kind,
+                code="action_failed",
+            )
+        if server.status == "off" and not server.locked:
             await self.start(ref)
-        elif server.status in ("initializing", "starting"):
-            await self._wait_status(ref, {"running", "off"}, self.boot_timeout_s)
         info = await self.get(ref)
         if info is None:
             raise ProviderRetryable(f"server {ref} disappeared while being adopted", provider=self.kind)
         return info
 
+    def _busy(self, ref: str, server: BoundServer, what: str) -> ProviderRetryable:
+        return ProviderRetryable(
+            f"server {ref} is busy ({server.status}, an action is still running); {what} it later",
+            provider=self.kind,
+            code="locked",
+        )
+
     async def start(self, ref: str) -> None:
         server = await self._get_server(ref)
         if server is None or server.status == "deleting":
             raise VmNotFound(f"server {ref} not found", provider=self.kind, code="not_found")
-        if server.status == "running":
+        if server.status in ("initializing", "starting") or (server.status == "running" and not server.locked):
             return
-        if server.status in ("starting", "initializing"):
-            await self._wait_status(ref, {"running", "off"}, self.boot_timeout_s)
-            return
-        if server.status == "stopping":
-            await self._wait_status(ref, {"off"}, self.stop_timeout_s)
-        action = await self._call(self._client.servers.power_on, server)
-        await self._wait_actions([action], self.boot_timeout_s)
+        if server.locked or server.status != "off":
+            raise self._busy(ref, server, "start")
+        await self._call(self._client.servers.power_on, server)
 
     async def stop(self, ref: str) -> None:
+        """Graceful (ACPI) shutdown: the gateway gets SIGTERM from systemd and saves its state."""
         server = await self._get_server(ref)
         if server is None or server.status == "deleting":
             raise VmNotFound(f"server {ref} not found", provider=self.kind, code="not_found")
-        if server.status == "off":
+        if server.status == "stopping" or (server.status == "off" and not server.locked):
             return
-        if server.status != "stopping":
-            # Graceful first (ACPI); the gateway gets SIGTERM from systemd and saves its state.
-            action = await self._call(self._client.servers.shutdown, server)
-            await self._wait_actions([action], self.stop_timeout_s)
-        server = await self._wait_status(ref, {"off"}, self.stop_timeout_s)
-        if server is None or server.status == "off":
+        if server.locked or server.status != "running":
+            raise self._busy(ref, server, "stop")
+        await self._call(self._client.servers.shutdown, server)
+
+    async def force_stop(self, ref: str) -> None:
+        """Hard power off, for a server that ignored the ACPI shutdown."""
+        server = await self._get_server(ref)
+        if server is None or server.status == "deleting":
+            raise VmNotFound(f"server {ref} not found", provider=self.kind, code="not_found")
+        if server.status == "off" and not server.locked:
             return
-        log.info("hetzner: server %s ignored the shutdown; powering off", ref)
-        action = await self._call(self._client.servers.power_off, server)
-        await self._wait_actions([action], self.stop_timeout_s)
+        if server.locked:
+            raise self._busy(ref, server, "power off")
+        log.info("hetzner: powering off server %s", ref)
+        await self._call(self._client.servers.power_off, server)
 
     async def destroy(self, ref: str) -> None:
+        """Submit the delete; `get` says DELETING until Hetzner has removed the server, then None."""
         server_id = self._server_id(ref)
         server = await self._call(self._get_sync, server_id)
-        if server is None:
+        if server is None or server.status == "deleting":
             return
-        if server.status != "deleting":
-            try:
-                await self._call(self._client.servers.delete, server)
-            except VmNotFound:
-                return
-        await self._wait_status(ref, set(), self.destroy_timeout_s)
+        try:
+            await self._call(self._client.servers.delete, server)
+        except VmNotFound:
+            return

@@ -1,8 +1,14 @@
-"""FlyProvider against the fake Fly Machines API, through real httpx."""
+"""FlyProvider against the fake Fly Machines API, through real httpx.
+
+Provider methods submit and return; the tests wait the way an activity does, by polling `get`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import math
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -13,6 +19,7 @@ from providers import (
     CapacityUnavailable,
     ProviderFatal,
     ProviderRetryable,
+    VmInfo,
     VmNotFound,
     VmSpec,
     VmState,
@@ -43,9 +50,6 @@ async def make_provider(fake: FakeFly) -> AsyncIterator[ProviderFactory]:
             "base_url": fake.base_url,
             "org_slug": fake.org_slug,
             "default_image": "registry.fly.io/slopbox-gateway:test",
-            "boot_timeout_s": 5.0,
-            "stop_timeout_s": 2.0,
-            "wait_chunk_s": 1,
             "request_timeout_s": 2.0,
         }
         kwargs.update(overrides)
@@ -69,10 +73,26 @@ def spec(vps_id: str = "vps-1", **kw: Any) -> VmSpec:
     return VmSpec(vps_id=vps_id, agent_id="agent-1", user_id="user-1", cpus=2, memory_mb=2048, disk_gb=3, **kw)
 
 
+async def reach(provider: FlyProvider, ref: str, state: VmState, timeout_s: float = 10.0) -> VmInfo:
+    """Poll `get` until `state`, as the heartbeating poll activity does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await provider.get(ref)
+        assert info is not None, f"machine {ref} is gone"
+        if info.state == state or time.monotonic() >= deadline:
+            assert info.state == state, info
+            return info
+        await asyncio.sleep(0.01)
+
+
+async def gone(provider: FlyProvider, ref: str) -> None:
+    assert await provider.wait_until_gone(ref, timeout_s=10.0, poll_s=0.01) is None
+
+
 async def test_happy_path_lifecycle(fake: FakeFly, provider: FlyProvider) -> None:
     s = spec(env={"OPENCLAW_SKIP_CHANNELS": "0"}, files={"openclaw.json": '{"gateway": {}}'})
     info = await provider.create(s)
-    assert info.state == VmState.RUNNING
+    assert info.state == VmState.PROVISIONING and info.raw_state == "created"  # accepted, not awaited
     assert info.provider_ref.startswith("slopbox-vps-1/")
     assert info.location == "fra"
     assert info.vps_id == "vps-1"
@@ -91,33 +111,42 @@ async def test_happy_path_lifecycle(fake: FakeFly, provider: FlyProvider) -> Non
     assert config["files"] == [
         {"guest_path": "/data/state/openclaw.json", "raw_value": base64.b64encode(b'{"gateway": {}}').decode()}
     ]
-    # Booting is awaited with the server-side long poll, not by polling GET.
-    assert [c.query["state"] for c in fake.calls("GET /apps/*/machines/*/wait")] == [["started"]]
-
-    got = await provider.get(info.provider_ref)
-    assert got is not None and got.state == VmState.RUNNING
+    await reach(provider, info.provider_ref, VmState.RUNNING)
 
     await provider.stop(info.provider_ref)
-    got = await provider.get(info.provider_ref)
-    assert got is not None and got.state == VmState.STOPPED
-    stop_wait = fake.calls("GET /apps/*/machines/*/wait")[-1]
-    assert stop_wait.query["state"] == ["stopped"] and stop_wait.query["instance_id"]
+    await reach(provider, info.provider_ref, VmState.STOPPED)
     await provider.stop(info.provider_ref)  # idempotent
+    [stop] = fake.calls("POST /apps/*/machines/*/stop")
+    assert stop.body == {"signal": "SIGTERM", "timeout": "30s"}
 
     await provider.start(info.provider_ref)
-    got = await provider.get(info.provider_ref)
-    assert got is not None and got.state == VmState.RUNNING
+    await reach(provider, info.provider_ref, VmState.RUNNING)
     await provider.start(info.provider_ref)  # idempotent
+    assert len(fake.calls("POST /apps/*/machines/*/start")) == 1
 
     await provider.destroy(info.provider_ref)
-    assert await provider.get(info.provider_ref) is None
+    await gone(provider, info.provider_ref)
     assert fake.apps == {} and fake.volumes == {}
     await provider.destroy(info.provider_ref)  # already gone = done
+    # Nothing waits server-side: no long poll that could outlast a heartbeat.
+    assert fake.calls("GET /apps/*/machines/*/wait") == []
 
     with pytest.raises(VmNotFound):
         await provider.start(info.provider_ref)
     with pytest.raises(VmNotFound):
         await provider.stop(info.provider_ref)
+
+
+async def test_create_returns_while_the_machine_is_still_created(fake: FakeFly, provider: FlyProvider) -> None:
+    fake.launch_delay_s = math.inf  # Fly keeps the machine "created"
+    info = await provider.create(spec())
+    assert info.state == VmState.PROVISIONING and info.raw_state == "created"
+    again = await provider.create(spec())  # a retried create adopts it, still without waiting
+    assert again.provider_ref == info.provider_ref and again.state == VmState.PROVISIONING
+    assert len(fake.machines) == 1 and len(fake.volumes) == 1
+    assert fake.calls("POST /apps/*/machines/*/start") == []
+    fake.finish_pending()
+    await reach(provider, info.provider_ref, VmState.RUNNING)
 
 
 async def test_create_twice_is_one_machine(fake: FakeFly, provider: FlyProvider) -> None:
@@ -128,20 +157,28 @@ async def test_create_twice_is_one_machine(fake: FakeFly, provider: FlyProvider)
     assert [c.status for c in fake.calls("POST /apps")] == [201, 422]
 
 
-async def test_lost_machine_create_response_is_adopted(fake: FakeFly, provider: FlyProvider) -> None:
-    fake.fail_next("POST /apps/*/machines", status=502, commit=True)
-    with pytest.raises(ProviderRetryable):
+@pytest.mark.parametrize("route", ["POST /apps", "POST /apps/*/volumes", "POST /apps/*/machines"])
+async def test_lost_create_response_is_adopted(fake: FakeFly, provider: FlyProvider, route: str) -> None:
+    """Each step of create (app, volume, machine) done by Fly but answered 504 is adopted on retry."""
+    fake.launch_delay_s = math.inf
+    fake.lose_response_next(route)
+    with pytest.raises(ProviderRetryable) as err:
         await provider.create(spec())
+    assert err.value.status == 504
     info = await provider.create(spec())
-    assert info.state == VmState.RUNNING
-    assert len(fake.machines) == 1 and len(fake.volumes) == 1
+    assert len(fake.apps) == 1 and len(fake.machines) == 1 and len(fake.volumes) == 1
+    assert info.provider_ref == f"slopbox-vps-1/{next(iter(fake.machines))}"
+    assert len(fake.calls("POST /apps/*/machines")) == 1
 
 
 async def test_adopts_a_stopped_machine_and_starts_it(fake: FakeFly, provider: FlyProvider) -> None:
     info = await provider.create(spec())
+    await reach(provider, info.provider_ref, VmState.RUNNING)
     await provider.stop(info.provider_ref)
+    await reach(provider, info.provider_ref, VmState.STOPPED)
     again = await provider.create(spec())
-    assert again.provider_ref == info.provider_ref and again.state == VmState.RUNNING
+    assert again.provider_ref == info.provider_ref and again.state == VmState.STARTING
+    await reach(provider, info.provider_ref, VmState.RUNNING)
 
 
 async def test_app_name_taken_by_someone_else_is_fatal(fake: FakeFly, provider: FlyProvider) -> None:
@@ -156,8 +193,7 @@ async def test_429_is_retryable_with_retry_after(fake: FakeFly, provider: FlyPro
     with pytest.raises(ProviderRetryable) as err:
         await provider.create(spec())
     assert err.value.retryable and err.value.status == 429 and err.value.retry_after_s == 2.0
-    info = await provider.create(spec())
-    assert info.state == VmState.RUNNING
+    await provider.create(spec())
     assert len(fake.machines) == 1 and len(fake.volumes) == 1
 
 
@@ -236,40 +272,72 @@ async def test_list_managed_reports_app_left_without_machine(fake: FakeFly, prov
         await provider.create(spec())
     [left] = await provider.list_managed()
     assert left.vps_id == "vps-1" and left.provider_ref == "slopbox-vps-1/no-machine"
-    assert await provider.get(left.provider_ref) is None
+    got = await provider.get(left.provider_ref)  # the app is there until destroyed
+    assert got is not None and got.state == VmState.PROVISIONING
+    with pytest.raises(VmNotFound):
+        await provider.start(left.provider_ref)
     await provider.destroy(left.provider_ref)
+    await gone(provider, left.provider_ref)
     assert fake.apps == {} and fake.volumes == {}
     assert await provider.list_managed() == []
 
 
-async def test_failed_launch_is_cleaned_up_and_retryable(fake: FakeFly, provider: FlyProvider) -> None:
+async def test_failed_launch_shows_as_error_and_a_retried_create_starts_it(
+    fake: FakeFly, provider: FlyProvider
+) -> None:
     fake.action_errors_next("start")
-    with pytest.raises(ProviderRetryable) as err:
-        await provider.create(spec())
-    assert err.value.code == "launch_failed"
-    assert all(m["state"] == "destroyed" for m in fake.machines.values())
     info = await provider.create(spec())
-    assert info.state == VmState.RUNNING
-    assert len(fake.volumes) == 1  # the volume was reused
+    await reach(provider, info.provider_ref, VmState.ERROR)
+    again = await provider.create(spec())  # adopts the failed machine and starts it again
+    assert again.provider_ref == info.provider_ref
+    await reach(provider, info.provider_ref, VmState.RUNNING)
+    assert len(fake.machines) == 1 and len(fake.volumes) == 1
 
 
-async def test_never_booting_machine_returns_after_bound(fake: FakeFly, make_provider: ProviderFactory) -> None:
+async def test_never_booting_machine_can_be_destroyed(fake: FakeFly, provider: FlyProvider) -> None:
     fake.never_boot = True
-    provider = make_provider(boot_timeout_s=0.5)
     info = await provider.create(spec())
-    assert info.state == VmState.STARTING
+    await reach(provider, info.provider_ref, VmState.STARTING)
+    waited = await provider.wait_until_running(info.provider_ref, timeout_s=0.05, poll_s=0.01)
+    assert waited is not None and waited.state == VmState.STARTING
     await provider.destroy(info.provider_ref)
-    assert await provider.get(info.provider_ref) is None
+    await gone(provider, info.provider_ref)
 
 
-async def test_slow_boot_uses_wait(fake: FakeFly, provider: FlyProvider) -> None:
-    fake.boot_delay_s = 0.3
+async def test_destroy_returns_once_accepted_and_get_later_says_gone(fake: FakeFly, provider: FlyProvider) -> None:
     info = await provider.create(spec())
-    assert info.state == VmState.RUNNING
-    assert len(fake.calls("GET /apps/*/machines/*/wait")) == 1
-    # A single GET after the wait, not a polling loop.
-    gets = [c for c in fake.calls("GET /apps/*/machines/*") if not c.path.endswith("/wait")]
-    assert len(gets) == 1
+    await reach(provider, info.provider_ref, VmState.RUNNING)
+    fake.app_delete_delay_s = math.inf
+    await provider.destroy(info.provider_ref)
+    deleting = await provider.get(info.provider_ref)
+    assert deleting is not None and deleting.state == VmState.DELETING
+    await provider.destroy(info.provider_ref)  # in progress = accepted
+    with pytest.raises(VmNotFound):
+        await provider.start(info.provider_ref)
+    with pytest.raises(ProviderRetryable):  # a create now would need the volume that is going away
+        await provider.create(spec())
+    fake.finish_pending()
+    assert await provider.get(info.provider_ref) is None
+    assert fake.apps == {}
+
+
+async def test_start_while_stopping_is_retryable_and_force_stop_kills(fake: FakeFly, provider: FlyProvider) -> None:
+    info = await provider.create(spec())
+    await reach(provider, info.provider_ref, VmState.RUNNING)
+    fake.action_duration_s = math.inf  # the machine takes its time to stop
+    await provider.stop(info.provider_ref)
+    await reach(provider, info.provider_ref, VmState.STOPPING)
+    await provider.stop(info.provider_ref)  # already stopping: nothing re-sent
+    with pytest.raises(ProviderRetryable) as err:
+        await provider.start(info.provider_ref)
+    assert err.value.code == "conflict"
+    await provider.force_stop(info.provider_ref)
+    stops = fake.calls("POST /apps/*/machines/*/stop")
+    assert [c.body["signal"] for c in stops] == ["SIGTERM", "SIGKILL"]
+    fake.finish_pending()
+    await reach(provider, info.provider_ref, VmState.STOPPED)
+    await provider.force_stop(info.provider_ref)  # stopped = no-op
+    assert len(fake.calls("POST /apps/*/machines/*/stop")) == 2
 
 
 def test_auth_header_scheme() -> None:

@@ -20,6 +20,7 @@ shell-style wildcards, e.g. "POST /servers", "POST /servers/*/actions/poweron", 
 
     fake.fail_next("POST /servers", status=429, times=2, headers={"Retry-After": "1"})
     fake.fail_next("POST /servers", status=504, commit=True)   # do the work, then answer 504
+    fake.lose_response_next("POST /servers")                   # the same, named: "lost response"
     fake.hang_next("GET /servers/*", seconds=5)                # never answer (client timeout)
     fake.clear_faults()
 
@@ -142,6 +143,14 @@ class FakeApiServer:
             self._faults.append(
                 Fault(route, "fail", times, status, code, message, dict(headers or {}), body, commit=commit)
             )
+
+    def lose_response_next(self, route: str, *, times: int = 1) -> None:
+        """Perform the next matching requests, then answer 504 as if the response got lost.
+
+        The client sees a retryable gateway timeout for something that did happen; its retry must
+        adopt the result (one server/machine, not two).
+        """
+        self.fail_next(route, 504, times=times, code="timeout", message="gateway timeout (response lost)", commit=True)
 
     def hang_next(self, route: str, *, times: int = 1, seconds: float = 10.0, commit: bool = False) -> None:
         """Hold the next matching requests for `seconds` (or until the fake stops) without answering."""

@@ -5,8 +5,10 @@ Point the client at `fake.base_url` ("http://127.0.0.1:PORT/v1") with `Authoriza
 `{"error": "...", "status": "..."?}`, `GET .../wait` long-polls and answers 200 `{"ok": true}` or 408.
 
 Machine states advance with time (evaluated on every request and inside wait):
-created -> starting (after `action_duration_s`) -> started (after `boot_delay_s`, never when
-`never_boot`), stopping -> stopped, destroying -> destroyed.
+created -> starting (after `launch_delay_s`, default `action_duration_s`; `math.inf` keeps it
+`created`) -> started (after `boot_delay_s`, never when `never_boot`), stopping -> stopped,
+destroying -> destroyed. App deletion is immediate, or takes `app_delete_delay_s` when set: the
+app stays visible meanwhile and its machines are `destroying`.
 
 Knobs and faults beyond `FakeApiServer`:
 
@@ -14,6 +16,9 @@ Knobs and faults beyond `FakeApiServer`:
     fake.machine_unavailable_in = {"fra"}    # machine create only -> 412 insufficient_capacity
     fake.action_errors_next("start", times=1)   # the next launch/start ends in state "failed"
     fake.boot_delay_s = 5; fake.never_boot = True
+    fake.launch_delay_s = math.inf           # new machines stay "created"
+    fake.app_delete_delay_s = math.inf       # deleted apps linger, their machines "destroying"
+    fake.finish_pending()                    # every scheduled transition and app deletion happens now
     fake.other_org_apps = {"slopbox-x"}      # app names taken by someone else (422 on create, 404 on get)
     fake.add_machine(app, metadata={...})    # something we did not create
 
@@ -70,7 +75,11 @@ class FakeFly(FakeApiServer):
         self.action_duration_s = 0.02
         self.boot_delay_s = 0.0
         self.never_boot = False
+        self.launch_delay_s: float | None = None
+        self.app_delete_delay_s: float | None = None
         self.max_wait_s = 60.0
+        # app name -> when its pending deletion completes
+        self._app_deletions: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         # machine id -> list of (time, state) transitions still to happen
         self._schedule: dict[str, list[tuple[float, str]]] = {}
@@ -91,6 +100,17 @@ class FakeFly(FakeApiServer):
         """The next `times` launches/starts end in state `failed` instead of `started`."""
         with self.lock:
             self._failures[action] = self._failures.get(action, 0) + times
+
+    def finish_pending(self) -> None:
+        """Run every scheduled machine transition and pending app deletion now, in order."""
+        with self.lock:
+            while self._schedule or self._app_deletions:
+                for steps in self._schedule.values():
+                    if steps:
+                        steps[0] = (0.0, steps[0][1])
+                for name in self._app_deletions:
+                    self._app_deletions[name] = 0.0
+                self.before_request()
 
     def add_machine(
         self, app_name: str, *, metadata: dict[str, str] | None = None, state: str = "started", region: str = "fra"
@@ -138,6 +158,10 @@ class FakeFly(FakeApiServer):
                         self._detach_volumes(machine)
             if not steps:
                 del self._schedule[mid]
+        for name, done_at in list(self._app_deletions.items()):
+            if done_at <= now:
+                del self._app_deletions[name]
+                self.apps.pop(name, None)
 
     def _find_machine(self, mid: str) -> dict[str, Any] | None:
         for app in self.apps.values():
@@ -156,7 +180,7 @@ class FakeFly(FakeApiServer):
         steps: list[tuple[float, str]] = []
         t = now
         if from_created:
-            t += self.action_duration_s
+            t += self.action_duration_s if self.launch_delay_s is None else self.launch_delay_s
             steps.append((t, "starting"))
         else:
             machine["state"] = "starting"
@@ -277,9 +301,18 @@ class FakeFly(FakeApiServer):
             app = self._app_or_404(request)
             if isinstance(app, web.Response):
                 return app
-            del self.apps[app.name]
-            for mid in app.machines:
-                self._schedule.pop(mid, None)
+            if self.app_delete_delay_s is None:
+                del self.apps[app.name]
+                for mid in app.machines:
+                    self._schedule.pop(mid, None)
+                return web.Response(status=202)
+            # Accepted; the machines are destroyed and the app removed later (Fly answers 202 too).
+            if app.name not in self._app_deletions:
+                self._app_deletions[app.name] = time.monotonic() + self.app_delete_delay_s
+                for machine in app.machines.values():
+                    if machine["state"] != "destroyed":
+                        machine["state"] = "destroying"
+                        self._schedule[machine["id"]] = [(self._app_deletions[app.name], "destroyed")]
             return web.Response(status=202)
 
     # volumes

@@ -6,7 +6,10 @@ errors are `{"error": {"code", "message", "details"}}`, every answer carries Rat
 
 Time-based behaviour (evaluated lazily on every request, so nobody has to poll for it to happen):
 each action finishes `action_duration_s` after it began; a start_server action finishes after
-`boot_delay_s` instead, or never when `never_boot` is set (the server stays `starting`).
+`boot_delay_s` instead, or never when `never_boot` is set (the server stays `starting`); the
+create_server action takes `create_delay_s` when set (`math.inf`: the server stays `initializing`
+and the start after it never begins); a delete_server action takes `delete_delay_s` when set (the
+server stays `deleting`, GET still finds it).
 
 Knobs and faults beyond `FakeApiServer`:
 
@@ -15,6 +18,9 @@ Knobs and faults beyond `FakeApiServer`:
     fake.server_limit = 3                       # -> 403 resource_limit_exceeded beyond 3 servers
     fake.action_errors_next("create_server", times=1, code="action_failed", message="...")
     fake.boot_delay_s = 5; fake.never_boot = True
+    fake.create_delay_s = math.inf              # created servers stay "initializing"
+    fake.delete_delay_s = math.inf              # deleted servers stay "deleting"
+    fake.finish_pending("create_server")        # end held actions now (e.g. after a *_delay_s of inf)
     fake.ignore_shutdown = True                 # ACPI shutdown succeeds, the server stays running
     fake.add_server("other", labels={...}, status="running")   # something we did not create
 
@@ -144,6 +150,8 @@ class FakeHetzner(FakeApiServer):
         self.action_duration_s = 0.02
         self.boot_delay_s = 0.0
         self.never_boot = False
+        self.create_delay_s: float | None = None
+        self.delete_delay_s: float | None = None
         self.ignore_shutdown = False
         self.user_data: dict[int, str | None] = {}
         # Lifecycle tests point servers at loopback, where an emulated VM runs; other tests keep
@@ -166,6 +174,18 @@ class FakeHetzner(FakeApiServer):
         """The next `times` actions with this command (e.g. create_server, start_server) end in error."""
         with self.lock:
             self._action_errors.append(_ActionError(command, times, code, message))
+
+    def finish_pending(self, command: str | None = None) -> int:
+        """Finish the running actions (all, or those with this command) now; returns how many.
+
+        A start_server that follows a held create_server stays held until it is finished too.
+        """
+        with self.lock:
+            due = [p for p in self._pending if command is None or p.action["command"] == command]
+            for pending in due:
+                pending.done_at = 0.0
+            self.before_request()
+            return len(due)
 
     def add_server(
         self,
@@ -443,12 +463,15 @@ class FakeHetzner(FakeApiServer):
             for fid in firewall_ids:
                 self.firewalls[fid]["applied_to"].append({"type": "server", "server": {"id": server["id"]}})
             start = body.get("start_after_create", True) is not False
-            create = self._action("create_server", server["id"], on_success="starting" if start else "off")
+            create_duration = self.action_duration_s if self.create_delay_s is None else self.create_delay_s
+            create = self._action(
+                "create_server", server["id"], duration=create_duration, on_success="starting" if start else "off"
+            )
             next_actions = []
             if start:
-                next_actions.append(
-                    self._action("start_server", server["id"], duration=self._boot_duration(), on_success="running")
-                )
+                # The start never finishes before the create it follows.
+                boot = max(self._boot_duration(), create_duration)
+                next_actions.append(self._action("start_server", server["id"], duration=boot, on_success="running"))
                 if create_error := self._pending_error(create["id"]):
                     self._set_pending_error(next_actions[0]["id"], create_error)
             return self._json(
@@ -518,7 +541,7 @@ class FakeHetzner(FakeApiServer):
             server["status"] = "deleting"
             # A delete supersedes whatever was running (a boot that never ends, for instance).
             self._pending = [p for p in self._pending if p.server_id != server["id"]]
-            action = self._action("delete_server", server["id"], on_success="gone")
+            action = self._action("delete_server", server["id"], duration=self.delete_delay_s, on_success="gone")
             return self._json({"action": action})
 
     async def list_server_actions(self, request: web.Request) -> web.Response:
@@ -530,6 +553,9 @@ class FakeHetzner(FakeApiServer):
             statuses = request.query.getall("status", [])
             if statuses:
                 items = [a for a in items if a["status"] in statuses]
+            for key in reversed(request.query.getall("sort", [])):
+                field, _, direction = key.partition(":")
+                items.sort(key=lambda a: a.get(field) or 0, reverse=direction == "desc")
             return self._json(self._page(items, request, "actions"))
 
     async def server_action(self, request: web.Request) -> web.Response:
