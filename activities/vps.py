@@ -230,16 +230,23 @@ class VpsActivities:
         if not ref:
             raise fail("the VM was never created")
         want = VmState.RUNNING if inp.want == "running" else VmState.STOPPED
-        deadline = time.monotonic() + inp.timeout_s
+        started = time.monotonic()
+        deadline = started + inp.timeout_s
+        forced = False
         last: VmInfo | None = None
         while time.monotonic() < deadline:
             last = await self._call(lambda: provider.get(ref))
             if last is None or last.state == VmState.DELETED:
                 await self._observed(vps.id, None)
                 raise fail(f"the VM disappeared at {vps.provider} while waiting for it to be {inp.want}")
-            if last.state == want:
+            # A VM whose last create/start failed is powered off: for a stop, that is stopped.
+            if last.state == want or (want == VmState.STOPPED and last.state == VmState.ERROR):
                 await self._observed(vps.id, last)
                 return
+            if want == VmState.STOPPED and not forced and time.monotonic() - started > inp.timeout_s / 2:
+                # The graceful shutdown was ignored for half the budget: power it off.
+                await self._call(lambda: provider.force_stop(ref))
+                forced = True
             if last.state == VmState.ERROR:
                 await self._observed(vps.id, last)
                 raise fail(f"the VM failed at {vps.provider}: {last.detail or last.raw_state}")
