@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request, Response
 from temporalio.client import Client
 
 from api import problems
+from api.body_limit import BodyLimit
 from api.routes import agent_settings, agents, bootstrap, channels, health, plans, users, vps
 from db.engine import make_engine, session_factory
 from orchestration.client import connect
@@ -57,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.temporal = LazyTemporal(settings)
     app.state.lifecycle_timeouts = LifecycleTimeouts()
     problems.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_body_bytes)  # inside access_log: 413s are logged
 
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

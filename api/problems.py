@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://slopbox.dev/problems/"
+RETRY_AFTER_S = 5  # what a 503 tells clients to wait; a database or Temporal restart takes about this long
+MAX_ERRORS = 20  # a 422 lists this many validation errors, and counts the rest
+MAX_TEXT = 200  # characters kept of an error's field name or message (they may echo client input)
 
 
 class Problem(Exception):
@@ -40,34 +46,78 @@ def problem_response(status: int, title: str, detail: str, *, type_: str = "abou
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "…"
+
+
 def _field(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "body"
+    return _clip(".".join(parts) or "body")
+
+
+def retry_later(headers: dict[str, str] | None) -> dict[str, str]:
+    """A 503 always says when to come back."""
+    merged = dict(headers or {})
+    if not any(k.lower() == "retry-after" for k in merged):
+        merged["Retry-After"] = str(RETRY_AFTER_S)
+    return merged
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Connection-level failures (server down, restarting, pool exhausted), not a bad query."""
+    if isinstance(exc, PoolTimeoutError | psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
+    return False
+
+
+def _internal_error(request: Request, exc: BaseException) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return problem_response(500, "Internal error", "An unexpected error occurred; it has been logged.",
+                            instance=request.url.path)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        headers = retry_later(exc.headers) if exc.status == 503 else exc.headers
         return problem_response(exc.status, exc.title, exc.detail, type_=exc.type,
-                                instance=request.url.path, headers=exc.headers, **exc.extra)
+                                instance=request.url.path, headers=headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": _field(tuple(e["loc"])), "message": e["msg"], "type": e["type"]} for e in exc.errors()
-        ]
+        # Bounded: a body of thousands of bad keys must not produce a response (and memory) many times its size.
+        # The offending input is never echoed; the field and message say what is wrong.
+        all_errors = exc.errors()
+        errors = [{"field": _field(tuple(e["loc"])), "message": _clip(str(e["msg"])), "type": e["type"]}
+                  for e in all_errors[:MAX_ERRORS]]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        if len(all_errors) > len(errors):
+            detail += f"; and {len(all_errors) - len(errors)} more"
         return problem_response(422, "Invalid request", detail, type_=TYPE_BASE + "validation",
-                                instance=request.url.path, errors=errors)
+                                instance=request.url.path, errors=errors, errors_total=len(all_errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+        title = {404: "Not found", 405: "Method not allowed", 413: "Content too large"}.get(
+            exc.status_code, "HTTP error")
         return problem_response(exc.status_code, title, str(exc.detail), instance=request.url.path,
                                 headers=getattr(exc, "headers", None))
 
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if not database_unavailable(exc):
+            return _internal_error(request, exc)
+        log.warning("database unavailable", extra={"path": request.url.path, "error": type(exc).__name__})
+        return problem_response(503, "Database unavailable",
+                                "The database is unavailable, nothing was changed; try again in a few seconds.",
+                                type_=TYPE_BASE + "database-unavailable", instance=request.url.path,
+                                headers=retry_later(None))
+
+    for exc_class in (DBAPIError, PoolTimeoutError, psycopg.OperationalError, psycopg.InterfaceError):
+        app.add_exception_handler(exc_class, _database)
+
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, _exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", extra={"path": request.url.path})
-        return problem_response(500, "Internal error", "An unexpected error occurred; it has been logged.",
-                                instance=request.url.path)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return _internal_error(request, exc)
