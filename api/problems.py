@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import psycopg
@@ -13,9 +14,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.schemas import PROBLEM_JSON
+
 log = logging.getLogger(__name__)
 
-PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://slopbox.dev/problems/"
 RETRY_AFTER_S = 5  # what a 503 tells clients to wait; a database or Temporal restart takes about this long
 MAX_ERRORS = 20  # a 422 lists this many validation errors, and counts the rest
@@ -73,6 +75,21 @@ def database_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def allowed_methods(request: Request) -> str:
+    """Every documented method of this path. Starlette's own 405 names only the first matching route's
+    methods, and GET and DELETE /agents/{id} are two routes."""
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(request.app.state, "allowed_methods", None)
+    if table is None:
+        table = []
+        for template, operations in request.app.openapi().get("paths", {}).items():
+            regex = re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$")
+            methods = {m.upper() for m in operations}
+            table.append((regex, methods | ({"HEAD"} if "GET" in methods else set())))
+        request.app.state.allowed_methods = table
+    path = request.scope["path"]
+    return ", ".join(sorted(set().union(*(methods for regex, methods in table if regex.match(path)))))
+
+
 def _internal_error(request: Request, exc: BaseException) -> JSONResponse:
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
     return problem_response(500, "Internal error", "An unexpected error occurred; it has been logged.",
@@ -101,10 +118,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        title = {404: "Not found", 405: "Method not allowed", 413: "Content too large"}.get(
+        title = {400: "Bad request", 404: "Not found", 405: "Method not allowed",
+                 413: "Content too large"}.get(
             exc.status_code, "HTTP error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
         return problem_response(exc.status_code, title, str(exc.detail), instance=request.url.path,
-                                headers=getattr(exc, "headers", None))
+                                headers=headers or None)
 
     async def _database(request: Request, exc: Exception) -> JSONResponse:
         if not database_unavailable(exc):

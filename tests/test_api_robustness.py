@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tempfile
 import uuid
@@ -171,3 +172,48 @@ async def test_422_for_thousands_of_unknown_keys_is_small(api: httpx.AsyncClient
     assert body["errors"][0] == {"field": "unknown_key_0", "message": "Extra inputs are not permitted",
                                  "type": "extra_forbidden"}
     assert "unknown_key_0: Extra inputs are not permitted" in body["detail"] and "7980 more" in body["detail"]
+
+
+# --- schema-valid input is accepted --------------------------------------------------------------
+
+async def test_integral_number_is_an_integer(api: httpx.AsyncClient, sql: psycopg.Connection) -> None:
+    """JSON Schema's integer includes 500.0 (schemathesis sent one); strings and fractions stay refused."""
+    user = make_user(sql)
+    resp = await api.put("/users/me/overage-budget", content=b'{"budget_cents": 500.0}',
+                         headers={**headers(user), "Content-Type": "application/json"})
+    assert resp.status_code == 200 and resp.json()["budget_cents"] == 500, resp.text
+    for bad in ('"600"', "5.5", "true"):
+        resp = await api.put("/users/me/overage-budget", content=f'{{"budget_cents": {bad}}}'.encode(),
+                             headers={**headers(user), "Content-Type": "application/json"})
+        assert_problem(resp, 422)
+    assert (await api.get("/users/me/overage-budget", headers=headers(user))).json()["budget_cents"] == 500
+
+
+async def test_blank_agent_name_is_refused_by_the_documented_schema(api: httpx.AsyncClient) -> None:
+    """The name is stripped, so a whitespace-only one is invalid: the OpenAPI pattern must say so too."""
+    spec = (await api.get("/openapi.json")).json()
+    pattern = spec["components"]["schemas"]["AgentCreate"]["properties"]["name"]["pattern"]
+    assert re.search(pattern, "molty") and re.search(pattern, " molty ")
+    assert not re.search(pattern, "   ") and not re.search(pattern, "\u3000\u00a0")
+
+
+async def test_405_names_every_method_of_the_path(api: httpx.AsyncClient, sql: psycopg.Connection) -> None:
+    """GET and DELETE /agents/{id} are two routes; a 405 must list both, not just the first one's."""
+    user = make_user(sql)
+    resp = await api.request("PUT", f"/agents/{uuid.uuid4()}", headers=headers(user))
+    assert_problem(resp, 405)
+    assert set(resp.headers["allow"].split(", ")) == {"GET", "HEAD", "DELETE"}
+    resp = await api.request("OPTIONS", "/users/me/overage-budget", headers=headers(user))
+    assert_problem(resp, 405)
+    assert set(resp.headers["allow"].split(", ")) == {"GET", "HEAD", "PUT"}
+
+
+async def test_openapi_documents_problem_answers(api: httpx.AsyncClient) -> None:
+    spec = (await api.get("/openapi.json")).json()
+    provision = spec["paths"]["/agents/{agent_id}/vps"]["post"]["responses"]
+    assert {"202", "400", "401", "403", "404", "409", "413", "422", "503"} <= set(provision)
+    assert list(provision["409"]["content"]) == ["application/problem+json"]
+    assert provision["503"]["headers"]["Retry-After"]["required"] is True
+    assert provision["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/OperationAccepted")
+    assert list(provision["422"]["content"]) == ["application/problem+json"]
+    assert provision["422"]["content"]["application/problem+json"]["schema"]["$ref"].endswith("/ValidationProblem")

@@ -14,7 +14,7 @@ from api.deps import CurrentUser, SessionDep
 from api.problems import Problem
 from api.routes.agents import owned_agent
 from api.routes.vps import accepted, claim, locked_vps, operation_id_for, start_operation
-from api.schemas import ModelId
+from api.schemas import ModelId, OperationAccepted, SettingsSaved, problem_responses, settings_request
 from db.models import Vps, VpsState
 from workflows.agent_ops import PushConfig, RestartAgent
 
@@ -42,7 +42,10 @@ class SettingsIn(BaseModel):
         return self
 
 
-@router.patch("/settings")
+@router.patch("/settings", response_model=SettingsSaved,
+              responses={202: {"model": OperationAccepted, "description": "Saved; PushConfig started (agent running)"},
+                         **problem_responses(404, 409)},
+              openapi_extra=settings_request(("AGENTS.md", "SOUL.md", "IDENTITY.md"), 64 * 1024))
 async def update_settings(agent_id: uuid.UUID, body: SettingsIn, request: Request, session: SessionDep,
                           user: CurrentUser) -> JSONResponse:
     """Saved at once; pushed to the gateway now if it runs, otherwise on its next start."""
@@ -68,7 +71,7 @@ async def update_settings(agent_id: uuid.UUID, body: SettingsIn, request: Reques
     return JSONResponse({"saved": True, "applied": "on the next start of the agent's VPS"}, status_code=200)
 
 
-@router.post("/restart", status_code=202)
+@router.post("/restart", status_code=202, response_model=OperationAccepted, responses=problem_responses(404, 409))
 async def restart(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser) -> JSONResponse:
     agent, vps = await locked_vps(session, user, agent_id)
     if vps.state != VpsState.running:

@@ -14,7 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import CurrentUser, SessionDep
 from api.problems import Problem
-from api.schemas import AgentCreate, AgentOut, Page, VpsOut
+from api.schemas import AgentCreate, AgentOut, Page, VpsOut, problem_responses
 from billing.plans import effective_plan
 from db.models import Agent, User, Vps, VpsState
 
@@ -49,7 +49,7 @@ async def agent_vps(session: AsyncSession, agent: Agent) -> Vps | None:
     return await session.get(Vps, agent.vps_id)
 
 
-@router.post("", status_code=201, response_model=AgentOut)
+@router.post("", status_code=201, response_model=AgentOut, responses=problem_responses(403, 409))
 async def create_agent(body: AgentCreate, session: SessionDep, user: CurrentUser, response: Response) -> AgentOut:
     # Lock the user row so two concurrent creates cannot both pass the limit check.
     await session.exec(select(User).where(User.id == user.id).with_for_update())
@@ -97,13 +97,13 @@ async def list_agents(
     return Page(items=[agent_out(a, v) for a, v in rows], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{agent_id}", response_model=AgentOut)
+@router.get("/{agent_id}", response_model=AgentOut, responses=problem_responses(404))
 async def get_agent(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> AgentOut:
     agent = await owned_agent(session, user, agent_id)
     return agent_out(agent, await agent_vps(session, agent))
 
 
-@router.delete("/{agent_id}", status_code=204)
+@router.delete("/{agent_id}", status_code=204, responses=problem_responses(404, 409))
 async def delete_agent(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> Response:
     agent = await owned_agent(session, user, agent_id, lock=True)
     vps = await agent_vps(session, agent)

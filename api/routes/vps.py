@@ -26,6 +26,7 @@ from temporalio.service import RPCError
 from api.deps import CurrentUser, SessionDep
 from api.problems import Problem
 from api.routes.agents import agent_vps, owned_agent
+from api.schemas import OperationAccepted, VpsDestroyed, problem_responses
 from billing.plans import effective_plan
 from db.models import Agent, PlanVpsConfig, User, Vps, VpsConfig, VpsState
 from orchestration.search_attributes import run_attributes
@@ -124,7 +125,8 @@ async def claim(request: Request, session: AsyncSession, vps: Vps, operation_id:
     return True
 
 
-@router.post("", status_code=202, responses={202: {"description": "Provisioning started"}})
+@router.post("", status_code=202, response_model=OperationAccepted,
+             responses={202: {"description": "Provisioning started"}, **problem_responses(403, 404, 409)})
 async def provision(agent_id: uuid.UUID, body: ProvisionIn, request: Request, session: SessionDep,
                     user: CurrentUser, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     settings: Settings = request.app.state.settings
@@ -188,7 +190,7 @@ async def _transition(agent: Agent, vps: Vps, request: Request, session: AsyncSe
     return accepted(agent_id, vps.id, operation_id, workflow.__name__)
 
 
-@router.post("/start", status_code=202)
+@router.post("/start", status_code=202, response_model=OperationAccepted, responses=problem_responses(404, 409))
 async def start(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser,
                 idempotency_key: IdempotencyKey = None) -> JSONResponse:
     agent, vps = await locked_vps(session, user, agent_id)
@@ -196,7 +198,7 @@ async def start(agent_id: uuid.UUID, request: Request, session: SessionDep, user
                              allowed=(VpsState.stopped,))
 
 
-@router.post("/stop", status_code=202)
+@router.post("/stop", status_code=202, response_model=OperationAccepted, responses=problem_responses(404, 409))
 async def stop(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser,
                idempotency_key: IdempotencyKey = None) -> JSONResponse:
     agent, vps = await locked_vps(session, user, agent_id)
@@ -204,7 +206,9 @@ async def stop(agent_id: uuid.UUID, request: Request, session: SessionDep, user:
                              allowed=(VpsState.running,))
 
 
-@router.delete("", status_code=202)
+@router.delete("", status_code=202, response_model=OperationAccepted,
+               responses={200: {"model": VpsDestroyed, "description": "Already destroyed"},
+                          **problem_responses(404, 409)})
 async def destroy(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser,
                   idempotency_key: IdempotencyKey = None) -> JSONResponse:
     agent, vps = await locked_vps(session, user, agent_id)
