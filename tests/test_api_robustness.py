@@ -217,3 +217,20 @@ async def test_openapi_documents_problem_answers(api: httpx.AsyncClient) -> None
     assert provision["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/OperationAccepted")
     assert list(provision["422"]["content"]) == ["application/problem+json"]
     assert provision["422"]["content"]["application/problem+json"]["schema"]["$ref"].endswith("/ValidationProblem")
+
+
+async def test_orchestrator_down_is_503_with_retry_after(settings: Settings, db: str,
+                                                         sql: psycopg.Connection) -> None:
+    """The lifecycle routes' own 503 (Temporal unreachable) says when to retry too, and changes nothing."""
+    app = create_app(settings.model_copy(update={"temporal_address": "127.0.0.1:1"}))
+    user = make_user(sql)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
+            agent = (await api.post("/agents", json={"name": "molty"}, headers=headers(user))).json()["id"]
+            plans = (await api.get("/plans", headers=headers(user))).json()
+            config = next(c["id"] for p in plans if p["name"] == "starter" for c in p["vps_configs"]
+                          if c["provider"] == "local")
+            resp = await api.post(f"/agents/{agent}/vps", json={"vps_config_id": config}, headers=headers(user))
+            assert_problem(resp, 503)
+            assert int(resp.headers["retry-after"]) > 0
+            assert (await api.get(f"/agents/{agent}", headers=headers(user))).json()["vps"] is None
