@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import psycopg
 import pytest
 import uvicorn
+from starlette.types import Message, Receive, Scope, Send
 from temporalio.client import Client
 
 from api.app import create_app
@@ -30,13 +32,21 @@ MAX_EXAMPLES = 10
 SEED = 20261202
 
 
-def schemathesis_command(base_url: str, user: str, report_dir: Path) -> list[str]:
+# The credentials go in a config file read from the environment, not on a command line `ps` shows.
+CONFIG = """
+[headers]
+Authorization = "Bearer ${SLOPBOX_TEST_API_KEY}"
+X-User-Id = "${SLOPBOX_TEST_USER}"
+"""
+
+
+def schemathesis_command(base_url: str, config: Path, report_dir: Path) -> list[str]:
     return [
-        str(Path(sys.executable).with_name("schemathesis")), "run", f"{base_url}/openapi.json",
+        str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(config),
+        "run", f"{base_url}/openapi.json",
         "--checks", "all", "--mode", "all", "--phases", "examples,coverage,fuzzing,stateful",
         "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED), "--workers", "1",
         "--request-timeout", "30", "--suppress-health-check", "all", "--warnings", "off",
-        "--header", f"Authorization: Bearer {API_KEY}", "--header", f"X-User-Id: {user}",
         "--report-dir", str(report_dir),
     ]
 
@@ -48,20 +58,35 @@ async def test_schemathesis_finds_nothing(settings: Settings, temporal_client: C
         app = create_app(settings)
         app.state.lifecycle_timeouts = FAST
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+        statuses: Counter[int] = Counter()
+
+        async def observed(scope: Scope, receive: Receive, send: Send) -> None:
+            async def watch(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    statuses[message["status"]] += 1
+                await send(message)
+
+            await app(scope, receive, watch)
+
+        server = uvicorn.Server(uvicorn.Config(observed, host="127.0.0.1", port=port, log_level="warning",
                                                lifespan="on"))
         serving = asyncio.create_task(server.serve())
         try:
             while not server.started:
                 assert not serving.done(), "uvicorn did not start"
                 await asyncio.sleep(0.05)
+            config = tmp_path / "schemathesis.toml"
+            config.write_text(CONFIG)
             proc = await asyncio.create_subprocess_exec(
-                *schemathesis_command(f"http://127.0.0.1:{port}", str(user), tmp_path / "report"),
+                *schemathesis_command(f"http://127.0.0.1:{port}", config, tmp_path / "report"),
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
-                env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_HOOKS": ""})
+                env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_HOOKS": "",
+                     "SLOPBOX_TEST_API_KEY": API_KEY, "SLOPBOX_TEST_USER": str(user)})
             out, _ = await proc.communicate()
         finally:
             server.should_exit = True
             await serving
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-20000:]
+    # The credentials applied: authenticated requests really got through (201 = agents created).
+    assert statuses[200] > 20 and statuses[201] > 0, statuses
