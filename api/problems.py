@@ -65,14 +65,27 @@ def retry_later(headers: dict[str, str] | None) -> dict[str, str]:
     return merged
 
 
+# Server-reported states that mean "cannot serve you now" rather than "your query failed":
+# connection exceptions (class 08), shutting down / starting up, too many connections.
+UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300"}
+
+
+def _connection_failure(err: BaseException | None) -> bool:
+    if isinstance(err, psycopg.InterfaceError):
+        return True
+    if isinstance(err, psycopg.OperationalError):  # also deadlocks and timeouts: those keep their 500
+        state = err.sqlstate
+        return state is None or state.startswith("08") or state in UNAVAILABLE_STATES
+    return False
+
+
 def database_unavailable(exc: BaseException) -> bool:
-    """Connection-level failures (server down, restarting, pool exhausted), not a bad query."""
-    if isinstance(exc, PoolTimeoutError | psycopg.OperationalError | psycopg.InterfaceError):
+    """Connection-level failures (server down, restarting, pool exhausted), not a failed query."""
+    if isinstance(exc, PoolTimeoutError):
         return True
     if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(
-            exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
-    return False
+        return exc.connection_invalidated or _connection_failure(exc.orig)
+    return _connection_failure(exc)
 
 
 def allowed_methods(request: Request) -> str:

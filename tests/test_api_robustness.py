@@ -234,3 +234,18 @@ async def test_orchestrator_down_is_503_with_retry_after(settings: Settings, db:
             assert_problem(resp, 503)
             assert int(resp.headers["retry-after"]) > 0
             assert (await api.get(f"/agents/{agent}", headers=headers(user))).json()["vps"] is None
+
+
+def test_only_connection_failures_count_as_unavailable() -> None:
+    """A deadlock or a statement timeout is a failed query (500, logged), not a database that is down."""
+    from psycopg import errors
+    from sqlalchemy.exc import OperationalError
+
+    from api.problems import database_unavailable
+
+    refused = psycopg.OperationalError("connection failed: Connection refused")
+    assert database_unavailable(OperationalError("SELECT 1", None, refused))
+    assert database_unavailable(OperationalError("SELECT 1", None, errors.AdminShutdown()))
+    assert database_unavailable(errors.ConnectionFailure())
+    assert not database_unavailable(OperationalError("UPDATE", None, errors.DeadlockDetected()))
+    assert not database_unavailable(OperationalError("SELECT", None, errors.QueryCanceled()))
