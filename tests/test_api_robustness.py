@@ -236,7 +236,7 @@ async def test_orchestrator_down_is_503_with_retry_after(settings: Settings, db:
             assert (await api.get(f"/agents/{agent}", headers=headers(user))).json()["vps"] is None
 
 
-def test_only_connection_failures_count_as_unavailable() -> None:
+async def test_only_connection_failures_count_as_unavailable() -> None:
     """A deadlock or a statement timeout is a failed query (500, logged), not a database that is down."""
     from psycopg import errors
     from sqlalchemy.exc import OperationalError
