@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     forward_proxy_port: Port = 8081
     temporal_port: Port = 7233
     temporal_ui_port: Port = 8233
+    max_request_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024,
+        description="largest request body the API reads; a bigger one is answered 413 without reading it all")
 
     # Providers
     hcloud_token: SecretStr | None = None

@@ -8,12 +8,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from temporalio.client import Client
 
 from api import problems
+from api.body_limit import BodyLimit
 from api.routes import agent_settings, agents, bootstrap, channels, health, plans, users, vps
+from api.schemas import COMMON_PROBLEMS, PROBLEM_JSON
 from db.engine import make_engine, session_factory
 from orchestration.client import connect
 from settings import Settings
@@ -57,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.temporal = LazyTemporal(settings)
     app.state.lifecycle_timeouts = LifecycleTimeouts()
     problems.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_body_bytes)  # inside access_log: 413s are logged
 
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -75,6 +79,35 @@ def create_app(settings: Settings) -> FastAPI:
                                    "ms": round((time.perf_counter() - start) * 1000, 1)})
         return response
 
-    for module in (health, users, plans, agents, agent_settings, vps, channels, bootstrap):
-        app.include_router(module.router)
+    app.include_router(health.router)
+    for module in (users, plans, agents, agent_settings, vps, channels, bootstrap):
+        app.include_router(module.router, responses=COMMON_PROBLEMS)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            truthful(FastAPI.openapi(app))
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def truthful(spec: dict[str, Any]) -> None:
+    """Fix up what FastAPI cannot express: problem bodies are application/problem+json, and a route may
+    document its JSON body with a hand-written schema (cross-field rules) instead of the model's."""
+    problem_refs = ("#/components/schemas/ProblemDetails", "#/components/schemas/ValidationProblem")
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                if content.get("application/json", {}).get("schema", {}).get("$ref") in problem_refs:
+                    content[PROBLEM_JSON] = content.pop("application/json")
+            if "requestBody" not in operation:
+                continue
+            # A body that is not UTF-8 JSON at all is refused before validation.
+            operation["responses"].setdefault("400", {
+                "description": "The body cannot be read (not UTF-8 JSON)",
+                "content": {PROBLEM_JSON: {"schema": {"$ref": problem_refs[0]}}}})
+            body = operation["requestBody"].get("content", {}).get("application/json", {}).get("schema", {})
+            if body.pop("x-replaces-model", False):
+                body.pop("$ref", None)

@@ -2,15 +2,72 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import date, datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints, TypeAdapter
 
 T = TypeVar("T")
 
 MAX_BUDGET_CENTS = 10_000_000  # $100,000 a month: anything above is a typo, not a budget
+PROBLEM_JSON = "application/problem+json"
+
+
+# --- errors (RFC 9457) ----------------------------------------------------------------------------
+
+class ProblemDetails(BaseModel):
+    """Every error body. Some problems add members (e.g. `running_operation_id` on a 409)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="A URI naming the kind of problem; about:blank for plain HTTP errors")
+    title: str
+    status: int
+    detail: str = Field(description="What went wrong and what to do about it")
+    instance: str | None = Field(default=None, description="The request path")
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Dotted path of the offending field, or `body`")
+    message: str
+    type: str
+
+
+class ValidationProblem(ProblemDetails):
+    errors: list[FieldError] = Field(description="The first errors (at most 20); the input is never echoed")
+    errors_total: int = Field(description="How many errors the request had in all")
+
+
+PROBLEM_DESCRIPTIONS: dict[int, str] = {
+    400: "The request is malformed",
+    401: "Missing or invalid credentials",
+    403: "A plan limit forbids it",
+    404: "No such resource (or it belongs to another user)",
+    409: "Conflicts with the resource's current state or a running operation",
+    413: "The request body is larger than MAX_REQUEST_BODY_BYTES",
+    422: "The request does not validate; `errors` lists what is wrong",
+    500: "An unexpected error; it has been logged",
+    503: "The database or the orchestrator is unreachable; nothing was changed, retry after `Retry-After` seconds",
+}
+RETRY_AFTER_HEADER = {"Retry-After": {"description": "Seconds to wait before retrying", "required": True,
+                                      "schema": {"type": "integer", "minimum": 1}}}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for problem answers (app.py moves them to the application/problem+json type)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ValidationProblem if status == 422 else ProblemDetails,
+                                 "description": PROBLEM_DESCRIPTIONS[status]}
+        if status == 503:
+            entry["headers"] = RETRY_AFTER_HEADER
+        out[status] = entry
+    return out
+
+
+# Every authenticated route (413: a declared Content-Length over the limit is refused on any route).
+COMMON_PROBLEMS = problem_responses(401, 413, 422, 500, 503)
 
 
 class Page(BaseModel, Generic[T]):
@@ -59,10 +116,15 @@ class UserOut(BaseModel):
     plan: PlanOut
 
 
+def _integral(value: object) -> object:
+    """JSON has one number type: 500.0 is the integer 500 (JSON Schema agrees), "500" and 5.5 are not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class OverageBudgetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    budget_cents: Annotated[StrictInt, Field(ge=0, le=MAX_BUDGET_CENTS,
-                                             description="Monthly overage cap in US cents")]
+    budget_cents: Annotated[StrictInt, Field(ge=0, le=MAX_BUDGET_CENTS, description="Monthly overage cap in US cents"),
+                            BeforeValidator(_integral)]
 
 
 class OverageBudgetOut(BaseModel):
@@ -71,8 +133,12 @@ class OverageBudgetOut(BaseModel):
     currency: str = "USD"
 
 
-AgentName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64,
-                                             pattern=r"^[^\x00-\x1f\x7f]+$")]
+# No control characters, and at least one character that is not whitespace (the name is stripped,
+# so "   " would be empty: the pattern says so, rather than the schema accepting it and the API refusing).
+AgentName = Annotated[str, StringConstraints(
+    strip_whitespace=True, min_length=1, max_length=64,
+    pattern=r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+            r"[^\x00-\x1f\x7f]*$")]
 ModelId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=128,
                                            pattern=r"^[a-z0-9][a-z0-9._-]*/[A-Za-z0-9._:-]+$")]
 
@@ -128,3 +194,108 @@ class AgentOut(BaseModel):
     vps: VpsOut | None
     settings: SettingsSync
     created_at: datetime | None
+
+
+# --- operations and their resources ---------------------------------------------------------------
+
+class OperationAccepted(BaseModel):
+    """A lifecycle or agent operation was started (or is the one already running for this request)."""
+
+    operation_id: str = Field(description="The workflow id; the VPS's `operation_id` while it is queued or runs")
+    operation: str = Field(description="The workflow type, e.g. ProvisionVps")
+    vps_id: uuid.UUID
+    status: str = Field(description="queued, running, succeeded, failed or cancelled (a replayed request "
+                        "answers with the original operation's status)")
+    status_url: str = Field(description="GET it to follow the operation: status, step, error")
+
+
+class PairingCancelling(BaseModel):
+    """A WhatsApp pairing in progress is being cancelled instead of a channel being removed."""
+
+    operation_id: str
+    operation: Literal["ConnectChannel"]
+    status: Literal["cancelling"]
+
+
+class VpsDestroyed(BaseModel):
+    """DELETE on a VPS that is already destroyed: nothing to do."""
+
+    vps_id: uuid.UUID
+    state: Literal["destroyed"]
+    operation_id: None
+
+
+class SettingsSaved(BaseModel):
+    """Settings saved while the agent is not running; they are pushed when it next starts."""
+
+    saved: bool
+    applied: str
+    settings_version: int
+
+
+class ChannelOut(BaseModel):
+    kind: str
+    status: str
+    last_error: str | None
+    credentials: dict[str, str] = Field(description="Masked: the last 4 characters of each value")
+    live_status: dict[str, Any] | None = Field(description="What the gateway last reported for this channel")
+    updated_at: datetime | None
+
+
+class ChannelList(BaseModel):
+    items: list[ChannelOut]
+
+
+class WhatsAppQr(BaseModel):
+    status: str = Field(description="awaiting_scan while a QR is shown; connected, failed, cancelled... at the end")
+    qr_data_url: str | None = Field(description="data:image/png;base64,... to show the user, while awaiting_scan")
+    version: int = Field(description="Bumped on each new QR; pass it as `after` to long-poll for the next")
+    expires_at: datetime | None
+    last_error: str | None
+
+
+class BootstrapSecrets(BaseModel):
+    env: dict[str, str] = Field(description="The gateway's environment (tokens, LLM keys)")
+    pair_public_keys: list[str] = Field(description="Device public keys the gateway must pre-pair")
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str] = Field(description="`ok` or `unreachable: <error type>` per dependency")
+
+
+# --- request schemas the route models cannot express (cross-field rules checked in validators) -------
+
+def _string_schema(annotation: Any) -> dict[str, Any]:
+    return TypeAdapter(annotation).json_schema()
+
+
+def request_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra=` that documents a JSON body as `schema` in place of the model's own (see app.py)."""
+    return {"requestBody": {"content": {"application/json": {"schema": {**schema, "x-replaces-model": True}}}}}
+
+
+def settings_request(file_names: tuple[str, ...], max_file_chars: int) -> dict[str, Any]:
+    """PATCH settings: known file names only, no NUL, and at least one of `files` / `model`."""
+    file_text = {"type": "string", "maxLength": max_file_chars, "pattern": "^[^\\x00]*$"}
+    files = {"type": "object", "properties": dict.fromkeys(file_names, file_text), "additionalProperties": False}
+    model = _string_schema(ModelId)
+    return request_schema({
+        "type": "object", "additionalProperties": False,
+        "properties": {"files": {"anyOf": [files, {"type": "null"}]}, "model": {"anyOf": [model, {"type": "null"}]}},
+        "anyOf": [{"required": ["files"], "properties": {"files": files}},
+                  {"required": ["model"], "properties": {"model": model}}],
+    })
+
+
+def channel_request(formats: dict[str, dict[str, tuple[re.Pattern[str], str]]]) -> dict[str, Any]:
+    """POST channels: one shape per kind, with each credential's format (`formats` is the route's table)."""
+    variants = []
+    for kind, fields in formats.items():
+        credentials = {"type": "object", "additionalProperties": False, "required": list(fields),
+                       "properties": {name: {"type": "string", "pattern": pattern.pattern, "description": hint}
+                                      for name, (pattern, hint) in fields.items()}}
+        variants.append({"type": "object", "additionalProperties": False,
+                         "required": ["kind", "credentials"] if fields else ["kind"],
+                         "properties": {"kind": {"const": kind}, "credentials": credentials}})
+    return request_schema({"oneOf": variants})

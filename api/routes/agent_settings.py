@@ -15,7 +15,7 @@ from api.operations import IdempotencyKey, accepted, operation_id_for, replayed,
 from api.problems import Problem
 from api.routes.agents import agent_vps, owned_agent
 from api.routes.vps import agent_and_vps
-from api.schemas import ModelId
+from api.schemas import ModelId, OperationAccepted, SettingsSaved, problem_responses, settings_request
 from db.models import VpsState
 from workflows.contracts import OperationKind
 
@@ -41,7 +41,10 @@ class SettingsIn(BaseModel):
         return self
 
 
-@router.patch("/settings")
+@router.patch("/settings", response_model=SettingsSaved,
+              responses={202: {"model": OperationAccepted, "description": "Saved; PushConfig started (agent running)"},
+                         **problem_responses(404, 409)},
+              openapi_extra=settings_request(("AGENTS.md", "SOUL.md", "IDENTITY.md"), 64 * 1024))
 async def update_settings(agent_id: uuid.UUID, body: SettingsIn, request: Request, session: SessionDep,
                           user: CurrentUser, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Saved at once; pushed to the gateway if it runs (queued behind any running operation),
@@ -72,7 +75,8 @@ async def update_settings(agent_id: uuid.UUID, body: SettingsIn, request: Reques
     return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
 
-@router.post("/restart", status_code=202)
+@router.post("/restart", status_code=202, response_model=OperationAccepted,
+             responses=problem_responses(404, 409, 429))
 async def restart(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser,
                   idempotency_key: IdempotencyKey = None) -> JSONResponse:
     agent, vps = await agent_and_vps(session, user, agent_id)

@@ -15,7 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from api.deps import CurrentUser, SessionDep
 from api.operations import active_operations, last_operations, operation_out
 from api.problems import Problem
-from api.schemas import AgentCreate, AgentOut, OperationOut, Page, SettingsSync, VpsOut
+from api.schemas import AgentCreate, AgentOut, OperationOut, Page, SettingsSync, VpsOut, problem_responses
 from billing.plans import effective_plan
 from db.models import Agent, User, Vps, VpsOperation, VpsState
 
@@ -64,7 +64,7 @@ async def agent_vps(session: AsyncSession, agent: Agent) -> Vps | None:
     return await session.get(Vps, agent.vps_id)
 
 
-@router.post("", status_code=201, response_model=AgentOut)
+@router.post("", status_code=201, response_model=AgentOut, responses=problem_responses(403, 409))
 async def create_agent(body: AgentCreate, session: SessionDep, user: CurrentUser, response: Response) -> AgentOut:
     # Lock the user row so two concurrent creates cannot both pass the limit check.
     await session.exec(select(User).where(User.id == user.id).with_for_update())
@@ -112,13 +112,13 @@ async def list_agents(
     return Page(items=await agents_out(session, [(a, v) for a, v in rows]), total=total, limit=limit, offset=offset)
 
 
-@router.get("/{agent_id}", response_model=AgentOut)
+@router.get("/{agent_id}", response_model=AgentOut, responses=problem_responses(404))
 async def get_agent(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> AgentOut:
     agent = await owned_agent(session, user, agent_id)
     return (await agents_out(session, [(agent, await agent_vps(session, agent))]))[0]
 
 
-@router.get("/{agent_id}/operations", response_model=Page[OperationOut])
+@router.get("/{agent_id}/operations", response_model=Page[OperationOut], responses=problem_responses(404))
 async def list_operations(
     agent_id: uuid.UUID, session: SessionDep, user: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=100)] = 20, offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
@@ -133,7 +133,8 @@ async def list_operations(
                 offset=offset)
 
 
-@router.get("/{agent_id}/operations/{operation_id}", response_model=OperationOut)
+@router.get("/{agent_id}/operations/{operation_id}", response_model=OperationOut,
+             responses=problem_responses(404))
 async def get_operation(agent_id: uuid.UUID, operation_id: Annotated[str, Path(max_length=255)],
                         session: SessionDep, user: CurrentUser) -> OperationOut:
     await owned_agent(session, user, agent_id)
@@ -144,7 +145,7 @@ async def get_operation(agent_id: uuid.UUID, operation_id: Annotated[str, Path(m
     return OperationOut.model_validate(operation_out(row))
 
 
-@router.delete("/{agent_id}", status_code=204)
+@router.delete("/{agent_id}", status_code=204, responses=problem_responses(404, 409))
 async def delete_agent(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> Response:
     agent = await owned_agent(session, user, agent_id, lock=True)
     vps = await agent_vps(session, agent)

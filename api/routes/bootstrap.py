@@ -17,6 +17,7 @@ from sqlmodel import select
 
 from api.deps import SessionDep
 from api.problems import Problem
+from api.schemas import BootstrapSecrets, problem_responses
 from db.models import Agent, Vps
 from openclaw.agent_env import gateway_env
 from openclaw.device import DeviceIdentity
@@ -33,7 +34,7 @@ def _token_hash(authorization: str | None) -> str:
     return hashlib.sha256(token.strip().encode()).hexdigest()
 
 
-@router.post("/redeem")
+@router.post("/redeem", response_model=BootstrapSecrets, responses=problem_responses(409))
 async def redeem(request: Request, session: SessionDep,
                  authorization: Annotated[str | None, Header()] = None) -> dict[str, object]:
     digest = _token_hash(authorization)

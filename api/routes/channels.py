@@ -28,6 +28,14 @@ from api.operations import accepted, cancel_pairing, operation_id_for, submit
 from api.problems import Problem
 from api.routes.agents import owned_agent
 from api.routes.vps import agent_and_vps
+from api.schemas import (
+    ChannelList,
+    OperationAccepted,
+    PairingCancelling,
+    WhatsAppQr,
+    channel_request,
+    problem_responses,
+)
 from db.models import AgentChannel, User, Vps, VpsState
 from workflows.contracts import OperationKind
 
@@ -92,7 +100,8 @@ async def find_channel(session: AsyncSession, agent_id: uuid.UUID, kind: str) ->
                                                           AgentChannel.kind == kind))).first()
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, response_model=OperationAccepted, responses=problem_responses(404, 409),
+             openapi_extra=channel_request(FORMATS))
 async def connect(agent_id: uuid.UUID, body: ChannelIn, request: Request, session: SessionDep,
                   user: CurrentUser) -> JSONResponse:
     """Stores the credentials, then queues ConnectChannel (a WhatsApp pairing runs beside the queue)."""
@@ -126,7 +135,7 @@ async def connect(agent_id: uuid.UUID, body: ChannelIn, request: Request, sessio
     return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
 
-@router.get("")
+@router.get("", response_model=ChannelList, responses=problem_responses(404))
 async def list_channels(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> dict[str, Any]:
     await owned_agent(session, user, agent_id)
     rows = (await session.exec(select(AgentChannel).where(AgentChannel.agent_id == agent_id)
@@ -134,7 +143,8 @@ async def list_channels(agent_id: uuid.UUID, session: SessionDep, user: CurrentU
     return {"items": [channel_out(r) for r in rows]}
 
 
-@router.delete("/{kind}", status_code=202)
+@router.delete("/{kind}", status_code=202, response_model=OperationAccepted | PairingCancelling,
+               responses=problem_responses(404, 409))
 async def disconnect(agent_id: uuid.UUID, kind: Kind, request: Request, session: SessionDep,
                      user: CurrentUser) -> Response:
     agent, vps = await agent_and_vps(session, user, agent_id)
@@ -156,7 +166,7 @@ async def disconnect(agent_id: uuid.UUID, kind: Kind, request: Request, session:
     return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
 
-@router.get("/whatsapp/qr")
+@router.get("/whatsapp/qr", response_model=WhatsAppQr, responses=problem_responses(404))
 async def whatsapp_qr(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser,
                       after: Annotated[int | None, Query(ge=0, description="long-poll: answer once the QR "
                                                                            "version is past this one")] = None,

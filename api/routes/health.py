@@ -8,6 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from api.schemas import ReadyOut
+
 router = APIRouter(tags=["health"])
 
 
@@ -16,7 +18,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "A dependency is unreachable"}})
+@router.get("/readyz", response_model=ReadyOut,
+            responses={503: {"model": ReadyOut, "description": "A dependency is unreachable"}})
 async def readyz(request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
     try:

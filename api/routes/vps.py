@@ -40,6 +40,7 @@ from api.operations import (
 )
 from api.problems import Problem
 from api.routes.agents import agent_vps, owned_agent
+from api.schemas import OperationAccepted, VpsDestroyed, problem_responses
 from billing.plans import effective_plan
 from db.models import Agent, PlanVpsConfig, User, Vps, VpsConfig, VpsOperation, VpsState
 from orchestration.search_attributes import run_attributes
@@ -65,7 +66,8 @@ async def agent_and_vps(session: AsyncSession, user: User, agent_id: uuid.UUID) 
     return agent, vps
 
 
-@router.post("", status_code=202, responses={202: {"description": "Provisioning started"}})
+@router.post("", status_code=202, response_model=OperationAccepted,
+             responses={202: {"description": "Provisioning started"}, **problem_responses(403, 404, 409)})
 async def provision(agent_id: uuid.UUID, body: ProvisionIn, request: Request, session: SessionDep,
                     user: CurrentUser, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     settings: Settings = request.app.state.settings
@@ -165,21 +167,23 @@ async def _lifecycle(agent_id: uuid.UUID, request: Request, session: AsyncSessio
     return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
 
-@router.post("/start", status_code=202)
+@router.post("/start", status_code=202, response_model=OperationAccepted, responses=problem_responses(404, 409))
 async def start(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser,
                 idempotency_key: IdempotencyKey = None) -> JSONResponse:
     return await _lifecycle(agent_id, request, session, user, idempotency_key, OperationKind.start,
                             (VpsState.stopped, VpsState.error))
 
 
-@router.post("/stop", status_code=202)
+@router.post("/stop", status_code=202, response_model=OperationAccepted, responses=problem_responses(404, 409))
 async def stop(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser,
                idempotency_key: IdempotencyKey = None) -> JSONResponse:
     return await _lifecycle(agent_id, request, session, user, idempotency_key, OperationKind.stop,
                             (VpsState.running, VpsState.error))
 
 
-@router.delete("", status_code=202)
+@router.delete("", status_code=202, response_model=OperationAccepted,
+               responses={200: {"model": VpsDestroyed, "description": "Already destroyed"},
+                          **problem_responses(404, 409)})
 async def destroy(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser,
                   idempotency_key: IdempotencyKey = None) -> JSONResponse:
     _, vps = await agent_and_vps(session, user, agent_id)
