@@ -47,6 +47,7 @@ PROBLEM_DESCRIPTIONS: dict[int, str] = {
     409: "Conflicts with the resource's current state or a running operation",
     413: "The request body is larger than MAX_REQUEST_BODY_BYTES",
     422: "The request does not validate; `errors` lists what is wrong",
+    429: "Too many operations are queued on this VPS; retry after `Retry-After` seconds",
     500: "An unexpected error; it has been logged",
     503: "The database or the orchestrator is unreachable; nothing was changed, retry after `Retry-After` seconds",
 }
@@ -60,7 +61,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     for status in statuses:
         entry: dict[str, Any] = {"model": ValidationProblem if status == 422 else ProblemDetails,
                                  "description": PROBLEM_DESCRIPTIONS[status]}
-        if status == 503:
+        if status in (429, 503):
             entry["headers"] = RETRY_AFTER_HEADER
         out[status] = entry
     return out
