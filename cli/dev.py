@@ -56,7 +56,7 @@ def run_dev(settings: Settings) -> int:
             pg.wait_ready(pg_proc)
             pg.ensure_database()
         _say("migrating database")
-        migrate_and_seed(settings.sqlalchemy_url)
+        migrate_and_seed(settings.sqlalchemy_url, local_provider=settings.local_provider_enabled)
 
         if settings.temporal_address is None:
             _say(f"starting Temporal dev server (state in {data / 'temporal.db'})")
