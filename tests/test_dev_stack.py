@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,3 +56,84 @@ def test_dev_stack_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
     # The data outlives the stack: a second start finds the same database and demo user.
     assert (tmp_path / "data" / "postgres" / "PG_VERSION").exists()
     assert (tmp_path / "data" / "temporal.db").exists()
+
+
+def _start(tmp_path: Path, env: dict[str, str], name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    out_path = tmp_path / f"{name}.out"
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "dev"], cwd=ROOT, env=env,
+                            stdout=out_path.open("w"), stderr=subprocess.STDOUT)
+    _wait_for(proc, out_path, "Slopbox is up.", 120)
+    return proc, out_path
+
+
+def _wait_for(proc: subprocess.Popen[bytes], out_path: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in out_path.read_text():
+        assert proc.poll() is None, out_path.read_text()
+        assert time.monotonic() < deadline, out_path.read_text()
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes], out_path: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert proc.returncode == 0, out_path.read_text()
+
+
+def test_dev_stack_restarts_a_crashed_worker_and_brings_local_vms_back(tmp_path: Path) -> None:
+    ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
+                                                  "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT")}
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    env.update(ports, SLOPBOX_DATA_DIR=str(tmp_path / "data"))
+    api = f"http://127.0.0.1:{ports['API_PORT']}"
+    proc, out = _start(tmp_path, env, "first")
+    try:
+        text = out.read_text()
+        user_id = next(line.split()[3] for line in text.splitlines() if "Demo user id" in line)
+        key = next(line.split()[2] for line in text.splitlines() if "API key" in line)
+        auth = {"Authorization": f"Bearer {key}", "X-User-Id": user_id}
+
+        worker = next(p for p in psutil.Process(proc.pid).children() if p.cmdline()[-1:] == ["worker"])
+        worker.kill()
+        _wait_for(proc, out, "worker exited with code -9; restarting in 1s", 30)
+        assert httpx.get(f"{api}/healthz").status_code == 200  # the rest of the stack keeps serving
+        _wait_for(proc, out, "worker restarted", 30)
+        for log in ("dev.log", "worker.log"):
+            assert "worker exited with code -9; restarting in 1s" in (tmp_path / "data" / "logs" / log).read_text()
+
+        plans = httpx.get(f"{api}/plans", headers=auth).json()
+        config = next(c["id"] for p in plans if p["name"] == "starter" for c in p["vps_configs"])
+        agent = httpx.post(f"{api}/agents", json={"name": "crashy"}, headers=auth).json()["id"]
+        resp = httpx.post(f"{api}/agents/{agent}/vps", json={"vps_config_id": config}, headers=auth)
+        assert resp.status_code == 202, resp.text
+        vps = _wait_vps(api, auth, agent)
+        assert vps["state"] == "running", vps
+        pid_file = tmp_path / "data" / "vms" / vps["id"] / "gateway.pid"
+        gateway = psutil.Process(json.loads(pid_file.read_text())["pid"])
+    finally:
+        _stop(proc, out)
+    assert not gateway.is_running() or gateway.status() == psutil.STATUS_ZOMBIE  # nothing left behind
+
+    # `make run` again: the VPS still says running, and it is: its gateway is back.
+    proc, out = _start(tmp_path, env, "second")
+    try:
+        assert "local VMs: 1 running" in out.read_text()
+        vps = httpx.get(f"{api}/agents/{agent}", headers=auth).json()["vps"]
+        assert vps["state"] == "running", vps
+        relaunched = psutil.Process(json.loads(pid_file.read_text())["pid"])
+        assert relaunched.is_running() and relaunched.pid != gateway.pid
+        port = json.loads((pid_file.parent / "vm.json").read_text())["port"]
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        _stop(proc, out)
+    assert not relaunched.is_running() or relaunched.status() == psutil.STATUS_ZOMBIE
+
+
+def _wait_vps(api: str, auth: dict[str, str], agent: str, timeout: float = 180) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        vps = httpx.get(f"{api}/agents/{agent}", headers=auth).json()["vps"]
+        if vps and vps["state"] in ("running", "error") and not vps.get("operation_id"):
+            return vps  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, vps
+        time.sleep(0.5)
