@@ -4,25 +4,38 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_dev_stack_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """SLOPBOX_DATA_DIR outside pytest's basetemp: a concurrent pytest session resets the mode of
+    /tmp/pytest-of-<user> to 0700, which locks the embedded PostgreSQL's own user out of its data."""
+    path = Path(tempfile.mkdtemp(prefix="slopbox-dev-test-"))
+    yield path / "data"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_dev_stack_starts_serves_and_stops_cleanly(tmp_path: Path, data_dir: Path) -> None:
     ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
                                                   "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT")}
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
-    env.update(ports, SLOPBOX_DATA_DIR=str(tmp_path / "data"))
+    env.update(ports, SLOPBOX_DATA_DIR=str(data_dir))
     out = (tmp_path / "dev.out").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "dev"], cwd=ROOT, env=env, stdout=out,
                             stderr=subprocess.STDOUT)
@@ -54,8 +67,8 @@ def test_dev_stack_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
     leftovers = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert leftovers == []
     # The data outlives the stack: a second start finds the same database and demo user.
-    assert (tmp_path / "data" / "postgres" / "PG_VERSION").exists()
-    assert (tmp_path / "data" / "temporal.db").exists()
+    assert (data_dir / "postgres" / "PG_VERSION").exists()
+    assert (data_dir / "temporal.db").exists()
 
 
 def _start(tmp_path: Path, env: dict[str, str], name: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -80,11 +93,11 @@ def _stop(proc: subprocess.Popen[bytes], out_path: Path) -> None:
     assert proc.returncode == 0, out_path.read_text()
 
 
-def test_dev_stack_restarts_a_crashed_worker_and_brings_local_vms_back(tmp_path: Path) -> None:
+def test_dev_stack_restarts_a_crashed_worker_and_brings_local_vms_back(tmp_path: Path, data_dir: Path) -> None:
     ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
                                                   "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT")}
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
-    env.update(ports, SLOPBOX_DATA_DIR=str(tmp_path / "data"))
+    env.update(ports, SLOPBOX_DATA_DIR=str(data_dir))
     api = f"http://127.0.0.1:{ports['API_PORT']}"
     proc, out = _start(tmp_path, env, "first")
     try:
@@ -99,7 +112,7 @@ def test_dev_stack_restarts_a_crashed_worker_and_brings_local_vms_back(tmp_path:
         assert httpx.get(f"{api}/healthz").status_code == 200  # the rest of the stack keeps serving
         _wait_for(proc, out, "worker restarted", 30)
         for log in ("dev.log", "worker.log"):
-            assert "worker exited with code -9; restarting in 1s" in (tmp_path / "data" / "logs" / log).read_text()
+            assert "worker exited with code -9; restarting in 1s" in (data_dir / "logs" / log).read_text()
 
         plans = httpx.get(f"{api}/plans", headers=auth).json()
         config = next(c["id"] for p in plans if p["name"] == "starter" for c in p["vps_configs"])
@@ -108,7 +121,7 @@ def test_dev_stack_restarts_a_crashed_worker_and_brings_local_vms_back(tmp_path:
         assert resp.status_code == 202, resp.text
         vps = _wait_vps(api, auth, agent)
         assert vps["state"] == "running", vps
-        pid_file = tmp_path / "data" / "vms" / vps["id"] / "gateway.pid"
+        pid_file = data_dir / "vms" / vps["id"] / "gateway.pid"
         gateway = psutil.Process(json.loads(pid_file.read_text())["pid"])
     finally:
         _stop(proc, out)
