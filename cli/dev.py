@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from cli.users import create_user
 from db.migrate import migrate_and_seed
@@ -36,10 +35,9 @@ from devstack import postgres
 from devstack.postgres import EmbeddedPostgres
 from devstack.processes import spawn, terminate
 from devstack.temporal import dev_server_command, wait_port
+from providers.base import ProviderError
+from providers.local import LocalProvider, reap_children
 from settings import Settings
-
-if TYPE_CHECKING:
-    from providers.local import LocalProvider
 
 DEMO_EMAIL = "demo@slopbox.local"
 BACKOFF_FIRST_S = 1.0
@@ -192,6 +190,7 @@ def run_dev(settings: Settings) -> int:
                     _say(f"error: {message}")
                     _log_event([logs / "dev.log"], message, "error")
                     return 1
+            reap_children()  # gateways this process relaunched at start
             now = time.monotonic()
             for service in services:
                 event = service.tick(now)
@@ -237,9 +236,6 @@ def bring_back_local_vms(settings: Settings, provider: LocalProvider | None = No
     relaunched (`get`), not started: that operation may be the stop that already stopped it.
     """
     from sqlalchemy import create_engine, text
-
-    from providers.base import ProviderError
-    from providers.local import LocalProvider
 
     local = provider or LocalProvider.from_settings(settings)
     engine = create_engine(settings.sqlalchemy_url)
@@ -300,7 +296,6 @@ def _report_local_vms(report: LocalVmReport) -> None:
 def _halt_local_vms(settings: Settings) -> None:
     """Local 'VMs' are gateway processes in their own sessions; they go down with their host, the
     stack, and stay meant to run: the next `slopbox dev` brings them back."""
-    from providers.local import LocalProvider
 
     async def halt_all() -> None:
         provider = LocalProvider.from_settings(settings)

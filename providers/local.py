@@ -151,6 +151,16 @@ def _alive(pid: int, start_time: str | None) -> bool:
     return True
 
 
+def reap_children() -> None:
+    """Collect the exit status of gateways this process launched that have exited since (no zombies
+    while a long-lived launcher such as `slopbox dev` runs)."""
+    with _children_lock:
+        for pid, child in list(_children.items()):
+            if child.poll() is not None:
+                del _children[pid]
+                _exit_codes[pid] = child.returncode
+
+
 def _exit_code(pid: int) -> int | None:
     with _children_lock:
         child = _children.get(pid)

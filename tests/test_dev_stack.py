@@ -137,9 +137,47 @@ def test_dev_stack_restarts_a_crashed_worker_and_brings_local_vms_back(tmp_path:
         assert relaunched.is_running() and relaunched.pid != gateway.pid
         port = json.loads((pid_file.parent / "vm.json").read_text())["port"]
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        children = psutil.Process(proc.pid).children(recursive=True)
+        # Infrastructure is not restarted: Temporal dying stops the whole stack, with a message.
+        temporal = next(p for p in psutil.Process(proc.pid).children() if "start-dev" in p.cmdline())
+        temporal.kill()
+        proc.wait(60)
     finally:
-        _stop(proc, out)
+        if proc.poll() is None:
+            _stop(proc, out)
+    assert proc.returncode == 1
+    assert "error: Temporal exited with code -9; stopping the stack" in out.read_text()
+    assert "stopped." in out.read_text()
+    leftovers = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert leftovers == []
     assert not relaunched.is_running() or relaunched.status() == psutil.STATUS_ZOMBIE
+
+
+def test_supervised_child_restarts_with_backoff(tmp_path: Path) -> None:
+    """A child that keeps exiting waits 1, 2, 4 ... 30 s between restarts; a minute up resets that."""
+    from cli.dev import Service
+
+    service = Service("flaky", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path, dict(os.environ))
+    service.start()
+    assert service.proc is not None
+    service.proc.wait(30)
+    events = []
+    now = 1000.0
+    service.started_at = now
+    for _ in range(7):
+        events.append(service.tick(now))
+        assert service.restart_at is not None
+        now = service.restart_at
+        events.append(service.tick(now))
+        assert service.proc is not None
+        service.proc.wait(30)
+        service.started_at = now
+    assert [e for e in events if "exited" in (e or "")] == [
+        f"flaky exited with code 3; restarting in {d}s" for d in (1, 2, 4, 8, 16, 30, 30)]
+    assert all(e is not None and e.startswith("flaky restarted (pid ") for e in events[1::2])
+    service.started_at = now - 61  # it stayed up a while before this exit
+    assert service.tick(now) == "flaky exited with code 3; restarting in 1s"
+    service.stop()
 
 
 def _wait_vps(api: str, auth: dict[str, str], agent: str, timeout: float = 180) -> dict[str, object]:
