@@ -374,6 +374,7 @@ class LocalProvider(VmProvider):
         pid = self._running_pid(vm)
         if pid is None:
             pid = await asyncio.to_thread(self._launch, vm, meta)
+        (vm / HALTED_FILE).unlink(missing_ok=True)  # running as asked: no longer waiting to come back
         await self._wait_listening(vm, pid, int(meta["port"]))
 
     async def _exited(self, pid: int, start_time: str | None, timeout_s: float) -> bool:

@@ -1,7 +1,8 @@
 """Plans and the VPS configs each allows (public to any authenticated frontend call).
 
 Each plan lists only the configs this control plane can provision: those whose provider is
-configured (`Settings.configured_providers`: a cloud with its token set; `local` in embedded mode).
+configured (`Settings.configured_providers`: a cloud with its token set; `local` in embedded mode or
+with SLOPBOX_LOCAL_PROVIDER=1).
 A config of another provider stays allowed by the plan in the database and shows up once its
 provider is configured; provisioning it before then is refused with 409 provider-unavailable.
 """
