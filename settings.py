@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     fly_api_base_url: str = "https://api.machines.dev/v1"
     fly_org_slug: str = "personal"
     openclaw_bin: str | None = None
+    local_provider: bool | None = Field(
+        default=None, validation_alias="SLOPBOX_LOCAL_PROVIDER",
+        description="offer local gateway-process VMs; unset = only in embedded mode (DATABASE_URL unset)")
     control_plane_public_url: str = "http://127.0.0.1:8000"
     control_plane_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
     forward_proxy_public_url: str | None = Field(
@@ -79,6 +82,14 @@ class Settings(BaseSettings):
             return None
         if not v.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
+        return v
+
+    @field_validator("hcloud_token", "fly_api_token", "local_provider", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v: object) -> object:
+        """`HCLOUD_TOKEN=""` (a blank line in an env file) means "not configured", not "configured as empty"."""
+        if isinstance(v, str) and not v.strip():
+            return None
         return v
 
     @field_validator("temporal_address")
@@ -147,9 +158,16 @@ class Settings(BaseSettings):
             return dev_secrets(self)["control_plane_api_key"]
         raise MissingSetting("CONTROL_PLANE_API_KEY", "is required when DATABASE_URL is set")
 
+    @property
+    def local_provider_enabled(self) -> bool:
+        """Local VMs are gateway processes on the worker's own host: a development facility, offered in
+        embedded mode only unless SLOPBOX_LOCAL_PROVIDER says otherwise."""
+        return self.embedded if self.local_provider is None else self.local_provider
+
     def configured_providers(self) -> list[str]:
-        """VM providers this control plane can use: local always, clouds when their token is set."""
-        kinds = ["local"]
+        """VM providers this control plane can use: local (see `local_provider_enabled`), clouds when
+        their token is set (a blank token counts as unset)."""
+        kinds = ["local"] if self.local_provider_enabled else []
         if self.hcloud_token is not None:
             kinds.append("hetzner")
         if self.fly_api_token is not None:
@@ -208,7 +226,8 @@ def describe_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = first["loc"][0] if first["loc"] else "settings"
     name = str(loc).upper()
-    aliases = {"DATA_DIR": "SLOPBOX_DATA_DIR", "ENCRYPTION_KEYS": "SLOPBOX_ENCRYPTION_KEYS"}
+    aliases = {"DATA_DIR": "SLOPBOX_DATA_DIR", "ENCRYPTION_KEYS": "SLOPBOX_ENCRYPTION_KEYS",
+               "LOCAL_PROVIDER": "SLOPBOX_LOCAL_PROVIDER"}
     msg = first["msg"].removeprefix("Value error, ")
     return f"configuration error: {aliases.get(name, name)}: {msg}"
 

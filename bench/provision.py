@@ -195,7 +195,7 @@ async def main(concurrency: int, only_in_process: bool = False) -> None:
             dev_server_existing_path=temporal_cli(), search_attributes=SEARCH_ATTRIBUTES,
             data_converter=pydantic_data_converter, port=tport, ui=False,
         ) as env:
-            settings = Settings(database_url=url, control_plane_api_key=KEY,
+            settings = Settings(database_url=url, control_plane_api_key=KEY, local_provider=True,
                                 encryption_keys=[Fernet.generate_key().decode()],
                                 temporal_address=f"127.0.0.1:{tport}", data_dir=tmp / "data")
             with psycopg.connect(url, autocommit=True) as sql:

@@ -43,7 +43,7 @@ def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from db.migrate import migrate_and_seed
 
     with database_available(settings) as url:
-        migrate_and_seed(url)
+        migrate_and_seed(url, local_provider=settings.local_provider_enabled)
     print("database migrated to head and seeded")
     return 0
 

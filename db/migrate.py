@@ -27,13 +27,15 @@ def downgrade(sync_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(sync_url), revision)
 
 
-def migrate_and_seed(sync_url: str) -> None:
+def migrate_and_seed(sync_url: str, *, local_provider: bool = True) -> None:
+    """Upgrade, then seed; the CLI passes `Settings.local_provider_enabled` so that a production
+    database (DATABASE_URL set) gets no local VPS config."""
     from db.seed import seed
 
     upgrade(sync_url)
     engine = create_engine(sync_url)
     try:
         with engine.begin() as conn:
-            seed(conn)
+            seed(conn, local=local_provider)
     finally:
         engine.dispose()

@@ -3,6 +3,9 @@
 Limits are monthly. Overage rates are in cents: bandwidth and storage per GB, CPU per
 vCPU-hour, memory per GB-hour. Hetzner RAM is not metered by the provider, so its usage is
 the configured allocation (PRD §8.2).
+
+The `local` config (a gateway process on the worker's host) is seeded only when the local
+provider is enabled (embedded mode by default, see `Settings.local_provider_enabled`).
 """
 
 from __future__ import annotations
@@ -57,8 +60,13 @@ PLANS = [
 ]
 
 
-def seed(conn: Connection) -> None:
+def seed(conn: Connection, *, local: bool = True) -> None:
+    """Upsert plans and configs; `local=False` leaves out the local provider's configs."""
+    seeded = set()
     for name, provider, cpu, mem, disk, image, stype, locs in VPS_CONFIGS:
+        if provider == "local" and not local:
+            continue
+        seeded.add(name)
         conn.execute(
             text(
                 "INSERT INTO vps_configs (name, provider, cpu_millicores, memory_mb, disk_gb, image, server_type,"
@@ -86,5 +94,5 @@ def seed(conn: Connection) -> None:
                 " SELECT p.id, c.id FROM plans p, vps_configs c WHERE p.name = :plan AND c.name = ANY(:configs)"
                 " ON CONFLICT DO NOTHING"
             ),
-            dict(plan=plan["name"], configs=plan["configs"]),
+            dict(plan=plan["name"], configs=[c for c in plan["configs"] if c in seeded]),
         )

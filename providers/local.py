@@ -6,13 +6,23 @@ Each VM lives in `<data_dir>/vms/<vps_id>/`:
     env.json       the environment to launch with, secrets included (mode 0600, like a VM's own disk)
     state/         OPENCLAW_STATE_DIR; the spec's rendered files are written here before the first launch
     home/          HOME
-    gateway.pid    pid and kernel start time of the running gateway
+    gateway.pid    pid and kernel start time of the gateway; present while the VM is meant to run
+    gateway.halted present when the VM is meant to run but its host (the dev stack) went down under it
     gateway.log    its stdout and stderr
 
 The gateway is the real one when `openclaw_bin` is configured, otherwise the gateway simulator
 (`python -m gateway_simulator`), both started with the same CLI and environment. It runs in its
 own session, so restarting the worker does not take it down; `get` checks the pid (and its start
 time, against pid reuse) and whether the port accepts connections.
+
+The dev stack is these VMs' host. When it stops it *halts* them (`halt`: the process ends, the VM
+stays meant to run), and when it starts again `boot` marks as halted every VM that was meant to run
+but whose process is gone (a crash or reboot of the machine). A halted VM comes back at the next
+call that expects it to run: `get` relaunches it (and reports it starting), `create` and `start`
+relaunch it and wait until it listens, so an operation interrupted by a restart resumes where it was.
+`stop` and `destroy` are the user's word and clear the mark. A gateway that dies by itself while its
+host is up is reported as `error` by `get` (a crash-looping gateway is not relaunched behind the
+caller's back); `start` or `create` relaunch it.
 """
 
 from __future__ import annotations
@@ -141,6 +151,16 @@ def _alive(pid: int, start_time: str | None) -> bool:
     return True
 
 
+def reap_children() -> None:
+    """Collect the exit status of gateways this process launched that have exited since (no zombies
+    while a long-lived launcher such as `slopbox dev` runs)."""
+    with _children_lock:
+        for pid, child in list(_children.items()):
+            if child.poll() is not None:
+                del _children[pid]
+                _exit_codes[pid] = child.returncode
+
+
 def _exit_code(pid: int) -> int | None:
     with _children_lock:
         child = _children.get(pid)
@@ -168,6 +188,10 @@ def _free_port(avoid: set[int]) -> int:
         if port not in avoid:
             return port
     raise ProviderRetryable("could not find a free loopback port", provider="local")
+
+
+PID_FILE = "gateway.pid"
+HALTED_FILE = "gateway.halted"
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -287,7 +311,7 @@ class LocalProvider(VmProvider):
     # -- process management ------------------------------------------------------------------------------
 
     def _pid(self, vm: Path) -> dict[str, Any] | None:
-        return self._read_json(vm / "gateway.pid")
+        return self._read_json(vm / PID_FILE)
 
     def _running_pid(self, vm: Path) -> int | None:
         info = self._pid(vm)
@@ -317,7 +341,8 @@ class LocalProvider(VmProvider):
             _children[proc.pid] = proc
             _exit_codes.pop(proc.pid, None)
         pid_info = {"pid": proc.pid, "start_time": _proc_start_time(proc.pid), "started_at": time.time()}
-        _write_private(vm / "gateway.pid", json.dumps(pid_info))
+        _write_private(vm / PID_FILE, json.dumps(pid_info))
+        (vm / HALTED_FILE).unlink(missing_ok=True)
         log.info("local: started gateway for vps %s (pid %s, port %s)", meta["vps_id"], proc.pid, meta["port"])
         return proc.pid
 
@@ -340,7 +365,7 @@ class LocalProvider(VmProvider):
             if self._running_pid(vm) != pid:
                 code = _exit_code(pid)
                 message = f"the gateway exited during start (exit code {code}); see {vm / 'gateway.log'}"
-                (vm / "gateway.pid").unlink(missing_ok=True)
+                (vm / PID_FILE).unlink(missing_ok=True)
                 cls = ProviderFatal if code == EX_CONFIG else ProviderRetryable
                 raise cls(message, provider=self.kind, code="gateway_exited")
             await asyncio.sleep(self.poll_s)
@@ -349,6 +374,7 @@ class LocalProvider(VmProvider):
         pid = self._running_pid(vm)
         if pid is None:
             pid = await asyncio.to_thread(self._launch, vm, meta)
+        (vm / HALTED_FILE).unlink(missing_ok=True)  # running as asked: no longer waiting to come back
         await self._wait_listening(vm, pid, int(meta["port"]))
 
     async def _exited(self, pid: int, start_time: str | None, timeout_s: float) -> bool:
@@ -385,7 +411,7 @@ class LocalProvider(VmProvider):
         if child is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(child.wait, 5)
-        (vm / "gateway.pid").unlink(missing_ok=True)
+        (vm / PID_FILE).unlink(missing_ok=True)
 
     # -- the interface ------------------------------------------------------------------------------------
 
@@ -394,6 +420,8 @@ class LocalProvider(VmProvider):
         detail = None
         if info is None:
             state = VmState.STOPPED
+            if (vm / HALTED_FILE).exists():
+                detail = "halted with the dev stack; comes back at the next get or start"
         elif _alive(int(info["pid"]), info.get("start_time")):
             state = VmState.RUNNING if await self._listening(int(meta["port"])) else VmState.STARTING
         else:
@@ -433,10 +461,16 @@ class LocalProvider(VmProvider):
             return await self._info(vm, meta)
 
     async def get(self, ref: str) -> VmInfo | None:
+        """Current state; a halted VM is relaunched first (without waiting) and reads `starting`."""
         vm = self.vm_dir(ref)
         meta = self._read_json(vm / "vm.json")
         if meta is None:
             return None
+        if (vm / HALTED_FILE).exists():
+            async with self._lock(ref):
+                if (vm / HALTED_FILE).exists() and self._running_pid(vm) is None:
+                    log.info("local: relaunching halted gateway for vps %s", ref)
+                    await asyncio.to_thread(self._launch, vm, meta)
         return await self._info(vm, meta)
 
     async def start(self, ref: str) -> None:
@@ -452,7 +486,39 @@ class LocalProvider(VmProvider):
         async with self._lock(ref):
             if self._read_json(vm / "vm.json") is None:
                 raise VmNotFound(f"local VM {ref} not found", provider=self.kind, code="not_found")
+            (vm / HALTED_FILE).unlink(missing_ok=True)  # first: a stop cut short must not come back up
             await self._terminate(vm)
+
+    async def halt(self, ref: str) -> bool:
+        """The host is going down: end the gateway but keep the VM meant to run (see the module doc).
+
+        Returns whether there was a gateway to halt. A stopped VM stays stopped.
+        """
+        vm = self.vm_dir(ref)
+        async with self._lock(ref):
+            if self._read_json(vm / "vm.json") is None or self._pid(vm) is None:
+                return False
+            # The mark first: if we are killed halfway, the VM is still known to be meant to run.
+            _write_private(vm / HALTED_FILE, json.dumps({"halted_at": datetime.now(UTC).isoformat()}))
+            await self._terminate(vm)
+            return True
+
+    async def boot(self) -> list[str]:
+        """The host came up: VMs meant to run whose process is gone went down with the previous
+        host (a killed stack, a reboot); mark them halted so the next get/start/create relaunches
+        them. Call it before any worker runs. Returns their refs."""
+        halted: list[str] = []
+        if not self.root.is_dir():
+            return halted
+        for meta_path in sorted(self.root.glob("*/vm.json")):
+            vm = meta_path.parent
+            async with self._lock(vm.name):
+                if self._pid(vm) is not None and self._running_pid(vm) is None:
+                    _write_private(vm / HALTED_FILE, json.dumps({"halted_at": datetime.now(UTC).isoformat()}))
+                    (vm / PID_FILE).unlink(missing_ok=True)
+                if (vm / HALTED_FILE).exists():
+                    halted.append(vm.name)
+        return halted
 
     async def destroy(self, ref: str) -> None:
         vm = self.vm_dir(ref)

@@ -95,6 +95,8 @@ def settings(database_url: str, encryption_key: str, tmp_path_factory: pytest.Te
         # Local VMs run the simulator unless a test opts into the real gateway (OPENCLAW_BIN);
         # no provider credentials leak in from the environment.
         openclaw_bin=None, hcloud_token=None, fly_api_token=None,
+        # The test database is a DATABASE_URL, where local VMs are off by default; the suite runs them.
+        local_provider=True,
     )
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import psycopg
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 
 from api.app import create_app
 from settings import Settings
@@ -108,13 +110,89 @@ async def test_user_without_plan_gets_the_default_plan(api: httpx.AsyncClient, s
     assert (await api.get("/users/me", headers=headers(user))).json()["plan"]["name"] == "free"
 
 
-async def test_plans_list_their_vps_configs(api: httpx.AsyncClient, sql: psycopg.Connection) -> None:
+@asynccontextmanager
+async def api_with(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            yield client
+
+
+async def test_plans_list_their_vps_configs(settings: Settings, sql: psycopg.Connection) -> None:
     user = make_user(sql)
-    plans = {p["name"]: p for p in (await api.get("/plans", headers=headers(user))).json()}
+    clouds = settings.model_copy(update={"hcloud_token": SecretStr("h" * 20), "fly_api_token": SecretStr("f" * 20)})
+    async with api_with(clouds) as api:
+        plans = {p["name"]: p for p in (await api.get("/plans", headers=headers(user))).json()}
+        me = (await api.get("/users/me", headers=headers(user))).json()
     assert set(plans) == {"free", "starter", "pro"}
     providers = {c["provider"] for c in plans["pro"]["vps_configs"]}
     assert providers == {"hetzner", "fly", "local"}
     assert all(uuid.UUID(c["id"]) for c in plans["free"]["vps_configs"])
+    assert me["plan"]["vps_configs"] == plans["starter"]["vps_configs"]
+
+
+async def test_plans_offer_only_configured_providers(api: httpx.AsyncClient, sql: psycopg.Connection) -> None:
+    """No cloud token here: their configs are not offered (provisioning one would be refused)."""
+    user = make_user(sql, plan="pro")
+    plans = (await api.get("/plans", headers=headers(user))).json()
+    assert {c["provider"] for p in plans for c in p["vps_configs"]} == {"local"}
+    me = (await api.get("/users/me", headers=headers(user))).json()
+    assert [c["provider"] for c in me["plan"]["vps_configs"]] == ["local"]
+
+
+async def test_no_local_vms_with_a_database_url(settings: Settings, sql: psycopg.Connection) -> None:
+    """DATABASE_URL set and SLOPBOX_LOCAL_PROVIDER unset: a worker host is no place for agent gateways."""
+    prod = Settings(database_url=settings.database_url, control_plane_api_key=settings.control_plane_api_key,
+                    encryption_keys=settings.encryption_keys, temporal_address=settings.temporal_address,
+                    hcloud_token="h" * 20, _env_file=None)  # type: ignore[call-arg]
+    assert prod.local_provider is None and not prod.local_provider_enabled
+    user = make_user(sql, plan="pro")
+    local_config = str(sql.execute("SELECT id FROM vps_configs WHERE name = 'local-small'").fetchone()[0])  # type: ignore[index]
+    async with api_with(prod) as api:
+        plans = (await api.get("/plans", headers=headers(user))).json()
+        assert {c["provider"] for p in plans for c in p["vps_configs"]} == {"hetzner"}
+        agent = (await api.post("/agents", json={"name": "prod"}, headers=headers(user))).json()["id"]
+        resp = await api.post(f"/agents/{agent}/vps", json={"vps_config_id": local_config}, headers=headers(user))
+    body = assert_problem(resp, 409)
+    assert body["provider"] == "local" and "not configured" in body["detail"]
+    assert sql.execute("SELECT count(*) FROM vpses").fetchone() == (0,)
+
+
+async def test_blank_provider_tokens_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HCLOUD_TOKEN", "")
+    monkeypatch.setenv("FLY_API_TOKEN", "  ")
+    monkeypatch.setenv("SLOPBOX_LOCAL_PROVIDER", "")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    embedded = Settings()
+    assert embedded.hcloud_token is None and embedded.fly_api_token is None
+    assert embedded.configured_providers() == ["local"]
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db.example/slopbox")
+    assert Settings().configured_providers() == []
+    monkeypatch.setenv("HCLOUD_TOKEN", "h" * 20)
+    monkeypatch.setenv("SLOPBOX_LOCAL_PROVIDER", "1")
+    assert Settings().configured_providers() == ["local", "hetzner"]
+
+
+async def test_seed_leaves_out_local_configs_without_the_local_provider(pg_server: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    from db.migrate import migrate_and_seed
+    from tests.conftest import create_database
+
+    name = f"slopbox_seed_{uuid.uuid4().hex[:8]}"
+    url = create_database(pg_server, name).replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = create_engine(url)
+    try:
+        migrate_and_seed(url, local_provider=False)
+        with engine.connect() as conn:
+            providers = set(conn.execute(text("SELECT provider FROM vps_configs")).scalars())
+            linked = set(conn.execute(text("SELECT c.provider FROM plan_vps_configs pc JOIN vps_configs c "
+                                           "ON c.id = pc.vps_config_id")).scalars())
+    finally:
+        engine.dispose()
+        with psycopg.connect(f"{pg_server}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert providers == linked == {"hetzner", "fly"}
 
 
 # --- overage budget ------------------------------------------------------------------------------

@@ -364,3 +364,142 @@ async def test_real_openclaw_gateway(tmp_path: Path) -> None:
         await _run_real_lifecycle(provider, "vps-real")
     finally:
         await provider.destroy("vps-real")
+
+
+# -- the dev stack is the VMs' host: halted with it, back when it starts or when a call expects them --
+
+
+def gateway_pid(tmp_path: Path, vps_id: str = "vps-1") -> int:
+    return int(json.loads((tmp_path / "data" / "vms" / vps_id / "gateway.pid").read_text())["pid"])
+
+
+async def healthz(info_port: int) -> int:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"http://127.0.0.1:{info_port}/healthz")).status_code
+
+
+async def wait_dead(pid: int) -> None:
+    for _ in range(200):
+        if not pid_alive(pid):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"pid {pid} still alive")
+
+
+async def test_create_adopts_the_folder_and_relaunches_a_dead_gateway(make_provider: Factory, tmp_path: Path) -> None:
+    provider = make_provider()
+    first = await provider.create(spec())
+    pid = gateway_pid(tmp_path)
+    os.kill(pid, 9)
+    await wait_dead(pid)
+    again = await make_provider().create(spec())  # a retried create_vm in a restarted worker
+    assert again.state == VmState.RUNNING and again.gateway_port == first.gateway_port
+    assert gateway_pid(tmp_path) != pid and pid_alive(gateway_pid(tmp_path))
+    assert await healthz(again.gateway_port) == 200
+
+
+async def test_a_halted_vm_comes_back_at_the_next_get(make_provider: Factory, tmp_path: Path) -> None:
+    """A provision interrupted after create: the resumed run only calls get (then waits until running)."""
+    provider = make_provider()
+    info = await provider.create(spec())
+    pid = gateway_pid(tmp_path)
+    assert await provider.halt("vps-1") is True  # the dev stack stops
+    assert not pid_alive(pid)
+    assert (await provider.list_managed())[0].state == VmState.STOPPED  # listing does not relaunch
+
+    resumed = make_provider()  # the next stack's worker
+    got = await resumed.get("vps-1")
+    assert got is not None and got.state in (VmState.STARTING, VmState.RUNNING)
+    running = await resumed.wait_until_running("vps-1", timeout_s=15, poll_s=0.05)
+    assert running is not None and running.state == VmState.RUNNING
+    assert running.gateway_port == info.gateway_port and await healthz(info.gateway_port) == 200
+    new_pid = gateway_pid(tmp_path)
+    assert new_pid != pid
+    assert (await resumed.get("vps-1")).state == VmState.RUNNING  # type: ignore[union-attr]
+    assert gateway_pid(tmp_path) == new_pid  # relaunched once, not at every get
+
+
+async def test_a_stopped_vm_stays_stopped(make_provider: Factory, tmp_path: Path) -> None:
+    provider = make_provider()
+    await provider.create(spec())
+    await provider.stop("vps-1")
+    assert await provider.halt("vps-1") is False
+    assert await make_provider().boot() == []
+    got = await make_provider().get("vps-1")
+    assert got is not None and got.state == VmState.STOPPED
+    assert not (tmp_path / "data" / "vms" / "vps-1" / "gateway.pid").exists()
+    # a halted VM that the user then stops is not brought back either
+    await provider.start("vps-1")
+    await provider.halt("vps-1")
+    await provider.stop("vps-1")
+    got = await make_provider().get("vps-1")
+    assert got is not None and got.state == VmState.STOPPED
+
+
+async def test_boot_brings_back_vms_that_died_with_their_host(make_provider: Factory, tmp_path: Path) -> None:
+    """The machine rebooted (or the stack was killed and the gateways died): boot marks them halted."""
+    provider = make_provider()
+    await provider.create(spec("vps-a"))
+    await provider.create(spec("vps-b"))
+    await provider.stop("vps-b")
+    pid = gateway_pid(tmp_path, "vps-a")
+    os.kill(pid, 9)
+    await wait_dead(pid)
+    host = make_provider()
+    assert await host.boot() == ["vps-a"]
+    await host.start("vps-a")
+    got = await host.get("vps-a")
+    assert got is not None and got.state == VmState.RUNNING and pid_alive(gateway_pid(tmp_path, "vps-a"))
+    b = await host.get("vps-b")
+    assert b is not None and b.state == VmState.STOPPED
+
+
+async def test_dev_start_brings_back_running_vpses_or_marks_them_stopped(
+    make_provider: Factory, tmp_path: Path, settings: Settings, sql: Any
+) -> None:
+    from cli.dev import bring_back_local_vms
+    from tests.helpers import make_user
+
+    provider = make_provider()
+    user = make_user(sql)
+
+    def vps_row(state: str, ref: str | None, operation: str | None = None) -> str:
+        row = sql.execute(
+            "INSERT INTO vpses (user_id, vps_config_id, provider, provider_ref, state, operation_id) VALUES "
+            "(%s, (SELECT id FROM vps_configs WHERE name = 'local-small'), 'local', %s, %s, %s) RETURNING id",
+            (user, ref, state, operation)).fetchone()
+        return str(row[0])
+
+    # A: running, its gateway died with the previous stack (killed outright: no halt mark left).
+    await provider.create(spec("vps-a"))
+    pid_a = gateway_pid(tmp_path, "vps-a")
+    os.kill(pid_a, 9)
+    await wait_dead(pid_a)
+    a = vps_row("running", "vps-a")
+    # B: running, but its VM folder is gone: cannot come back.
+    b = vps_row("running", "vps-b")
+    # C: provisioning, halted after its create step: left to the resumed workflow's next get.
+    info_c = await provider.create(spec("vps-c"))
+    await provider.halt("vps-c")
+    c = vps_row("provisioning", "vps-c", operation="provision-c")
+    # D: running but an operation owns it: its halted gateway is relaunched, the row left alone.
+    await provider.create(spec("vps-d"))
+    await provider.halt("vps-d")
+    d = vps_row("running", "vps-d", operation="restart-d")
+
+    report = await asyncio.to_thread(bring_back_local_vms, settings, make_provider())
+
+    assert report.running == [a]
+    assert list(report.stopped) == [b]
+    states = dict(sql.execute("SELECT id::text, state FROM vpses").fetchall())
+    assert states == {a: "running", b: "stopped", c: "provisioning", d: "running"}
+    last_error = sql.execute("SELECT last_error FROM vpses WHERE id = %s", (b,)).fetchone()[0]
+    assert "could not be brought back" in last_error and "not found" in last_error
+    assert pid_alive(gateway_pid(tmp_path, "vps-a")) and gateway_pid(tmp_path, "vps-a") != pid_a
+    assert (await provider.get("vps-a")).state == VmState.RUNNING  # type: ignore[union-attr]
+    assert pid_alive(gateway_pid(tmp_path, "vps-d"))
+    assert report.halted == ["vps-a", "vps-c", "vps-d"]  # every gateway that was down at start
+    assert not (tmp_path / "data" / "vms" / "vps-c" / "gateway.pid").exists()
+    resumed = await provider.wait_until_running("vps-c", timeout_s=15, poll_s=0.05)
+    assert resumed is not None and resumed.state == VmState.RUNNING
+    assert await healthz(info_c.gateway_port) == 200

@@ -1,8 +1,17 @@
-"""Plans and the VPS configs each allows (public to any authenticated frontend call)."""
+"""Plans and the VPS configs each allows (public to any authenticated frontend call).
+
+Each plan lists only the configs this control plane can provision: those whose provider is
+configured (`Settings.configured_providers`: a cloud with its token set; `local` in embedded mode or
+with SLOPBOX_LOCAL_PROVIDER=1).
+A config of another provider stays allowed by the plan in the database and shows up once its
+provider is configured; provisioning it before then is refused with 409 provider-unavailable.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from collections.abc import Collection
+
+from fastapi import APIRouter, Request
 from sqlalchemy.orm import selectinload
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -10,29 +19,33 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from api.deps import CurrentUser, SessionDep
 from api.schemas import PlanOut, VpsConfigOut
 from db.models import Plan
+from settings import Settings
 
 router = APIRouter(prefix="/plans", tags=["plans"])
 
 
-def plan_out(plan: Plan) -> PlanOut:
-    configs = sorted(plan.vps_configs, key=lambda c: (c.provider, c.name))
+def plan_out(plan: Plan, providers: Collection[str]) -> PlanOut:
+    """The plan with the configs of the configured `providers`."""
+    configs = sorted((c for c in plan.vps_configs if c.provider in providers), key=lambda c: (c.provider, c.name))
     return PlanOut.model_validate(
         {**plan.model_dump(), "vps_configs": [VpsConfigOut.model_validate(c.model_dump()) for c in configs]}
     )
 
 
-async def load_plan(session: AsyncSession, plan: Plan) -> PlanOut:
+async def load_plan(session: AsyncSession, plan: Plan, settings: Settings) -> PlanOut:
     loaded = (
         await session.exec(select(Plan).where(Plan.id == plan.id).options(selectinload(Plan.vps_configs)))  # type: ignore[arg-type]
     ).one()
-    return plan_out(loaded)
+    return plan_out(loaded, settings.configured_providers())
 
 
 @router.get("", response_model=list[PlanOut])
-async def list_plans(session: SessionDep, _user: CurrentUser) -> list[PlanOut]:
+async def list_plans(request: Request, session: SessionDep, _user: CurrentUser) -> list[PlanOut]:
+    settings: Settings = request.app.state.settings
     plans = (
         await session.exec(
             select(Plan).options(selectinload(Plan.vps_configs)).order_by(Plan.price_cents_per_month, Plan.name)  # type: ignore[arg-type]
         )
     ).all()
-    return [plan_out(p) for p in plans]
+    providers = settings.configured_providers()
+    return [plan_out(p, providers) for p in plans]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import select
 
@@ -16,11 +16,11 @@ router = APIRouter(prefix="/users/me", tags=["users"])
 
 
 @router.get("", response_model=UserOut)
-async def me(session: SessionDep, user: CurrentUser) -> UserOut:
+async def me(request: Request, session: SessionDep, user: CurrentUser) -> UserOut:
     plan = await effective_plan(session, user)
     return UserOut(id=user.id, email=user.email, name=user.name, image=user.image,  # type: ignore[arg-type]
                    email_verified=user.email_verified, is_admin=user.is_admin,
-                   plan=await load_plan(session, plan))
+                   plan=await load_plan(session, plan, request.app.state.settings))
 
 
 @router.get("/overage-budget", response_model=OverageBudgetOut)
