@@ -242,10 +242,11 @@ def bring_back_local_vms(settings: Settings, provider: LocalProvider | None = No
     try:
         with engine.connect() as conn:
             found = conn.execute(text(
-                "SELECT id, provider_ref, operation_id FROM vpses WHERE provider = 'local' AND state = 'running'"
-                " ORDER BY created_at")).all()
-        rows = [(vps_id, ref) for vps_id, ref, operation in found if operation is None]
-        owned = [ref for _, ref, operation in found if operation is not None and ref]
+                "SELECT v.id, v.provider_ref, EXISTS (SELECT 1 FROM vps_operations o WHERE o.vps_id = v.id"
+                " AND o.status IN ('queued', 'running')) FROM vpses v WHERE v.provider = 'local'"
+                " AND v.state = 'running' ORDER BY v.created_at")).all()
+        rows = [(vps_id, ref) for vps_id, ref, busy in found if not busy]
+        owned = [ref for _, ref, busy in found if busy and ref]
 
         async def start(ref: str | None) -> str | None:
             if not ref:
@@ -277,7 +278,8 @@ def bring_back_local_vms(settings: Settings, provider: LocalProvider | None = No
                 reason = f"the local gateway could not be brought back when the dev stack started: {error}"
                 changed = conn.execute(text(
                     "UPDATE vpses SET state = 'stopped', state_changed_at = now(), last_error = :reason"
-                    " WHERE id = :id AND state = 'running' AND operation_id IS NULL"),
+                    " WHERE id = :id AND state = 'running' AND NOT EXISTS (SELECT 1 FROM vps_operations o"
+                    " WHERE o.vps_id = vpses.id AND o.status IN ('queued', 'running'))"),
                     {"id": vps_id, "reason": reason}).rowcount
                 if changed:
                     report.stopped[str(vps_id)] = reason

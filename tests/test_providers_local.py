@@ -465,9 +465,12 @@ async def test_dev_start_brings_back_running_vpses_or_marks_them_stopped(
 
     def vps_row(state: str, ref: str | None, operation: str | None = None) -> str:
         row = sql.execute(
-            "INSERT INTO vpses (user_id, vps_config_id, provider, provider_ref, state, operation_id) VALUES "
-            "(%s, (SELECT id FROM vps_configs WHERE name = 'local-small'), 'local', %s, %s, %s) RETURNING id",
-            (user, ref, state, operation)).fetchone()
+            "INSERT INTO vpses (user_id, vps_config_id, provider, provider_ref, state) VALUES "
+            "(%s, (SELECT id FROM vps_configs WHERE name = 'local-small'), 'local', %s, %s) RETURNING id",
+            (user, ref, state)).fetchone()
+        if operation is not None:  # an operation in flight owns it
+            sql.execute("INSERT INTO vps_operations (id, vps_id, user_id, kind, status) "
+                        "VALUES (%s, %s, %s, 'restart', 'running')", (operation, row[0], user))
         return str(row[0])
 
     # A: running, its gateway died with the previous stack (killed outright: no halt mark left).
