@@ -19,6 +19,7 @@ from api.app import create_app
 from db.engine import make_engine, session_factory
 from providers import VmProvider
 from settings import Settings
+from tests import histories
 from tests.helpers import headers
 from workflows import WORKFLOWS
 from workflows.contracts import LifecycleTimeouts
@@ -85,6 +86,8 @@ async def running_stack(settings: Settings, client: Client, providers: dict[str,
                         yield stack
                     finally:
                         await stop_local_vms(settings)
+                        if histories.recording():
+                            await histories.record(client, settings.temporal_task_queue)
     await engine.dispose()
 
 
