@@ -149,8 +149,10 @@ async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, use
         # the measurement, but a blocking poll would stall the worker sharing this event loop.
         async with await psycopg.AsyncConnection.connect(sql.info.dsn, autocommit=True) as conn:
             while True:
-                cur = await conn.execute("SELECT state, extract(epoch from state_changed_at), operation_id, "
-                                         "last_error FROM vpses WHERE id = %s", (op["vps_id"],))
+                cur = await conn.execute(
+                    "SELECT v.state, extract(epoch from v.state_changed_at), (SELECT o.id FROM vps_operations o "
+                    "WHERE o.vps_id = v.id AND o.status IN ('queued', 'running') LIMIT 1), v.last_error "
+                    "FROM vpses v WHERE v.id = %s", (op["vps_id"],))
                 row = await cur.fetchone()
                 assert row is not None
                 if row[0] in ("running", "error") and row[2] is None:
