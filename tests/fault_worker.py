@@ -8,7 +8,8 @@ while it holds, so the test can kill it at leisure. That is exactly the state a 
 behind: the work happened, Temporal does not know it, and a retry must cope.
 
 Which step to hold comes from a JSON file (`SLOPBOX_TEST_HOLD_FILE`), `{user_id: step}`, read on
-every activity completion, so a test can arm a hold after setting a VPS up. The lookup uses only
+every activity completion, so a test can arm a hold after setting a VPS up. A held activity
+writes `held/<user_id>` next to that file. The lookup uses only
 what the API promises: the workflow id is the operation id, and the VPS row carries
 `operation_id`, `user_id` and `step`.
 """
@@ -28,6 +29,13 @@ from temporalio import activity
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 HOLD_FILE_ENV = "SLOPBOX_TEST_HOLD_FILE"
+
+
+def held_dir() -> Path:
+    """Where a held activity leaves a file named after the VPS's user (content: the step)."""
+    path = Path(os.environ[HOLD_FILE_ENV]).parent / "held"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _targets() -> dict[str, str]:
@@ -55,6 +63,8 @@ class _Hold(ActivityInboundInterceptor):
         if targets:
             row = await _row(activity.info().workflow_id or "")
             if row is not None and row[1] is not None and targets.get(row[0]) == row[1]:
+                # Tell the test this activity's body has run and it is now held open.
+                (held_dir() / row[0]).write_text(row[1])
                 while True:  # until SIGKILL
                     activity.heartbeat(f"held at {row[1]}")
                     await asyncio.sleep(1)

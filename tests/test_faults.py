@@ -156,11 +156,17 @@ async def crash_matrix(settings: Settings, temporal_env: WorkflowEnvironment, da
                 for case in live:
                     await _trigger(stack, case)
                 live = [c for c in live if c.problem is None]
-                at_step = lambda c, v: v is not None and v["step"] == c.step  # noqa: E731
+                held = hold.parent / "held"
+
+                def at_step(c: CrashCase, v: dict[str, Any] | None) -> bool:
+                    marker = held / str(c.user)
+                    return v is not None and v["step"] == c.step and marker.exists() and marker.read_text() == c.step
+
                 seen = await _until(stack, live, at_step, 120)
                 for case in live:
                     if not at_step(case, seen.get(case.agent)):
-                        case.problem = f"the {case.op} never reached step {case.step}; last seen {seen.get(case.agent)}"
+                        case.problem = (f"the {case.op} was never held inside step {case.step}; "
+                                        f"last seen {seen.get(case.agent)}")
                 first.send_signal(signal.SIGKILL)  # no graceful shutdown, no heartbeat, nothing
                 first.wait()
                 second = start_worker(s, work / "worker2.log")
@@ -216,13 +222,15 @@ async def test_no_vm_outside_the_crashed_vpses(crash_matrix: CrashMatrix) -> Non
 async def test_provider_faults_across_concurrent_provisions(settings: Settings, temporal_client: Client, db: str,
                                                             sql: psycopg.Connection, tmp_path: Path) -> None:
     """429s, 5xx and lost responses on 20% of Hetzner calls while 20 VPSes provision: every
-    operation ends (running, or error with a reason) and one Reconcile run leaves no orphan."""
+    operation ends (running, or error with a reason), every VM we created can redeem its bootstrap
+    token while its VPS provisions, and one Reconcile run leaves no orphan."""
     figures = await run_chaos(settings, temporal_client, lambda: make_user(sql, plan="starter"), size=20, rate=0.2,
                               seed=8, workdir=tmp_path)
     report = "\n".join(figures.lines())
     print(report)
     assert sum(figures.faults.values()) > 0, report
     assert figures.outcomes["running"] + figures.outcomes["error"] == 20, report
+    assert figures.broken_vms == {}, report
     assert figures.wrong_states == [], report
     assert figures.left_behind == [], report
 
