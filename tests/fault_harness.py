@@ -186,7 +186,9 @@ class VmFleet:
 
     async def _vm(self, server_id: int, user_data: str) -> None:
         while True:  # a VM runs its first-boot script once it has booted, not when it is ordered
-            status = self.fake.servers.get(server_id, {}).get("status")
+            with self.fake.lock:
+                self.fake.before_request()  # the fake advances its clock lazily, on requests
+                status = self.fake.servers.get(server_id, {}).get("status")
             if status is None:
                 return  # deleted before it ever booted
             if status == "running":
