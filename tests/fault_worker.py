@@ -3,15 +3,16 @@
 A worker killed with SIGKILL "inside an activity" must be killed while the activity is running, not
 just before or after it; most steps take milliseconds, so racing them is hopeless. This worker
 holds an activity open *after* its body has run (the side effects are done, the completion is not
-reported yet) whenever the VPS row's `step` column is the step the test asked for, and heartbeats
-while it holds, so the test can kill it at leisure. That is exactly the state a crash leaves
-behind: the work happened, Temporal does not know it, and a retry must cope.
+reported yet) whenever the VPS row's `step` column (or the step passed with the call) is the step
+the test asked for, and heartbeats while it holds, so the test can kill it at leisure. That is
+exactly the state a crash leaves behind: the work happened, Temporal does not know it, and a retry
+must cope.
 
 Which step to hold comes from a JSON file (`SLOPBOX_TEST_HOLD_FILE`), `{user_id: step}`, read on
-every activity completion, so a test can arm a hold after setting a VPS up. A held activity
-writes `held/<user_id>` next to that file. The lookup uses only
-what the API promises: the workflow id is the operation id, and the VPS row carries
-`operation_id`, `user_id` and `step`.
+every activity completion, so a test can arm a hold after setting a VPS up. A held activity writes
+`held/<user_id>` (content: the step) next to that file. The VPS is found through what the API
+promises: the workflow id is the operation id, and the VPS row carries `operation_id`, `user_id`
+and `step`.
 """
 
 from __future__ import annotations
@@ -62,11 +63,16 @@ class _Hold(ActivityInboundInterceptor):
         targets = _targets()
         if targets:
             row = await _row(activity.info().workflow_id or "")
-            if row is not None and row[1] is not None and targets.get(row[0]) == row[1]:
+            # The step the workflow passed along with the call, as a fallback: the first step's
+            # write to the row can lose a race with the API's commit of that row (then the row
+            # still says `queued`).
+            passed = getattr(input.args[0], "step", None) if input.args else None
+            target = targets.get(row[0]) if row is not None else None
+            if row is not None and target is not None and target in (row[1], passed):
                 # Tell the test this activity's body has run and it is now held open.
-                (held_dir() / row[0]).write_text(row[1])
+                (held_dir() / row[0]).write_text(target)
                 while True:  # until SIGKILL
-                    activity.heartbeat(f"held at {row[1]}")
+                    activity.heartbeat(f"held at {target}")
                     await asyncio.sleep(1)
         return result
 

@@ -160,8 +160,8 @@ async def crash_matrix(settings: Settings, temporal_env: WorkflowEnvironment, da
                 held = hold.parent / "held"
 
                 def at_step(c: CrashCase, v: dict[str, Any] | None) -> bool:
-                    marker = held / str(c.user)
-                    return v is not None and v["step"] == c.step and marker.exists() and marker.read_text() == c.step
+                    marker = held / str(c.user)  # the worker says: inside this step, body done, held
+                    return v is not None and marker.exists() and marker.read_text() == c.step
 
                 seen = await _until(stack, live, at_step, 120)
                 for case in live:
