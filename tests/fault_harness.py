@@ -358,8 +358,10 @@ async def run_chaos(settings: Settings, client: Client, make_user: Callable[[], 
 async def _judge(settings: Settings, fake: ChaosHetzner, fleet: VmFleet, figures: ChaosFigures) -> None:
     """Every server belongs to a running VPS that knows it, and every running VPS has a working VM."""
     async with await psycopg.AsyncConnection.connect(plain_url(settings.database_url or ""), autocommit=True) as db:
-        cur = await db.execute("SELECT id::text, state, provider_ref, last_error, operation_id, host, gateway_port "
-                               "FROM vpses WHERE provider = 'hetzner'")
+        cur = await db.execute(
+            "SELECT v.id::text, v.state, v.provider_ref, v.last_error, (SELECT o.id FROM vps_operations o "
+            "WHERE o.vps_id = v.id AND o.status IN ('queued', 'running') LIMIT 1), v.host, v.gateway_port "
+            "FROM vpses v WHERE v.provider = 'hetzner'")
         rows = {r[0]: r for r in await cur.fetchall()}
     with fake.lock:
         servers = {sid: dict(s) for sid, s in fake.servers.items()}

@@ -11,8 +11,8 @@ must cope.
 Which step to hold comes from a JSON file (`SLOPBOX_TEST_HOLD_FILE`), `{user_id: step}`, read on
 every activity completion, so a test can arm a hold after setting a VPS up. A held activity writes
 `held/<user_id>` (content: the step) next to that file. The VPS is found through what the API
-promises: the workflow id is the operation id, and the VPS row carries `operation_id`, `user_id`
-and `step`.
+promises: the workflow id is the operation id, and the operation's row in `vps_operations` carries
+`user_id` and `step`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _targets() -> dict[str, str]:
 async def _row(operation_id: str) -> tuple[str, str | None] | None:
     url = os.environ["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://", 1)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cur = await conn.execute("SELECT user_id::text, step FROM vpses WHERE operation_id = %s", (operation_id,))
+        cur = await conn.execute("SELECT user_id::text, step FROM vps_operations WHERE id = %s", (operation_id,))
         row = await cur.fetchone()
     return (str(row[0]), row[1]) if row else None
 

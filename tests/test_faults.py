@@ -244,8 +244,8 @@ ANSWER_WITHIN_S = 120
 
 
 def _unclaimed(sql: psycopg.Connection, users: list[uuid.UUID]) -> list[tuple[Any, ...]]:
-    return sql.execute("SELECT id, state, step, operation_id FROM vpses WHERE user_id = ANY(%s) "
-                       "AND operation_id IS NOT NULL", (users,)).fetchall()
+    return sql.execute("SELECT vps_id, status, step, id FROM vps_operations WHERE user_id = ANY(%s) "
+                       "AND status IN ('queued', 'running')", (users,)).fetchall()
 
 
 async def test_temporal_outage_loses_no_request(settings: Settings, db: str, sql: psycopg.Connection,
