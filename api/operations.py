@@ -38,7 +38,7 @@ from db.models import Agent, User, Vps, VpsOperation
 from orchestration.search_attributes import run_attributes
 from settings import Settings
 from workflows.contracts import EntityInput, OperationKind, OperationRequest, Submitted, VpsRef
-from workflows.entity import VpsEntity, entity_id
+from workflows.entity import ENTITY_RUN_TIMEOUT, VpsEntity, entity_id
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
 SUBMIT_TIMEOUT = timedelta(seconds=15)
@@ -138,7 +138,7 @@ async def submit(request: Request, session: AsyncSession, user: User, agent: Age
     def start() -> WithStartWorkflowOperation[Any, Any]:
         return WithStartWorkflowOperation(
             VpsEntity.run, EntityInput(vps=ref), id=entity_id(ref.vps_id), task_queue=settings.temporal_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING, run_timeout=ENTITY_RUN_TIMEOUT,
             search_attributes=run_attributes(user_id=ref.user_id, agent_id=ref.agent_id, vps_id=ref.vps_id))
 
     try:

@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -355,6 +356,22 @@ async def run_chaos(settings: Settings, client: Client, make_user: Callable[[], 
     return figures
 
 
+READY_WITHIN_S = 20.0
+"""The config push may end in a gateway restart (as a real gateway's hot reload does): a running VPS's
+gateway must answer /readyz again within this long, not at the very instant it is looked at."""
+
+
+async def _ready_within(http: httpx.AsyncClient, url: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await http.get(url)).status_code == 200:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.25)
+
+
 async def _judge(settings: Settings, fake: ChaosHetzner, fleet: VmFleet, figures: ChaosFigures) -> None:
     """Every server belongs to a running VPS that knows it, and every running VPS has a working VM."""
     async with await psycopg.AsyncConnection.connect(plain_url(settings.database_url or ""), autocommit=True) as db:
@@ -385,7 +402,6 @@ async def _judge(settings: Settings, fake: ChaosHetzner, fleet: VmFleet, figures
                 continue
             if servers[mine[0]]["status"] != "running":
                 figures.wrong_states.append(f"{vps_id}: running, but its server is {servers[mine[0]]['status']}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(f"http://{host}:{gw_port}/readyz")).status_code == 200:
-                    continue
-            figures.wrong_states.append(f"{vps_id}: running, but its gateway at {host}:{gw_port} is not ready")
+            if not await _ready_within(http, f"http://{host}:{gw_port}/readyz", READY_WITHIN_S):
+                figures.wrong_states.append(f"{vps_id}: running, but its gateway at {host}:{gw_port} is not ready "
+                                            f"within {READY_WITHIN_S:.0f}s")

@@ -263,7 +263,10 @@ async def test_temporal_outage_loses_no_request(settings: Settings, db: str, sql
         async with AsyncExitStack() as exits:
             stack = await exits.enter_async_context(running_stack(s, client, worker=False))
             fresh_user, running_user, busy_user = make_user(sql), make_user(sql), make_user(sql)
+            cold_user = make_user(sql)
             fresh = await stack.new_agent(fresh_user, "fresh")
+            # Its own agent: two provisions of one agent at once are one VPS and a 409, whatever Temporal does.
+            cold_agent = await stack.new_agent(cold_user, "cold")
             up = await stack.new_agent(running_user, "up")
             busy = await stack.new_agent(busy_user, "busy")
             # Gateways take a while to report ready, so an operation is mid-flight when Temporal stops.
@@ -287,7 +290,7 @@ async def test_temporal_outage_loses_no_request(settings: Settings, db: str, sql
                 "provision": asyncio.create_task(stack.provision(fresh_user, fresh)),
                 "stop": asyncio.create_task(stack.api.post(f"/agents/{up}/vps/stop", headers=headers(running_user))),
                 "destroy": asyncio.create_task(stack.api.delete(f"/agents/{up}/vps", headers=headers(running_user))),
-                "provision on a cold API": asyncio.create_task(cold.provision(fresh_user, fresh)),
+                "provision on a cold API": asyncio.create_task(cold.provision(cold_user, cold_agent)),
             }
             await asyncio.sleep(OUTAGE_S)
             _, pending = await asyncio.wait(requests.values(), timeout=ANSWER_WITHIN_S)
@@ -298,8 +301,9 @@ async def test_temporal_outage_loses_no_request(settings: Settings, db: str, sql
                 assert resp.status_code == 503, f"{name}: {resp.status_code} {resp.text}"
                 assert resp.headers["content-type"].startswith("application/problem+json"), resp.headers
                 assert resp.json()["status"] == 503
-            assert _unclaimed(sql, [fresh_user, running_user]) == []
+            assert _unclaimed(sql, [fresh_user, running_user, cold_user]) == []
             assert (await stack.agent(fresh_user, fresh))["vps"] is None
+            assert (await stack.agent(cold_user, cold_agent))["vps"] is None
             still = (await stack.agent(running_user, up))["vps"]
             assert (still["state"], still["operation_id"]) == ("running", None)
             server.start()
@@ -311,12 +315,14 @@ async def test_temporal_outage_loses_no_request(settings: Settings, db: str, sql
             assert vps["state"] == "running", vps["last_error"]
             assert worker.poll() is None, f"the worker exited during the outage: {log.read_text()[-3000:]}"
             # The refused requests, sent again, go through (the provision via the API that started cold).
-            again = await cold.provision(fresh_user, fresh)
+            again = await cold.provision(cold_user, cold_agent)
             assert again.status_code == 202, again.text
+            assert (await stack.provision(fresh_user, fresh)).status_code == 202
             stopped = await stack.api.post(f"/agents/{up}/vps/stop", headers=headers(running_user))
             assert stopped.status_code == 202, stopped.text
-            vps = await stack.wait_vps(fresh_user, fresh, "running", "error", timeout=90)
-            assert vps["state"] == "running", vps["last_error"]
+            for user, agent in ((cold_user, cold_agent), (fresh_user, fresh)):
+                vps = await stack.wait_vps(user, agent, "running", "error", timeout=90)
+                assert vps["state"] == "running", vps["last_error"]
             vps = await stack.wait_vps(running_user, up, "stopped", "error", timeout=60)
             assert vps["state"] == "stopped", vps["last_error"]
             gone = await stack.api.delete(f"/agents/{up}/vps", headers=headers(running_user))

@@ -205,3 +205,4 @@ async def test_deterministic_failures_are_not_retried_and_every_run_has_a_timeou
         assert desc.raw_description.execution_config.workflow_execution_timeout.seconds == int(short.operation_s)
         entity = await stack.client.get_workflow_handle(f"vps-{vps['id']}").describe()
         assert entity.workflow_type == "Vps"
+        assert entity.raw_description.execution_config.workflow_run_timeout.seconds == 7 * 24 * 3600

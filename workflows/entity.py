@@ -46,6 +46,10 @@ RECENT_KEPT = 50
 OPERATIONS_PER_RUN = 100
 
 
+ENTITY_RUN_TIMEOUT = timedelta(days=7)
+"""A safety net only: an entity idles out after an hour and continues as new every 100 operations."""
+
+
 def entity_id(vps_id: str) -> str:
     return f"vps-{vps_id}"
 

@@ -46,7 +46,7 @@ from db.models import Agent, PlanVpsConfig, User, Vps, VpsConfig, VpsOperation, 
 from orchestration.search_attributes import run_attributes
 from settings import Settings
 from workflows.contracts import EntityInput, OperationKind, OperationRequest, VpsRef
-from workflows.entity import VpsEntity, entity_id
+from workflows.entity import ENTITY_RUN_TIMEOUT, VpsEntity, entity_id
 
 router = APIRouter(prefix="/agents/{agent_id}/vps", tags=["vps"])
 IDEMPOTENCY_NS = uuid.UUID("6f1c0a52-8f5e-4a8e-9b61-6d7e0d1c2a10")
@@ -137,7 +137,7 @@ async def start_entity(request: Request, ref: VpsRef, operation_id: str) -> None
     try:
         await client.start_workflow(
             VpsEntity.run, EntityInput(vps=ref, queue=[req]), id=entity_id(ref.vps_id),
-            task_queue=settings.temporal_task_queue,
+            task_queue=settings.temporal_task_queue, run_timeout=ENTITY_RUN_TIMEOUT,
             search_attributes=run_attributes(user_id=ref.user_id, agent_id=ref.agent_id, vps_id=ref.vps_id),
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL, id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE)
     except WorkflowAlreadyStartedError:
