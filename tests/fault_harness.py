@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from tests.conftest import free_port
 from tests.fakes.chaos import ChaosHetzner
 from tests.helpers import headers
 from tests.lifecycle_harness import FAST, Stack, running_stack
-from tests.vm_emulator import SYSTEMD_LAYOUT, files_from_cloud_init
+from tests.vm_emulator import SYSTEMD_LAYOUT, files_from_cloud_init, parse_conf
 from workflows.contracts import LifecycleTimeouts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,15 +148,6 @@ class TemporalDevServer:
 # --- emulated cloud VMs, tolerant of what goes wrong -------------------------------------------------
 
 
-def _conf(text: str) -> dict[str, str]:
-    values = {}
-    for line in text.splitlines():
-        if "=" in line and not line.startswith("#"):
-            key, _, raw = line.partition("=")
-            values[key] = shlex.split(raw)[0] if raw else ""
-    return values
-
-
 @dataclass
 class VmFleet:
     """One emulated VM per server the fake Hetzner API holds, booted as `bootstrap.sh` would.
@@ -196,7 +186,7 @@ class VmFleet:
                 break
             await asyncio.sleep(0.05)
         files = files_from_cloud_init(user_data)
-        conf = _conf(files[SYSTEMD_LAYOUT.bootstrap_conf])
+        conf = parse_conf(files[SYSTEMD_LAYOUT.bootstrap_conf])
         token = files[SYSTEMD_LAYOUT.bootstrap_token_file].strip()
         path = conf["BOOTSTRAP_URL"].split("://", 1)[1].split("/", 1)[1]
         auth = {"Authorization": f"Bearer {token}"}

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 from temporalio.client import Client
 
 from settings import Settings
+from tests import fault_harness
 from tests.helpers import headers, make_user
 from tests.lifecycle_harness import running_stack
 
@@ -23,18 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        "PATH": os.environ["PATH"],
-        "DATABASE_URL": settings.database_url or "",
-        "TEMPORAL_ADDRESS": settings.temporal_target,
-        "TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
-        "CONTROL_PLANE_API_KEY": settings.api_key(),
-        "SLOPBOX_ENCRYPTION_KEYS": ",".join(settings.secret_keys()),
-        "SLOPBOX_DATA_DIR": str(settings.data_dir),
-        "SLOPBOX_SIM_READY_AFTER_S": "4",
-    }
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], cwd=ROOT, env=env,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return fault_harness.start_worker(settings, log, env={"SLOPBOX_SIM_READY_AFTER_S": "4"})
 
 
 async def test_worker_killed_mid_provisioning(settings: Settings, temporal_client: Client, db: str,

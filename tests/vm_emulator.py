@@ -45,7 +45,7 @@ def files_from_fly_config(config: dict[str, Any]) -> dict[str, str]:
     return {f["guest_path"]: base64.b64decode(f["raw_value"]).decode() for f in config.get("files") or []}
 
 
-def _conf(text: str) -> dict[str, str]:
+def parse_conf(text: str) -> dict[str, str]:
     values = {}
     for line in text.splitlines():
         if "=" in line and not line.startswith("#"):
@@ -57,7 +57,7 @@ def _conf(text: str) -> dict[str, str]:
 @asynccontextmanager
 async def boot(files: dict[str, str], layout: VmLayout, api: httpx.AsyncClient, *, port: int,
                state_dir: Path) -> AsyncIterator[dict[str, Any]]:
-    conf = _conf(files[layout.bootstrap_conf])
+    conf = parse_conf(files[layout.bootstrap_conf])
     token = files[layout.bootstrap_token_file].strip()
     path = conf["BOOTSTRAP_URL"].split("://", 1)[1].split("/", 1)[1]  # host is the control plane = `api`
     auth = {"Authorization": f"Bearer {token}"}
