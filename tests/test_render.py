@@ -62,7 +62,7 @@ GUEST = {"cpu_kind": "shared", "cpus": 2, "memory_mb": 2048}
 
 # /readyz answered ~10-13 s after spawn on a 2-vCPU VM (reference §5); a loaded 2-core CI box
 # doubles that, so the budget leaves that margin and the test prints what it measured.
-READY_BUDGET_S = 30.0
+READY_BUDGET_S = 90.0  # a budget, not a measurement: a loaded 2-core machine took 30 s+ to boot Node
 
 
 def cloud_input(**overrides: Any) -> AgentRenderInput:
