@@ -192,6 +192,8 @@ class _Tunnel:
         self.spent = 0
         self.cut_reason: str | None = None
         self.cut = asyncio.Event()
+        self.answered = False
+        """Bytes went back to the client: after a cut, a refusal can no longer be sent."""
         self.lock = asyncio.Lock()
 
     def cut_with(self, reason: str) -> None:
@@ -451,10 +453,13 @@ class ForwardProxy:
         async def inbound(n: int) -> None:
             await self._charge(tunnel, n)
             self.meter.add(vps, inbound=n)
+            tunnel.answered = True
 
         try:
             await self._relay(tunnel, self._exchange(head, url, host_literal, framing, length, reader, writer,
-                                                     up_reader, up_writer, out, inbound))
+                                                     up_reader, up_writer, tunnel, out, inbound))
+            if tunnel.cut.is_set() and not tunnel.answered:  # cut before any answer: say why
+                raise _Refusal(403, tunnel.cut_reason or "over the plan's limits")
         finally:
             self._unregister(tunnel)
             up_writer.close()
@@ -463,10 +468,11 @@ class ForwardProxy:
 
     async def _exchange(self, head: RequestHead, url: SplitResult, host_literal: str, framing: str, length: int,
                         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
-                        up_writer: asyncio.StreamWriter, out: _Count, inbound: _Count) -> None:
+                        up_writer: asyncio.StreamWriter, tunnel: _Tunnel, out: _Count, inbound: _Count) -> None:
         """One request upstream (head rebuilt, body framed as declared), then its response back."""
         if any(v.lower() == "100-continue" for v in head.get("Expect")):
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            tunnel.answered = True
         path = (url.path or "/") + ("?" + url.query if url.query else "")
         connection_tokens = {t.strip().lower() for v in head.get("Connection") for t in v.split(",")}
         lines = [f"{head.method} {path} HTTP/1.1"]

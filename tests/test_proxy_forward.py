@@ -491,6 +491,42 @@ async def test_tunnel_that_spends_its_byte_budget_is_rechecked_and_cut(
     assert metered <= headroom + budget + 2 * 64 * 1024, metered  # cut at the first check over the plan
 
 
+async def test_http_request_cut_before_its_answer_gets_403_with_the_reason(
+        settings: Settings, sql: psycopg.Connection) -> None:
+    """A plain-HTTP request waiting for a slow destination when the user goes over the plan is
+    answered 403 with the reason (nothing was sent back yet), not left hanging or reset."""
+    seeded = seed_gateway_user(sql, settings, port=1, plan="free")
+    received = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        received.set()
+        await release.wait()
+        writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    policy = EgressPolicy(loopback_policy(RawUpstream(port=port))._resolver,  # noqa: SLF001
+                          allowed_targets=[("127.0.0.1", port)])
+    cfg = _config(forward_recheck_s=0.2, forward_idle_timeout_s=60.0)
+    try:
+        async with running_proxy(settings, config=cfg, policy=policy) as proxy:
+            reader, writer = await _dial("127.0.0.1", proxy.forward_port)
+            writer.write((f"GET http://{PUBLIC_NAME}:{port}/slow HTTP/1.1\r\nHost: a\r\n"
+                          f"Proxy-Authorization: {basic(seeded.agent_id, seeded.gateway_token)}\r\n\r\n").encode())
+            await writer.drain()
+            await asyncio.wait_for(received.wait(), 10)
+            sql.execute("INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_in_bytes) "
+                        "VALUES (%s, %s, %s)", (seeded.vps_id, month_start(), 5 * GIB + 1))
+            out = await _read_to_eof(reader)
+            writer.close()
+    finally:
+        release.set()
+        server.close()
+    assert status_of(out) == 403 and b"bandwidth" in out and b"no overage" in out, out
+
+
 # -- destination ports ---------------------------------------------------------------------------------
 
 
