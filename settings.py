@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     control_plane_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
     forward_proxy_public_url: str | None = Field(
         default=None, description="how cloud VMs reach the forward proxy; unset = their egress is not proxied")
+    forward_proxy_allowed_ports: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [80, 443],
+        description="destination ports agents may reach through the forward proxy (LLM APIs and every channel "
+                    "transport use 443); SMTP and the rest are refused")
 
     # LLM keys handed to each agent's gateway (host env on the VM, never inside the sandbox)
     anthropic_api_key: SecretStr | None = None
@@ -132,6 +136,19 @@ class Settings(BaseSettings):
         if v is None or v == "":
             return []
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else list(v)  # type: ignore[arg-type]
+
+    @field_validator("forward_proxy_allowed_ports", mode="before")
+    @classmethod
+    def _ports_csv(cls, v: object) -> list[int]:
+        """`80,443,8443`: each a TCP port; at least one (an empty list would silently cut all egress)."""
+        items = [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else list(v)  # type: ignore[arg-type]
+        try:
+            ports = sorted({int(p) for p in items})
+        except (TypeError, ValueError):
+            raise ValueError("must be comma-separated port numbers, e.g. 80,443") from None
+        if not ports or not all(1 <= p <= 65535 for p in ports):
+            raise ValueError("must be comma-separated port numbers between 1 and 65535, e.g. 80,443")
+        return ports
 
     # -- derived -------------------------------------------------------------------------------
 

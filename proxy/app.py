@@ -110,7 +110,8 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         if policy is None:
             denylist.start()
             policy = EgressPolicy(system_resolver, denied=await _resolved_control_plane(settings),
-                                  denied_dynamic=denylist.addresses)
+                                  denied_dynamic=denylist.addresses,
+                                  allowed_ports=settings.forward_proxy_allowed_ports)
         forward = ForwardProxy(
             config=cfg, meter=meter, policy=policy,
             credentials=ForwardCredentials(engine, ttl_s=cfg.forward_credentials_ttl_s),

@@ -55,3 +55,9 @@ class ProxyConfig:
     forward_connect_timeout_s: float = 10.0
     forward_idle_timeout_s: float = 600.0
     max_forward_head_bytes: int = 64 * 1024
+
+    # Forward proxy: plan enforcement on running tunnels (CONNECT and plain HTTP relays)
+    forward_tunnel_byte_budget: int = 8 * MIB
+    """Bytes one tunnel relays (both directions) before the plan is checked again; over the plan = cut."""
+    forward_recheck_s: float = 30.0
+    """Every open tunnel's user is re-checked this often, so usage counted elsewhere cuts it too."""

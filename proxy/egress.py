@@ -13,9 +13,14 @@ addresses, which trust the control plane's egress IP on their gateway port). Hos
 that browsers and libc read as IPv4 (`2130706433`, `0x7f.1`, `0177.0.0.1`, `127.1`) are decoded
 the same way here and checked, and are never sent to DNS.
 
+Ports: only `allowed_ports` (production: FORWARD_PROXY_ALLOWED_PORTS, default 80 and 443, which
+covers the LLM APIs and every channel transport: Telegram's Bot API, WhatsApp Web, Discord, Slack
+and Signal all speak HTTPS/WSS on 443). Anything else (SMTP 25 first of all: a VM must not
+become a spam relay) is refused before any lookup.
+
 The resolver is injectable: tests pass a stub (a public-looking name that resolves to a private
-address), and `allowed_targets` admits exact (address, port) pairs so a test can reach a
-loopback upstream on purpose; production passes neither.
+address), and `allowed_targets` admits exact (address, port) pairs, port included, so a test can
+reach a loopback upstream on purpose; production passes neither.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 __all__ = [
     "EgressPolicy",
     "EgressRefused",
+    "DEFAULT_ALLOWED_PORTS",
     "EgressTarget",
     "IPAddress",
     "Resolver",
@@ -48,6 +54,7 @@ _LOCAL_NAMES = ("localhost",)
 _LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa", ".localdomain")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+DEFAULT_ALLOWED_PORTS: frozenset[int] = frozenset({80, 443})
 
 
 class EgressRefused(Exception):
@@ -166,8 +173,10 @@ class EgressPolicy:
     def __init__(self, resolver: Resolver = system_resolver, *,
                  denied: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
                  denied_dynamic: Callable[[], Collection[IPAddress]] | None = None,
-                 allowed_targets: Iterable[tuple[str, int]] = (), resolve_timeout_s: float = 5.0) -> None:
+                 allowed_targets: Iterable[tuple[str, int]] = (), resolve_timeout_s: float = 5.0,
+                 allowed_ports: Collection[int] = DEFAULT_ALLOWED_PORTS) -> None:
         self._resolver = resolver
+        self._ports = frozenset(int(p) for p in allowed_ports)
         self._denied = [ipaddress.ip_network(d, strict=False) if isinstance(d, str) else d for d in denied]
         self._denied_dynamic = denied_dynamic
         self._allowed = {(ipaddress.ip_address(ip), int(port)) for ip, port in allowed_targets}
@@ -176,6 +185,7 @@ class EgressPolicy:
     def check_address(self, ip: IPAddress, port: int) -> None:
         if (ip, port) in self._allowed:
             return
+        self._check_port(port)
         if any(ip in net for net in self._denied if net.version == ip.version):
             raise EgressRefused("the destination is a control-plane address")
         if self._denied_dynamic is not None and ip in self._denied_dynamic():
@@ -184,10 +194,17 @@ class EgressPolicy:
         if reason is not None:
             raise EgressRefused(f"the destination is {reason}")
 
+    def _check_port(self, port: int) -> None:
+        if port not in self._ports:
+            allowed = ", ".join(str(p) for p in sorted(self._ports)) or "none"
+            raise EgressRefused(f"port {port} is not allowed (allowed ports: {allowed})")
+
     async def check(self, host: str, port: int) -> EgressTarget:
         """Resolve and check; the caller must connect to `.ip`, nothing else."""
         if not 0 < port < 65536:
             raise EgressRefused("invalid port")
+        if not any(port == p for _, p in self._allowed):
+            self._check_port(port)  # before any lookup; exact test pairs are checked per address below
         parsed = parse_host(host)
         if not isinstance(parsed, str):
             self.check_address(parsed, port)

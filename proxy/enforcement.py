@@ -6,10 +6,18 @@ rate is 0 (the free plan) has no overage to buy: over its limit means refused. U
 over the user's VPSes of `vps_usage_periods` plus the bytes this process has counted but not
 flushed yet, so a burst cannot outrun the flush interval. The database part is cached per user
 for a few seconds; the in-memory part is always current.
+
+The decision is integer arithmetic, no floats: usage in bytes, milliseconds and MB-seconds,
+rates in whole cents per unit. Rounding rule: the overage cost is the exact sum over dimensions of
+`(used - limit) * rate / unit`, rounded up to a whole cent once (`overage_cost_cents`); a user
+is refused when that exceeds the budget, which (the budget being whole cents) is the same as the
+exact cost exceeding it. Computed on a common denominator (`_UNITS_LCM`), so a cost that is
+exactly the budget is allowed (floats made some of those 1e-15 over, and refused).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -23,11 +31,12 @@ from billing.plans import effective_plan, month_start
 from db.models import OverageBudget, Plan, User, Vps, VpsUsagePeriod
 from proxy.metering import Meter
 
-__all__ = ["UsageEnforcer", "UsageSnapshot", "Verdict", "overage_verdict"]
+__all__ = ["UsageEnforcer", "UsageSnapshot", "Verdict", "overage_cost_cents", "overage_verdict"]
 
 GIB = 1024**3
 HOUR_MS = 3_600_000
 GB_HOUR_MB_SECONDS = 1024 * 3600
+_UNITS_LCM = math.lcm(GIB, HOUR_MS, GB_HOUR_MB_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -47,9 +56,10 @@ class UsageSnapshot:
     storage_bytes: int
 
 
-def overage_verdict(s: UsageSnapshot, extra_bandwidth: int = 0) -> Verdict:
+def _dimensions(s: UsageSnapshot, extra_bandwidth: int) -> list[tuple[str, int, int, int, int, str]]:
+    """(name, used, limit, rate in cents per unit, unit, unit name), all integers."""
     p = s.plan
-    dims = [
+    return [
         ("bandwidth", s.bandwidth_bytes + extra_bandwidth, p.max_bandwidth_bytes,
          p.overage_bandwidth_cost_per_gb_cents, GIB, "GiB"),
         ("storage", s.storage_bytes, p.max_storage_bytes, p.overage_storage_cost_per_gb_cents, GIB, "GiB"),
@@ -57,18 +67,37 @@ def overage_verdict(s: UsageSnapshot, extra_bandwidth: int = 0) -> Verdict:
         ("memory", s.memory_mb_seconds, p.max_memory_mb_seconds, p.overage_memory_cost_per_gb_hour_cents,
          GB_HOUR_MB_SECONDS, "GB-hours"),
     ]
-    cost = 0.0
+
+
+def _scaled_overage(s: UsageSnapshot, extra_bandwidth: int) -> int:
+    """The exact overage cost in cents, times `_UNITS_LCM` (an integer: every unit divides it)."""
+    return sum((used - limit) * rate * (_UNITS_LCM // unit)
+               for _name, used, limit, rate, unit, _unit_name in _dimensions(s, extra_bandwidth) if used > limit)
+
+
+def overage_cost_cents(s: UsageSnapshot, extra_bandwidth: int = 0) -> int:
+    """This month's overage cost in whole cents, rounded up once over the exact sum (the rounding rule)."""
+    return -(-_scaled_overage(s, extra_bandwidth) // _UNITS_LCM)
+
+
+def _amount(n: int, unit: int) -> str:
+    """`n / unit` with two decimals (truncated), without floats."""
+    hundredths = n * 100 // unit
+    return f"{hundredths // 100}.{hundredths % 100:02d}"
+
+
+def overage_verdict(s: UsageSnapshot, extra_bandwidth: int = 0) -> Verdict:
     over: list[str] = []
-    for name, used, limit, rate, unit, unit_name in dims:
+    for name, used, limit, rate, unit, unit_name in _dimensions(s, extra_bandwidth):
         if used <= limit:
             continue
-        over.append(f"{name} {used / unit:.2f} of {limit / unit:.2f} {unit_name}")
+        over.append(f"{name} {_amount(used, unit)} of {_amount(limit, unit)} {unit_name}")
         if rate == 0:
             return Verdict(False, f"over the plan's {name} limit ({over[-1]}) and the plan has no overage for it")
-        cost += (used - limit) / unit * rate
-    if over and cost > s.budget_cents:
-        return Verdict(False, f"over the plan's limits ({'; '.join(over)}): overage {cost:.2f} cents exceeds "
-                              f"this month's overage budget of {s.budget_cents} cents")
+    if over and _scaled_overage(s, extra_bandwidth) > s.budget_cents * _UNITS_LCM:
+        cost = overage_cost_cents(s, extra_bandwidth)
+        return Verdict(False, f"over the plan's limits ({'; '.join(over)}): overage {cost} cents (rounded up) "
+                              f"exceeds this month's overage budget of {s.budget_cents} cents")
     return Verdict(True)
 
 

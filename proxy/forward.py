@@ -5,6 +5,14 @@ be live, per-user connection and rate limits (429 + Retry-After), the plan/overa
 with the reason), then the SSRF check (`proxy.egress`, 403 with the reason) and a connection to
 the address that was checked. Bytes are metered per VPS in both directions.
 
+The plan is enforced on running tunnels too, not only when they open: each tunnel (a CONNECT
+tunnel or a plain HTTP exchange) re-checks its user's plan after every `forward_tunnel_byte_budget`
+bytes it relays (before relaying more), and a watcher re-checks every user with open tunnels each
+`forward_recheck_s` (usage counted by other processes or other dimensions). Over the plan, the
+user's tunnels are cut: both sockets closed, nothing more relayed (no HTTP answer can be sent once
+bytes have flowed). A check that fails for another reason (database down) keeps the tunnel and
+logs a warning: new tunnels are refused meanwhile, since their check fails.
+
 HTTP/1.1 is parsed just enough to frame it (Content-Length or chunked, never both, else 400),
 so exactly one request goes upstream and nothing the client pipelines behind it reaches the
 target unchecked; the upstream connection is `Connection: close`. Plain asyncio streams keep
@@ -23,9 +31,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -49,6 +57,8 @@ _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 405: "Method Not Al
             407: "Proxy Authentication Required", 429: "Too Many Requests", 501: "Not Implemented",
             502: "Bad Gateway", 504: "Gateway Timeout"}
 _LIVE_STATES = frozenset({VpsState.provisioning, VpsState.running})
+_Count = Callable[[int], Awaitable[None]]
+"""Charges relayed bytes to the tunnel's budget (may raise _Cut) and meters them."""
 _DUMMY_TOKEN = "x" * 43  # compared against when the agent is unknown, so both paths do the same work
 
 
@@ -168,6 +178,30 @@ class ForwardCredentials:
         return ident
 
 
+class _Cut(Exception):
+    """A running tunnel was cut by a plan re-check."""
+
+
+class _Tunnel:
+    """Enforcement state of one relayed connection: bytes since the last plan check, and the cut."""
+
+    def __init__(self, user_id: uuid.UUID, agent_id: uuid.UUID, budget: int) -> None:
+        self.user_id = user_id
+        self.agent_id = agent_id
+        self.budget = budget
+        self.spent = 0
+        self.cut_reason: str | None = None
+        self.cut = asyncio.Event()
+        self.answered = False
+        """Bytes went back to the client: after a cut, a refusal can no longer be sent."""
+        self.lock = asyncio.Lock()
+
+    def cut_with(self, reason: str) -> None:
+        if self.cut_reason is None:
+            self.cut_reason = reason
+        self.cut.set()
+
+
 class _Refusal(Exception):
     def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(reason)
@@ -187,6 +221,8 @@ class ForwardProxy:
         self.connections = ConnectionLimiter(config.forward_connections_per_user)
         self.rate = RateLimiter(config.forward_rate_per_s, config.forward_burst)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._live: dict[uuid.UUID, set[_Tunnel]] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._on_connection, host, port, limit=self.config.max_forward_head_bytes)
@@ -209,6 +245,11 @@ class ForwardProxy:
                 await writer.wait_closed()
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -270,31 +311,114 @@ class ForwardProxy:
             raise _Refusal(502, "cannot connect to the destination") from None
         return target, up_reader, up_writer
 
+    # -- enforcement on running tunnels -------------------------------------------------------
+
+    def _register(self, ident: _Identity) -> _Tunnel:
+        tunnel = _Tunnel(ident.user_id, ident.agent_id, self.config.forward_tunnel_byte_budget)
+        self._live.setdefault(ident.user_id, set()).add(tunnel)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(), name="forward-plan-recheck")
+        return tunnel
+
+    def _unregister(self, tunnel: _Tunnel) -> None:
+        tunnels = self._live.get(tunnel.user_id)
+        if tunnels is not None:
+            tunnels.discard(tunnel)
+            if not tunnels:
+                del self._live[tunnel.user_id]
+
+    async def _over_plan(self, user_id: uuid.UUID) -> str | None:
+        """Why this user's tunnels must be cut now, or None (also when the check itself fails)."""
+        try:
+            verdict = await self.enforcer.check(user_id)
+        except LookupError:
+            return "the user no longer exists"
+        except Exception:
+            log.warning("plan re-check failed; open tunnels kept", exc_info=True)
+            return None
+        return None if verdict.allowed else (verdict.reason or "over the plan's limits")
+
+    async def _watch(self) -> None:
+        """Re-check every user with open tunnels each `forward_recheck_s`; cut them all when over."""
+        while self._live:
+            await asyncio.sleep(self.config.forward_recheck_s)
+            for user_id, tunnels in list(self._live.items()):
+                if not tunnels:
+                    continue
+                reason = await self._over_plan(user_id)
+                if reason is not None:
+                    for tunnel in list(tunnels):
+                        tunnel.cut_with(reason)
+
+    async def _charge(self, tunnel: _Tunnel, n: int) -> None:
+        """Count `n` bytes about to be relayed; once the budget is spent, re-check before relaying them."""
+        if tunnel.cut.is_set():
+            raise _Cut
+        tunnel.spent += n
+        if tunnel.spent < tunnel.budget:
+            return
+        async with tunnel.lock:  # both directions may spend the budget at once: one check
+            if tunnel.spent >= tunnel.budget and not tunnel.cut.is_set():
+                reason = await self._over_plan(tunnel.user_id)
+                if reason is not None:
+                    tunnel.cut_with(reason)
+                tunnel.spent = 0
+        if tunnel.cut.is_set():
+            raise _Cut
+
+    async def _relay(self, tunnel: _Tunnel, *coros: Coroutine[object, object, None]) -> None:
+        """Run the copy loops until they finish or the tunnel is cut; a cut cancels them."""
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        cut = asyncio.ensure_future(tunnel.cut.wait())
+        try:
+            pending: set[asyncio.Future[object]] = set(tasks)
+            while pending and not cut.done():
+                done, _ = await asyncio.wait(pending | {cut}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {cut}:
+                    pending.discard(task)
+                    exc = task.exception()
+                    if exc is not None and not isinstance(exc, _Cut):
+                        raise exc
+        finally:
+            cut.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(cut, *tasks, return_exceptions=True)
+        if tunnel.cut.is_set():
+            log.info("forward proxy tunnel cut", extra={"agent_id": str(tunnel.agent_id), "reason": tunnel.cut_reason})
+
+    # -- relaying ------------------------------------------------------------------------------
+
     async def _tunnel(self, head: RequestHead, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       ident: _Identity) -> None:
         host, port = _authority(head.target)
         _, up_reader, up_writer = await self._open(host, port)
+        tunnel = self._register(ident)
         try:
             writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             await writer.drain()
             vps = ident.vps_id
             assert vps is not None
-            await asyncio.gather(
-                self._pipe(reader, up_writer, lambda n: self.meter.add(vps, outbound=n)),
-                self._pipe(up_reader, writer, lambda n: self.meter.add(vps, inbound=n)),
+            await self._relay(
+                tunnel,
+                self._pipe(reader, up_writer, tunnel, lambda n: self.meter.add(vps, outbound=n)),
+                self._pipe(up_reader, writer, tunnel, lambda n: self.meter.add(vps, inbound=n)),
             )
         finally:
+            self._unregister(tunnel)
             up_writer.close()
             with contextlib.suppress(Exception):
                 await up_writer.wait_closed()
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: Callable[[int], None]) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, tunnel: _Tunnel,
+                    count: Callable[[int], None]) -> None:
         """Copy until EOF, then half-close `dst` so the other direction can finish."""
         try:
             while True:
                 data = await asyncio.wait_for(src.read(_CHUNK), self.config.forward_idle_timeout_s)
                 if not data:
                     break
+                await self._charge(tunnel, len(data))
                 dst.write(data)
                 count(len(data))
                 await dst.drain()
@@ -320,37 +444,55 @@ class ForwardProxy:
                                                    else f"[{url.hostname}]", port)
         vps = ident.vps_id
         assert vps is not None
+        tunnel = self._register(ident)
 
-        def out(n: int) -> None:
+        async def out(n: int) -> None:
+            await self._charge(tunnel, n)
             self.meter.add(vps, outbound=n)
 
+        async def inbound(n: int) -> None:
+            await self._charge(tunnel, n)
+            self.meter.add(vps, inbound=n)
+            tunnel.answered = True
+
         try:
-            if any(v.lower() == "100-continue" for v in head.get("Expect")):
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            path = (url.path or "/") + ("?" + url.query if url.query else "")
-            connection_tokens = {t.strip().lower() for v in head.get("Connection") for t in v.split(",")}
-            lines = [f"{head.method} {path} HTTP/1.1"]
-            if not head.get("Host"):
-                lines.append(f"Host: {host_literal}")
-            for name, value in head.headers:
-                low = name.lower()
-                if low in _HOP_BY_HOP or low in connection_tokens:
-                    continue
-                lines.append(f"{name}: {value}")
-            lines.append("Connection: close")
-            request_head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-            up_writer.write(request_head)
-            out(len(request_head))
-            await _copy_body(reader, up_writer, framing, length, out)
-            await up_writer.drain()
-            await self._relay_response(head.method, up_reader, writer, lambda n: self.meter.add(vps, inbound=n))
+            await self._relay(tunnel, self._exchange(head, url, host_literal, framing, length, reader, writer,
+                                                     up_reader, up_writer, tunnel, out, inbound))
+            if tunnel.cut.is_set() and not tunnel.answered:  # cut before any answer: say why
+                raise _Refusal(403, tunnel.cut_reason or "over the plan's limits")
         finally:
+            self._unregister(tunnel)
             up_writer.close()
             with contextlib.suppress(Exception):
                 await up_writer.wait_closed()
 
+    async def _exchange(self, head: RequestHead, url: SplitResult, host_literal: str, framing: str, length: int,
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
+                        up_writer: asyncio.StreamWriter, tunnel: _Tunnel, out: _Count, inbound: _Count) -> None:
+        """One request upstream (head rebuilt, body framed as declared), then its response back."""
+        if any(v.lower() == "100-continue" for v in head.get("Expect")):
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            tunnel.answered = True
+        path = (url.path or "/") + ("?" + url.query if url.query else "")
+        connection_tokens = {t.strip().lower() for v in head.get("Connection") for t in v.split(",")}
+        lines = [f"{head.method} {path} HTTP/1.1"]
+        if not head.get("Host"):
+            lines.append(f"Host: {host_literal}")
+        for name, value in head.headers:
+            low = name.lower()
+            if low in _HOP_BY_HOP or low in connection_tokens:
+                continue
+            lines.append(f"{name}: {value}")
+        lines.append("Connection: close")
+        request_head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        await out(len(request_head))
+        up_writer.write(request_head)
+        await _copy_body(reader, up_writer, framing, length, out)
+        await up_writer.drain()
+        await self._relay_response(head.method, up_reader, writer, inbound)
+
     async def _relay_response(self, method: str, up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                              count: Callable[[int], None]) -> None:
+                              count: _Count) -> None:
         while True:
             try:
                 raw = await asyncio.wait_for(up_reader.readuntil(b"\r\n\r\n"), self.config.forward_idle_timeout_s)
@@ -369,8 +511,8 @@ class ForwardProxy:
                 headers.append((name, value.strip(" \t")))
             resp = RequestHead("", "", "HTTP/1.1", headers)
             if 100 <= status < 200 and status != 101:
+                await count(len(raw))
                 writer.write(raw)
-                count(len(raw))
                 await writer.drain()
                 continue
             break
@@ -379,8 +521,8 @@ class ForwardProxy:
                                   if k.lower() not in _HOP_BY_HOP and k.lower() not in tokens]
         out_lines.append("Connection: close")
         response_head = ("\r\n".join(out_lines) + "\r\n\r\n").encode("latin-1")
+        await count(len(response_head))
         writer.write(response_head)
-        count(len(response_head))
         if method == "HEAD" or status in (204, 304) or status == 101:
             await writer.drain()
             return
@@ -395,14 +537,14 @@ class ForwardProxy:
 
 
 async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, framing: str, length: int,
-                     count: Callable[[int], None], idle: float = 600.0) -> None:
+                     count: _Count, idle: float = 600.0) -> None:
     """Copy one message body, framed as declared, and nothing after it."""
     async def read(n: int) -> bytes:
         return await asyncio.wait_for(src.read(n), idle)
 
     async def write(data: bytes) -> None:
+        await count(len(data))  # charged (may cut) and metered before it is relayed
         dst.write(data)
-        count(len(data))
         await dst.drain()
 
     if framing == "length":

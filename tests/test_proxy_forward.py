@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,8 +21,9 @@ import pytest
 import pytest_asyncio
 
 from billing.plans import month_start
+from proxy.app import serve
 from proxy.config import ProxyConfig
-from proxy.egress import EgressPolicy, system_resolver
+from proxy.egress import EgressPolicy, EgressRefused, system_resolver
 from proxy.metering import Meter
 from settings import Settings
 from tests.proxy_harness import TEST_CONFIG, Seeded, running_proxy, seed_gateway_user, usage
@@ -390,3 +392,187 @@ async def test_rate_and_connection_limits_are_429(settings: Settings, sql: psyco
             assert status_of(await env.exchange(request)) == 200
             limited = await env.exchange(request)
             assert status_of(limited) == 429 and b"Retry-After:" in limited
+
+
+# -- plan enforcement on running tunnels --------------------------------------------------------------
+
+
+def _config(**changes: object) -> ProxyConfig:
+    return ProxyConfig(**{**TEST_CONFIG.__dict__, **changes})
+
+
+async def _open_tunnel(proxy_port: int, seeded: Seeded, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await _dial("127.0.0.1", proxy_port)
+    writer.write((f"CONNECT {PUBLIC_NAME}:{port} HTTP/1.1\r\nHost: {PUBLIC_NAME}:{port}\r\n"
+                  f"Proxy-Authorization: {basic(seeded.agent_id, seeded.gateway_token)}\r\n\r\n").encode())
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def _read_to_eof(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the proxy closes the tunnel (10 s bound: a tunnel that stays open fails)."""
+    out = bytearray()
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                data = await reader.read(65536)
+            except ConnectionError:
+                break
+            if not data:
+                break
+            out += data
+    return bytes(out)
+
+
+async def test_open_tunnel_is_cut_when_the_user_goes_over_plan_and_budget(
+        settings: Settings, sql: psycopg.Connection) -> None:
+    seeded = seed_gateway_user(sql, settings, port=1, plan="starter")  # 100 GiB, 2 cents per GiB over
+    sql.execute("INSERT INTO overage_budgets (user_id, period_start, budget_cents) VALUES (%s, %s, 10)",
+                (seeded.user_id, month_start()))
+    sql.execute("INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_in_bytes) VALUES (%s, %s, %s)",
+                (seeded.vps_id, month_start(), 101 * GIB))  # over the plan, overage 2 cents: within the budget
+    cfg = _config(forward_recheck_s=0.2, forward_tunnel_byte_budget=1 << 40,  # only the timer can cut
+                  forward_idle_timeout_s=60.0)
+    async with RawUpstream(echo=True) as echo, running_proxy(settings, config=cfg,
+                                                             policy=loopback_policy(echo)) as proxy:
+        reader, writer = await _open_tunnel(proxy.forward_port, seeded, echo.port)
+        writer.write(b"ping")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        await asyncio.sleep(0.5)  # a few re-checks while within the budget: the tunnel stays open
+        writer.write(b"pong")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"pong"
+        # Usage counted elsewhere (another proxy process, a flush) takes the overage to 20 cents.
+        sql.execute("UPDATE vps_usage_periods SET bandwidth_in_bytes = %s WHERE vps_id = %s",
+                    (110 * GIB, seeded.vps_id))
+        assert await _read_to_eof(reader) == b""
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"after the cut")
+            await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+        assert bytes(echo.received) == b"pingpong"
+        assert proxy.forward._live == {}  # noqa: SLF001 - the cut tunnel is no longer tracked
+
+
+async def test_tunnel_that_spends_its_byte_budget_is_rechecked_and_cut(
+        settings: Settings, sql: psycopg.Connection) -> None:
+    seeded = seed_gateway_user(sql, settings, port=1, plan="free")  # 5 GiB, no overage
+    headroom = 256 * 1024
+    sql.execute("INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_out_bytes) VALUES (%s, %s, %s)",
+                (seeded.vps_id, month_start(), 5 * GIB - headroom))
+    budget = 32 * 1024
+    cfg = _config(forward_recheck_s=3600.0, forward_tunnel_byte_budget=budget,  # only the byte budget can cut
+                  forward_idle_timeout_s=60.0)
+    payload = b"z" * (4 * 1024 * 1024)
+    async with RawUpstream(echo=True) as echo, running_proxy(settings, config=cfg,
+                                                             policy=loopback_policy(echo)) as proxy:
+        reader, writer = await _open_tunnel(proxy.forward_port, seeded, echo.port)
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionError):
+                for i in range(0, len(payload), 16 * 1024):
+                    writer.write(payload[i:i + 16 * 1024])
+                    await writer.drain()
+
+        sender = asyncio.create_task(send())
+        echoed = await _read_to_eof(reader)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        writer.close()
+        assert len(echo.received) < len(payload) and len(echoed) < len(payload)
+        await proxy.meter.flush()
+    metered = sum(usage(sql, seeded.vps_id)) - (5 * GIB - headroom)  # both directions count towards the plan
+    assert metered >= len(echo.received) + len(echoed)
+    assert metered > headroom, "the tunnel ran on through several budgets while under the plan (re-checked)"
+    assert metered <= headroom + budget + 2 * 64 * 1024, metered  # cut at the first check over the plan
+
+
+async def test_http_request_cut_before_its_answer_gets_403_with_the_reason(
+        settings: Settings, sql: psycopg.Connection) -> None:
+    """A plain-HTTP request waiting for a slow destination when the user goes over the plan is
+    answered 403 with the reason (nothing was sent back yet), not left hanging or reset."""
+    seeded = seed_gateway_user(sql, settings, port=1, plan="free")
+    received = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        received.set()
+        await release.wait()
+        writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    policy = EgressPolicy(loopback_policy(RawUpstream(port=port))._resolver,  # noqa: SLF001
+                          allowed_targets=[("127.0.0.1", port)])
+    cfg = _config(forward_recheck_s=0.2, forward_idle_timeout_s=60.0)
+    try:
+        async with running_proxy(settings, config=cfg, policy=policy) as proxy:
+            reader, writer = await _dial("127.0.0.1", proxy.forward_port)
+            writer.write((f"GET http://{PUBLIC_NAME}:{port}/slow HTTP/1.1\r\nHost: a\r\n"
+                          f"Proxy-Authorization: {basic(seeded.agent_id, seeded.gateway_token)}\r\n\r\n").encode())
+            await writer.drain()
+            await asyncio.wait_for(received.wait(), 10)
+            sql.execute("INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_in_bytes) "
+                        "VALUES (%s, %s, %s)", (seeded.vps_id, month_start(), 5 * GIB + 1))
+            out = await _read_to_eof(reader)
+            writer.close()
+    finally:
+        release.set()
+        server.close()
+    assert status_of(out) == 403 and b"bandwidth" in out and b"no overage" in out, out
+
+
+# -- destination ports ---------------------------------------------------------------------------------
+
+
+async def test_connect_to_smtp_is_refused_while_https_is_allowed(
+        settings: Settings, sql: psycopg.Connection, loopback_only: list[str]) -> None:
+    """The production policy (built by `serve` from the settings): port 25 on a public address is
+    refused before any lookup or connection; 443 passes the policy (checked without connecting)."""
+    seeded = seed_gateway_user(sql, settings, port=1)
+    async with serve(settings, config=TEST_CONFIG, host="127.0.0.1", port=0, forward_port=0) as proxy:
+        env = Env(seeded, proxy.forward_port)
+        for line in ("CONNECT 93.184.215.14:25 HTTP/1.1", "GET http://93.184.215.14:25/ HTTP/1.1",
+                     "CONNECT 93.184.215.14:22 HTTP/1.1", "CONNECT [2606:4700:4700::1111]:587 HTTP/1.1"):
+            out = await env.exchange(f"{line}\r\nHost: x\r\nProxy-Authorization: {env.auth()}\r\n\r\n".encode())
+            assert status_of(out) == 403, (line, out)
+            assert b"is not allowed (allowed ports: 80, 443)" in out, out
+        target = await proxy.forward.policy.check("93.184.215.14", 443)
+        assert (str(target.ip), target.port) == ("93.184.215.14", 443)
+        assert (await proxy.forward.policy.check("93.184.215.14", 80)).port == 80
+    assert loopback_only == []
+
+
+async def test_allowed_ports_are_configurable(settings: Settings, sql: psycopg.Connection,
+                                              loopback_only: list[str]) -> None:
+    seeded = seed_gateway_user(sql, settings, port=1)
+    custom = settings.model_copy(update={"forward_proxy_allowed_ports": [443, 5222]})
+    async with serve(custom, config=TEST_CONFIG, host="127.0.0.1", port=0, forward_port=0) as proxy:
+        env = Env(seeded, proxy.forward_port)
+        out = await env.exchange(f"GET http://93.184.215.14/ HTTP/1.1\r\nHost: x\r\n"
+                                 f"Proxy-Authorization: {env.auth()}\r\n\r\n".encode())
+        assert status_of(out) == 403 and b"port 80 is not allowed (allowed ports: 443, 5222)" in out, out
+        assert (await proxy.forward.policy.check("93.184.215.14", 5222)).port == 5222
+    assert loopback_only == []
+
+
+async def test_allowed_ports_setting_is_parsed_and_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORWARD_PROXY_ALLOWED_PORTS", " 443, 8443,443 ")
+    assert Settings().forward_proxy_allowed_ports == [443, 8443]
+    for bad in ("", "443,https", "0", "70000"):
+        monkeypatch.setenv("FORWARD_PROXY_ALLOWED_PORTS", bad)
+        with pytest.raises(ValueError, match="FORWARD_PROXY_ALLOWED_PORTS|forward_proxy_allowed_ports"):
+            Settings()
+
+
+async def test_exact_test_targets_still_need_an_allowed_port_otherwise(upstream: RawUpstream) -> None:
+    """The loopback escape hatch of the tests admits its own (address, port) pair, nothing more."""
+    policy = loopback_policy(upstream)
+    assert (await policy.check(PUBLIC_NAME, upstream.port)).port == upstream.port
+    with pytest.raises(EgressRefused, match="port 25 is not allowed"):
+        await policy.check(PUBLIC_NAME, 25)

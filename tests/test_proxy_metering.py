@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from billing.plans import month_start
 from db.engine import make_engine
+from proxy.enforcement import UsageEnforcer
 from proxy.metering import Meter
 from settings import Settings
 from tests.proxy_harness import seed_gateway_user, usage
@@ -116,5 +117,31 @@ async def test_counts_land_in_their_month(settings: Settings, sql: psycopg.Conne
         rows = sql.execute("SELECT period_start, bandwidth_in_bytes, bandwidth_out_bytes FROM vps_usage_periods "
                            "WHERE vps_id = %s ORDER BY period_start", (seeded.vps_id,)).fetchall()
         assert rows == [(date(2020, 1, 1), 5, 6), (month_start(), 1, 0)]
+    finally:
+        await engine.dispose()
+
+
+async def test_overage_exactly_the_budget_is_allowed(settings: Settings, sql: psycopg.Connection) -> None:
+    """Starter: CPU 3 cents per hour and memory 1 cent per GB-hour over the plan. 7,600,000 ms of CPU
+    over (6 1/3 cents) plus 2,457,600 MB-s of memory over (2/3 cent) is exactly 7 cents: within a
+    7-cent budget. Floats summed it to 7.000000000000001 and refused the user; one more ms is 8 cents."""
+    seeded = seed_gateway_user(sql, settings, port=1, plan="starter")
+    max_cpu_ms, max_memory = sql.execute(
+        "SELECT max_cpu_ms, max_memory_mb_seconds FROM plans WHERE name = 'starter'").fetchone()  # type: ignore[misc]
+    sql.execute("INSERT INTO vps_usage_periods (vps_id, period_start, cpu_ms, memory_mb_seconds) "
+                "VALUES (%s, %s, %s, %s)", (seeded.vps_id, month_start(), max_cpu_ms + 7_600_000,
+                                            max_memory + 2_457_600))
+    sql.execute("INSERT INTO overage_budgets (user_id, period_start, budget_cents) VALUES (%s, %s, 7)",
+                (seeded.user_id, month_start()))
+    engine = make_engine(settings)
+    try:
+        enforcer = UsageEnforcer(engine, Meter(engine), ttl_s=0.0)
+        verdict = await enforcer.check(seeded.user_id)
+        assert verdict.allowed, verdict.reason
+        sql.execute("UPDATE vps_usage_periods SET cpu_ms = cpu_ms + 1 WHERE vps_id = %s", (seeded.vps_id,))
+        verdict = await enforcer.check(seeded.user_id)
+        assert not verdict.allowed
+        assert verdict.reason is not None and "overage 8 cents (rounded up)" in verdict.reason, verdict.reason
+        assert "budget of 7 cents" in verdict.reason and "CPU time 302.11 of 300.00 hours" in verdict.reason
     finally:
         await engine.dispose()
