@@ -148,6 +148,11 @@ class Settings(BaseSettings):
         return url
 
     @property
+    def proxy_url(self) -> str:
+        """The address `slopbox dev` prints for the proxy, and the Origin the UI relay sends upstream."""
+        return f"http://{self.proxy_host}:{self.proxy_port}"
+
+    @property
     def temporal_target(self) -> str:
         return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
 

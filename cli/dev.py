@@ -173,7 +173,7 @@ def run_dev(settings: Settings) -> int:
         _say("")
         _say("Slopbox is up.")
         _say(f"  API           http://{settings.api_host}:{settings.api_port}   (OpenAPI: /docs)")
-        _say(f"  Proxy         http://{settings.proxy_host}:{settings.proxy_port}")
+        _say(f"  Proxy         {settings.proxy_url}")
         _say(f"  Temporal UI   {temporal_ui}")
         _say(f"  Logs          {logs}/")
         _say(f"  Demo user id  {user_id}   ({DEMO_EMAIL}, plan starter)")

@@ -5,6 +5,11 @@ Headless Chromium (Debian `chromium`, driven by the `playwright` package, never 
 install`) loads `/agents/{id}/gateway/` from the in-process proxy in front of a VPS that the real
 provisioning made with the real gateway (local provider, OPENCLAW_BIN). Only loopback traffic.
 
+The proxy runs as `slopbox dev` runs it: `serve(settings)` on its configured host and port, and the
+browser opens the URL `slopbox dev` prints (`settings.proxy_url`). That matters: the relay's Origin
+upstream is that address and the browser's Host is passed through, so only there does the gateway
+apply its Control UI build check (a proxy on a random port slipped past it).
+
 What "chats" means here: without an LLM key the Control UI itself only lets slash commands
 through its composer ("No provider credential is configured for this model... Try /models or
 /help"), so the test sends `/status`, which the gateway answers without a model. That is a real
@@ -18,6 +23,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,10 +32,11 @@ import psycopg
 import pytest
 from temporalio.client import Client
 
+from proxy.app import serve
 from settings import Settings
 from tests.helpers import make_user
 from tests.lifecycle_harness import FAST, running_stack
-from tests.proxy_harness import add_session, running_proxy
+from tests.proxy_harness import add_session
 from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -80,8 +87,10 @@ class Wire:
         try:
             return await asyncio.wait_for(loop(), timeout)
         except TimeoutError:
+            errors = [(f.get("error") or {}).get("message") for f in self.received
+                      if f.get("type") == "res" and f.get("ok") is False]
             raise AssertionError(f"timed out waiting for {what}; sockets={self.sockets} "
-                                 f"sent={[f.get('method') for f in self.sent]}") from None
+                                 f"sent={[f.get('method') for f in self.sent]} errors={errors}") from None
 
     def hello_oks(self) -> list[dict[str, Any]]:
         return [f for f in self.received if f.get("type") == "res" and f.get("ok") is True
@@ -110,6 +119,12 @@ class Wire:
         return None
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _needs() -> str | None:
     if not OPENCLAW_BIN:
         return "OPENCLAW_BIN not set (real gateway tier)"
@@ -134,7 +149,9 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
                                                             sql: psycopg.Connection, tmp_path: Path) -> None:
     from playwright.async_api import async_playwright, expect
 
-    real = settings.model_copy(update={"openclaw_bin": OPENCLAW_BIN})
+    # `slopbox dev`'s proxy settings, on ports free on this machine (8080 may be taken by a running stack).
+    real = settings.model_copy(update={"openclaw_bin": OPENCLAW_BIN, "proxy_host": "127.0.0.1",
+                                       "proxy_port": _free_port(), "forward_proxy_port": _free_port()})
     slow = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 90, "poll_interval_s": 0.5})
     async with running_stack(real, temporal_client, timeouts=slow) as stack:
         user = make_user(sql, plan="starter")
@@ -144,7 +161,8 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
         assert vps["state"] == "running", vps["last_error"]
         session = add_session(sql, user)
 
-        async with running_proxy(real) as proxy, async_playwright() as pw:
+        async with serve(real) as proxy, async_playwright() as pw:
+            assert proxy.url == real.proxy_url  # the printed URL, Host and Origin 127.0.0.1:<configured port>
             prefix = f"/agents/{uuid.UUID(agent)}/gateway"
             base = proxy.url + prefix
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
