@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ from proxy.app import serve
 from settings import Settings
 from tests.helpers import make_user
 from tests.lifecycle_harness import FAST, running_stack
-from tests.proxy_harness import add_session
 from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -46,6 +46,7 @@ CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STEP_TIMEOUT_S = 60.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Wire:
@@ -159,7 +160,16 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
         assert (await stack.provision(user, agent)).status_code == 202
         vps = await stack.wait_vps(user, agent, "running", "error", timeout=180)
         assert vps["state"] == "running", vps["last_error"]
-        session = add_session(sql, user)
+        # Signed in as the README says: `slopbox session create` prints a single-use link; one click.
+        signin = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", "session", "create", "--user", str(user), "--agent", agent,
+            "--valid-for", "180",
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+            env={"PATH": os.environ["PATH"], "DATABASE_URL": db, "SLOPBOX_DATA_DIR": str(tmp_path),
+                 "PROXY_HOST": real.proxy_host, "PROXY_PORT": str(real.proxy_port)})
+        assert signin.stdout is not None
+        printed = [(await asyncio.wait_for(signin.stdout.readline(), 30)).decode() for _ in range(3)]
+        link = printed[1].strip()
 
         async with serve(real) as proxy, async_playwright() as pw:
             assert proxy.url == real.proxy_url  # the printed URL, Host and Origin 127.0.0.1:<configured port>
@@ -168,15 +178,15 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 context = await browser.new_context()
-                await context.add_cookies([{"name": "authjs.session-token", "value": session, "url": proxy.url,
-                                            "httpOnly": True, "sameSite": "Lax"}])
                 page = await context.new_page()
                 wire = Wire()
                 wire.attach(page)
 
-                # 1. The real Control UI document loads through the prefix and connects its socket.
-                doc = await page.goto(base + "/")
-                assert doc is not None and doc.status == 200
+                # 1. The sign-in link lands on the real Control UI, which loads through the prefix and connects.
+                assert printed[2].strip() == f"It opens {base}/", printed
+                doc = await page.goto(link)
+                assert doc is not None and doc.status == 200 and doc.url == base + "/", doc and doc.url
+                assert await asyncio.wait_for(signin.wait(), 10) == 0
                 assert "<title>OpenClaw Control</title>" in await doc.text()
                 await wire.wait_for("hello-ok", wire.hello_oks)
                 ws_base = "ws://" + proxy.url.removeprefix("http://") + prefix
@@ -223,7 +233,7 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
 
     # Nothing the UI asked for left the prefix or was refused by the proxy itself (problem+json):
     # the only 4xx are the gateway's own "not found" for an unset avatar / workspace icon.
-    ours = [u for _, u, _ in wire.responses if u.startswith(proxy.url)]
+    ours = [u for _, u, _ in wire.responses if u.startswith(proxy.url + "/")]
     assert ours and all(u.startswith(base) for u in ours), [u for u in ours if not u.startswith(base)]
     refused = [(s, u) for s, u, ct in wire.responses if s >= 400 and ("problem+json" in ct or s != 404)]
     assert not refused, refused
