@@ -190,6 +190,7 @@ def run_dev(settings: Settings) -> int:
         _say("")
         _say(f"  curl -H 'Authorization: Bearer {settings.api_key()}' -H 'X-User-Id: {user_id}' "
              f"http://{settings.api_host}:{settings.api_port}/users/me")
+        _say(f"  Control UI of a running agent, one click: .venv/bin/slopbox session create --user {DEMO_EMAIL}")
         _say("Press Ctrl-C to stop.")
 
         while not stop.wait(0.5):
