@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Local agents run the real OpenClaw gateway: `slopbox dev` installs it into .tools/ on first use
+# (scripts/install-openclaw.sh, as `make install-openclaw`); SLOPBOX_GATEWAY=simulator, or no package
+# registry reachable (one line says so), runs the gateway simulator instead.
 run: $(STAMP)
 	$(BIN)/slopbox dev
 

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     fly_api_base_url: str = "https://api.machines.dev/v1"
     fly_org_slug: str = "personal"
     openclaw_bin: str | None = None
+    gateway: Literal["openclaw", "simulator"] = Field(
+        default="openclaw", validation_alias="SLOPBOX_GATEWAY",
+        description="what `slopbox dev` runs as local agents' gateway: the real OpenClaw (installed into .tools/ "
+                    "on first use unless OPENCLAW_BIN is set) or the simulator")
     local_provider: bool | None = Field(
         default=None, validation_alias="SLOPBOX_LOCAL_PROVIDER",
         description="offer local gateway-process VMs; unset = only in embedded mode (DATABASE_URL unset)")
@@ -165,6 +169,11 @@ class Settings(BaseSettings):
         return url
 
     @property
+    def proxy_url(self) -> str:
+        """The address `slopbox dev` prints for the proxy, and the Origin the UI relay sends upstream."""
+        return f"http://{self.proxy_host}:{self.proxy_port}"
+
+    @property
     def temporal_target(self) -> str:
         return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
 
@@ -244,7 +253,7 @@ def describe_error(err: ValidationError) -> str:
     loc = first["loc"][0] if first["loc"] else "settings"
     name = str(loc).upper()
     aliases = {"DATA_DIR": "SLOPBOX_DATA_DIR", "ENCRYPTION_KEYS": "SLOPBOX_ENCRYPTION_KEYS",
-               "LOCAL_PROVIDER": "SLOPBOX_LOCAL_PROVIDER"}
+               "LOCAL_PROVIDER": "SLOPBOX_LOCAL_PROVIDER", "GATEWAY": "SLOPBOX_GATEWAY"}
     msg = first["msg"].removeprefix("Value error, ")
     return f"configuration error: {aliases.get(name, name)}: {msg}"
 

@@ -40,6 +40,9 @@ from providers.local import LocalProvider, reap_children
 from settings import Settings
 
 DEMO_EMAIL = "demo@slopbox.local"
+REPO = Path(__file__).resolve().parent.parent
+INSTALL_OPENCLAW = REPO / "scripts" / "install-openclaw.sh"
+INSTALL_TIMEOUT_S = 600.0
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
@@ -145,6 +148,8 @@ def run_dev(settings: Settings) -> int:
         _say("migrating database")
         migrate_and_seed(settings.sqlalchemy_url, local_provider=settings.local_provider_enabled)
         if settings.local_provider_enabled:
+            openclaw_bin = pick_gateway(settings, logs)
+            settings = settings.model_copy(update={"openclaw_bin": openclaw_bin})
             _report_local_vms(bring_back_local_vms(settings))
 
         if settings.temporal_address is None:
@@ -159,6 +164,10 @@ def run_dev(settings: Settings) -> int:
         user_id = create_user(settings.sqlalchemy_url, email=DEMO_EMAIL, plan="starter", admin=True,
                               name="Demo", exist_ok=True)
         env = dict(os.environ, SLOPBOX_DATA_DIR=str(data))
+        if settings.openclaw_bin:
+            env["OPENCLAW_BIN"] = settings.openclaw_bin
+        else:
+            env.pop("OPENCLAW_BIN", None)
         # Our VM image ships the WhatsApp plugin; simulated local gateways behave like it.
         env.setdefault("SLOPBOX_SIM_WHATSAPP", "1")
         for name in ("worker", "api", "proxy"):
@@ -173,7 +182,7 @@ def run_dev(settings: Settings) -> int:
         _say("")
         _say("Slopbox is up.")
         _say(f"  API           http://{settings.api_host}:{settings.api_port}   (OpenAPI: /docs)")
-        _say(f"  Proxy         http://{settings.proxy_host}:{settings.proxy_port}")
+        _say(f"  Proxy         {settings.proxy_url}")
         _say(f"  Temporal UI   {temporal_ui}")
         _say(f"  Logs          {logs}/")
         _say(f"  Demo user id  {user_id}   ({DEMO_EMAIL}, plan starter)")
@@ -181,6 +190,7 @@ def run_dev(settings: Settings) -> int:
         _say("")
         _say(f"  curl -H 'Authorization: Bearer {settings.api_key()}' -H 'X-User-Id: {user_id}' "
              f"http://{settings.api_host}:{settings.api_port}/users/me")
+        _say(f"  Control UI of a running agent, one click: .venv/bin/slopbox session create --user {DEMO_EMAIL}")
         _say("Press Ctrl-C to stop.")
 
         while not stop.wait(0.5):
@@ -210,6 +220,48 @@ def run_dev(settings: Settings) -> int:
         if pg_proc is not None:
             postgres.stop(pg_proc)
         _say("stopped.")
+
+
+# -- the local agents' gateway ---------------------------------------------------------------------------
+
+
+def pick_gateway(settings: Settings, logs: Path, *, installer: Path = INSTALL_OPENCLAW) -> str | None:
+    """The gateway command local VMs run: the real OpenClaw by default, None for the simulator.
+
+    Someone running Slopbox wants to chat with an OpenClaw agent, so the default installs the pinned
+    Node 24 + openclaw into `.tools/` on first use (`scripts/install-openclaw.sh`, idempotent and
+    offline once installed) and uses it. `OPENCLAW_BIN` wins when set; `SLOPBOX_GATEWAY=simulator`
+    skips the gateway. An install that fails (no registry reachable, no checkout scripts) falls back
+    to the simulator with one line saying so; the installer's output goes to `logs/install-openclaw.log`.
+    """
+    if settings.gateway == "simulator":
+        _say("gateway: the simulator (SLOPBOX_GATEWAY=simulator)")
+        return None
+    if settings.openclaw_bin:
+        _say(f"gateway: OpenClaw ({settings.openclaw_bin}, from OPENCLAW_BIN)")
+        return settings.openclaw_bin
+    fallback = "local agents run the gateway simulator (SLOPBOX_GATEWAY=simulator skips this attempt)"
+    if not installer.is_file():
+        _say(f"warning: no {installer.name} next to this installation to fetch OpenClaw; {fallback}")
+        return None
+    log_path = logs / "install-openclaw.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tools = Path(os.environ.get("OPENCLAW_TOOLS_DIR") or installer.parent.parent / ".tools")
+    if not (tools / "bin" / "openclaw").exists():
+        _say(f"installing Node 24 and OpenClaw into {tools} (first run only, about 30 s)")
+    try:
+        with open(log_path, "ab") as log_file:
+            done = subprocess.run(["bash", str(installer)], stdout=subprocess.PIPE, stderr=log_file,
+                                  stdin=subprocess.DEVNULL, timeout=INSTALL_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        _say(f"warning: installing OpenClaw took over {INSTALL_TIMEOUT_S:g} s (see {log_path}); {fallback}")
+        return None
+    lines = done.stdout.decode(errors="replace").strip().splitlines()
+    if done.returncode != 0 or not lines or not Path(lines[-1]).is_file():
+        _say(f"warning: could not install OpenClaw (no package registry reachable? see {log_path}); {fallback}")
+        return None
+    _say(f"gateway: OpenClaw ({lines[-1]})")
+    return lines[-1]
 
 
 # -- local VMs: the stack is their host ---------------------------------------------------------------

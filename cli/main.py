@@ -1,4 +1,4 @@
-"""`slopbox`: dev | api | worker | proxy | migrate | user create."""
+"""`slopbox`: dev | api | worker | proxy | migrate | user create | session create | secrets rotate."""
 
 from __future__ import annotations
 
@@ -63,6 +63,24 @@ def _cmd_user_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_session_create(settings: Settings, args: argparse.Namespace) -> int:
+    from cli.embedded import database_available
+    from cli.session import SessionError, resolve_target, serve_login_link
+
+    try:
+        with database_available(settings) as url:
+            target = resolve_target(url, settings, args.user, args.agent)
+            expires = serve_login_link(settings, url, target, valid_for_s=args.valid_for)
+    except SessionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if expires is None:
+        print("the link expired unused; no session was created", file=sys.stderr)
+        return 1
+    print(f"signed in: a browser session for {target.email} until {expires:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
 def _cmd_secrets_rotate(settings: Settings, _args: argparse.Namespace) -> int:
     from sqlalchemy import create_engine
 
@@ -101,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name")
     create.add_argument("--plan", help="plan name (default: the default plan)")
     create.add_argument("--admin", action="store_true")
+    session = sub.add_parser("session", help="browser sessions (dev)").add_subparsers(dest="session_command",
+                                                                                  required=True)
+    login = session.add_parser("create", help="print a single-use link that signs a browser in on this machine "
+                                              "and opens the agent's Control UI (loopback proxy only)")
+    login.add_argument("--user", required=True, help="email or user id")
+    login.add_argument("--agent", help="agent id (default: the user's newest agent)")
+    login.add_argument("--valid-for", type=float, default=600.0, metavar="SECONDS",
+                       help="how long the link can be opened (default 600)")
     secrets_cmd = sub.add_parser("secrets", help="secrets at rest").add_subparsers(dest="secrets_command",
                                                                                   required=True)
     secrets_cmd.add_parser("rotate", help="re-encrypt every stored secret under the first SLOPBOX_ENCRYPTION_KEYS key")
@@ -109,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "proxy": _cmd_proxy, "migrate": _cmd_migrate,
-    "user": _cmd_user_create, "secrets": _cmd_secrets_rotate,
+    "user": _cmd_user_create, "secrets": _cmd_secrets_rotate, "session": _cmd_session_create,
 }
 
 

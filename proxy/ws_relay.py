@@ -35,7 +35,7 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from openclaw.device import DeviceIdentity, DeviceProofError, signature_token, verify_device_proof
-from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES
+from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, control_ui_build_id
 from proxy.access import GatewayTarget
 from proxy.config import ProxyConfig
 from proxy.frames import (
@@ -145,6 +145,9 @@ def relay_connect_params(browser: dict[str, Any], relay: DeviceIdentity, challen
     instance = _short_str(browser_client.get("instanceId"), 128)
     if instance:
         client["instanceId"] = instance
+    build_id = control_ui_build_id(browser_client)
+    if build_id:  # the gateway checks it for same-host browser origins (see control_ui_build_id)
+        client["buildId"] = build_id
     caps = browser.get("caps")
     auth = {"token": gateway_token}
     params: dict[str, Any] = {

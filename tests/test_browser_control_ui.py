@@ -5,6 +5,11 @@ Headless Chromium (Debian `chromium`, driven by the `playwright` package, never 
 install`) loads `/agents/{id}/gateway/` from the in-process proxy in front of a VPS that the real
 provisioning made with the real gateway (local provider, OPENCLAW_BIN). Only loopback traffic.
 
+The proxy runs as `slopbox dev` runs it: `serve(settings)` on its configured host and port, and the
+browser opens the URL `slopbox dev` prints (`settings.proxy_url`). That matters: the relay's Origin
+upstream is that address and the browser's Host is passed through, so only there does the gateway
+apply its Control UI build check (a proxy on a random port slipped past it).
+
 What "chats" means here: without an LLM key the Control UI itself only lets slash commands
 through its composer ("No provider credential is configured for this model... Try /models or
 /help"), so the test sends `/status`, which the gateway answers without a model. That is a real
@@ -18,18 +23,24 @@ import asyncio
 import json
 import os
 import shutil
+import signal
+import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from temporalio.client import Client
 
+from proxy.app import serve
 from settings import Settings
+from tests.conftest import free_port
 from tests.helpers import make_user
 from tests.lifecycle_harness import FAST, running_stack
-from tests.proxy_harness import add_session, running_proxy
 from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -39,6 +50,7 @@ CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STEP_TIMEOUT_S = 60.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Wire:
@@ -80,8 +92,10 @@ class Wire:
         try:
             return await asyncio.wait_for(loop(), timeout)
         except TimeoutError:
+            errors = [(f.get("error") or {}).get("message") for f in self.received
+                      if f.get("type") == "res" and f.get("ok") is False]
             raise AssertionError(f"timed out waiting for {what}; sockets={self.sockets} "
-                                 f"sent={[f.get('method') for f in self.sent]}") from None
+                                 f"sent={[f.get('method') for f in self.sent]} errors={errors}") from None
 
     def hello_oks(self) -> list[dict[str, Any]]:
         return [f for f in self.received if f.get("type") == "res" and f.get("ok") is True
@@ -110,6 +124,33 @@ class Wire:
         return None
 
 
+async def _chat_status(page: Any, wire: Wire) -> None:
+    """Send `/status` from the Control UI's composer; the gateway answers it without an LLM key."""
+    from playwright.async_api import expect
+
+    composer = page.get_by_label("Chat composer")
+    await expect(composer).to_be_editable(timeout=STEP_TIMEOUT_S * 1000)
+    await composer.fill("/status")
+    for _ in range(5):  # the first Enter may only pick the slash-menu entry
+        await composer.press("Enter")
+        try:
+            await wire.wait_for("chat.send", lambda: wire.request("chat.send", "/status"), timeout=3)
+            break
+        except AssertionError:
+            continue
+    send = await wire.wait_for("chat.send from the composer", lambda: wire.request("chat.send", "/status"))
+    assert send["params"]["sessionKey"] == "agent:main:main"
+    ack = await wire.wait_for("chat.send response", lambda: wire.response(send["id"]))
+    assert ack["ok"] is True, ack
+    run_id = ack["payload"]["runId"]
+    final = await wire.wait_for("the run's final chat event", lambda: wire.chat_final(run_id))
+    assert final["payload"]["state"] == "final", final
+    answer = "".join(part.get("text", "") for part in final["payload"]["message"]["content"])
+    assert "OpenClaw" in answer and "Model: anthropic/claude-sonnet-5" in answer, answer
+    await expect(page.get_by_text("Model: anthropic/claude-sonnet-5").first).to_be_visible(
+        timeout=STEP_TIMEOUT_S * 1000)
+
+
 def _needs() -> str | None:
     if not OPENCLAW_BIN:
         return "OPENCLAW_BIN not set (real gateway tier)"
@@ -121,6 +162,16 @@ def _needs() -> str | None:
         return "the playwright package is not installed (pip install playwright; no browser download needed)"
     return None
 
+
+def _tools_tree() -> Path | None:
+    """The `.tools` tree OPENCLAW_BIN's wrapper lives in (scripts/install-openclaw.sh), if it is one."""
+    if not OPENCLAW_BIN:
+        return None
+    tools = Path(OPENCLAW_BIN).resolve().parent.parent
+    return tools if (tools / "openclaw" / "node_modules" / "openclaw" / "openclaw.mjs").is_file() else None
+
+
+_TOOLS = _tools_tree()
 
 # In CI (.ci/run installs Chromium and playwright) a missing piece is a failure, not a skip.
 _MISSING = _needs()
@@ -134,7 +185,9 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
                                                             sql: psycopg.Connection, tmp_path: Path) -> None:
     from playwright.async_api import async_playwright, expect
 
-    real = settings.model_copy(update={"openclaw_bin": OPENCLAW_BIN})
+    # `slopbox dev`'s proxy settings, on ports free on this machine (8080 may be taken by a running stack).
+    real = settings.model_copy(update={"openclaw_bin": OPENCLAW_BIN, "proxy_host": "127.0.0.1",
+                                       "proxy_port": free_port(), "forward_proxy_port": free_port()})
     slow = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 90, "poll_interval_s": 0.5})
     async with running_stack(real, temporal_client, timeouts=slow) as stack:
         user = make_user(sql, plan="starter")
@@ -142,50 +195,40 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
         assert (await stack.provision(user, agent)).status_code == 202
         vps = await stack.wait_vps(user, agent, "running", "error", timeout=180)
         assert vps["state"] == "running", vps["last_error"]
-        session = add_session(sql, user)
+        # Signed in as the README says: `slopbox session create` prints a single-use link; one click.
+        signin = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", "session", "create", "--user", str(user), "--agent", agent,
+            "--valid-for", "180",
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+            env={"PATH": os.environ["PATH"], "DATABASE_URL": db, "SLOPBOX_DATA_DIR": str(tmp_path),
+                 "PROXY_HOST": real.proxy_host, "PROXY_PORT": str(real.proxy_port)})
+        assert signin.stdout is not None
+        printed = [(await asyncio.wait_for(signin.stdout.readline(), 30)).decode() for _ in range(3)]
+        link = printed[1].strip()
 
-        async with running_proxy(real) as proxy, async_playwright() as pw:
+        async with serve(real) as proxy, async_playwright() as pw:
+            assert proxy.url == real.proxy_url  # the printed URL, Host and Origin 127.0.0.1:<configured port>
             prefix = f"/agents/{uuid.UUID(agent)}/gateway"
             base = proxy.url + prefix
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 context = await browser.new_context()
-                await context.add_cookies([{"name": "authjs.session-token", "value": session, "url": proxy.url,
-                                            "httpOnly": True, "sameSite": "Lax"}])
                 page = await context.new_page()
                 wire = Wire()
                 wire.attach(page)
 
-                # 1. The real Control UI document loads through the prefix and connects its socket.
-                doc = await page.goto(base + "/")
-                assert doc is not None and doc.status == 200
+                # 1. The sign-in link lands on the real Control UI, which loads through the prefix and connects.
+                assert printed[2].strip() == f"It opens {base}/", printed
+                doc = await page.goto(link)
+                assert doc is not None and doc.status == 200 and doc.url == base + "/", doc and doc.url
+                assert await asyncio.wait_for(signin.wait(), 10) == 0
                 assert "<title>OpenClaw Control</title>" in await doc.text()
                 await wire.wait_for("hello-ok", wire.hello_oks)
                 ws_base = "ws://" + proxy.url.removeprefix("http://") + prefix
                 assert wire.sockets and all(u.startswith(ws_base) for u in wire.sockets), wire.sockets
-                composer = page.get_by_label("Chat composer")
-                await expect(composer).to_be_editable(timeout=STEP_TIMEOUT_S * 1000)
 
                 # 2. Chat through the UI's composer: chat.send accepted, answered, rendered.
-                await composer.fill("/status")
-                for _ in range(5):  # the first Enter may only pick the slash-menu entry
-                    await composer.press("Enter")
-                    try:
-                        await wire.wait_for("chat.send", lambda: wire.request("chat.send", "/status"), timeout=3)
-                        break
-                    except AssertionError:
-                        continue
-                send = await wire.wait_for("chat.send from the composer", lambda: wire.request("chat.send", "/status"))
-                assert send["params"]["sessionKey"] == "agent:main:main"
-                ack = await wire.wait_for("chat.send response", lambda: wire.response(send["id"]))
-                assert ack["ok"] is True, ack
-                run_id = ack["payload"]["runId"]
-                final = await wire.wait_for("the run's final chat event", lambda: wire.chat_final(run_id))
-                assert final["payload"]["state"] == "final", final
-                answer = "".join(part.get("text", "") for part in final["payload"]["message"]["content"])
-                assert "OpenClaw" in answer and "Model: anthropic/claude-sonnet-5" in answer, answer
-                await expect(page.get_by_text("Model: anthropic/claude-sonnet-5").first).to_be_visible(
-                    timeout=STEP_TIMEOUT_S * 1000)
+                await _chat_status(page, wire)
 
                 # 3. The message is in the gateway's history: a fresh page load shows it again.
                 sockets_before = len(wire.sockets)
@@ -205,7 +248,7 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
 
     # Nothing the UI asked for left the prefix or was refused by the proxy itself (problem+json):
     # the only 4xx are the gateway's own "not found" for an unset avatar / workspace icon.
-    ours = [u for _, u, _ in wire.responses if u.startswith(proxy.url)]
+    ours = [u for _, u, _ in wire.responses if u.startswith(proxy.url + "/")]
     assert ours and all(u.startswith(base) for u in ours), [u for u in ours if not u.startswith(base)]
     refused = [(s, u) for s, u, ct in wire.responses if s >= 400 and ("problem+json" in ct or s != 404)]
     assert not refused, refused
@@ -213,3 +256,81 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
     blocked = [f for f in wire.received if f.get("type") == "res" and not f.get("ok")
                and (f.get("error") or {}).get("details", {}).get("reason") == "blocked-by-proxy"]
     assert {r["id"] for r in blocked} <= {f["id"] for f in wire.sent if f.get("method") == "config.get"}
+
+
+@pytest.mark.real_gateway
+@pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
+async def test_make_run_with_nothing_set_is_one_click_from_chatting_with_the_real_gateway(tmp_path: Path) -> None:
+    """The issue's "done when": `slopbox dev` with no settings picks the installed real gateway, the
+    printed proxy URL serves its Control UI, and `slopbox session create` signs a browser in."""
+    from playwright.async_api import async_playwright
+
+    tools = _TOOLS
+    if tools is None:
+        pytest.skip(f"OPENCLAW_BIN={OPENCLAW_BIN} is not an install-openclaw.sh wrapper in a .tools tree")
+    ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
+                                                  "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT")}
+    home = Path(tempfile.mkdtemp(prefix="slopbox-run-test-"))  # outside basetemp: see test_dev_stack.data_dir
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    env.update(ports, SLOPBOX_DATA_DIR=str(home / "data"))
+    if tools != ROOT / ".tools":  # the same installer run, against the tree OPENCLAW_BIN lives in (offline)
+        env["OPENCLAW_TOOLS_DIR"] = str(tools)
+    out_path = tmp_path / "dev.out"
+    with out_path.open("w") as out_file:
+        dev = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", "dev", cwd=ROOT, env=env,
+                                                   stdout=out_file, stderr=asyncio.subprocess.STDOUT)
+
+    async def printed(text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in out_path.read_text():
+            assert dev.returncode is None and time.monotonic() < deadline, out_path.read_text()
+            await asyncio.sleep(0.3)
+        return out_path.read_text()
+
+    try:
+        out = await printed("Slopbox is up.", 300)
+        assert f"gateway: OpenClaw ({tools}/bin/openclaw)" in out and "simulator" not in out, out
+        proxy_url = next(line.split()[1] for line in out.splitlines() if line.strip().startswith("Proxy "))
+        assert proxy_url == f"http://127.0.0.1:{ports['PROXY_PORT']}"
+        user_id = next(line.split()[3] for line in out.splitlines() if "Demo user id" in line)
+        key = next(line.split()[2] for line in out.splitlines() if "API key" in line)
+        api = f"http://127.0.0.1:{ports['API_PORT']}"
+        auth = {"Authorization": f"Bearer {key}", "X-User-Id": user_id}
+        async with httpx.AsyncClient(base_url=api, headers=auth, timeout=30) as client:
+            plans = (await client.get("/plans")).json()
+            config = next(c["id"] for p in plans if p["name"] == "starter" for c in p["vps_configs"]
+                          if c["provider"] == "local")
+            agent = (await client.post("/agents", json={"name": "molty"})).json()["id"]
+            assert (await client.post(f"/agents/{agent}/vps", json={"vps_config_id": config})).status_code == 202
+            deadline = time.monotonic() + 300
+            while (vps := (await client.get(f"/agents/{agent}")).json()["vps"])["state"] not in ("running", "error"):
+                assert time.monotonic() < deadline and dev.returncode is None, vps
+                await asyncio.sleep(1)
+            assert vps["state"] == "running", vps
+
+        signin = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", "session", "create", "--user", "demo@slopbox.local",
+            "--valid-for", "180", cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE)
+        assert signin.stdout is not None
+        lines = [(await asyncio.wait_for(signin.stdout.readline(), 60)).decode() for _ in range(3)]
+        base = f"{proxy_url}/agents/{agent}/gateway"
+        assert lines[2].strip() == f"It opens {base}/", lines
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = await (await browser.new_context()).new_page()
+                wire = Wire()
+                wire.attach(page)
+                doc = await page.goto(lines[1].strip())  # the one click
+                assert doc is not None and doc.status == 200 and doc.url == base + "/"
+                assert await asyncio.wait_for(signin.wait(), 10) == 0
+                await wire.wait_for("hello-ok", wire.hello_oks)
+                await _chat_status(page, wire)
+            finally:
+                await browser.close()
+    finally:
+        if dev.returncode is None:
+            dev.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(dev.wait(), 90)
+        shutil.rmtree(home, ignore_errors=True)
+    assert dev.returncode == 0, out_path.read_text()

@@ -35,7 +35,7 @@ def test_dev_stack_starts_serves_and_stops_cleanly(tmp_path: Path, data_dir: Pat
     ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
                                                   "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT")}
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
-    env.update(ports, SLOPBOX_DATA_DIR=str(data_dir))
+    env.update(ports, SLOPBOX_DATA_DIR=str(data_dir), SLOPBOX_GATEWAY="simulator")  # the supervisor, not the gateway
     out = (tmp_path / "dev.out").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "dev"], cwd=ROOT, env=env, stdout=out,
                             stderr=subprocess.STDOUT)
@@ -97,7 +97,7 @@ def test_dev_stack_restarts_a_crashed_worker_and_brings_local_vms_back(tmp_path:
     ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
                                                   "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT")}
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
-    env.update(ports, SLOPBOX_DATA_DIR=str(data_dir))
+    env.update(ports, SLOPBOX_DATA_DIR=str(data_dir), SLOPBOX_GATEWAY="simulator")  # the supervisor, not the gateway
     api = f"http://127.0.0.1:{ports['API_PORT']}"
     proc, out = _start(tmp_path, env, "first")
     try:

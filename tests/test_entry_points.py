@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cli.main import COMMANDS, build_parser
@@ -97,3 +98,130 @@ def test_secrets_rotate_moves_every_secret_to_the_new_key(database_url: str, tmp
             assert Keyring([new]).decrypt(stored) == "t" * 64  # readable without the old key
         finally:
             conn.execute("DELETE FROM users WHERE id = %s", (user,))
+
+
+# -- `slopbox dev` picks the real gateway by default --------------------------------------------------
+
+
+def test_the_real_gateway_is_the_default_and_simulator_is_opt_in(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.dev import pick_gateway
+    from settings import Settings
+
+    assert Settings(SLOPBOX_DATA_DIR=str(tmp_path)).gateway == "openclaw"  # type: ignore[call-arg]
+    chosen = Settings(SLOPBOX_DATA_DIR=str(tmp_path), SLOPBOX_GATEWAY="simulator",  # type: ignore[call-arg]
+                      openclaw_bin="/opt/openclaw")
+    assert pick_gateway(chosen, tmp_path / "logs") is None
+    given = Settings(SLOPBOX_DATA_DIR=str(tmp_path), openclaw_bin="/opt/openclaw")  # type: ignore[call-arg]
+    assert pick_gateway(given, tmp_path / "logs") == "/opt/openclaw"
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["gateway: the simulator (SLOPBOX_GATEWAY=simulator)",
+                   "gateway: OpenClaw (/opt/openclaw, from OPENCLAW_BIN)"]
+    assert not (tmp_path / "logs").exists()  # nothing was installed
+
+
+def test_no_registry_reachable_falls_back_to_the_simulator_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real installer, pointed at registries that refuse connections (port 9 on loopback)."""
+    from cli.dev import pick_gateway
+    from settings import Settings
+
+    tools = tmp_path / "tools"
+    monkeypatch.setenv("OPENCLAW_TOOLS_DIR", str(tools))
+    monkeypatch.setenv("NODE_SOURCE", "npm")
+    for var, value in {"npm_config_registry": "http://127.0.0.1:9/", "npm_config_fetch_retries": "0",
+                       "npm_config_cache": str(tmp_path / "npm-cache"), "npm_config_offline": "false",
+                       "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_CONFIG_FILE": os.devnull,
+                       "PIP_RETRIES": "0"}.items():
+        monkeypatch.setenv(var, value)
+    settings = Settings(SLOPBOX_DATA_DIR=str(tmp_path), openclaw_bin=None)  # type: ignore[call-arg]
+    assert pick_gateway(settings, tmp_path / "logs") is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("installing Node 24 and OpenClaw into ")
+    assert len(out) == 2 and out[1].startswith("warning: could not install OpenClaw") and "simulator" in out[1], out
+    assert (tmp_path / "logs" / "install-openclaw.log").stat().st_size > 0
+    assert not (tools / "bin" / "openclaw").exists()
+
+
+# -- `slopbox session create`: a one-click browser sign-in for the local proxy ---------------------------
+
+
+def _add_agent(database_url: str, email: str) -> tuple[str, str]:
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user = conn.execute("INSERT INTO users (email, name) VALUES (%s, 'x') RETURNING id", (email,)).fetchone()
+        agent = conn.execute("INSERT INTO agents (user_id, name, gateway_token, gateway_token_last4) "
+                             "VALUES (%s, 'molty', 'x', 'xxxx') RETURNING id", (user[0],)).fetchone()  # type: ignore[index]
+    return str(user[0]), str(agent[0])  # type: ignore[index]
+
+
+def _get(link: str, host: str | None = None) -> tuple[int, dict[str, str]]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(link)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("GET", parts.path, headers={"Host": host or parts.netloc})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_session_create_prints_a_single_use_loopback_link_that_signs_in(database_url: str, tmp_path: Path) -> None:
+    import psycopg
+
+    email = f"s-{os.urandom(4).hex()}@example.com"
+    user_id, agent_id = _add_agent(database_url, email)
+    env = {"DATABASE_URL": database_url, "SLOPBOX_DATA_DIR": str(tmp_path), "PROXY_PORT": "18080"}
+    clean = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "session", "create", "--user", email.upper()],
+                            env={**clean, **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        link = lines[1].strip()
+        assert link.startswith("http://127.0.0.1:") and "/login/" in link, lines
+        assert lines[2].strip() == f"It opens http://127.0.0.1:18080/agents/{agent_id}/gateway/"
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            def sessions() -> list[tuple[str, object]]:
+                return conn.execute('SELECT "sessionToken", expires FROM sessions WHERE "userId" = %s',
+                                    (user_id,)).fetchall()
+
+            assert _get(link.rsplit("/", 1)[0] + "/guess")[0] == 404
+            assert _get(link, host="evil.example:80")[0] == 421  # DNS rebinding
+            assert sessions() == []  # nothing exists until the link is opened
+            status, headers = _get(link)
+            assert status == 302
+            assert headers["location"] == f"http://127.0.0.1:18080/agents/{agent_id}/gateway/"
+            cookie = headers["set-cookie"]
+            assert cookie.startswith("authjs.session-token=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+            token = cookie.split(";")[0].split("=", 1)[1]
+            assert [t for t, _ in sessions()] == [token]
+            assert proc.wait(timeout=10) == 0
+            assert "signed in" in proc.stdout.read()
+            with pytest.raises(OSError):
+                _get(link)  # single use: the server is gone
+            conn.execute("DELETE FROM users WHERE id = %s", (user_id,))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_session_create_is_for_a_loopback_proxy_only_and_expires_unused(database_url: str, tmp_path: Path) -> None:
+    import psycopg
+
+    email = f"s-{os.urandom(4).hex()}@example.com"
+    user_id, _ = _add_agent(database_url, email)
+    env = {"DATABASE_URL": database_url, "SLOPBOX_DATA_DIR": str(tmp_path)}
+    remote = _run(["session", "create", "--user", email], {**env, "PROXY_HOST": "10.1.2.3"})
+    assert remote.returncode == 1 and "not a loopback address" in remote.stderr
+    unused = _run(["session", "create", "--user", user_id, "--valid-for", "0.5"], env)
+    assert unused.returncode == 1 and "expired unused" in unused.stderr
+    nobody = _run(["session", "create", "--user", "nobody@example.com"], env)
+    assert nobody.returncode == 1 and "no user" in nobody.stderr
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute('SELECT count(*) FROM sessions WHERE "userId" = %s', (user_id,)).fetchone() == (0,)
+        conn.execute("DELETE FROM users WHERE id = %s", (user_id,))
