@@ -63,7 +63,7 @@ _HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(?::[0-9]{1,
 
 
 def valid_host(host: str | None) -> bool:
-    return bool(host) and bool(_HOST_RE.match(host or ""))
+    return bool(host) and bool(_HOST_RE.fullmatch(host or ""))
 
 
 def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:

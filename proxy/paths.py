@@ -65,7 +65,7 @@ class GatewayPath:
 
 
 def _decode_segment(raw: str) -> str:
-    if _PLAIN_SEGMENT.match(raw):
+    if _PLAIN_SEGMENT.fullmatch(raw):
         return raw  # nothing to decode, nothing to refuse (the common case)
     i = raw.find("%")
     while i != -1:
