@@ -5,6 +5,7 @@ proxy uses is exactly the one provisioning pairs."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import uuid
 
 import pytest
@@ -13,10 +14,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from db.models import Plan
 from proxy.egress import EgressPolicy, EgressRefused, forbidden_reason, parse_host, system_resolver
 from proxy.enforcement import GIB, UsageSnapshot, overage_verdict
-from proxy.frames import FrameViolation, is_blocked, parse_client_frame
+from openclaw.methods import METHOD_SCOPES
+from proxy.frames import FrameViolation, blocked, parse_client_frame
 from proxy.gateway import rewrite_html
-from proxy.headers import forwarded_for, response_headers, upstream_request_headers
+from proxy.headers import forwarded_for, response_headers, upstream_request_headers, valid_host
 from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
+from proxy.methods import ALLOWED_METHODS, DENIED_METHODS, check_method
 from proxy.paths import BadPath, parse_gateway_path, rewrite_location
 from proxy.ws_relay import sanitize_hello
 
@@ -80,24 +83,65 @@ def test_html_rewrite_touches_attributes_only() -> None:
 # -- frames -----------------------------------------------------------------------------------------
 
 
+def _refused(method: str, params: object = None) -> bool:
+    """Refused with FORBIDDEN, or (an empty name) a protocol violation that closes the socket."""
+    try:
+        req = parse_client_frame(json.dumps({"type": "req", "id": "1", "method": method, "params": params}))
+    except FrameViolation:
+        return True
+    return blocked(req) is not None
+
+
 @pytest.mark.parametrize("method", [
     "config.get", "config.patch", "CONFIG.SET", "exec.approvals.get", "exec.approval.resolve", "approval.resolve",
     "update.run", "update.status", "device.scopes.requestUpgrade", "device.pair.approve", "device.token.rotate",
     "terminal.input", "plugins.install", "secrets.store.set", "tools.invoke", "node.pair.approve",
     "gateway.restart.request", "wizard.next", "web.login.start", "skills.upload.begin", "connect", "",
-    "con fig", "config\u2024patch", "x" * 200,
+    "con fig", "config\u2024patch", "x" * 200, "logs.tail", "exec.approval.request", "sessions.compact",
+    "node.event", "no.such.method", "Health", "health\n", "tools.invoke\n", "connect\n",
+    "exec.approval.resolve\n", "chat.send\r\n", " health", "health\x00",
 ])
 def test_blocked_methods(method: str) -> None:
-    assert is_blocked(method)
+    assert _refused(method)
 
 
 @pytest.mark.parametrize("method", [
     "health", "chat.send", "chat.history", "chat.abort", "sessions.list", "sessions.subscribe", "agents.list",
     "models.list", "question.list", "exec.approval.list", "approval.get", "tasks.list", "cron.list",
     "agents.files.get", "plugins.list", "status", "last-heartbeat", "system-presence", "models.authStatus",
+    "talk.catalog", "tts.status", "chat.startup", "board.get", "sessions.patch",
 ])
 def test_allowed_methods(method: str) -> None:
-    assert not is_blocked(method)
+    assert not _refused(method)
+
+
+def test_allow_list_is_derived_from_the_scope_table() -> None:
+    relay_ok = {"operator.read", "operator.write", "operator.approvals", "operator.questions", "operator.talk"}
+    assert ALLOWED_METHODS == {m for m, s in METHOD_SCOPES.items() if s in relay_ok} - DENIED_METHODS
+    assert not {m for m in ALLOWED_METHODS if METHOD_SCOPES[m] in ("operator.admin", "operator.pairing", "node")}
+    refusal = check_method("sessions.compact")
+    assert refusal is not None and refusal.rule == "scope" and refusal.required_scope == "operator.admin"
+    assert check_method("no.such.method") == check_method("tools.invoke\n")
+
+
+@pytest.mark.parametrize(("method", "params", "refused"), [
+    ("sessions.patch", {"key": "k", "permissionMode": "full"}, True),
+    ("sessions.patch", {"key": "k", "sandboxMode": "off"}, True),
+    ("sessions.patch", {"key": "k", "permissionMode": "default", "label": "x"}, False),
+    ("sessions.patchMany", {"keys": ["k"], "patch": {"permissionMode": "full"}}, True),
+    ("sessions.patchMany", {"keys": ["k"], "patch": {"pinned": True}}, False),
+    ("sessions.create", {"toolOverrides": {}}, True), ("sessions.create", {"incognito": True}, True),
+    ("sessions.create", {"label": "x"}, False),
+])
+def test_admin_only_session_params_are_refused(method: str, params: dict[str, object], refused: bool) -> None:
+    assert _refused(method, params) is refused
+
+
+def test_names_are_matched_in_full() -> None:
+    """`$` matches before a trailing newline; every check must match the whole name."""
+    assert valid_host("example.com") and not valid_host("example.com\n") and not valid_host("h:80\n")
+    with pytest.raises(EgressRefused):
+        parse_host("localhost\n")  # egress strips whitespace first: the name checked is the name used
 
 
 def test_frame_parsing_is_strict() -> None:
