@@ -280,8 +280,8 @@ class GatewayProxy:
             self.meter.add(target.vps_id, outbound=len(body))
             return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        await out.prepare(request)
         try:
+            await out.prepare(request)
             async for chunk in upstream.content.iter_any():
                 self.meter.add(target.vps_id, outbound=len(chunk))
                 await out.write(chunk)
