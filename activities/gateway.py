@@ -88,8 +88,11 @@ async def _connect_until_paired(url: str, *, token: str, device: DeviceIdentity,
 
 
 async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent,
-               budget_s: float = PAIRING_BUDGET_S) -> str | None:
-    """Pair the admin and UI-relay identities; returns the admin identity's device token.
+               budget_s: float = PAIRING_BUDGET_S) -> tuple[str | None, str | None]:
+    """Pair the admin and UI-relay identities; returns their device tokens (admin, relay).
+
+    The relay's token carries only the relay's scopes: the proxy sends it on plain HTTP requests
+    instead of the owner-level gateway token.
 
     On cloud VMs the boot-time pairing step approves exactly our public keys (they came with the
     bootstrap redemption); on this machine we run that same step ourselves, over loopback.
@@ -108,11 +111,12 @@ async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent,
     try:
         device_token = await _connect_until_paired(url, token=token, device=admin, client=ADMIN_CLIENT,
                                                    scopes=DEFAULT_OPERATOR_SCOPES, origin=None, deadline=deadline)
-        await _connect_until_paired(url, token=token, device=relay, client=RELAY_CLIENT, scopes=RELAY_SCOPES,
-                                    origin=relay_origin(settings), deadline=deadline)
+        relay_token = await _connect_until_paired(url, token=token, device=relay, client=RELAY_CLIENT,
+                                                  scopes=RELAY_SCOPES, origin=relay_origin(settings),
+                                                  deadline=deadline)
         # Both identities connected with their scopes: paired (a loopback connection may have been
         # paired silently, so the approver need not have seen a request for it).
-        return device_token
+        return device_token, relay_token
     finally:
         if approver is not None and not approver.done():
             approver.cancel()

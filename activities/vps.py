@@ -285,10 +285,11 @@ class VpsActivities:
         if agent is None:
             raise fail("the VPS has no agent any more")
         async with heartbeating():
-            device_token = await gateway.pair(self.settings, self.provider(vps.provider), vps, agent,
-                                              budget_s=inp.timeouts.pairing_s)
-        if device_token:
-            await self._update(vps.id, admin_device_token=device_token)
+            admin_token, relay_token = await gateway.pair(self.settings, self.provider(vps.provider), vps, agent,
+                                                          budget_s=inp.timeouts.pairing_s)
+        tokens = {"admin_device_token": admin_token, "relay_device_token": relay_token}
+        if any(tokens.values()):
+            await self._update(vps.id, **{k: v for k, v in tokens.items() if v})
 
     @activity.defn(name=Act.push_config)
     async def push_config(self, inp: OperationInput) -> None:

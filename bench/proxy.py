@@ -356,11 +356,11 @@ def measure(args: argparse.Namespace) -> None:
             wait_port(port)
         origin = f"http://127.0.0.1:{ours_port}"
         targets = {
-            "direct": (f"http://127.0.0.1:{up_port}/openclaw/bench", f"ws://127.0.0.1:{up_port}/openclaw", {},
+            "direct": (f"http://127.0.0.1:{up_port}/openclaw/assets/bench", f"ws://127.0.0.1:{up_port}/openclaw", {},
                        [upstream.pid]),
-            "nginx": (f"http://127.0.0.1:{nginx_port}/openclaw/bench", f"ws://127.0.0.1:{nginx_port}/openclaw", {},
-                      children(ngx.pid)),
-            "slopbox": (f"{origin}/agents/{agent}/gateway/bench", f"ws://127.0.0.1:{ours_port}/agents/{agent}/gateway",
+            "nginx": (f"http://127.0.0.1:{nginx_port}/openclaw/assets/bench",
+                      f"ws://127.0.0.1:{nginx_port}/openclaw", {}, children(ngx.pid)),
+            "slopbox": (f"{origin}/agents/{agent}/gateway/assets/bench", f"ws://127.0.0.1:{ours_port}/agents/{agent}/gateway",
                         {"Cookie": f"authjs.session-token={session}", "Origin": origin}, [ours.pid]),
         }
         report(asyncio.run(run_loads(targets, args)), args)

@@ -201,6 +201,8 @@ class Vps(SQLModel, table=True):
     admin_device_key: str | None = Field(default=None, sa_column=Column(EncryptedText))
     admin_device_token: str | None = Field(default=None, sa_column=Column(EncryptedText))
     relay_device_key: str | None = Field(default=None, sa_column=Column(EncryptedText))
+    # The relay identity's device token (relay scopes only): the proxy's Bearer on plain HTTP.
+    relay_device_token: str | None = Field(default=None, sa_column=Column(EncryptedText))
     # Single-use bootstrap token: kept encrypted until redeemed (so a retried create hands the
     # same token to the VM it adopts), its SHA-256 for the lookup at redemption.
     bootstrap_token: str | None = Field(default=None, sa_column=Column(EncryptedText))

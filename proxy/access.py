@@ -63,6 +63,8 @@ class GatewayTarget:
     gateway_token: str = field(repr=False)
     relay_key_pem: str | None = field(repr=False)
     session_expires: datetime = field(repr=False)
+    relay_device_token: str | None = field(default=None, repr=False)
+    """The UI-relay identity's device token (relay scopes only): the Bearer on plain HTTP."""
 
 
 @dataclass
@@ -133,6 +135,7 @@ class AccessResolver:
             select(  # type: ignore[call-overload]
                 AuthSession.user_id, AuthSession.expires, Agent.id, Agent.gateway_token, Vps.id, Vps.state,
                 Vps.provider, Vps.provider_ref, Vps.host, Vps.gateway_port, Vps.relay_device_key,
+                Vps.relay_device_token,
             )
             .select_from(AuthSession)
             .outerjoin(Agent, and_(Agent.id == agent_id, Agent.user_id == AuthSession.user_id))
@@ -143,7 +146,8 @@ class AccessResolver:
             row = (await conn.execute(stmt)).first()
         if row is None:
             raise AccessDenied(401, "Not signed in", "Your session has expired or was signed out. Sign in again.")
-        user_id, expires, found_agent, gateway_token, vps_id, state, provider, ref, host, port, relay_key = row
+        (user_id, expires, found_agent, gateway_token, vps_id, state, provider, ref, host, port, relay_key,
+         relay_token) = row
         if found_agent is None:
             raise AccessDenied(404, "Not found", "No such agent.")
         if vps_id is None:
@@ -159,7 +163,8 @@ class AccessResolver:
             raise AccessDenied(503, "Gateway unreachable", "The agent's VM has no address yet; try again shortly.",
                                vps_state=str(state)) from None
         return GatewayTarget(user_id=user_id, agent_id=found_agent, vps_id=vps_id, base_url=base_url,
-                             gateway_token=str(gateway_token), relay_key_pem=relay_key, session_expires=expires)
+                             gateway_token=str(gateway_token), relay_key_pem=relay_key, session_expires=expires,
+                             relay_device_token=relay_token)
 
     def _gateway_url(self, provider: str, ref: str, vps_id: uuid.UUID, host: str | None, port: int | None) -> str:
         impl = self._providers.get(provider)

@@ -89,9 +89,9 @@ def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
     labels = host.split(".")
     if labels and labels[-1] == "":
         labels = labels[:-1]
-    if not labels or not _NUMERIC_LABEL.match(labels[-1]):
+    if not labels or not _NUMERIC_LABEL.fullmatch(labels[-1]):
         return None
-    if not all(_NUMERIC_LABEL.match(label) for label in labels) or len(labels) > 4:
+    if not all(_NUMERIC_LABEL.fullmatch(label) for label in labels) or len(labels) > 4:
         raise EgressRefused("malformed IP address")
     try:
         return ipaddress.IPv4Address(socket.inet_aton(".".join(labels)))
@@ -124,7 +124,7 @@ def parse_host(host: str) -> str | IPAddress:
         name = name.encode("idna").decode("ascii")
     except UnicodeError:
         raise EgressRefused("malformed host name") from None
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise EgressRefused("malformed host name")
     if name in _LOCAL_NAMES or name.endswith(_LOCAL_SUFFIXES):
         raise EgressRefused(f"{name} is a local name")

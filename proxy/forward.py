@@ -85,7 +85,7 @@ def parse_request_head(raw: bytes) -> RequestHead:
     text = raw.decode("latin-1")
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not _TOKEN_RE.match(parts[0]) or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+    if len(parts) != 3 or not _TOKEN_RE.fullmatch(parts[0]) or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
         raise HeadError(400, "malformed request line")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in parts[1]):
         raise HeadError(400, "malformed request target")
@@ -96,7 +96,7 @@ def parse_request_head(raw: bytes) -> RequestHead:
         if line[0] in " \t":
             raise HeadError(400, "obsolete header folding")
         name, sep, value = line.partition(":")
-        if not sep or not _TOKEN_RE.match(name):
+        if not sep or not _TOKEN_RE.fullmatch(name):
             raise HeadError(400, "malformed header")
         value = value.strip(" \t")
         if any(c in value for c in "\r\n\x00"):

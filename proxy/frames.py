@@ -5,10 +5,11 @@ is `config.patch`), duplicate keys anywhere are refused (parsers disagree on whi
 only a well-formed `req` is ever forwarded. Anything else ends the connection with 1008: the
 gateway's own schema is closed too, so a legitimate client never sends it.
 
-Method policy (PRD §4.6, reference §2.8 and §6.6): methods that change the gateway's security
-settings, manage devices and pairing, escape to the host, or bypass the HTTP block on
-`/tools/invoke` never reach the VM; the browser gets a synthetic `FORBIDDEN` in the gateway's own
-error shape. Names are compared case-insensitively and must look like method names at all.
+Method policy (PRD §4.6, reference §2.8 and §6.6) is an allow-list (`proxy.methods`): only
+methods the UI-relay identity's scopes cover, minus explicit denies, reach the VM; anything else,
+unknown names included, gets a synthetic `FORBIDDEN` in the gateway's own error shape, marked
+`details.reason = "blocked-by-proxy"` so the UI and the logs can tell it from the gateway's.
+Every pattern here is matched in full (`re.fullmatch`): `$` would also match before a final newline.
 """
 
 from __future__ import annotations
@@ -18,63 +19,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.methods import Refusal, check_method
+
 __all__ = [
-    "BLOCKED_METHODS",
-    "BLOCKED_PREFIXES",
     "FrameViolation",
     "Request",
+    "blocked",
     "forbidden_response",
-    "is_blocked",
     "parse_client_frame",
     "parse_json_object",
     "rate_limited_response",
 ]
 
-# Exact names (lower case).
-BLOCKED_METHODS = frozenset(
-    m.lower()
-    for m in (
-        # PRD §4.6: approvals of exec requests stay with the owner's policy, not the UI.
-        "exec.approval.resolve",
-        "approval.resolve",  # the kind-agnostic twin resolves exec approvals too (reference §2.4)
-        # The WS twin of POST /tools/invoke (reference §3.3).
-        "tools.invoke",
-        # Host escape and control-plane ownership (reference §2.8 deny-list candidates).
-        "plugins.install", "plugins.uninstall", "plugins.setEnabled", "plugins.reload", "plugins.refresh",
-        "skills.install", "skills.update",
-        "computer.invoke", "node.invoke", "fs.listDir", "sessions.files.reveal",
-        "models.authLogin", "models.authLogout", "models.authOrderSet", "models.authRefresh",
-        "models.authSetApiKey",
-        "agents.create", "agents.delete", "agents.update", "agents.files.set",
-        "channels.start", "channels.stop", "channels.logout",
-        "cron.add", "cron.remove", "cron.run", "cron.update", "cron.scratch.set",
-        "diagnostics.cpuProfile", "diagnostics.heapProfile",
-        "users.setRole", "chat.inject", "nativeHook.invoke", "system-event", "set-heartbeats",
-        "mcp.authLogin",
-        # The handshake happens once; a second connect is handled as a violation before this.
-        "connect",
-    )
-)
-# Whole families (lower case, ending in "."): everything under them.
-BLOCKED_PREFIXES: tuple[str, ...] = tuple(
-    p.lower()
-    for p in (
-        "config.",  # PRD: config.* (reads too: the raw config names the host layout)
-        "exec.approvals.",  # PRD
-        "update.",  # PRD (update.run and friends)
-        "device.scopes.",  # reference §6.6: a scope upgrade of the relay identity would be admin for all
-        "device.pair.", "device.token.", "node.pair.",
-        "terminal.",
-        "secrets.",
-        "skills.upload.",
-        "environments.", "desktop.", "worker.desktop.",
-        "wizard.", "openclaw.setup.",
-        "gateway.restart.", "gateway.suspend.",
-        "web.login.",
-    )
-)
-
-_METHOD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_METHOD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _REQ_KEYS = frozenset({"type", "id", "method", "params", "traceparent", "expectedProfileId"})
 _MAX_ID_LEN = 256
 
@@ -87,6 +44,7 @@ class FrameViolation(ValueError):
 class Request:
     id: str
     method: str
+    params: Any = None
 
 
 class _DuplicateKey(ValueError):
@@ -141,20 +99,22 @@ def parse_client_frame(data: bytes | str) -> Request:
     params = frame.get("params")
     if params is not None and not isinstance(params, dict | list):
         raise FrameViolation("request params must be an object")
-    return Request(id=rid, method=method)
+    return Request(id=rid, method=method, params=params)
 
 
-def is_blocked(method: str) -> bool:
-    """True for methods that never reach the VM (also for anything that is not a plain method name)."""
-    if not _METHOD_RE.match(method):
-        return True
-    name = method.lower()
-    return name in BLOCKED_METHODS or name.startswith(BLOCKED_PREFIXES)
+def blocked(req: Request) -> Refusal | None:
+    """Why the proxy refuses this request (None: it may go to the VM). Fails closed on unknown names."""
+    return check_method(req.method, req.params)
 
 
-def forbidden_response(request_id: str, method: str) -> dict[str, Any]:
+def _shown(method: str) -> str | None:
+    return method if _METHOD_RE.fullmatch(method) else None
+
+
+def forbidden_response(request_id: str, method: str, refusal: Refusal | None = None) -> dict[str, Any]:
     """The gateway's own `FORBIDDEN` shape (the UI handles it); `reason` tells it came from us."""
-    shown = method if _METHOD_RE.match(method) else "(invalid method name)"
+    shown = _shown(method) or "(invalid method name)"
+    scope = refusal.required_scope if refusal is not None else "operator.admin"
     return {
         "type": "res",
         "id": request_id,
@@ -164,9 +124,10 @@ def forbidden_response(request_id: str, method: str) -> dict[str, Any]:
             "message": f"{shown} is not available through Slopbox",
             "details": {
                 "code": "MISSING_SCOPE",
-                "missingScope": "operator.admin",
-                "requiredScopes": ["operator.admin"],
+                "missingScope": scope,
+                "requiredScopes": [scope],
                 "reason": "blocked-by-proxy",
+                "rule": refusal.rule if refusal is not None else "denied",
             },
         },
     }
@@ -174,7 +135,7 @@ def forbidden_response(request_id: str, method: str) -> dict[str, Any]:
 
 def rate_limited_response(request_id: str, method: str, retry_after_ms: int) -> dict[str, Any]:
     """The gateway's rate-limit shape (reference §1.6): UNAVAILABLE, retryable, retryAfterMs."""
-    shown = method if _METHOD_RE.match(method) else "request"
+    shown = _shown(method) or "request"
     return {
         "type": "res",
         "id": request_id,

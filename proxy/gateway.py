@@ -1,10 +1,16 @@
 """`/agents/{agent_id}/gateway/...`: the browser's way to its own agent's gateway.
 
 Order of checks, each answering before any byte reaches a VM: path (403 for `/tools/invoke`,
-400 for anything ambiguous), cross-site Origin on upgrades and unsafe methods, the Auth.js
-session and ownership (401/404), the VPS state (409, never woken), per-user rate and connection
-limits (429 + Retry-After). Then a WebSocket upgrade goes to the relay and anything else is
-streamed through with the gateway token injected.
+400 for anything ambiguous, 403 for any route the Control UI does not need: `paths.control_ui_route`),
+cross-site Origin on upgrades and unsafe methods, the Auth.js session and ownership (401/404), the
+VPS state (409, never woken), per-user rate and connection limits (429 + Retry-After). Then a
+WebSocket upgrade (only at the prefix root) goes to the relay and anything else is streamed through
+as the UI-relay identity (its device token, relay scopes), never with the owner-level gateway token.
+
+Responses: exactly one CSP, ours; the Control UI document is rewritten and gets a script policy
+hashed from the body we serve; everything else gets a sandboxed, script-free policy. A compressed
+body goes only to a client that accepts its coding, and never where we must rewrite it. Redirects
+survive only when they stay inside the agent's Control UI.
 
 The gateway serves the Control UI under `gateway.controlUi.basePath` (`/openclaw` as rendered);
 the browser sees it under `/agents/{id}/gateway`. Paths map one to one, and the UI document's
@@ -31,6 +37,10 @@ from openclaw.render import CONTROL_UI_BASE_PATH
 from proxy.access import AccessDenied, AccessResolver, GatewayTarget, session_token
 from proxy.config import ProxyConfig
 from proxy.headers import (
+    RESOURCE_CSP,
+    SCRIPT_CSP,
+    accepted_encodings,
+    document_csp,
     forwarded_for,
     is_websocket_upgrade,
     response_headers,
@@ -39,7 +49,7 @@ from proxy.headers import (
 )
 from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
 from proxy.metering import Meter
-from proxy.paths import BadPath, GatewayPath, parse_gateway_path, rewrite_location
+from proxy.paths import BadPath, GatewayPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
 from proxy.problems import problem
 from proxy.ws_relay import Relay, RelayContext, relay
 
@@ -129,6 +139,9 @@ class GatewayProxy:
             titles = {400: "Bad path", 403: "Forbidden", 404: "Not found"}
             return problem(exc.status, titles.get(exc.status, "Refused"), exc.reason)
         upgrade = is_websocket_upgrade(request.headers)
+        route = None if upgrade else control_ui_route(gpath.tail, request.method, request.headers.get("Accept", ""))
+        if (upgrade and gpath.tail) or (not upgrade and route is None):
+            return problem(403, "Forbidden", "This path is not part of the Control UI.")
         origin = request.headers.get("Origin")
         if origin is not None and (upgrade or request.method not in _SAFE_METHODS):
             if not _same_origin(origin, request.host):
@@ -148,7 +161,7 @@ class GatewayProxy:
         if gpath.is_prefix_root and request.method in ("GET", "HEAD"):
             location = gpath.prefix + "/" + ("?" + gpath.query if gpath.query else "")
             return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
-        return await self._forward(request, gpath, target)
+        return await self._forward(request, gpath, target, route or RouteKind.RESOURCE)
 
     # -- WebSocket ---------------------------------------------------------------------------------
 
@@ -183,11 +196,12 @@ class GatewayProxy:
 
     # -- plain HTTP --------------------------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget
+    async def _forward(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget, route: RouteKind
                        ) -> web.StreamResponse:
         url = URL(target.base_url + gpath.upstream(self.upstream_base), encoded=True)
         headers = upstream_request_headers(request.headers, client_ip=request.remote, scheme=request.scheme,
-                                           host=request.host, gateway_token=target.gateway_token)
+                                           host=request.host, bearer=target.relay_device_token,
+                                           identity_only=route is RouteKind.DOCUMENT)
         data = self._metered_body(request, target) if request.body_exists else None
         try:
             upstream = await self.client.request(
@@ -197,7 +211,7 @@ class GatewayProxy:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return problem(502, "Gateway unavailable", "The agent's gateway cannot be reached right now.")
         async with upstream:
-            return await self._respond(request, gpath, target, upstream)
+            return await self._respond(request, gpath, target, upstream, route)
 
     async def _metered_body(self, request: web.Request, target: GatewayTarget):  # type: ignore[no-untyped-def]
         async for chunk in request.content.iter_chunked(_CHUNK):
@@ -205,13 +219,18 @@ class GatewayProxy:
             yield chunk
 
     async def _respond(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget,
-                       upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+                       upstream: aiohttp.ClientResponse, route: RouteKind) -> web.StreamResponse:
         ctype = upstream.headers.get("Content-Type", "").lower()
-        rewrite = (ctype.startswith("text/html") and "Content-Encoding" not in upstream.headers
-                   and self.upstream_base.rstrip("/") not in ("", gpath.prefix))
+        coding = upstream.headers.get("Content-Encoding", "").strip().lower()
+        compressed = coding not in ("", "identity")
+        document = route is RouteKind.DOCUMENT and ctype.startswith("text/html")
+        if compressed and (document or coding not in accepted_encodings(request.headers.get("Accept-Encoding"))):
+            # A body we must rewrite and hash, or one the browser did not ask for: never pass it on.
+            return problem(502, "Gateway unavailable", "The gateway answered in an encoding that cannot be served.")
+        rewrite = document and self.upstream_base.rstrip("/") not in ("", gpath.prefix)
         buffered = b""
         complete = False
-        if rewrite:
+        if document:
             limit = self.config.max_rewritten_html_bytes
             chunks: list[bytes] = []
             size = 0
@@ -227,32 +246,42 @@ class GatewayProxy:
                 return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
             buffered = b"".join(chunks)
             self.meter.add(target.vps_id, outbound=len(buffered))
-        headers = response_headers(upstream.headers, drop_length=complete)
+            if not complete:
+                return problem(502, "Gateway unavailable", "The Control UI document is too large.")
         location = upstream.headers.get("Location")
+        mapped = None
         if location is not None:
-            mapped = rewrite_location(location, upstream_base=self.upstream_base,
-                                      upstream_origin=target.base_url, prefix=gpath.prefix)
+            mapped = rewrite_location(location, upstream_base=self.upstream_base, upstream_origin=target.base_url,
+                                      prefix=gpath.prefix, request_path=gpath.upstream(self.upstream_base))
+            if mapped is None and 300 <= upstream.status < 400:
+                return problem(502, "Gateway unavailable", "The gateway redirected outside its Control UI.")
+        if document:
+            charset = upstream.charset or "utf-8"
+            try:
+                text = buffered.decode(charset)
+            except (UnicodeDecodeError, LookupError):
+                return problem(502, "Gateway unavailable", "The Control UI document is not readable text.")
+            if rewrite:
+                text = rewrite_html(text, self.upstream_base, gpath.prefix)
+            headers = response_headers(upstream.headers, csp=document_csp(text), drop_length=True)
             if mapped is not None:
                 headers["Location"] = mapped
-        if not rewrite and upstream.content_length is not None and upstream.content_length <= _SMALL_BODY:
+            return web.Response(status=upstream.status, reason=upstream.reason, body=text.encode(charset),
+                                headers=headers)
+        script = "javascript" in ctype or "ecmascript" in ctype
+        headers = response_headers(upstream.headers, csp=SCRIPT_CSP if script else RESOURCE_CSP)
+        if mapped is not None:
+            headers["Location"] = mapped
+        if upstream.content_length is not None and upstream.content_length <= _SMALL_BODY:
             try:
                 body = await upstream.read()  # small and of known size: one write instead of three
             except (aiohttp.ClientError, OSError):
                 return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
             self.meter.add(target.vps_id, outbound=len(body))
             return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
-        if complete:
-            charset = upstream.charset or "utf-8"
-            try:
-                body = rewrite_html(buffered.decode(charset), self.upstream_base, gpath.prefix).encode(charset)
-            except (UnicodeDecodeError, LookupError):
-                body = buffered
-            return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        await out.prepare(request)
         try:
-            if buffered:
-                await out.write(buffered)
+            await out.prepare(request)
             async for chunk in upstream.content.iter_any():
                 self.meter.add(target.vps_id, outbound=len(chunk))
                 await out.write(chunk)

@@ -2,25 +2,36 @@
 
 Both directions are allow-lists (fail closed): from the browser only content negotiation,
 caching and body metadata go up; the browser's cookies, Authorization, forwarded headers and
-any OpenClaw-specific header (`x-openclaw-scopes`, `x-openclaw-token`) never do. The gateway
-token goes up as `Authorization: Bearer` and the client's real address as `X-Forwarded-*`,
-overwritten, never appended (the gateway trusts exactly one proxy hop: us, reference §3.6).
+any OpenClaw-specific header (`x-openclaw-scopes`, `x-openclaw-token`) never do. The UI-relay
+identity's device token (relay scopes, never the owner-level gateway token) goes up as
+`Authorization: Bearer` and the client's real address as `X-Forwarded-*`, overwritten, never
+appended (the gateway trusts exactly one proxy hop: us, reference §3.6). `Accept-Encoding` is
+always set by us (aiohttp would otherwise ask for gzip on the client's behalf).
 
 From the gateway only content metadata, caching and security headers come back: no
 Set-Cookie (it would land on our domain next to the session cookie), no Service-Worker-Allowed
-(a worker could then control our whole origin), no Clear-Site-Data, no CORS grants.
+(a worker could then control our whole origin), no Clear-Site-Data, no CORS grants, and not
+the gateway's CSP: exactly one CSP goes out, ours (`document_csp` for the Control UI document,
+with script hashes we compute from the body we serve; `RESOURCE_CSP`, sandboxed and script-free,
+for everything else, so HTML or SVG a VM serves at any other path cannot run script on our origin).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import re
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
-    "SECURITY_HEADERS",
     "OUR_CSP",
+    "RESOURCE_CSP",
+    "SCRIPT_CSP",
+    "SECURITY_HEADERS",
+    "accepted_encodings",
+    "document_csp",
     "forwarded_for",
     "is_websocket_upgrade",
     "response_headers",
@@ -44,13 +55,66 @@ _RESPONSE_ALLOW = frozenset(
         "Content-Type", "Content-Encoding", "Content-Language", "Content-Disposition", "Content-Range",
         "Content-Length", "Accept-Ranges", "Cache-Control", "Expires", "ETag", "Last-Modified", "Vary", "Pragma",
         "Retry-After", "WWW-Authenticate", "X-Content-Type-Options", "Referrer-Policy", "Permissions-Policy",
-        "Content-Security-Policy", "Cross-Origin-Opener-Policy", "Cross-Origin-Embedder-Policy",
+        "Cross-Origin-Opener-Policy", "Cross-Origin-Embedder-Policy",
         "Cross-Origin-Resource-Policy", "X-Accel-Buffering",
     )
 )
 
-OUR_CSP = "frame-ancestors 'none'; object-src 'none'; base-uri 'self'; form-action 'self'"
-"""Added next to the gateway's own policy: browsers enforce every CSP header, so this only narrows."""
+RESOURCE_CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; font-src 'self'; "
+                "sandbox; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+"""Anything that is not the Control UI document: opened directly, HTML or SVG is a sandboxed,
+script-free page (CSP on images, styles, fonts and JSON fetched by the UI has no effect)."""
+
+OUR_CSP = RESOURCE_CSP
+"""Our own answers (problem+json) are resources too."""
+
+SCRIPT_CSP = "default-src 'self'; frame-ancestors 'none'; object-src 'none'; base-uri 'none'"
+"""JavaScript responses: a worker script (`sw.js`) runs under its own response's CSP, so it must
+still be able to fetch from our origin."""
+
+_INLINE_SCRIPT_RE = re.compile(r"<script(\s[^>]*)?>(.*?)</script>", re.IGNORECASE | re.DOTALL)
+_SRC_ATTR_RE = re.compile(r"""\ssrc\s*=""", re.IGNORECASE)
+
+
+def document_csp(html: str) -> str:
+    """The Control UI document's policy, computed by us (the gateway's is not trusted): scripts only
+    from our origin plus the inline scripts of the body we serve, by SHA-256 (as the gateway does)."""
+    hashes = []
+    for match in _INLINE_SCRIPT_RE.finditer(html):
+        attrs, content = match.group(1) or "", match.group(2)
+        if content and not _SRC_ATTR_RE.search(" " + attrs):
+            digest = base64.b64encode(hashlib.sha256(content.encode("utf-8")).digest()).decode()
+            hashes.append(f"'sha256-{digest}'")
+    return "; ".join([
+        "default-src 'self'", "base-uri 'none'", "object-src 'none'", "frame-ancestors 'none'", "form-action 'self'",
+        "frame-src 'self' http: https:", "script-src " + " ".join(["'self'", *hashes]),
+        "style-src 'self' 'unsafe-inline' https://fonts.googleapis.com", "img-src 'self' data: blob: https:",
+        "media-src 'self' data: blob:", "font-src 'self' https://fonts.gstatic.com", "worker-src 'self'",
+        "connect-src 'self' ws: wss: data: https://api.openai.com https://tweakcn.com",
+    ])
+
+
+_ENCODINGS = frozenset({"gzip", "br", "deflate", "zstd", "identity"})
+
+
+def accepted_encodings(header: str | None) -> frozenset[str]:
+    """Content codings the client accepts (q > 0), lower case; `identity` unless refused."""
+    out: set[str] = set()
+    refused: set[str] = set()
+    for item in (header or "").split(","):
+        token, _, params = item.strip().partition(";")
+        token = token.strip().lower()
+        q = params.strip().lower()
+        if q.startswith("q=") and q[2:].strip() in ("0", "0.0", "0.00", "0.000"):
+            refused.add(token)
+        elif token:
+            out.add(token)
+    if "*" in out:
+        out |= _ENCODINGS - refused
+    if "identity" not in refused and "*" not in refused:
+        out.add("identity")
+    return frozenset(out & _ENCODINGS)
+
 
 SECURITY_HEADERS: dict[str, str] = {
     "X-Content-Type-Options": "nosniff",
@@ -63,7 +127,7 @@ _HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(?::[0-9]{1,
 
 
 def valid_host(host: str | None) -> bool:
-    return bool(host) and bool(_HOST_RE.match(host or ""))
+    return bool(host) and bool(_HOST_RE.fullmatch(host or ""))
 
 
 def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
@@ -89,22 +153,21 @@ def forwarded_for(client_ip: str | None) -> str | None:
 
 
 def upstream_request_headers(incoming: CIMultiDictProxy[str], *, client_ip: str | None, scheme: str,
-                             host: str, gateway_token: str | None) -> CIMultiDict[str]:
-    """Headers for the gateway request: the allow-list, our credentials and forwarded headers."""
+                             host: str, bearer: str | None, identity_only: bool = False) -> CIMultiDict[str]:
+    """Headers for the gateway request: the allow-list, our credentials and forwarded headers.
+
+    `bearer` is the UI-relay identity's device token; `identity_only` asks for an uncompressed body
+    (a document we rewrite and hash). Otherwise only codings the client itself accepts are asked for.
+    """
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() in _REQUEST_ALLOW:
             out.add(name, value)
-    # Documents may be rewritten (base path), so ask for them uncompressed; the rest passes as is.
-    accept = incoming.get("Accept", "")
-    encoding = incoming.get("Accept-Encoding")
-    if "text/html" in accept.lower():
-        out["Accept-Encoding"] = "identity"
-    elif encoding:
-        out["Accept-Encoding"] = encoding
+    codings = accepted_encodings(incoming.get("Accept-Encoding")) - {"identity"}
+    out["Accept-Encoding"] = "identity" if identity_only or not codings else ", ".join(sorted(codings))
     out["Host"] = host
-    if gateway_token:
-        out["Authorization"] = f"Bearer {gateway_token}"
+    if bearer:
+        out["Authorization"] = f"Bearer {bearer}"
     xff = forwarded_for(client_ip)
     if xff is not None:
         out["X-Forwarded-For"] = xff
@@ -113,8 +176,8 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], *, client_ip: str 
     return out
 
 
-def response_headers(upstream: CIMultiDictProxy[str], *, drop_length: bool = False) -> CIMultiDict[str]:
-    """The gateway's response headers we pass on, plus ours (our CSP is added beside theirs)."""
+def response_headers(upstream: CIMultiDictProxy[str], *, csp: str, drop_length: bool = False) -> CIMultiDict[str]:
+    """The gateway's response headers we pass on, plus ours, with exactly one CSP: `csp`."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         low = name.lower()
@@ -122,5 +185,5 @@ def response_headers(upstream: CIMultiDictProxy[str], *, drop_length: bool = Fal
             out.add(name, value)
     for name, value in SECURITY_HEADERS.items():
         out[name] = value
-    out.add("Content-Security-Policy", OUR_CSP)
+    out["Content-Security-Policy"] = csp
     return out

@@ -11,6 +11,12 @@ read it differently: WHATWG treats `\\` as `/` and `%2e` as `.` in http URLs.
 `POST /tools/invoke` is a full-operator tool endpoint (reference §3.3), so any request whose
 normalised path contains the segments `tools/invoke` (any case, any position, so under the
 Control UI base path too) is refused with 403.
+
+Beyond that, only the routes the Control UI needs are served (`control_ui_route`, an allow-list
+read from openclaw 2026.9.6's router, reference §8): its document and deep links, static files,
+its config, and the image/media/artifact reads it makes. Everything else under the base path
+(approval and share pages, plugin routes, any other authenticated route, any method but GET and
+HEAD) is refused with 403 before a byte reaches the VM.
 """
 
 from __future__ import annotations
@@ -18,9 +24,18 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from urllib.parse import quote, unquote_to_bytes, urlsplit
+from enum import StrEnum
+from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
-__all__ = ["PREFIX_SEGMENTS", "BadPath", "GatewayPath", "parse_gateway_path", "rewrite_location"]
+__all__ = [
+    "PREFIX_SEGMENTS",
+    "BadPath",
+    "GatewayPath",
+    "RouteKind",
+    "control_ui_route",
+    "parse_gateway_path",
+    "rewrite_location",
+]
 
 PREFIX_SEGMENTS = ("agents", "{agent_id}", "gateway")
 _PCHAR_SAFE = "!$&'()*+,;=:@-._~"
@@ -65,7 +80,7 @@ class GatewayPath:
 
 
 def _decode_segment(raw: str) -> str:
-    if _PLAIN_SEGMENT.match(raw):
+    if _PLAIN_SEGMENT.fullmatch(raw):
         return raw  # nothing to decode, nothing to refuse (the common case)
     i = raw.find("%")
     while i != -1:
@@ -129,24 +144,82 @@ def parse_gateway_path(raw_target: str) -> GatewayPath:
     return result
 
 
-def rewrite_location(location: str, *, upstream_base: str, upstream_origin: str, prefix: str) -> str | None:
-    """Map a redirect the gateway sends into our prefix; None = drop it (points at the VM itself).
+class RouteKind(StrEnum):
+    DOCUMENT = "document"
+    """The Control UI's HTML (root and its deep links): rewritten, with our script-restricting CSP."""
+    RESOURCE = "resource"
+    """Anything else the UI loads (static files, config, images, media): never a trusted document."""
 
-    Redirects to other sites pass unchanged; anything that would reveal the VM's address does not.
-    """
-    base = upstream_base.rstrip("/")
-    parts = urlsplit(location)
-    if parts.scheme or parts.netloc:
-        if f"{parts.scheme}://{parts.netloc}".lower() != upstream_origin.lower():
-            return location
-        path = parts.path or "/"
-        rest = path + ("?" + parts.query if parts.query else "")
-    else:
-        if not location.startswith("/"):
-            return location  # relative: resolves against the browser URL, already under our prefix
-        rest = location
-    if base and (rest == base or rest.startswith((base + "/", base + "?"))):
-        return prefix + rest[len(base) :]
-    if parts.scheme or parts.netloc:
+
+# Root public files (CONTROL_UI_ROOT_PUBLIC_ASSETS), also served under `__openclaw__/`.
+_ROOT_FILES = frozenset({"apple-touch-icon.png", "favicon-32.png", "favicon.ico", "favicon.svg",
+                         "manifest.webmanifest", "sw.js"})
+# Static folders of dist/control-ui (reference §8).
+_STATIC_DIRS = frozenset({"themes", "fonts", "provider-icons", "cloud-provider-icons", "file-icons", "app-art",
+                          "community-art"})
+# Image and media reads under `__openclaw__/` (CONTROL_UI_RESOURCE_ROUTES, assistant media).
+_NAMESPACED_MEDIA = frozenset({"assistant-media", "media", "catalog-icon", "channel-avatar", "link-favicon",
+                               "plugin-icon", "plugin-activity-icon", "plugin-theme-art", "workspace-icon"})
+# The UI's own pages (history routes): a reload of one of them asks for the document.
+_UI_PAGES = frozenset({"activity", "agents", "apps", "automations", "chat", "custodian", "dashboard", "dashboards",
+                       "debug", "logs", "meetings", "memory-import", "new", "portals", "sessions", "settings",
+                       "skills", "systems", "tasks", "usage", "workboard", "worktrees", "overview", "channels",
+                       "instances", "cron", "nodes", "config"})
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def control_ui_route(tail: tuple[str, ...], method: str, accept: str = "") -> RouteKind | None:
+    """What the Control UI may fetch at this path; None = refused (403). Segments compare exactly."""
+    if method not in _READ_METHODS:
         return None
-    return location if not base else None
+    if not tail:
+        return RouteKind.DOCUMENT
+    head, n = tail[0], len(tail)
+    if n == 1 and (head in _ROOT_FILES or head == "control-ui-config.json"):
+        return RouteKind.RESOURCE
+    if head == "assets" and n == 2:
+        return RouteKind.RESOURCE
+    if head in _STATIC_DIRS and n >= 2:
+        return RouteKind.RESOURCE
+    if head == "__openclaw__" and n >= 2 and (tail[1] in _NAMESPACED_MEDIA or (n == 2 and tail[1] in _ROOT_FILES)):
+        return RouteKind.RESOURCE
+    if tail == ("__openclaw", "control-ui-config.json"):
+        return RouteKind.RESOURCE
+    if head == "avatar" and n == 2:
+        return RouteKind.RESOURCE
+    if head == "api" and n >= 4 and (
+        (n == 4 and tail[1] == "users" and tail[3] == "avatar")
+        or (tail[1:4] == ("chat", "media", "outgoing") and n >= 5)
+        or (tail[1:3] == ("artifacts", "download"))
+    ):
+        return RouteKind.RESOURCE
+    if head in _UI_PAGES and "text/html" in accept.lower():
+        return RouteKind.DOCUMENT
+    return None
+
+
+def rewrite_location(location: str, *, upstream_base: str, upstream_origin: str, prefix: str,
+                     request_path: str = "/") -> str | None:
+    """Map a redirect the gateway sends into our prefix; None = drop it.
+
+    Only redirects that stay inside the gateway's Control UI survive, mapped under our prefix and
+    checked like a browser request path (a hostile VM may answer `//127.0.0.1:5432/`,
+    `http://localhost:8080/api/...`, `/\\evil.example` or `%2e%2e` climbs). Relative targets are
+    resolved against the upstream request path first, as the browser would against ours.
+    """
+    if not location or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in location) or "\\" in location:
+        return None
+    origin = upstream_origin.rstrip("/")
+    parts = urlsplit(urljoin(origin + (request_path or "/"), location))
+    if f"{parts.scheme}://{parts.netloc}".lower() != origin.lower():
+        return None
+    base = upstream_base.rstrip("/")
+    path = parts.path or "/"
+    if base and not (path == base or path.startswith(base + "/")):
+        return None
+    mapped = prefix + path[len(base):] + ("?" + parts.query if parts.query else "")
+    try:
+        target = parse_gateway_path(mapped)
+    except BadPath:
+        return None
+    return mapped if target.prefix == prefix else None

@@ -40,8 +40,8 @@ from proxy.access import GatewayTarget
 from proxy.config import ProxyConfig
 from proxy.frames import (
     FrameViolation,
+    blocked,
     forbidden_response,
-    is_blocked,
     parse_client_frame,
     parse_json_object,
     rate_limited_response,
@@ -359,10 +359,11 @@ class Relay:
                     log.info("closing relay: %s", exc, extra={"agent_id": str(self.target.agent_id)})
                     await self.close_both(WSCloseCode.POLICY_VIOLATION, str(exc))
                     return
-                if is_blocked(req.method):
+                refusal = blocked(req)
+                if refusal is not None:
                     log.info("blocked method", extra={"agent_id": str(self.target.agent_id),
-                                                      "method": req.method[:128]})
-                    await self.to_browser(forbidden_response(req.id, req.method))
+                                                      "method": req.method[:128], "rule": refusal.rule})
+                    await self.to_browser(forbidden_response(req.id, req.method, refusal))
                     continue
                 wait = limiter.acquire(user)
                 if wait > 0:

@@ -30,6 +30,8 @@ from gateway_simulator.server import GatewaySimulator, run_simulator
 from openclaw import render
 from openclaw.agent_env import gateway_env, render_input
 from openclaw.device import DeviceIdentity
+from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, relay_origin
+from openclaw.rpc import GatewayClient
 from proxy.app import RunningProxy, serve
 from proxy.config import ProxyConfig
 from proxy.egress import EgressPolicy
@@ -99,6 +101,18 @@ async def simulator_for(settings: Settings, state_dir: Path, seeded: Seeded) -> 
 
 def point_vps_at(sql: psycopg.Connection, vps_id: uuid.UUID, port: int) -> None:
     sql.execute("UPDATE vpses SET gateway_port = %s WHERE id = %s", (port, vps_id))
+
+
+async def pair_relay(sql: psycopg.Connection, settings: Settings, seeded: Seeded, port: int) -> str:
+    """What provisioning's pairing step does for the relay: connect as it, store its device token."""
+    gw = GatewayClient(f"ws://127.0.0.1:{port}", token=seeded.gateway_token, device=seeded.relay,
+                       client=RELAY_CLIENT, scopes=RELAY_SCOPES, origin=relay_origin(settings), reconnect=False)
+    async with gw:
+        token = gw.hello.device_token
+    assert token, "the gateway issued no device token to the relay identity"
+    sql.execute("UPDATE vpses SET relay_device_token = %s WHERE id = %s",
+                (configure_keys(settings.secret_keys()).encrypt(token), seeded.vps_id))
+    return token
 
 
 class UpstreamSpy:

@@ -23,11 +23,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import psycopg
 import pytest
 
+from db.encryption import configure_keys
 from openclaw.device import DeviceIdentity
 from openclaw.pairing import approve_device_keys, boot_pairing_script
 from openclaw.probe import wait_ready
+from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES
 from openclaw.rpc import (
     DEFAULT_OPERATOR_SCOPES,
     AgentFileConflictError,
@@ -39,6 +43,8 @@ from openclaw.rpc import (
     NotPairedError,
     UnknownMethodError,
 )
+from settings import Settings
+from tests.proxy_harness import running_proxy, seed_gateway_user
 
 pytestmark = [
     pytest.mark.real_gateway,
@@ -53,7 +59,7 @@ CONFIG = {
         "bind": "loopback",
         "auth": {"mode": "token", "token": "${OPENCLAW_GATEWAY_TOKEN}"},
         "trustedProxies": ["127.0.0.1"],
-        "controlUi": {"enabled": True, "allowedOrigins": ["https://tenant.example.com"]},
+        "controlUi": {"enabled": True, "basePath": "/openclaw", "allowedOrigins": ["https://tenant.example.com"]},
     }
 }
 
@@ -205,3 +211,69 @@ async def test_real_restart_reconnects(real: RealGateway) -> None:
         assert event.payload["reason"] == "gateway restarting"
         assert (await gw.health(),)[0]["ok"] is True
         assert gw.reconnect_count == 1
+
+
+async def _paired_relay(real: RealGateway) -> tuple[DeviceIdentity, str]:
+    """The UI-relay identity paired remotely for its four scopes, as provisioning pairs it."""
+    relay = DeviceIdentity.generate()
+    kwargs: dict[str, Any] = {"device": relay, "client": RELAY_CLIENT, "scopes": RELAY_SCOPES,
+                              "origin": "https://tenant.example.com", "headers": REMOTE}
+    with pytest.raises(NotPairedError):
+        await client(real, **kwargs).connect()
+    await approve_device_keys(real.url, token=TOKEN, public_keys=[relay.public_key_b64url], timeout=30)
+    async with client(real, **kwargs) as gw:
+        assert sorted(gw.hello.scopes) == sorted(RELAY_SCOPES)
+        assert gw.hello.device_token
+        return relay, gw.hello.device_token
+
+
+async def test_real_relay_identity_cannot_reach_admin(real: RealGateway) -> None:
+    relay, relay_token = await _paired_relay(real)
+    kwargs: dict[str, Any] = {"device": relay, "client": RELAY_CLIENT, "origin": "https://tenant.example.com",
+                              "headers": REMOTE}
+    async with client(real, scopes=RELAY_SCOPES, **kwargs) as gw:
+        # Methods the old deny-list let through, config writes, pairing: the gateway refuses them too.
+        for method, params, scope in [("sessions.compact", {"key": "agent:main:main"}, "operator.admin"),
+                                      ("config.patch", {"raw": "{}"}, "operator.admin"),
+                                      ("worktrees.gc", {}, "operator.admin"),
+                                      ("device.pair.list", {}, "operator.pairing")]:
+            with pytest.raises(MissingScopeError) as refused:
+                await gw.call(method, params)
+            assert refused.value.missing_scope == scope, (method, refused.value)
+    # Asking for admin with the relay's key is a scope upgrade that nobody approves.
+    with pytest.raises(NotPairedError):
+        await client(real, scopes=(*RELAY_SCOPES, "operator.admin"), **kwargs).connect()
+    # Its device token is what the proxy sends on HTTP: good for the Control UI's reads, not for the
+    # owner-level routes the gateway token opens.
+    async with aiohttp.ClientSession() as http:
+        bearer = {"Authorization": f"Bearer {relay_token}", **REMOTE}
+        cfg = await http.get(f"{real.http_url}/openclaw/control-ui-config.json", headers=bearer)
+        assert cfg.status == 200, await cfg.text()
+        invoke = {"tool": "sessions_list"}
+        assert (await http.post(f"{real.http_url}/tools/invoke", json=invoke, headers=bearer)).status == 401
+        owner = {"Authorization": f"Bearer {TOKEN}", **REMOTE}
+        assert (await http.post(f"{real.http_url}/tools/invoke", json=invoke, headers=owner)).status == 200
+
+
+async def test_real_approval_route_is_refused_by_the_proxy(real: RealGateway, settings: Settings,
+                                                           sql: psycopg.Connection) -> None:
+    _, relay_token = await _paired_relay(real)
+    seeded = seed_gateway_user(sql, settings, port=real.port, gateway_token=TOKEN)
+    sql.execute("UPDATE vpses SET relay_device_token = %s WHERE id = %s",
+                (configure_keys(settings.secret_keys()).encrypt(relay_token), seeded.vps_id))
+    async with running_proxy(settings) as proxy, aiohttp.ClientSession() as http:
+        base = f"{proxy.url}/agents/{seeded.agent_id}/gateway"
+        html = {**seeded.cookie, "Accept": "text/html"}
+        # On the gateway itself the approval page exists (served to whoever holds a credential) ...
+        direct = await http.get(f"{real.http_url}/openclaw/approve/exec-1", headers={"Accept": "text/html"})
+        assert direct.status == 200
+        # ... through the proxy it is refused before the VM sees the request.
+        for tail in ("/approve/exec-1", "/approve/", "/share/session/x", "/plugins/x"):
+            refused = await http.get(base + tail, headers=html, allow_redirects=False)
+            assert refused.status == 403, (tail, refused.status)
+        # What the Control UI needs still works, authenticated as the relay identity.
+        cfg = await http.get(base + "/control-ui-config.json", headers=seeded.cookie)
+        assert cfg.status == 200, await cfg.text()
+        assert (await cfg.json())["basePath"] == "/openclaw"
+        page = await http.get(base + "/", headers=html)
+        assert page.status == 200 and len(page.headers.getall("Content-Security-Policy")) == 1

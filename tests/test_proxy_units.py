@@ -4,20 +4,33 @@ proxy uses is exactly the one provisioning pairs."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
+import json
 import uuid
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from db.models import Plan
+from openclaw.methods import METHOD_SCOPES
 from proxy.egress import EgressPolicy, EgressRefused, forbidden_reason, parse_host, system_resolver
 from proxy.enforcement import GIB, UsageSnapshot, overage_verdict
-from proxy.frames import FrameViolation, is_blocked, parse_client_frame
+from proxy.frames import FrameViolation, blocked, parse_client_frame
 from proxy.gateway import rewrite_html
-from proxy.headers import forwarded_for, response_headers, upstream_request_headers
+from proxy.headers import (
+    RESOURCE_CSP,
+    accepted_encodings,
+    document_csp,
+    forwarded_for,
+    response_headers,
+    upstream_request_headers,
+    valid_host,
+)
 from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
-from proxy.paths import BadPath, parse_gateway_path, rewrite_location
+from proxy.methods import ALLOWED_METHODS, DENIED_METHODS, check_method
+from proxy.paths import BadPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
 from proxy.ws_relay import sanitize_hello
 
 AGENT = uuid.UUID("11111111-2222-4333-8444-555555555555")
@@ -57,13 +70,45 @@ def test_bad_paths_are_refused(raw: str, status: int) -> None:
 
 
 def test_location_rewrite() -> None:
-    kw = {"upstream_base": "/openclaw", "upstream_origin": "http://10.0.0.5:18789", "prefix": P}
+    kw = {"upstream_base": "/openclaw", "upstream_origin": "http://10.0.0.5:18789", "prefix": P,
+          "request_path": "/openclaw/a/b"}
     assert rewrite_location("/openclaw/", **kw) == P + "/"
     assert rewrite_location("/openclaw?x=1", **kw) == P + "?x=1"
     assert rewrite_location("http://10.0.0.5:18789/openclaw/a", **kw) == P + "/a"
-    assert rewrite_location("http://10.0.0.5:18789/other", **kw) is None  # would reveal the VM
-    assert rewrite_location("https://github.com/login", **kw) == "https://github.com/login"
-    assert rewrite_location("relative/x", **kw) == "relative/x"
+    assert rewrite_location("relative/x", **kw) == P + "/a/relative/x"
+    assert rewrite_location("../c", **kw) == P + "/c"
+
+
+@pytest.mark.parametrize("location", [
+    "http://10.0.0.5:18789/other",  # would reveal the VM
+    "https://github.com/login", "//127.0.0.1:5432/", "//127.0.0.1:8080/agents/x/gateway/", "http://localhost:8080/api",
+    "HTTP://LOCALHOST:8080/", "/\\evil.example/", "\\\\evil.example", "/openclaw/../../api/x", "../../../../api",
+    "/openclaw/%2e%2e/%2e%2e/x", "/openclaw/a%2fb", " //evil.example", "/openclaw/\nx", "javascript:alert(1)",
+    "/api/v1/admin/rpc", "",
+])
+def test_hostile_locations_are_dropped(location: str) -> None:
+    kw = {"upstream_base": "/openclaw", "upstream_origin": "http://10.0.0.5:18789", "prefix": P,
+          "request_path": "/openclaw/a/b"}
+    assert rewrite_location(location, **kw) is None
+
+
+@pytest.mark.parametrize(("tail", "method", "accept", "kind"), [
+    ((), "GET", "", RouteKind.DOCUMENT), (("chat",), "GET", "text/html", RouteKind.DOCUMENT),
+    (("assets", "index-Ab1.js"), "GET", "*/*", RouteKind.RESOURCE),
+    (("control-ui-config.json",), "GET", "", RouteKind.RESOURCE), (("sw.js",), "HEAD", "", RouteKind.RESOURCE),
+    (("themes", "rose.css"), "GET", "", RouteKind.RESOURCE), (("avatar", "main"), "GET", "", RouteKind.RESOURCE),
+    (("__openclaw__", "workspace-icon", "x"), "GET", "", RouteKind.RESOURCE),
+    (("api", "chat", "media", "outgoing", "s", "f"), "GET", "", RouteKind.RESOURCE),
+    (("approve", "abc"), "GET", "text/html", None), (("approve",), "GET", "text/html", None),
+    (("share", "session", "x"), "GET", "text/html", None), (("plugins", "x"), "GET", "text/html", None),
+    (("chat",), "GET", "application/json", None), ((), "POST", "", None), (("assets", "a.js"), "PUT", "", None),
+    (("api", "v1", "admin", "rpc"), "GET", "", None), (("hooks", "wake"), "GET", "", None),
+    (("control-ui-config.json\n",), "GET", "", None), (("Assets", "a.js"), "GET", "", None),
+    (("__openclaw__", "cap", "x"), "GET", "", None), (("sessions", "k", "kill"), "GET", "", None),
+])
+def test_control_ui_routes_are_an_allow_list(tail: tuple[str, ...], method: str, accept: str,
+                                             kind: RouteKind | None) -> None:
+    assert control_ui_route(tail, method, accept) == kind
 
 
 def test_html_rewrite_touches_attributes_only() -> None:
@@ -80,24 +125,65 @@ def test_html_rewrite_touches_attributes_only() -> None:
 # -- frames -----------------------------------------------------------------------------------------
 
 
+def _refused(method: str, params: object = None) -> bool:
+    """Refused with FORBIDDEN, or (an empty name) a protocol violation that closes the socket."""
+    try:
+        req = parse_client_frame(json.dumps({"type": "req", "id": "1", "method": method, "params": params}))
+    except FrameViolation:
+        return True
+    return blocked(req) is not None
+
+
 @pytest.mark.parametrize("method", [
     "config.get", "config.patch", "CONFIG.SET", "exec.approvals.get", "exec.approval.resolve", "approval.resolve",
     "update.run", "update.status", "device.scopes.requestUpgrade", "device.pair.approve", "device.token.rotate",
     "terminal.input", "plugins.install", "secrets.store.set", "tools.invoke", "node.pair.approve",
     "gateway.restart.request", "wizard.next", "web.login.start", "skills.upload.begin", "connect", "",
-    "con fig", "config\u2024patch", "x" * 200,
+    "con fig", "config\u2024patch", "x" * 200, "logs.tail", "exec.approval.request", "sessions.compact",
+    "node.event", "no.such.method", "Health", "health\n", "tools.invoke\n", "connect\n",
+    "exec.approval.resolve\n", "chat.send\r\n", " health", "health\x00",
 ])
 def test_blocked_methods(method: str) -> None:
-    assert is_blocked(method)
+    assert _refused(method)
 
 
 @pytest.mark.parametrize("method", [
     "health", "chat.send", "chat.history", "chat.abort", "sessions.list", "sessions.subscribe", "agents.list",
     "models.list", "question.list", "exec.approval.list", "approval.get", "tasks.list", "cron.list",
     "agents.files.get", "plugins.list", "status", "last-heartbeat", "system-presence", "models.authStatus",
+    "talk.catalog", "tts.status", "chat.startup", "board.get", "sessions.patch",
 ])
 def test_allowed_methods(method: str) -> None:
-    assert not is_blocked(method)
+    assert not _refused(method)
+
+
+def test_allow_list_is_derived_from_the_scope_table() -> None:
+    relay_ok = {"operator.read", "operator.write", "operator.approvals", "operator.questions", "operator.talk"}
+    assert ALLOWED_METHODS == {m for m, s in METHOD_SCOPES.items() if s in relay_ok} - DENIED_METHODS
+    assert not {m for m in ALLOWED_METHODS if METHOD_SCOPES[m] in ("operator.admin", "operator.pairing", "node")}
+    refusal = check_method("sessions.compact")
+    assert refusal is not None and refusal.rule == "scope" and refusal.required_scope == "operator.admin"
+    assert check_method("no.such.method") == check_method("tools.invoke\n")
+
+
+@pytest.mark.parametrize(("method", "params", "refused"), [
+    ("sessions.patch", {"key": "k", "permissionMode": "full"}, True),
+    ("sessions.patch", {"key": "k", "sandboxMode": "off"}, True),
+    ("sessions.patch", {"key": "k", "permissionMode": "default", "label": "x"}, False),
+    ("sessions.patchMany", {"keys": ["k"], "patch": {"permissionMode": "full"}}, True),
+    ("sessions.patchMany", {"keys": ["k"], "patch": {"pinned": True}}, False),
+    ("sessions.create", {"toolOverrides": {}}, True), ("sessions.create", {"incognito": True}, True),
+    ("sessions.create", {"label": "x"}, False),
+])
+def test_admin_only_session_params_are_refused(method: str, params: dict[str, object], refused: bool) -> None:
+    assert _refused(method, params) is refused
+
+
+def test_names_are_matched_in_full() -> None:
+    """`$` matches before a trailing newline; every check must match the whole name."""
+    assert valid_host("example.com") and not valid_host("example.com\n") and not valid_host("h:80\n")
+    with pytest.raises(EgressRefused):
+        parse_host("localhost\n")  # egress strips whitespace first: the name checked is the name used
 
 
 def test_frame_parsing_is_strict() -> None:
@@ -189,26 +275,49 @@ def test_forwarded_headers_are_overwritten_with_the_real_client() -> None:
         "X-Forwarded-For": "6.6.6.6", "Cookie": "a=b", "Authorization": "Bearer x", "Accept": "text/html",
         "Accept-Encoding": "gzip, br", "X-OpenClaw-Scopes": "operator.admin", "Content-Type": "application/json"}))
     out = upstream_request_headers(incoming, client_ip="203.0.113.9", scheme="https", host="app.example.com",
-                                   gateway_token="tok")
+                                   bearer="relay-tok", identity_only=True)
     assert out.getall("X-Forwarded-For") == ["203.0.113.9"]
     assert out["X-Forwarded-Proto"] == "https" and out["X-Forwarded-Host"] == "app.example.com"
-    assert out["Authorization"] == "Bearer tok" and "Cookie" not in out and "X-OpenClaw-Scopes" not in out
+    assert out["Authorization"] == "Bearer relay-tok" and "Cookie" not in out and "X-OpenClaw-Scopes" not in out
     assert out["Accept-Encoding"] == "identity" and out["Host"] == "app.example.com"
     local = upstream_request_headers(incoming, client_ip="127.0.0.1", scheme="http", host="127.0.0.1:8080",
-                                     gateway_token="tok")
-    assert not [h for h in local if h.lower().startswith("x-forwarded")]
+                                     bearer=None)
+    assert not [h for h in local if h.lower().startswith("x-forwarded")] and "Authorization" not in local
+    assert local["Accept-Encoding"] == "br, gzip"
+    bare = upstream_request_headers(CIMultiDictProxy(CIMultiDict()), client_ip=None, scheme="http", host="h",
+                                    bearer=None)
+    assert bare["Accept-Encoding"] == "identity"  # not aiohttp's default gzip on the client's behalf
     assert forwarded_for("::ffff:127.0.0.1") is None and forwarded_for("2001:db8::1") == "2001:db8::1"
 
 
-def test_response_headers_are_allow_listed() -> None:
+def test_accepted_encodings() -> None:
+    assert accepted_encodings(None) == {"identity"}
+    assert accepted_encodings("gzip;q=1.0, br;q=0, x-evil") == {"gzip", "identity"}
+    assert accepted_encodings("*;q=0") == set()
+    assert "zstd" in accepted_encodings("*")
+
+
+def test_response_headers_are_allow_listed_with_one_csp() -> None:
     upstream = CIMultiDictProxy(CIMultiDict([
         ("Content-Type", "text/html"), ("Set-Cookie", "a=b"), ("Service-Worker-Allowed", "/"),
         ("Clear-Site-Data", '"*"'), ("Access-Control-Allow-Origin", "*"), ("Content-Security-Policy", "x"),
-        ("X-Frame-Options", "SAMEORIGIN")]))
-    out = response_headers(upstream)
+        ("X-Frame-Options", "SAMEORIGIN"), ("Location", "//127.0.0.1:5432/")]))
+    out = response_headers(upstream, csp=RESOURCE_CSP)
     assert set(out) == {"Content-Type", "Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options",
                         "Referrer-Policy", "Cross-Origin-Resource-Policy"}
-    assert out["X-Frame-Options"] == "DENY" and len(out.getall("Content-Security-Policy")) == 2
+    assert out["X-Frame-Options"] == "DENY" and out.getall("Content-Security-Policy") == [RESOURCE_CSP]
+    assert "sandbox" in RESOURCE_CSP and "script-src" not in RESOURCE_CSP and "default-src 'none'" in RESOURCE_CSP
+
+
+def test_document_csp_hashes_the_inline_scripts_we_serve() -> None:
+    html = '<script>boot()</script><script type="module" src="/a.js"></script><SCRIPT>x=1</SCRIPT>'
+    csp = document_csp(html)
+    script_src = next(d for d in csp.split("; ") if d.startswith("script-src"))
+    hashes = [t for t in script_src.split()[1:] if t.startswith("'sha256-")]
+    expected = {"'sha256-" + base64.b64encode(hashlib.sha256(c.encode()).digest()).decode() + "'"
+                for c in ("boot()", "x=1")}
+    assert set(hashes) == expected and "'unsafe-inline'" not in script_src
+    assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
 
 
 # -- overage ----------------------------------------------------------------------------------------

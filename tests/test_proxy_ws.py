@@ -139,6 +139,68 @@ async def test_method_spelling_tricks_are_refused(env: Env, raw_method: str) -> 
     await ws.close()
 
 
+# Methods the relay's scopes do not cover that the old deny-list let through (the gateway alone
+# stopped them), explicit denies among read/write methods, unknown names, admin-only params.
+OFF_THE_ALLOW_LIST = [
+    ("sessions.compact", {"key": "agent:main:main"}, "scope"), ("worktrees.remove", {}, "scope"),
+    ("users.linkEmail", {}, "scope"), ("models.probe", {}, "scope"), ("skills.proposals.apply", {}, "scope"),
+    ("node.event", {}, "scope"), ("channels.pairing.list", {}, "scope"),
+    ("logs.tail", {}, "denied"), ("exec.approval.request", {"command": "rm -rf /"}, "denied"),
+    ("config.schema", {}, "denied"), ("environments.status", {}, "denied"),
+    ("no.such.method", {}, "unknown"), ("Chat.Send", {}, "unknown"), ("health ", {}, "unknown"),
+    ("sessions.patch", {"key": "agent:main:main", "permissionMode": "full"}, "params"),
+    ("sessions.patch", {"key": "agent:main:main", "sandboxMode": "off"}, "params"),
+    ("sessions.patchMany", {"keys": ["agent:main:main"], "patch": {"permissionMode": "full"}}, "params"),
+    ("sessions.create", {"execNode": "host"}, "params"),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "rule"), OFF_THE_ALLOW_LIST)
+async def test_only_allow_listed_methods_reach_the_gateway(settings: Settings, sql: psycopg.Connection,
+                                                           method: str, params: dict[str, Any], rule: str) -> None:
+    """A fake gateway that answers everything: whatever the proxy lets through would succeed."""
+    async with FakeGateway() as fake:
+        seeded = seed_gateway_user(sql, settings, port=fake.port)
+        async with running_proxy(settings) as proxy:
+            browser = Browser(proxy.url, seeded.session)
+            try:
+                ws, _ = await browser.handshake(seeded.agent_id)
+                res = await browser.call(ws, method, params)
+                assert res["ok"] is False, res
+                details = res["error"]["details"]
+                assert res["error"]["code"] == "FORBIDDEN" and details["reason"] == "blocked-by-proxy", res
+                assert details["rule"] == rule, res
+                ok = await browser.call(ws, "sessions.patch", {"key": "agent:main:main", "label": "fine"})
+                assert ok["ok"] is True  # a write-scope patch passes, and the socket stays usable
+                await ws.close()
+            finally:
+                await browser.close()
+        assert [f["method"] for f in fake.frames] == ["connect", "sessions.patch"]
+
+
+@pytest.mark.parametrize("raw_method", [
+    "tools.invoke\\n", "exec.approval.resolve\\n", "connect\\n", "config.patch\\n", "terminal.open\\n",
+    "health\\n", "chat.send\\r\\n",
+])
+async def test_trailing_newline_method_names_are_refused(settings: Settings, sql: psycopg.Connection,
+                                                         raw_method: str) -> None:
+    """`$` matches before a final newline: `tools.invoke\\n` once passed the deny check."""
+    async with FakeGateway() as fake:
+        seeded = seed_gateway_user(sql, settings, port=fake.port)
+        async with running_proxy(settings) as proxy:
+            browser = Browser(proxy.url, seeded.session)
+            try:
+                ws, _ = await browser.handshake(seeded.agent_id)
+                await ws.send_str('{"type":"req","id":"n1","method":"' + raw_method + '","params":{}}')
+                res = await browser.response(ws, "n1")
+                assert res["ok"] is False and res["error"]["details"]["reason"] == "blocked-by-proxy", res
+                assert res["error"]["message"].startswith("(invalid method name)")
+                await ws.close()
+            finally:
+                await browser.close()
+        assert [f["method"] for f in fake.frames] == ["connect"]
+
+
 @pytest.mark.parametrize("frame", [
     '{"type":"req","id":"d1","method":"health","method":"config.patch","params":{}}',
     '{"type":"req","id":"d1","method":"health","params":{"a":1,"a":2}}',
