@@ -662,8 +662,10 @@ def write_state(tmp_path: Path, files: dict[str, str]) -> Path:
 
 @pytest.mark.real_gateway
 @needs_gateway
-@pytest.mark.parametrize("inp", [cloud_input(), local_input(), cloud_input(hooks_enabled=False)],
-                         ids=["cloud", "local", "hooks-off"])
+@pytest.mark.parametrize("inp", [cloud_input(), local_input(), cloud_input(hooks_enabled=False),
+                                 cloud_input(trusted_proxies=["203.0.113.9", "10.0.0.0/24", "2001:db8::1",
+                                                              "2001:db8:1::/64"])],
+                         ids=["cloud", "local", "hooks-off", "cidr-and-ipv6-proxies"])
 def test_real_validator_accepts_the_rendered_config(tmp_path: Path, inp: AgentRenderInput) -> None:
     state = write_state(tmp_path, {"openclaw.json": json.dumps(render_openclaw_config(inp), indent=2)})
     env = gateway_env(state, render_env_vars(inp, SECRETS))
