@@ -8,6 +8,7 @@ bootstrap redemption — never into provider-stored metadata.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -20,11 +21,12 @@ from openclaw.agent_env import gateway_env, render_input
 from openclaw.device import DeviceIdentity
 from openclaw.pairing import approve_device_keys
 from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, relay_origin
-from openclaw.rpc import DEFAULT_OPERATOR_SCOPES, ClientInfo, GatewayClient, NotPairedError
+from openclaw.rpc import DEFAULT_OPERATOR_SCOPES, ClientInfo, GatewayClient, GatewayConnectionError, NotPairedError
 from providers import VmInfo, VmProvider, VmSpec, VmState
 from settings import Settings
 
 SIMULATOR_KNOB_PREFIX = "SLOPBOX_SIM_"
+log = logging.getLogger(__name__)
 
 
 def ensure_identities(vps: Vps) -> tuple[str, str]:
@@ -131,7 +133,14 @@ def admin_client(provider: VmProvider, vps: Vps, agent: Agent, **options: Any) -
 
 
 async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent) -> None:
-    """Re-assert the locked-down config and write the workspace files through the admin identity."""
+    """Re-assert the locked-down config and write the workspace files through the admin identity.
+
+    The owned sections are made *equal* to the rendered ones (keys the render does not have are
+    deleted with merge-patch nulls, so a tampered `agents.entries.main.sandbox` goes too), keys
+    whose presence weakens the lockdown elsewhere (`plugins.entries.<id>.enabled`, `dangerously*`)
+    are deleted, and then the config is read back: if the lock check still finds anything, the
+    push failed, whatever the gateway answered (LockdownViolation, final).
+    """
     inp = render_input(settings, agent, local=vps.provider == "local")
     wanted = render.render_openclaw_config(inp)
     violations = render.check_locked(wanted)
@@ -140,25 +149,108 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
         raise ApplicationError("refusing to push a config that weakens the lockdown: " + "; ".join(violations),
                                type="LockdownViolation", non_retryable=True)
     async with admin_client(provider, vps, agent) as gw:
-        current = await gw.config_get()
-        # `parsed` is the file as written (with ${VAR} references); `config` has secrets redacted.
-        live = current.get("parsed") or current.get("config") or {}
-        if render.check_locked(live) or _differs(live, wanted):
-            await gw.config_patch(_patch_for(wanted))
-        for name, text in render.render_workspace_files(inp).items():
-            existing = await gw.agents_files_get("main", name)
-            if (existing.get("file") or {}).get("content") != text:
-                await gw.agents_files_set("main", name, text)
+        live = _source_config(await gw.config_get())
+        patch, replace_paths = _patch_for(live, wanted)
+        if patch:
+            await gw.config_patch(patch, replace_paths=replace_paths, note="slopbox: re-assert the lockdown")
+    # A fresh connection: removing a plugin or changing trusted proxies makes the gateway close
+    # every socket (4001 "gateway policy changed"), and an in-process restart may follow.
+    for attempt in range(1, READ_BACK_ATTEMPTS + 1):
+        try:
+            async with admin_client(provider, vps, agent, reconnect=False) as gw:
+                remaining = render.check_locked(_source_config(await gw.config_get()))
+                if remaining:
+                    log.error("lockdown violation: vps %s (agent %s) still has %d weakened setting(s) after the "
+                              "config push: %s", vps.id, agent.id, len(remaining), "; ".join(remaining))
+                    raise ApplicationError("the gateway config still weakens the lockdown after the push: "
+                                           + "; ".join(remaining), type="LockdownViolation", non_retryable=True)
+                await _write_workspace(gw, inp)
+                return
+        except GatewayConnectionError:
+            if attempt == READ_BACK_ATTEMPTS:
+                raise
+            activity.heartbeat("reconnecting after the config push")
+            await asyncio.sleep(2.0)
 
 
-# The config sections we own and re-assert; the rest (channels, plugins, meta) is the gateway's.
+READ_BACK_ATTEMPTS = 5
+
+
+async def _write_workspace(gw: GatewayClient, inp: render.AgentRenderInput) -> None:
+    for name, text in render.render_workspace_files(inp).items():
+        existing = await gw.agents_files_get("main", name)
+        if (existing.get("file") or {}).get("content") != text:
+            await gw.agents_files_set("main", name, text)
+
+
+def _source_config(current: dict[str, Any]) -> dict[str, Any]:
+    # `parsed` is the file as written (with ${VAR} references); `config` has secrets redacted.
+    return current.get("parsed") or current.get("config") or {}
+
+
+# The config sections we own and re-assert; the rest (channels, plugins, meta) is the gateway's,
+# except for keys whose mere presence weakens the lockdown (render.lockdown_removals).
 OWNED_SECTIONS = ("gateway", "agents", "tools", "hooks")
 
 
-def _patch_for(wanted: dict[str, Any]) -> dict[str, Any]:
-    """Our sections as a merge patch (channels etc. are left alone)."""
-    return {key: wanted[key] for key in OWNED_SECTIONS if key in wanted}
+def _patch_for(live: dict[str, Any], wanted: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The merge patch that makes the owned sections of `live` equal to `wanted` and deletes the
+    forbidden keys elsewhere; plus the array paths it shrinks or removes, which the gateway only
+    accepts when named in `replacePaths`. Empty patch = nothing to do."""
+    replace: list[str] = []
+    patch: dict[str, Any] = {}
+    for key in OWNED_SECTIONS:
+        if key in wanted:
+            change = _diff(live.get(key, _ABSENT), wanted[key], key, replace)
+            if change is not _SAME:
+                patch[key] = change
+    for path in render.lockdown_removals(live):
+        if path[0] in OWNED_SECTIONS:
+            continue  # the exact diff above already removes it
+        node = patch
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[path[-1]] = None
+            replace += _array_paths(_lookup(live, path), ".".join(path))
+    return patch, sorted(set(replace))
 
 
-def _differs(live: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return any(live.get(key) != wanted.get(key) for key in OWNED_SECTIONS)
+_ABSENT = object()
+_SAME = object()
+
+
+def _diff(live: Any, wanted: Any, path: str, replace: list[str]) -> Any:
+    """Merge patch turning `live` into `wanted` (RFC 7396: null deletes), or _SAME."""
+    if isinstance(wanted, dict) and isinstance(live, dict):
+        out: dict[str, Any] = {}
+        for key in live.keys() - wanted.keys():
+            out[key] = None
+            replace += _array_paths(live[key], f"{path}.{key}")
+        for key, value in wanted.items():
+            change = _diff(live.get(key, _ABSENT), value, f"{path}.{key}", replace)
+            if change is not _SAME:
+                out[key] = change
+        return out or _SAME
+    if live is not _ABSENT and live == wanted and type(live) is type(wanted):
+        return _SAME
+    if live is not _ABSENT:
+        replace += _array_paths(live, path)
+    return wanted
+
+
+def _array_paths(value: Any, path: str) -> list[str]:
+    if isinstance(value, list):
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _array_paths(v, f"{path}.{k}")]
+    return []
+
+
+def _lookup(config: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = config
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node

@@ -408,8 +408,10 @@ class ConfigSnapshot:
 class ConfigStore:
     """Reads and writes one openclaw.json; the simulator re-reads it on every request (no cache)."""
 
-    def __init__(self, path: Path, state_dir: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, path: Path, state_dir: Path, env: Mapping[str, str] | None = None,
+                 sticky: Mapping[str, Any] | None = None) -> None:
         self.path = path
+        self.sticky = dict(sticky or {})  # test knob: keys every write keeps (SLOPBOX_SIM_STICKY_CONFIG)
         self.state_dir = state_dir
         self.env = env if env is not None else os.environ
         self._key = load_hash_key(state_dir)
@@ -443,6 +445,8 @@ class ConfigStore:
 
     def write(self, source: Mapping[str, Any]) -> ConfigSnapshot:
         data = copy.deepcopy(dict(source))
+        if self.sticky:
+            data = apply_merge_patch(data, self.sticky)
         meta = data.setdefault("meta", {})
         if isinstance(meta, dict):
             meta["lastTouchedVersion"] = VERSION

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PORT = 18789
 
@@ -32,7 +34,9 @@ class SimulatorOptions:
     - `tick_interval_ms`   (`SLOPBOX_SIM_TICK_MS`) `tick` event period (real: 30000);
     - `restart_down_s`     (`SLOPBOX_SIM_RESTART_S`) how long the listener is gone during a restart;
     - `restart_cooldown_s` (`SLOPBOX_SIM_RESTART_COOLDOWN_S`) minimum gap between restarts (real: 30);
-    - `qr_rotate_s`        (`SLOPBOX_SIM_QR_ROTATE_S`) WhatsApp QR rotation period.
+    - `qr_rotate_s`        (`SLOPBOX_SIM_QR_ROTATE_S`) WhatsApp QR rotation period;
+    - `sticky_config`      (`SLOPBOX_SIM_STICKY_CONFIG`, a JSON object) merged into every config the
+      simulator writes: a gateway (or a plugin) that keeps a key whatever a patch says.
     """
 
     state_dir: Path
@@ -54,6 +58,7 @@ class SimulatorOptions:
     restart_startup_s: float = 0.3
     restart_cooldown_s: float = 30.0
     qr_rotate_s: float = 20.0
+    sticky_config: Mapping[str, Any] | None = None
 
     @property
     def resolved_config_path(self) -> Path:
@@ -77,5 +82,6 @@ class SimulatorOptions:
             restart_down_s=_float(env, "SLOPBOX_SIM_RESTART_S", 1.0),
             restart_cooldown_s=_float(env, "SLOPBOX_SIM_RESTART_COOLDOWN_S", 30.0),
             qr_rotate_s=_float(env, "SLOPBOX_SIM_QR_ROTATE_S", 20.0),
+            sticky_config=json.loads(sticky) if (sticky := env.get("SLOPBOX_SIM_STICKY_CONFIG")) else None,
         )
         return replace(base, **overrides)  # type: ignore[arg-type]

@@ -231,7 +231,7 @@ class GatewaySimulator:
         self.options = options
         self.state_dir = options.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.config = ConfigStore(options.resolved_config_path, self.state_dir, options.env)
+        self.config = ConfigStore(options.resolved_config_path, self.state_dir, options.env, options.sticky_config)
         self.devices = DeviceStore(self.state_dir)
         self.workspace = WorkspaceStore(self.state_dir)
         self.chat = ChatStore(self.state_dir)

@@ -35,7 +35,7 @@ def render_input(settings: Settings, agent: Agent, *, local: bool) -> AgentRende
         personality=dict(agent.personality or {}),
         bind="loopback" if local else "lan",
         allowed_origins=[relay_origin(settings)],
-        trusted_proxies=["127.0.0.1"] if local else [f"{ip}/32" for ip in settings.control_plane_ips],
+        trusted_proxies=["127.0.0.1"] if local else list(settings.control_plane_ips),
         control_plane_public_url=settings.control_plane_public_url,
         forward_proxy_url=forward_proxy_url(settings, local=local),
     )

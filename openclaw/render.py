@@ -71,6 +71,7 @@ __all__ = [
     "check_locked",
     "gateway_runtime_env",
     "llm_key_env_name",
+    "lockdown_removals",
     "render_bootstrap_conf",
     "render_bootstrap_script",
     "render_bootstrap_unit",
@@ -240,13 +241,7 @@ class AgentRenderInput(BaseModel):
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies(cls, v: list[str]) -> list[str]:
-        out = []
-        for item in v:
-            net = ipaddress.ip_network(item, strict=False)  # raises ValueError on junk
-            if net.prefixlen == 0:
-                raise ValueError(f"trusted proxy {item!r} would trust every address")
-            out.append(item)
-        return out
+        return [_trusted_proxy(item) for item in v]
 
     @field_validator("control_plane_public_url")
     @classmethod
@@ -257,6 +252,25 @@ class AgentRenderInput(BaseModel):
     @classmethod
     def _fwd_url(cls, v: str | None) -> str | None:
         return None if v is None else _check_http_url(v, "forward_proxy_url")
+
+
+def _trusted_proxy(item: str) -> str:
+    """One `gateway.trustedProxies` entry, exactly as meant: an address stays an address (v4 or v6),
+    a CIDR stays that CIDR. The gateway matches each entry with its own CIDR test, so appending a
+    prefix length would widen an IPv6 address to a /32 network."""
+    text = str(item).strip()
+    if "/" in text:
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError:
+            raise ValueError(f"trusted proxy {item!r} is not a CIDR without host bits (e.g. 10.0.0.0/24)") from None
+        if net.prefixlen == 0:
+            raise ValueError(f"trusted proxy {item!r} would trust every address")
+        return str(net)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"trusted proxy {item!r} is not an IP address or CIDR") from None
 
 
 def llm_key_env_name(model: str) -> str | None:
@@ -448,8 +462,21 @@ def _get(config: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def _show(value: Any) -> str:
-    return "missing" if value is _MISSING else json.dumps(value)
+# Values under these keys may be literal secrets (a token pasted into the file, a proxy URL with
+# credentials): violations name the path but never echo such a value (they reach logs and the API).
+_SECRETISH_KEY_RE = re.compile(r"(token|password|secret|key|url)$", re.IGNORECASE)
+
+
+def _show(value: Any, path: str = "") -> str:
+    if value is _MISSING:
+        return "missing"
+    if (
+        _SECRETISH_KEY_RE.search(path.rsplit(".", 1)[-1])
+        and isinstance(value, str)
+        and not re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*\}", value)
+    ):
+        return "a literal value (not shown)"
+    return json.dumps(value)
 
 
 def check_locked(config: Mapping[str, Any]) -> list[str]:
@@ -473,9 +500,11 @@ def check_locked(config: Mapping[str, Any]) -> list[str]:
         elif isinstance(req, AbsentOr):
             if actual is not _MISSING and actual != req.value:
                 allowed = "absent" if req.value is None else f"absent or {json.dumps(req.value)}"
-                problems.append(f"{rule.path}: must be {allowed}, found {_show(actual)} ({rule.reason})")
+                problems.append(f"{rule.path}: must be {allowed}, found {_show(actual, rule.path)} ({rule.reason})")
         elif actual is _MISSING or actual != req or type(actual) is not type(req):
-            problems.append(f"{rule.path}: must be {json.dumps(req)}, found {_show(actual)} ({rule.reason})")
+            problems.append(
+                f"{rule.path}: must be {json.dumps(req)}, found {_show(actual, rule.path)} ({rule.reason})"
+            )
 
     entries = _get(config, "agents.entries")
     if isinstance(entries, Mapping):
@@ -487,7 +516,7 @@ def check_locked(config: Mapping[str, Any]) -> list[str]:
                 if actual is not _MISSING and actual != required:
                     problems.append(
                         f"agents.entries.{agent_id}.{sub}: must be absent or {json.dumps(required)},"
-                        f" found {_show(actual)} (per-agent override of a locked setting)"
+                        f" found {_show(actual, sub)} (per-agent override of a locked setting)"
                     )
 
     origins = _get(config, "gateway.controlUi.allowedOrigins")
@@ -504,7 +533,58 @@ def check_locked(config: Mapping[str, Any]) -> list[str]:
                 problems.append(f"gateway.trustedProxies: {item!r} would trust every address")
     if _get(config, "hooks.enabled") is True and _get(config, "hooks.token") != HOOKS_TOKEN_REF:
         problems.append(f"hooks.token: must be {json.dumps(HOOKS_TOKEN_REF)} when hooks are enabled")
+    reported = set(problems)
+    for path, value, reason in _forbidden_nested(config):
+        dotted = ".".join(path)
+        problem = f"{dotted}: must be absent or false, found {_show(value, dotted)} ({reason})"
+        if not any(p.startswith(dotted + ":") for p in reported):
+            problems.append(problem)
     return problems
+
+
+def _forbidden_nested(config: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Any, str]]:
+    """Catch-alls below fixed paths: every `dangerously*` switch anywhere, and any plugin turned on.
+
+    The control plane enables no plugin (the bundled channel plugins follow `channels.*`), and a
+    plugin can add HTTP routes or RPC methods the proxy does not know, so `enabled: true` on any
+    `plugins.entries.<id>` is a violation, not only on the ones we know about.
+    """
+    found: list[tuple[tuple[str, ...], Any, str]] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if not isinstance(node, Mapping):
+            return
+        for key, value in node.items():
+            here = (*path, str(key))
+            if str(key).startswith("dangerously") and value is not False:
+                found.append((here, value, "a dangerously* switch weakens a safety check"))
+            else:
+                walk(value, here)
+
+    walk(config, ())
+    plugins = _get(config, "plugins.entries")
+    if isinstance(plugins, Mapping):
+        for plugin_id, entry in plugins.items():
+            if isinstance(entry, Mapping) and "enabled" in entry and entry["enabled"] is not False:
+                found.append((("plugins", "entries", str(plugin_id), "enabled"), entry["enabled"],
+                              "the control plane enables no plugin"))
+    return found
+
+
+def lockdown_removals(config: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """Key paths whose *presence* breaks the lockdown: deleting each (a merge-patch `null`) restores
+    the gateway's safe default. Covers the `AbsentOr` settings and the catch-alls of `check_locked`;
+    settings with a required value are restored by pushing the rendered sections instead."""
+    paths: list[tuple[str, ...]] = []
+    for rule in LOCKED_SETTINGS:
+        if isinstance(rule.required, AbsentOr):
+            actual = _get(config, rule.path)
+            if actual is not _MISSING and actual != rule.required.value:
+                paths.append(tuple(rule.path.split(".")))
+    for path, _value, _reason in _forbidden_nested(config):
+        if path not in paths:
+            paths.append(path)
+    return paths
 
 
 # -- workspace -----------------------------------------------------------------------------------

@@ -32,6 +32,36 @@ def test_every_compose_service_runs_a_real_entry_point() -> None:
         assert f"COPY {pkg} ./{pkg}" in dockerfile, pkg
 
 
+def _published_host_ips(ports: list[object]) -> list[str]:
+    """Host address of each published port (compose short or long syntax); "" = every interface."""
+    out = []
+    for entry in ports:
+        if isinstance(entry, dict):
+            if entry.get("published") is not None:
+                out.append(str(entry.get("host_ip", "")))
+            continue
+        spec = str(entry).split("/", 1)[0]
+        if spec.startswith("["):
+            out.append(spec[1:spec.index("]")])
+        else:
+            parts = spec.split(":")
+            out.append(parts[0] if len(parts) == 3 else "")  # ip:host:container
+    return out
+
+
+def test_only_the_api_and_the_proxy_are_published_beyond_loopback() -> None:
+    """Temporal's frontend (7233) and Web UI (8233) have no authentication (issue 9 item 14)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, svc in compose["services"].items():
+        if name in ("api", "proxy"):
+            continue
+        for host_ip in _published_host_ips(svc.get("ports", [])):
+            assert host_ip in ("127.0.0.1", "::1"), f"{name} publishes a port on {host_ip or 'every interface'}"
+    assert _published_host_ips(compose["services"]["temporal"]["ports"]) == ["127.0.0.1"]
+    assert _published_host_ips(compose["services"]["temporal-ui"]["ports"]) == ["127.0.0.1"]
+    assert "temporal:7233" in {s.get("environment", {}).get("TEMPORAL_ADDRESS") for s in compose["services"].values()}
+
+
 def test_console_script_points_at_main() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert 'slopbox = "cli.main:main"' in text

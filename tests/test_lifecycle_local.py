@@ -285,12 +285,54 @@ async def test_start_reasserts_the_lockdown(stack: Stack, sql: psycopg.Connectio
     config = json.loads(config_file.read_text())
     config["agents"]["defaults"]["sandbox"]["mode"] = "off"
     config["tools"]["elevated"]["enabled"] = True
+    # Nested keys the rendered sections do not have: a merge patch of the rendered sections kept them.
+    config["agents"]["entries"]["main"] = {"sandbox": {"mode": "off", "docker": {"binds": ["/:/host"]}}}
+    config["gateway"]["controlUi"]["dangerouslyAllowHostHeaderOriginFallback"] = True
+    config["plugins"] = {"entries": {"admin-http-rpc": {"enabled": True}, "memory-core": {"enabled": True}}}
     config_file.write_text(json.dumps(config))
     await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))
-    assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
+    vps = await stack.wait_vps(user, agent, "running", "error")
+    assert vps["state"] == "running", vps["last_error"]
     healed = json.loads(config_file.read_text())
     assert healed["agents"]["defaults"]["sandbox"]["mode"] == "all"
     assert healed["tools"]["elevated"]["enabled"] is False
+    assert healed["agents"]["entries"]["main"] == {}
+    assert "dangerouslyAllowHostHeaderOriginFallback" not in healed["gateway"]["controlUi"]
+    assert all("enabled" not in entry for entry in healed["plugins"]["entries"].values())
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_a_lockdown_the_push_cannot_restore_fails_the_operation(stack: Stack, sql: psycopg.Connection,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A gateway that keeps a forbidden key whatever the patch says (simulated: every write re-adds
+    it) answers the push with success; the read-back catches it and the start fails, for good."""
+    monkeypatch.setenv("SLOPBOX_SIM_STICKY_CONFIG", json.dumps({"plugins": {"entries": {"evil": {"enabled": True}}}}))
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    await stack.provision(user, agent)
+    vps = await stack.wait_vps(user, agent, "running", "error")
+    assert vps["state"] == "running", vps["last_error"]  # nothing written yet: the rendered file is clean
+    await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user))
+    await stack.wait_vps(user, agent, "stopped")
+    config_file = stack.settings.data_dir / "vms" / vps["id"] / "state" / "openclaw.json"
+    config = json.loads(config_file.read_text())
+    config["agents"]["entries"]["main"] = {"sandbox": {"mode": "off"}}  # makes the push write
+    config_file.write_text(json.dumps(config))
+    with caplog.at_level("ERROR", logger="activities.gateway"):
+        resp = await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))
+        assert resp.status_code == 202, resp.text
+        vps = await stack.wait_vps(user, agent, "running", "error")
+    assert vps["state"] == "error"
+    last = vps["last_operation"]
+    assert last["status"] == "failed" and last["id"] == resp.json()["operation_id"]
+    assert "LockdownViolation" in last["error"] or "still weakens the lockdown" in last["error"], last
+    assert "plugins.entries.evil.enabled" in last["error"]
+    assert any("lockdown violation" in r.getMessage() and "plugins.entries.evil.enabled" in r.getMessage()
+               for r in caplog.records)
+    # The tampering the gateway did accept is gone; only the key it keeps remains.
+    assert json.loads(config_file.read_text())["agents"]["entries"]["main"] == {}
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
     await stack.wait_vps(user, agent, "destroyed")
 

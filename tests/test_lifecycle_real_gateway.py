@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from temporalio.client import Client
 
+from openclaw.render import check_locked
 from settings import Settings
 from tests.helpers import headers, make_user
 from tests.lifecycle_harness import FAST, running_stack
@@ -80,12 +81,26 @@ async def test_real_gateway_provision_stop_start_destroy(settings: Settings, tem
         config = json.loads((state / "openclaw.json").read_text())
         config["tools"]["elevated"]["enabled"] = True
         config["agents"]["defaults"]["sandbox"]["docker"]["network"] = "bridge"
+        # Nested keys the rendered sections do not carry (issue 9 item 3): a merge patch of our
+        # sections left them in place and the push still reported success.
+        config["agents"]["defaults"]["sandbox"]["mode"] = "off"
+        config["agents"]["defaults"]["sandbox"]["docker"]["binds"] = ["/etc:/host-etc:ro"]
+        config["agents"]["entries"]["main"] = {"sandbox": {"mode": "off"}}
+        config["gateway"]["controlUi"]["dangerouslyAllowHostHeaderOriginFallback"] = True
+        config["plugins"] = {"entries": {"admin-http-rpc": {"enabled": True}}}
         (state / "openclaw.json").write_text(json.dumps(config))
         assert (await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))).status_code == 202
-        assert (await stack.wait_vps(user, agent, "running", "error", timeout=180))["state"] == "running"
+        vps = await stack.wait_vps(user, agent, "running", "error", timeout=180)
+        assert vps["state"] == "running", vps["last_error"]
         healed = json.loads((state / "openclaw.json").read_text())
         assert healed["tools"]["elevated"]["enabled"] is False
         assert healed["agents"]["defaults"]["sandbox"]["docker"]["network"] == "none"
+        assert healed["agents"]["defaults"]["sandbox"]["mode"] == "all"
+        assert "binds" not in healed["agents"]["defaults"]["sandbox"]["docker"]
+        assert healed["agents"]["entries"]["main"] == {}
+        assert "dangerouslyAllowHostHeaderOriginFallback" not in healed["gateway"]["controlUi"]
+        assert "enabled" not in healed.get("plugins", {}).get("entries", {}).get("admin-http-rpc", {})
+        assert check_locked(healed) == []
 
         # Restart: the gateway goes away and comes back.
         resp = await stack.api.post(f"/agents/{agent}/restart", headers=headers(user))

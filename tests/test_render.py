@@ -177,6 +177,56 @@ def test_check_locked_catches_weakening(path: str, value: Any, expect: str) -> N
     assert any(expect in p for p in problems), problems
 
 
+@pytest.mark.parametrize(("path", "value"), [
+    # issue 9 item 3: nested keys a push used to leave in place
+    ("plugins.entries.memory-core.enabled", True),
+    ("plugins.entries.some-installed-plugin.enabled", "yes"),
+    ("gateway.controlUi.dangerouslyDisableDeviceAuth", True),
+    ("agents.entries.main.sandbox.docker.dangerouslyAllowExternalBindSources", True),
+    ("agents.defaults.sandbox.docker.dangerouslyAllowSomethingNew", True),
+    ("channels.telegram.dangerouslyAllowAnyone", True),
+])
+def test_check_locked_sees_every_forbidden_nested_key(path: str, value: Any) -> None:
+    weakened = set_path(render_openclaw_config(cloud_input()), path, value)
+    problems = check_locked(weakened)
+    assert any(p.startswith(path + ":") for p in problems), problems
+    assert tuple(path.split(".")) in render.lockdown_removals(weakened)
+
+
+def test_disabled_plugins_and_dangerous_switches_set_false_are_fine() -> None:
+    config = set_path(render_openclaw_config(cloud_input()), "plugins.entries.memory-core.enabled", False)
+    config = set_path(config, "gateway.controlUi.dangerouslyDisableDeviceAuth", False)
+    config = set_path(config, "plugins.entries.telegram", {})
+    assert check_locked(config) == [] and render.lockdown_removals(config) == []
+
+
+def test_lockdown_removals_are_exactly_the_keys_to_delete() -> None:
+    config = render_openclaw_config(cloud_input())
+    config = set_path(config, "gateway.controlUi.dangerouslyAllowHostHeaderOriginFallback", True)
+    config = set_path(config, "plugins.entries.admin-http-rpc.enabled", True)
+    config = set_path(config, "proxy.proxyUrl", "http://user:pw@elsewhere.example:3128")
+    config = set_path(config, "agents.defaults.sandbox.mode", "off")  # a required value: re-pushed, not deleted
+    removals = render.lockdown_removals(config)
+    assert sorted(removals) == sorted([
+        ("gateway", "controlUi", "dangerouslyAllowHostHeaderOriginFallback"),
+        ("plugins", "entries", "admin-http-rpc", "enabled"),
+        ("proxy", "proxyUrl"),
+    ])
+    # Each violation is reported once, although both a fixed rule and a catch-all see it.
+    problems = check_locked(config)
+    assert len([p for p in problems if "HostHeaderOriginFallback" in p]) == 1
+
+
+def test_violations_never_echo_a_literal_secret() -> None:
+    """The violations go to the error log and to the API (`last_operation.error`)."""
+    config = set_path(render_openclaw_config(cloud_input()), "gateway.auth.token", GATEWAY_TOKEN)
+    config = set_path(config, "hooks.token", HOOKS_TOKEN)
+    config = set_path(config, "proxy.proxyUrl", "http://agent:" + GATEWAY_TOKEN + "@elsewhere.example:3128")
+    text = "; ".join(check_locked(config))
+    assert "gateway.auth.token" in text and "hooks.token" in text and "proxy.proxyUrl" in text
+    assert GATEWAY_TOKEN not in text and HOOKS_TOKEN not in text
+
+
 def test_check_locked_reports_removed_settings_readably() -> None:
     config = render_openclaw_config(cloud_input())
     del config["gateway"]["terminal"]
@@ -193,6 +243,39 @@ def test_tightening_is_not_a_violation() -> None:
     tighter = set_path(tighter, "agents.defaults.sandbox.workspaceAccess", "ro")
     tighter = set_path(tighter, "hooks", {"enabled": False})
     assert check_locked(tighter) == []
+
+
+# -- trusted proxies (issue 9 item 14) -----------------------------------------------------------
+
+
+def test_trusted_proxies_render_exactly_as_given() -> None:
+    """An address stays an address and a CIDR stays that CIDR, IPv4 and IPv6 alike: the gateway
+    matches each entry as a CIDR, so `<ip>/32` broke CIDRs and widened an IPv6 address to a /32."""
+    given = ["203.0.113.9", "10.0.0.0/24", "2001:db8::1", "2001:db8:1::/64", "192.0.2.7/32", "2001:DB8::2"]
+    config = render_openclaw_config(cloud_input(trusted_proxies=given))
+    assert config["gateway"]["trustedProxies"] == [
+        "203.0.113.9", "10.0.0.0/24", "2001:db8::1", "2001:db8:1::/64", "192.0.2.7/32", "2001:db8::2"]
+    assert check_locked(config) == []
+
+
+def test_control_plane_ips_reach_the_gateway_unchanged() -> None:
+    """From CONTROL_PLANE_IPS through the agent's render input (openclaw/agent_env.py)."""
+    import uuid
+
+    from db.models import Agent
+    from openclaw.agent_env import render_input
+    from settings import Settings
+
+    settings = Settings(control_plane_ips="198.51.100.4,2001:db8::10,10.8.0.0/16")  # type: ignore[call-arg]
+    agent = Agent(id=uuid.uuid4(), user_id=uuid.uuid4(), name="m", gateway_token="t" * 40, gateway_token_last4="t")
+    inp = render_input(settings, agent, local=False)
+    assert render_openclaw_config(inp)["gateway"]["trustedProxies"] == ["198.51.100.4", "2001:db8::10", "10.8.0.0/16"]
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.5/24", "::/0", "0.0.0.0/0", "2001:db8::1/200", "host.example"])
+def test_ambiguous_or_catch_all_trusted_proxies_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        cloud_input(trusted_proxies=[bad])
 
 
 # -- input validation, workspace -----------------------------------------------------------------
@@ -579,8 +662,10 @@ def write_state(tmp_path: Path, files: dict[str, str]) -> Path:
 
 @pytest.mark.real_gateway
 @needs_gateway
-@pytest.mark.parametrize("inp", [cloud_input(), local_input(), cloud_input(hooks_enabled=False)],
-                         ids=["cloud", "local", "hooks-off"])
+@pytest.mark.parametrize("inp", [cloud_input(), local_input(), cloud_input(hooks_enabled=False),
+                                 cloud_input(trusted_proxies=["203.0.113.9", "10.0.0.0/24", "2001:db8::1",
+                                                              "2001:db8:1::/64"])],
+                         ids=["cloud", "local", "hooks-off", "cidr-and-ipv6-proxies"])
 def test_real_validator_accepts_the_rendered_config(tmp_path: Path, inp: AgentRenderInput) -> None:
     state = write_state(tmp_path, {"openclaw.json": json.dumps(render_openclaw_config(inp), indent=2)})
     env = gateway_env(state, render_env_vars(inp, SECRETS))
