@@ -170,10 +170,12 @@ async def record(session: AsyncSession, operation_id: str, ref: VpsRef, kind: Op
     """The operation's row, unless its first activity already wrote it (then only the key is added)."""
     values: dict[str, Any] = {"id": operation_id, "vps_id": ref.vps_id, "user_id": ref.user_id, "kind": kind,
                               "status": "queued", "detail": detail, "idempotency_key": key}
-    stmt = insert(VpsOperation).values(**values)
-    stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={
-        "idempotency_key": stmt.excluded.idempotency_key, "detail": stmt.excluded.detail}) if key else \
-        stmt.on_conflict_do_nothing(index_elements=["id"])
+    insert_row = insert(VpsOperation).values(**values)
+    if key:
+        stmt = insert_row.on_conflict_do_update(index_elements=["id"], set_={
+            "idempotency_key": insert_row.excluded.idempotency_key, "detail": insert_row.excluded.detail})
+    else:
+        stmt = insert_row.on_conflict_do_nothing(index_elements=["id"])
     await session.exec(stmt)  # type: ignore[call-overload]
     await session.commit()
 
