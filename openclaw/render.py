@@ -834,7 +834,7 @@ _BOOTSTRAP_SCRIPT = r"""#!/bin/sh
 # Slopbox first-boot bootstrap for an OpenClaw gateway VM (rendered by openclaw/render.py).
 # Redeems the single-use bootstrap token for the gateway's secrets, seeds the state folder, starts
 # the gateway, reports ready, then approves exactly the control plane's device keys for pairing.
-# Usage: bootstrap.sh [all|redeem|pair]   (settings: $SLOPBOX_BOOTSTRAP_CONF, default /etc/openclaw/bootstrap.conf)
+# Usage: bootstrap.sh [all|redeem|pair|cert]   (settings: $SLOPBOX_BOOTSTRAP_CONF, default /etc/openclaw/bootstrap.conf)
 set -eu
 CONF=${SLOPBOX_BOOTSTRAP_CONF:-/etc/openclaw/bootstrap.conf}
 # shellcheck source=/dev/null
@@ -1089,7 +1089,8 @@ case "${1:-all}" in
   all) main ;;
   redeem) redeem ;;
   pair) pair ;;
-  *) die "usage: $0 [all|redeem|pair]" ;;
+  cert) ensure_cert && cert_sha256 ;;
+  *) die "usage: $0 [all|redeem|pair|cert]" ;;
 esac
 """
 
