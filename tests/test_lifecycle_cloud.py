@@ -226,6 +226,9 @@ async def test_cloud_gateway_is_reached_over_tls_pinned_to_the_reported_certific
             swap = await stack.api.post(f"/{path}/ready", headers={"Authorization": f"Bearer {token}"},
                                         json={"status": "ready", "gateway_cert_sha256": "ab" * 32})
             assert swap.status_code == 409
+            for body in ({"status": "ready"}, {"status": "ready", "gateway_cert_sha256": "not-a-fingerprint"}):
+                bad = await stack.api.post(f"/{path}/ready", headers={"Authorization": f"Bearer {token}"}, json=body)
+                assert bad.status_code == 400, bad.text  # a cloud VM's report must carry a real SHA-256
             assert sql.execute("SELECT gateway_cert_sha256 FROM vpses WHERE id = %s",
                                (vps["id"],)).fetchone() == (vm["cert_sha256"],)
 
