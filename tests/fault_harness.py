@@ -32,7 +32,6 @@ from temporalio.client import Client
 
 from devstack.temporal import dev_server_command, wait_port
 from gateway_simulator.server import run_simulator
-from gateway_simulator.tls import make_self_signed
 from openclaw.pairing import approve_device_keys
 from providers import build_provider
 from settings import Settings
@@ -204,11 +203,7 @@ class VmFleet:
         config["gateway"]["bind"] = "custom"
         config["gateway"]["customBindHost"] = self.fake.ip_for(server_id)
         gateway_token = secrets["env"]["OPENCLAW_GATEWAY_TOKEN"]
-        # The VM's TLS certificate where the rendered gateway.tls points (`~` = the service's HOME).
-        home = self.state_root / f"{server_id}-home"
-        tls = config["gateway"]["tls"]
-        cert_sha256 = make_self_signed(*(Path(str(home) + tls[k].removeprefix("~")) for k in ("certPath", "keyPath")))
-        env = {**os.environ, **secrets["env"], "HOME": str(home)}
+        env = {**os.environ, **secrets["env"]}
         # bind=custom pins the listener to this VM's address even after the control plane pushes
         # `bind: lan` (on a real VM, "all interfaces" are that VM's own).
         async with run_simulator(self.state_root / str(server_id), port=self.port, token=gateway_token,
@@ -216,10 +211,9 @@ class VmFleet:
             self.booted.add(server_id)
             pairing = asyncio.create_task(approve_device_keys(
                 sim.url, token=gateway_token, public_keys=secrets["pair_public_keys"], timeout=120,
-                poll_interval=0.2, cert_sha256=cert_sha256))
+                poll_interval=0.2))
             try:
-                ready = await self.api.post(f"/{path}/ready", headers=auth,
-                                            json={"status": "ready", "gateway_cert_sha256": cert_sha256})
+                ready = await self.api.post(f"/{path}/ready", headers=auth)
                 if ready.status_code != 204:
                     self.broken[server_id] = f"ready answered {ready.status_code}"
                 while True:  # powered until the server is deleted
