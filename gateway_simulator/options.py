@@ -59,6 +59,9 @@ class SimulatorOptions:
     restart_cooldown_s: float = 30.0
     qr_rotate_s: float = 20.0
     sticky_config: Mapping[str, Any] | None = None
+    bind_host: str | None = None
+    """`SLOPBOX_SIM_BIND_HOST`: with `--bind custom`, listen here whatever the config says (an emulated
+    cloud VM's own address, which the control plane's config push knows nothing about)."""
 
     @property
     def resolved_config_path(self) -> Path:
@@ -83,5 +86,6 @@ class SimulatorOptions:
             restart_cooldown_s=_float(env, "SLOPBOX_SIM_RESTART_COOLDOWN_S", 30.0),
             qr_rotate_s=_float(env, "SLOPBOX_SIM_QR_ROTATE_S", 20.0),
             sticky_config=json.loads(sticky) if (sticky := env.get("SLOPBOX_SIM_STICKY_CONFIG")) else None,
+            bind_host=env.get("SLOPBOX_SIM_BIND_HOST") or None,
         )
         return replace(base, **overrides)  # type: ignore[arg-type]

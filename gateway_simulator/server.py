@@ -304,7 +304,7 @@ class GatewaySimulator:
         bind = self.options.bind or gw.get("bind") or "loopback"
         host = {"loopback": "127.0.0.1", "lan": "0.0.0.0"}.get(bind, "127.0.0.1")
         if bind == "custom":
-            host = str(gw.get("customBindHost") or "127.0.0.1")
+            host = self.options.bind_host or str(gw.get("customBindHost") or "127.0.0.1")
         return host, port
 
     def preflight(self) -> str | None:

@@ -204,10 +204,12 @@ class VmFleet:
         config["gateway"]["customBindHost"] = self.fake.ip_for(server_id)
         gateway_token = secrets["env"]["OPENCLAW_GATEWAY_TOKEN"]
         env = {**os.environ, **secrets["env"]}
-        # bind=custom pins the listener to this VM's address even after the control plane pushes
-        # `bind: lan` (on a real VM, "all interfaces" are that VM's own).
+        # bind=custom and bind_host pin the listener to this VM's own address whatever the control
+        # plane pushes (the push makes the gateway section exactly what it renders, `bind: lan` and no
+        # customBindHost; on a real VM "all interfaces" are its own).
         async with run_simulator(self.state_root / str(server_id), port=self.port, token=gateway_token,
-                                 config=config, env=env, bind="custom") as sim:
+                                 config=config, env=env, bind="custom",
+                                 bind_host=self.fake.ip_for(server_id)) as sim:
             self.booted.add(server_id)
             pairing = asyncio.create_task(approve_device_keys(
                 sim.url, token=gateway_token, public_keys=secrets["pair_public_keys"], timeout=120,
