@@ -331,8 +331,33 @@ async def test_a_lockdown_the_push_cannot_restore_fails_the_operation(stack: Sta
     assert "plugins.entries.evil.enabled" in last["error"]
     assert any("lockdown violation" in r.getMessage() and "plugins.entries.evil.enabled" in r.getMessage()
                for r in caplog.records)
-    # The tampering the gateway did accept is gone; only the key it keeps remains.
+    # The tampering the gateway did accept is gone; only the key it keeps remains, and the weakened
+    # gateway does not go on running: the VM was powered off.
     assert json.loads(config_file.read_text())["agents"]["entries"]["main"] == {}
+    assert "the VM was stopped" in last["error"], last
+    info = await stack.activities.provider("local").get(sql.execute("SELECT provider_ref FROM vpses").fetchone()[0])  # type: ignore[index]
+    assert info is not None and info.state == "stopped"
+    assert vps["observed_state"] == "stopped"
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_a_settings_push_that_cannot_hold_the_lockdown_powers_the_agent_off(
+        stack: Stack, sql: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same gateway, caught by a settings push on a running agent: it does not keep running weakened."""
+    monkeypatch.setenv("SLOPBOX_SIM_STICKY_CONFIG", json.dumps({"plugins": {"entries": {"evil": {"enabled": True}}}}))
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    await stack.provision(user, agent)
+    # Nothing to write at provisioning (the rendered file is clean), so the sticky key is not there yet.
+    assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
+    resp = await stack.api.patch(f"/agents/{agent}/settings", json={"model": "openai/gpt-6-astra"},
+                                 headers=headers(user))
+    assert resp.status_code == 202, resp.text
+    vps = await stack.wait_vps(user, agent, "error", "running", "stopped")
+    assert vps["state"] == "error" and vps["last_operation"]["operation"] == "PushConfig", vps
+    assert "plugins.entries.evil.enabled" in vps["last_error"] and "the VM was stopped" in vps["last_error"]
+    assert vps["observed_state"] == "stopped"
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
     await stack.wait_vps(user, agent, "destroyed")
 

@@ -60,6 +60,10 @@ class PushConfig(_AgentOperation):
                 # Saved already; StartVps pushes the settings when the agent next starts.
                 return await self._finish(inp, OperationStatus.succeeded,
                                           error=f"{reason(err)}; the settings are applied at the next start")
+            contained = await self._contain(inp, err)
+            if contained:  # the agent is off now: its lifecycle state says so
+                return await self._finish(inp, OperationStatus.failed, state="error", expect=["running"],
+                                          error=f"settings not applied: {reason(err)}{contained}")
             return await self._finish(inp, OperationStatus.failed, error=f"settings not applied: {reason(err)}")
 
 

@@ -108,6 +108,19 @@ class _Operation:
             heartbeat_timeout=timedelta(seconds=inp.timeouts.heartbeat_s), retry_policy=POLL_RETRY,
         )
 
+    async def _contain(self, inp: OperationInput, err: BaseException) -> str:
+        """A gateway whose lockdown could not be re-asserted must not go on running weakened: power
+        the VM off (reconcile then sees it stopped, not running). Returns what to add to the error."""
+        if error_type(err) != "LockdownViolation" or not workflow.patched("lockdown-violation-stops-vm"):
+            return ""
+        await self._set_step("stop_vm_weakened")
+        try:
+            await self._provider(Act.stop_vm, inp)
+            await self._wait(Act.wait_vm_running, inp, inp.timeouts.vm_running_s, want="stopped")
+        except ActivityError as stop:
+            return f"; stopping the weakened VM failed too ({reason(stop)})"
+        return "; the VM was stopped so it does not run with a weakened lockdown"
+
     async def _finish(self, inp: OperationInput, status: OperationStatus, *, state: str | None = None,
                       expect: list[str] | None = None, error: str | None = None,
                       needs_cleanup: bool | None = None) -> OperationResult:
@@ -173,8 +186,9 @@ class StartVps(_Operation):
             await self._provider(Act.push_config, inp, timeout_s=90)
             return await self._finish(inp, OperationStatus.succeeded, state="running", expect=expect)
         except ActivityError as err:
+            contained = await self._contain(inp, err)
             return await self._finish(inp, OperationStatus.failed, state="error", expect=expect,
-                                      error=f"start failed: {reason(err)}")
+                                      error=f"start failed: {reason(err)}{contained}")
 
 
 @workflow.defn(name="StopVps")
