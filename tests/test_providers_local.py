@@ -288,15 +288,6 @@ async def test_build_provider_from_settings(tmp_path: Path) -> None:
         build_provider("nope", settings)
 
 
-def _simulator_available() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("gateway_simulator.__main__") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -347,7 +338,6 @@ async def _run_real_lifecycle(provider: LocalProvider, vps_id: str) -> None:
     assert [p for p, start in family if start is not None and _proc_start_time(p) == start] == []
 
 
-@pytest.mark.skipif(not _simulator_available(), reason="gateway_simulator is not written yet")
 async def test_gateway_simulator_runs_by_default(tmp_path: Path) -> None:
     provider = LocalProvider(tmp_path, boot_timeout_s=30.0, poll_s=0.05)
     try:
