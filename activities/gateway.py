@@ -19,6 +19,7 @@ from db.models import Agent, Vps, VpsConfig
 from openclaw import render
 from openclaw.agent_env import gateway_env, render_input
 from openclaw.device import DeviceIdentity
+from openclaw.merge_patch import array_paths
 from openclaw.pairing import approve_device_keys
 from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, relay_origin
 from openclaw.rpc import DEFAULT_OPERATOR_SCOPES, ClientInfo, GatewayClient, GatewayConnectionError, NotPairedError
@@ -214,7 +215,7 @@ def _patch_for(live: dict[str, Any], wanted: dict[str, Any]) -> tuple[dict[str, 
                 break
         else:
             node[path[-1]] = None
-            replace += _array_paths(_lookup(live, path), ".".join(path))
+            replace += array_paths(_lookup(live, path), ".".join(path))
     return patch, sorted(set(replace))
 
 
@@ -228,7 +229,7 @@ def _diff(live: Any, wanted: Any, path: str, replace: list[str]) -> Any:
         out: dict[str, Any] = {}
         for key in live.keys() - wanted.keys():
             out[key] = None
-            replace += _array_paths(live[key], f"{path}.{key}")
+            replace += array_paths(live[key], f"{path}.{key}")
         for key, value in wanted.items():
             change = _diff(live.get(key, _ABSENT), value, f"{path}.{key}", replace)
             if change is not _SAME:
@@ -237,16 +238,9 @@ def _diff(live: Any, wanted: Any, path: str, replace: list[str]) -> Any:
     if live is not _ABSENT and live == wanted and type(live) is type(wanted):
         return _SAME
     if live is not _ABSENT:
-        replace += _array_paths(live, path)
+        replace += array_paths(live, path)
     return wanted
 
-
-def _array_paths(value: Any, path: str) -> list[str]:
-    if isinstance(value, list):
-        return [path]
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _array_paths(v, f"{path}.{k}")]
-    return []
 
 
 def _lookup(config: dict[str, Any], path: tuple[str, ...]) -> Any:

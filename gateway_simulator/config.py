@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openclaw.merge_patch import array_paths
+
 REDACTED = "__OPENCLAW_REDACTED__"
 VERSION = "2026.9.6"
 
@@ -268,7 +270,7 @@ def destructive_array_paths(base: Any, patch: Any, merged: Any, path: str = "") 
                     out.append(child)
                     continue
         elif isinstance(base_value, dict) and not isinstance(patch_value, dict):
-            out += _array_paths(base_value, child)
+            out += array_paths(base_value, child)
             continue
         if isinstance(patch_value, dict):
             out += destructive_array_paths(base_value, patch_value, merged_value, child)
@@ -283,13 +285,6 @@ def _preserves_entries(base: list[Any], merged: list[Any]) -> bool:
         remaining.remove(entry)
     return True
 
-
-def _array_paths(value: Any, path: str) -> list[str]:
-    if isinstance(value, list):
-        return [path]
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _array_paths(v, f"{path}.{k}")]
-    return []
 
 
 # -- redaction ------------------------------------------------------------------------------------------

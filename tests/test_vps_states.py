@@ -91,7 +91,8 @@ async def test_reconcile_converges_error_from_what_the_provider_reports(stack: S
     assert now["state"] == "running" and now["last_error"] is None and now["observed_state"] == "running"
 
     local = stack.activities.provider("local")
-    await local.stop(now["id"] if False else sql.execute("SELECT provider_ref FROM vpses").fetchone()[0])  # type: ignore[index]
+    ref = sql.execute("SELECT provider_ref FROM vpses").fetchone()[0]  # type: ignore[index]
+    await local.stop(ref)
     fail_vps(sql, vps["id"], "start failed: something")
     report = await reconcile(stack, "error-stopped")
     assert any("error -> stopped" in line for line in report.drift_fixed), report
