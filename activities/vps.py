@@ -36,6 +36,7 @@ from billing.plans import month_start
 from db.models import ACTIVE_OPERATION, Agent, Vps, VpsConfig, VpsOperation, VpsState, VpsUsagePeriod
 from providers import ProviderError, VmInfo, VmProvider, VmState, build_provider
 from settings import Settings
+from telemetry.metrics import OPERATIONS_FINISHED
 from workflows.contracts import (
     Act,
     FinishInput,
@@ -190,6 +191,7 @@ class VpsActivities:
             upsert = insert(VpsOperation).values(id=inp.operation_id, vps_id=inp.vps_id, user_id=inp.user_id,
                                                  kind=inp.operation, **row)
             await s.exec(upsert.on_conflict_do_update(index_elements=["id"], set_=row))  # type: ignore[call-overload]
+        OPERATIONS_FINISHED.labels(kind=str(inp.operation), status=str(status)).inc()  # after the commit
         log.info("operation finished", extra={"vps_id": inp.vps_id, "operation_id": inp.operation_id,
                                               "status": status, "state": state, "error": error})
         return OperationResult(vps_id=inp.vps_id, operation_id=inp.operation_id, status=status, state=state,
