@@ -307,7 +307,7 @@ def channel_request(formats: dict[str, dict[str, tuple[re.Pattern[str], str]]]) 
 ADMIN_PROBLEMS: dict[int | str, dict[str, Any]] = {
     403: {"model": ProblemDetails, "description": "The user named by X-User-Id is not an admin"}}
 INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
+JSON_INT_MAX = 2**53  # the largest integer every JSON client reads exactly (bigint columns hold more)
 
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 DisplayName = Annotated[str, StringConstraints(
@@ -318,7 +318,7 @@ ImageRef = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,255}$")]
 ServerType = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 Location = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
 Int32 = Annotated[StrictInt, Field(ge=0, le=INT32_MAX), BeforeValidator(_integral)]
-Int64 = Annotated[StrictInt, Field(ge=0, le=INT64_MAX), BeforeValidator(_integral)]
+Int64 = Annotated[StrictInt, Field(ge=0, le=JSON_INT_MAX), BeforeValidator(_integral)]
 Positive32 = Annotated[StrictInt, Field(ge=1, le=INT32_MAX), BeforeValidator(_integral)]
 ProviderName = Literal["hetzner", "fly", "local"]
 VpsStateName = Literal["provisioning", "running", "stopped", "destroyed", "error"]

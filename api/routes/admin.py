@@ -324,9 +324,8 @@ async def check_configs(session: AsyncSession, ids: list[uuid.UUID]) -> list[uui
     found = set((await session.exec(select(VpsConfig.id).where(col(VpsConfig.id).in_(unique)))).all())
     missing = [str(i) for i in unique if i not in found]
     if missing:
-        raise Problem(422, "Invalid request", f"vps_config_ids: no VPS config {', '.join(missing[:5])}",
-                      type_="validation", errors=[{"field": "vps_config_ids", "message": "unknown VPS config",
-                                                   "type": "not_found"}], errors_total=1)
+        raise Problem(409, "Unknown VPS config", f"vps_config_ids: no VPS config {', '.join(missing[:5])}; "
+                      "GET /admin/vps-configs lists them.", type_="unknown-vps-config", missing=missing[:20])
     return unique
 
 
