@@ -361,3 +361,18 @@ async def test_audit_log_is_paginated_newest_first(stack: Stack, sql: psycopg.Co
     other = make_admin(sql)
     kept = (await stack.api.get("/admin/audit-log", headers=headers(other))).json()["items"]
     assert kept[0]["admin_user_id"] is None and kept[0]["admin_email"].startswith("admin-")
+
+
+async def test_cli_grants_and_revokes_the_admin_flag(sql: psycopg.Connection, db: str) -> None:
+    from cli.users import UserError, create_user, set_admin
+
+    url = db.replace("postgresql://", "postgresql+psycopg://", 1)
+    made = create_user(url, email="Boss@Example.com", plan=None, admin=True)
+    assert sql.execute("SELECT is_admin FROM users WHERE id = %s", (made,)).fetchone() == (True,)
+    user = make_user(sql, email="later@example.com")
+    assert set_admin(url, email="LATER@example.com", admin=True) == user
+    assert sql.execute("SELECT is_admin FROM users WHERE id = %s", (user,)).fetchone() == (True,)
+    assert set_admin(url, email="later@example.com", admin=False) == user
+    assert sql.execute("SELECT is_admin FROM users WHERE id = %s", (user,)).fetchone() == (False,)
+    with pytest.raises(UserError):
+        set_admin(url, email="nobody@example.com", admin=True)
