@@ -202,3 +202,29 @@ async def test_connection_gauge_follows_acquire_and_release() -> None:
     limiter.release("u")
     limiter.release("u")  # an extra release never drives the gauge below zero
     assert read("slopbox_proxy_connections_open", kind="test") == 0
+
+
+async def test_proxy_websocket_gauge(settings: Settings, sql: psycopg.Connection, tmp_path: Path) -> None:
+    """A Control UI WebSocket through the proxy to the gateway simulator is an open connection while it lasts."""
+    from tests.proxy_harness import Browser, point_vps_at, simulator_for
+
+    s = settings.model_copy(update={"proxy_metrics_port": free_port()})
+    seeded = seed_gateway_user(sql, s, port=1)
+    gauge = ("slopbox_proxy_connections_open", (("kind", "gateway_ws"),))
+    async with simulator_for(s, tmp_path / "gw", seeded) as sim:
+        point_vps_at(sql, seeded.vps_id, sim.port)
+        async with running_proxy(s) as proxy:
+            assert proxy.metrics_url is not None
+            browser = Browser(proxy.url, seeded.session)
+            try:
+                before = parse((await fetch(proxy.metrics_url))[0])[gauge]
+                ws, hello = await browser.handshake(seeded.agent_id)
+                assert hello["ok"] is True, hello
+                assert parse((await fetch(proxy.metrics_url))[0])[gauge] == before + 1
+                await ws.close()
+                deadline = time.monotonic() + 10
+                while parse((await fetch(proxy.metrics_url))[0])[gauge] != before:
+                    assert time.monotonic() < deadline, "the gauge never went back down"
+                    await asyncio.sleep(0.1)
+            finally:
+                await browser.close()
