@@ -72,6 +72,9 @@ def create_app(settings: Settings) -> FastAPI:
         start = time.perf_counter()
         try:
             response = await call_next(request)
+        except Exception:
+            observe(request, 500, time.perf_counter() - start)  # answered 500 by the outermost handler
+            raise
         finally:
             request_id.reset(token)
         elapsed = time.perf_counter() - start
@@ -79,10 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.info("request", extra={"method": request.method, "path": request.url.path,
                                    "status": response.status_code, "request_id": rid,
                                    "ms": round(elapsed * 1000, 1)})
-        route = route_template(request)
-        method = request.method if request.method in KNOWN_METHODS else "other"  # bounded, like `route`
-        HTTP_REQUESTS.labels(method=method, route=route, status=str(response.status_code)).inc()
-        HTTP_REQUEST_SECONDS.labels(method=method, route=route).observe(elapsed)
+        observe(request, response.status_code, elapsed)
         return response
 
     app.include_router(health.router)
@@ -102,6 +102,13 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def observe(request: Request, status: int, elapsed: float) -> None:
+    route = route_template(request)
+    method = request.method if request.method in KNOWN_METHODS else "other"  # bounded, like `route`
+    HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
+    HTTP_REQUEST_SECONDS.labels(method=method, route=route).observe(elapsed)
 
 
 def route_template(request: Request) -> str:

@@ -83,6 +83,23 @@ async def test_api_metrics(settings: Settings, sql: psycopg.Connection) -> None:
     assert "/metrics" not in app.openapi()["paths"]
 
 
+async def test_api_counts_unhandled_errors_as_500(settings: Settings, db: str) -> None:
+    app = create_app(settings)
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/test-broken", broken, methods=["GET"])
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://api") as api:
+        before = parse((await api.get("/metrics")).text)
+        assert (await api.get("/test-broken")).status_code == 500
+        after = parse((await api.get("/metrics")).text)
+    labels = {"method": "GET", "route": "/test-broken", "status": "500"}
+    assert value(after, "slopbox_api_http_requests_total", **labels) == \
+        value(before, "slopbox_api_http_requests_total", **labels) + 1
+
+
 async def test_api_metrics_can_be_turned_off(settings: Settings, db: str) -> None:
     app = create_app(settings.model_copy(update={"api_metrics": False}))
     async with app.router.lifespan_context(app), httpx.AsyncClient(
