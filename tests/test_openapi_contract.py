@@ -22,6 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 from temporalio.client import Client
 
 from api.app import create_app
+from db.encryption import configure_keys
 from db.migrate import migrate_and_seed
 from settings import Settings
 from tests.conftest import API_KEY, create_database, free_port
@@ -109,7 +110,15 @@ async def test_schemathesis_admin_routes(pg_server: str, settings: Settings, tem
     with psycopg.connect(url, autocommit=True) as sql:
         admin = make_user(sql, plan="pro")
         sql.execute("UPDATE users SET is_admin = true WHERE id = %s", (admin,))
+        # Another user's VPS for the fleet routes to find (a row only: its stop or destroy fails at the provider).
+        owner = make_user(sql, plan="starter")
+        config = sql.execute("SELECT id FROM vps_configs WHERE name = 'local-small'").fetchone()[0]  # type: ignore[index]
+        vps = sql.execute("INSERT INTO vpses (user_id, vps_config_id, provider, state) VALUES (%s, %s, 'local', "
+                          "'running') RETURNING id", (owner, config)).fetchone()[0]  # type: ignore[index]
+        sql.execute("INSERT INTO agents (user_id, name, gateway_token, gateway_token_last4, vps_id) "
+                    "VALUES (%s, 'fleet', %s, 'abcd', %s)",
+                    (owner, configure_keys(settings.secret_keys()).encrypt("t" * 64), vps))
     s = settings.model_copy(update={"database_url": url, "temporal_task_queue": f"tq-{uuid.uuid4().hex[:8]}"})
     returncode, text, statuses = await run_schemathesis(s, temporal_client, admin, tmp_path, "--include-tag", "admin")
     assert returncode == 0, text[-20000:]
-    assert statuses[200] > 10 and statuses[201] > 0, statuses
+    assert statuses[200] > 10 and statuses[201] > 0 and statuses[202] > 0, statuses
