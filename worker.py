@@ -42,7 +42,9 @@ async def build_worker(settings: Settings, client: object | None = None) -> Work
 async def run(settings: Settings) -> None:
     client = await connect(settings)
     await ensure_search_attributes(client, settings.temporal_namespace)
-    await ensure_reconcile_schedule(client, settings.temporal_task_queue)
+    if settings.reconcile_interval_s:
+        await ensure_reconcile_schedule(client, settings.temporal_task_queue,
+                                        timedelta(seconds=settings.reconcile_interval_s))
     worker = await build_worker(settings, client)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -63,6 +63,8 @@ def start_worker(settings: Settings, log: Path, *, hold_file: Path | None = None
         "CONTROL_PLANE_API_KEY": settings.api_key(),
         "SLOPBOX_ENCRYPTION_KEYS": ",".join(settings.secret_keys()),
         "SLOPBOX_DATA_DIR": str(settings.data_dir),
+        # Tests share one database: a sweep from this worker's data dir would judge other tests' VMs gone.
+        "RECONCILE_INTERVAL_S": "0",
         **(env or {}),
     }
     module = "cli.main"
