@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     temporal_address: str | None = Field(default=None, description="host:port; unset = embedded")
     temporal_namespace: str = "default"
     temporal_task_queue: str = "slopbox"
+    reconcile_interval_s: int = Field(
+        default=300, ge=0,
+        description="how often the Reconcile schedule sweeps every VPS against its provider; 0 = the worker "
+                    "creates no schedule (a worker whose providers see only part of the fleet must not sweep)")
 
     # Secrets
     control_plane_api_key: SecretStr | None = None

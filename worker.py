@@ -68,7 +68,9 @@ async def run(settings: Settings) -> None:
     metrics = await start_metrics_server(settings.metrics_host, settings.worker_metrics_port, service="worker")
     client = await connect(settings, runtime=sdk_metrics_runtime(settings))
     await ensure_search_attributes(client, settings.temporal_namespace)
-    await ensure_reconcile_schedule(client, settings.temporal_task_queue)
+    if settings.reconcile_interval_s:
+        await ensure_reconcile_schedule(client, settings.temporal_task_queue,
+                                        timedelta(seconds=settings.reconcile_interval_s))
     worker = await build_worker(settings, client)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -237,7 +237,17 @@ class VpsActivities:
         forced = False
         last: VmInfo | None = None
         while time.monotonic() < deadline:
-            last = await self._call(lambda: provider.get(ref))
+            try:
+                last = await self._call(lambda: provider.get(ref))
+            except ApplicationError as err:
+                # A 429/5xx while waiting is waited out here, until the deadline: the poll's own
+                # retries are for a lost worker, and a run of hiccups must not fail the operation.
+                if err.non_retryable:
+                    raise
+                pause = err.next_retry_delay.total_seconds() if err.next_retry_delay else inp.poll_interval_s
+                activity.heartbeat(f"{vps.provider}: {err.message}")
+                await asyncio.sleep(max(0.0, min(max(pause, inp.poll_interval_s), deadline - time.monotonic())))
+                continue
             if last is None or last.state == VmState.DELETED:
                 await self._observed(vps.id, None)
                 raise fail(f"the VM disappeared at {vps.provider} while waiting for it to be {inp.want}")

@@ -63,6 +63,8 @@ def start_worker(settings: Settings, log: Path, *, hold_file: Path | None = None
         "CONTROL_PLANE_API_KEY": settings.api_key(),
         "SLOPBOX_ENCRYPTION_KEYS": ",".join(settings.secret_keys()),
         "SLOPBOX_DATA_DIR": str(settings.data_dir),
+        # Tests share one database: a sweep from this worker's data dir would judge other tests' VMs gone.
+        "RECONCILE_INTERVAL_S": "0",
         **(env or {}),
     }
     module = "cli.main"
@@ -169,11 +171,16 @@ class VmFleet:
     _tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
     async def _vps_state(self, server_id: int) -> str | None:
+        """The VPS's state, or `provisioning/<step>` while its provision runs (compensating included)."""
         vps_id = self.fake.servers.get(server_id, {}).get("labels", {}).get("vps-id")
         async with await psycopg.AsyncConnection.connect(plain_url(self.database_url), autocommit=True) as db:
-            cur = await db.execute("SELECT state FROM vpses WHERE id::text = %s", (vps_id,))
+            cur = await db.execute(
+                "SELECT v.state, o.step FROM vpses v LEFT JOIN vps_operations o ON o.vps_id = v.id "
+                "AND o.status IN ('queued', 'running') WHERE v.id::text = %s", (vps_id,))
             row = await cur.fetchone()
-        return str(row[0]) if row else None
+        if row is None:
+            return None
+        return f"{row[0]}/{row[1]}" if row[0] == "provisioning" and row[1] else str(row[0])
 
     async def _vm(self, server_id: int, user_data: str) -> None:
         while True:  # a VM runs its first-boot script once it has booted, not when it is ordered
@@ -195,7 +202,9 @@ class VmFleet:
             # Refused for a VM whose VPS is still being provisioned: the VM we were given can never
             # come up. (After the operation ended, a refusal is right: the token was withdrawn.)
             state = await self._vps_state(server_id)
-            bucket = self.broken if state == "provisioning" else self.refused_late
+            # A provision that already failed and is removing its VM has withdrawn the token: late, not broken.
+            late = state is None or not state.startswith("provisioning") or state.endswith("/compensate_destroy_vm")
+            bucket = self.refused_late if late else self.broken
             bucket[server_id] = f"redeem answered {redeemed.status_code} while the VPS was {state}"
             return
         secrets = redeemed.json()
@@ -274,6 +283,7 @@ class ChaosFigures:
             f"({', '.join(f'{k}: {v}' for k, v in sorted(self.faults.items()))})",
             *(f"  error reason x{n}: {reason}" for reason, n in self.errors.most_common()),
             f"VMs whose boot broke:  {len(self.broken_vms)} (bootstrap token refused during provisioning)",
+            *(f"  server {sid}: {why}" for sid, why in sorted(self.broken_vms.items())),
             f"servers before reconcile: {self.servers_before_reconcile}; reconcile: "
             f"{len(self.reconcile.get('orphans_destroyed', []))} orphans destroyed, "
             f"{len(self.reconcile.get('errors', []))} errors",
