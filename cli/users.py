@@ -1,4 +1,4 @@
-"""`slopbox user create`: operators add users (Auth.js creates them in production)."""
+"""`slopbox user create` / `exempt`: operators add users (Auth.js creates them in production) and exempt them."""
 
 from __future__ import annotations
 
@@ -36,3 +36,19 @@ def create_user(sync_url: str, *, email: str, plan: str | None, admin: bool, nam
             ).scalar_one()
     finally:
         engine.dispose()
+
+
+def set_usage_exempt(sync_url: str, *, email: str, exempt: bool) -> uuid.UUID:
+    """Set `users.usage_exempt`: an exempt user is never stopped, refused a start or cut off for usage
+    (billing/overage.py); their usage is still counted, and warned about."""
+    email = email.strip().lower()
+    engine = create_engine(sync_url)
+    try:
+        with engine.begin() as conn:
+            user_id = conn.execute(text("UPDATE users SET usage_exempt = :x WHERE lower(email) = :e RETURNING id"),
+                                   {"x": exempt, "e": email}).scalar()
+    finally:
+        engine.dispose()
+    if user_id is None:
+        raise UserError(f"no user with email {email}")
+    return user_id  # type: ignore[no-any-return]
