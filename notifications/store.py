@@ -40,7 +40,7 @@ async def notify_user(session: AsyncSession, user_id: uuid.UUID | str, *, kind: 
         user_id=uuid.UUID(str(user_id)), kind=kind, severity=severity, title=title[:200], body=body,
         data=data or {}, dedupe_key=dedupe_key, email_status="pending" if email else "skipped",
     ).on_conflict_do_nothing(constraint="uq_notifications_user_dedupe_key").returning(col(Notification.id))
-    return (await session.exec(stmt)).first()  # type: ignore[call-overload,no-any-return]
+    return (await session.exec(stmt)).scalar_one_or_none()  # type: ignore[call-overload,no-any-return]
 
 
 async def alert_admins(session: AsyncSession, *, title: str, body: str, kind: str = "admin_alert",
