@@ -232,3 +232,22 @@ async def test_worker_killed_mid_stop_still_stops_exactly_once(settings: Setting
         finally:
             stop_process(first)
             stop_process(second)
+
+
+async def test_a_stop_that_ran_is_never_submitted_again_after_the_entity_forgot_it(
+        settings: Settings, temporal_client: Client, sql: psycopg.Connection, tmp_path: Path) -> None:
+    """The entity answers repeats only while it remembers them (it idles out after an hour). A run that
+    still sees the VPS running (a stale read) must find the operation's row and not stop it twice."""
+    user = make_user(sql, plan="starter")
+    async with stack_for(settings, temporal_client, tmp_path) as stack:
+        agent, vps_id = await running_vps(stack, user)
+        over_by_cents(sql, vps_id, 5)
+        op = overage_operation_id(user, month_start(), 0, vps_id)
+        await enforce(temporal_client, stack.settings, [user])
+        assert (await stack.wait_vps(user, agent, "stopped", "error", timeout=60))["state"] == "stopped"
+        await temporal_client.get_workflow_handle(f"vps-{vps_id}").terminate("the entity idled out")
+        sql.execute("UPDATE vpses SET state = 'running' WHERE id = %s", (vps_id,))  # what a stale read saw
+        result = await enforce(temporal_client, stack.settings, [user])
+        assert [(o.operation_id, o.outcome) for o in result.stops] == [(op, "known")]
+        assert await runs_with_id(temporal_client, op) == 1
+        assert stop_rows(sql, vps_id) == [(op, "succeeded")]

@@ -195,3 +195,31 @@ async def test_without_smtp_notifications_are_kept_and_not_mailed(settings: Sett
     assert [e.outcome for e in result.emails] == ["skipped"]
     row = sql.execute("SELECT email_status, email_error FROM notifications WHERE user_id = %s", (user,)).fetchone()
     assert row == ("skipped", "no SMTP_HOST configured")
+
+
+async def test_threshold_warnings_once_per_period_resource_and_threshold(settings: Settings, temporal_client: Client,
+                                                                        sql: psycopg.Connection) -> None:
+    s = mail_settings(settings, None)
+    user = make_user(sql, plan="starter")
+    vps = stopped_vps_row(sql, user)
+    limits = plan_limits(sql, "starter")
+
+    def warnings() -> list[tuple[str, int]]:
+        rows = sql.execute("SELECT data FROM notifications WHERE user_id = %s AND kind = 'usage_warning' "
+                           "ORDER BY created_at", (user,)).fetchall()
+        return [(r[0]["resource"], r[0]["threshold"]) for r in rows]
+
+    async with full_worker(s, temporal_client):
+        write_usage(sql, vps, cpu_ms=limits["cpu"] * 49 // 100)
+        await enforce(temporal_client, s, [user])
+        assert warnings() == []
+        write_usage(sql, vps, cpu_ms=limits["cpu"] * 6 // 10, bandwidth_out=limits["bandwidth"] * 8 // 10)
+        await enforce(temporal_client, s, [user])
+        await enforce(temporal_client, s, [user])  # again: nothing new
+        assert sorted(warnings()) == [("bandwidth", 80), ("cpu", 50)]
+        write_usage(sql, vps, cpu_ms=limits["cpu"], bandwidth_out=limits["bandwidth"] * 9 // 10)
+        result = await enforce(temporal_client, s, [user])
+        assert [(d.decision, d.warnings) for d in result.decisions] == [("ok", 1)]  # exactly at the limit: no cost
+        assert sorted(warnings()) == [("bandwidth", 80), ("cpu", 50), ("cpu", 100)]
+    # Nothing was over budget: no enforcement, no stop notice.
+    assert sql.execute("SELECT count(*) FROM usage_enforcements WHERE user_id = %s", (user,)).fetchone() == (0,)
