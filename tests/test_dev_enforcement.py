@@ -106,9 +106,13 @@ def test_dev_stack_stops_an_over_budget_user_once_and_mails_the_sink(tmp_path: P
                     for i in range(2)]
 
         first, second = asyncio.run(enforce_twice())
-        assert [o.outcome for o in first.stops] == ["submitted"] and [o.outcome for o in second.stops] == ["known"]
+        assert [o.outcome for o in first.stops] == ["submitted"]
+        # The second run sees the stop still on its way (the same operation) or already done (nothing to stop).
+        assert [o.outcome for o in second.stops] in ([], ["known"])
         vps = _wait(lambda: _vps(api, auth, agent, "stopped", "error"), 60, "the stop never settled")
         assert vps["state"] == "stopped", vps  # type: ignore[index]
+        with psycopg.connect(db, autocommit=True) as sql:
+            assert sql.execute("SELECT count(*) FROM vps_operations WHERE kind = 'stop'").fetchone() == (1,)
 
         notes = httpx.get(f"{api}/users/me/notifications", headers=auth).json()
         assert {n["kind"] for n in notes["items"]} == {"overage_stop", "usage_warning"}
@@ -146,3 +150,15 @@ async def test_the_sink_accepts_and_logs_real_smtp(caplog: pytest.LogCaptureFixt
     assert [(m["rcpt_to"], m["subject"]) for m in handler.received] == [(["someone@example.com"], "[Slopbox] Hello")]
     assert "It works." in handler.received[0]["body"]
     assert any(r.getMessage() == "mail received" for r in caplog.records)
+
+
+def test_the_image_ships_the_notifications_package_and_compose_passes_smtp() -> None:
+    import yaml
+
+    assert "COPY notifications ./notifications" in (ROOT / "Dockerfile").read_text()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    env = compose["x-slopbox"]["environment"]
+    assert {"SMTP_HOST", "SMTP_PORT", "SMTP_USER", "SMTP_PASSWORD", "SMTP_FROM", "SMTP_STARTTLS"} <= set(env)
+    # Blank values (the compose defaults) parse as "no email", not as a bad configuration.
+    blank = Settings(smtp_host="", smtp_user="", smtp_password="", database_url=None)
+    assert blank.smtp_host is None and blank.smtp_user is None and blank.smtp_password is None

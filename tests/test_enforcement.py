@@ -219,7 +219,7 @@ async def test_worker_killed_mid_stop_still_stops_exactly_once(settings: Setting
             again = asyncio.create_task(enforce(temporal_client, s, [user]))
             second = start_worker(s, tmp_path / "worker2.log")
             repeat = await asyncio.wait_for(again, 120)
-            assert [o.outcome for o in repeat.stops] == ["known"]
+            assert [o.outcome for o in repeat.stops] in (["known"], [])  # still on its way, or done
             vps = await stack.wait_vps(user, agent, "stopped", "error", timeout=120)
             assert vps["state"] == "stopped", (vps, (tmp_path / "worker2.log").read_text()[-3000:])
             assert stop_rows(sql, vps_id) == [(op, "succeeded")]
