@@ -12,6 +12,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -183,7 +184,7 @@ async def test_under_the_limits_or_in_a_past_month_nothing_is_stopped(settings: 
         write_usage(sql, vps_id, cpu_ms=limits["cpu"])  # exactly at the limit: 100% warning, no overage
         result = await enforce(temporal_client, stack.settings, [user])
         assert [(d.decision, d.warnings) for d in result.decisions] == [("ok", 1)]
-        last_month = (month_start().replace(day=1) - __import__("datetime").timedelta(days=1)).replace(day=1)
+        last_month = (month_start() - timedelta(days=1)).replace(day=1)
         write_usage(sql, vps_id, cpu_ms=limits["cpu"] * 10, period=last_month)
         result = await enforce(temporal_client, stack.settings, [user], period=last_month)
         assert [d.decision for d in result.decisions] == ["past-period"] and result.stops == []

@@ -154,8 +154,6 @@ async def _lifecycle(agent_id: uuid.UUID, request: Request, session: AsyncSessio
     earlier = await replayed(session, user, key, operation_id)
     if earlier is not None:
         return accepted(agent_id, vps.id, operation_id, kind, earlier.status)
-    if kind == OperationKind.start:
-        await refuse_over_budget(session, user)
     if vps.state not in allowed:
         busy = (await active_operations(session, [vps.id])).get(vps.id)
         if busy is not None:
@@ -166,6 +164,8 @@ async def _lifecycle(agent_id: uuid.UUID, request: Request, session: AsyncSessio
                           vps_state=vps.state)
         raise Problem(409, f"Cannot {kind}", f"The VPS is {vps.state}; {kind} needs it to be {' or '.join(allowed)}.",
                       type_="invalid-state", vps_state=vps.state)
+    if kind == OperationKind.start:
+        await refuse_over_budget(session, user)
     done = await submit(request, session, user, agent, vps, kind, operation_id, key)
     return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
