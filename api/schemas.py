@@ -115,6 +115,7 @@ class UserOut(BaseModel):
     image: str | None
     email_verified: datetime | None
     is_admin: bool
+    usage_exempt: bool = Field(default=False, description="An admin exempted the user from usage enforcement")
     plan: PlanOut
 
 

@@ -162,3 +162,27 @@ def test_the_image_ships_the_notifications_package_and_compose_passes_smtp() -> 
     # Blank values (the compose defaults) parse as "no email", not as a bad configuration.
     blank = Settings(smtp_host="", smtp_user="", smtp_password="", database_url=None)
     assert blank.smtp_host is None and blank.smtp_user is None and blank.smtp_password is None
+
+
+def test_cli_user_exempt_switches_the_exemption(database_url: str, tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
+        return subprocess.run([sys.executable, "-m", "cli.main", "user", "exempt", *args], cwd=ROOT, text=True,
+                              env={**clean, "DATABASE_URL": database_url, "SLOPBOX_DATA_DIR": str(tmp_path)},
+                              capture_output=True, timeout=60)
+
+    email = f"vip-{uuid.uuid4().hex[:6]}@example.com"
+    with psycopg.connect(database_url, autocommit=True) as sql:
+        user_id = sql.execute("INSERT INTO users (email) VALUES (%s) RETURNING id", (email,)).fetchone()[0]  # type: ignore[index]
+        try:
+            on = run("--email", email.upper())
+            assert on.returncode == 0, on.stderr
+            assert on.stdout.strip().splitlines()[-1] == str(user_id) and "exempt" in on.stdout
+            assert sql.execute("SELECT usage_exempt FROM users WHERE id = %s", (user_id,)).fetchone() == (True,)
+            off = run("--email", email, "--off")
+            assert off.returncode == 0 and "no longer exempt" in off.stdout
+            assert sql.execute("SELECT usage_exempt FROM users WHERE id = %s", (user_id,)).fetchone() == (False,)
+            missing = run("--email", "nobody@example.com")
+            assert missing.returncode == 1 and "no user with email nobody@example.com" in missing.stderr
+        finally:
+            sql.execute("DELETE FROM users WHERE id = %s", (user_id,))

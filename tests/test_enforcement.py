@@ -147,6 +147,7 @@ async def test_exempt_user_is_never_stopped_nor_refused(settings: Settings, temp
         agent, vps_id = await running_vps(stack, user)
         over_by_cents(sql, vps_id, 500)
         set_usage_exempt(stack.settings.sqlalchemy_url, email=email.upper(), exempt=True)
+        assert (await stack.api.get("/users/me", headers=headers(user))).json()["usage_exempt"] is True
         for _ in range(2):
             result = await enforce(temporal_client, stack.settings, [user])
             assert [d.decision for d in result.decisions] == ["exempt"] and result.stops == []

@@ -24,7 +24,7 @@ router = APIRouter(prefix="/users/me", tags=["users"])
 async def me(request: Request, session: SessionDep, user: CurrentUser) -> UserOut:
     plan = await effective_plan(session, user)
     return UserOut(id=user.id, email=user.email, name=user.name, image=user.image,  # type: ignore[arg-type]
-                   email_verified=user.email_verified, is_admin=user.is_admin,
+                   email_verified=user.email_verified, is_admin=user.is_admin, usage_exempt=user.usage_exempt,
                    plan=await load_plan(session, plan, request.app.state.settings))
 
 
