@@ -221,10 +221,13 @@ class EnforcementActivities:
             if kind == "Conflict":
                 return StopOutcome(operation_id=stop.operation_id, outcome="busy")
             raise ApplicationError(f"the entity refused the stop: {cause}", type="StopRefused") from None
+        # The row (the stop's first activity may have written it already): `detail` says why it was stopped,
+        # which GET /agents/{id}/operations shows.
+        row = insert(VpsOperation).values(id=stop.operation_id, vps_id=ref.vps_id, user_id=ref.user_id,
+                                          kind=OperationKind.stop, status="queued", detail={"reason": "overage"})
         async with self.sessions() as s, s.begin():
-            await s.exec(insert(VpsOperation).values(  # type: ignore[call-overload]
-                id=stop.operation_id, vps_id=ref.vps_id, user_id=ref.user_id, kind=OperationKind.stop,
-                status="queued", detail={"reason": "overage"}).on_conflict_do_nothing(index_elements=["id"]))
+            await s.exec(row.on_conflict_do_update(  # type: ignore[call-overload]
+                index_elements=["id"], set_={"detail": row.excluded.detail}))
         log.info("overage stop submitted", extra={"vps_id": ref.vps_id, "operation_id": stop.operation_id,
                                                   "new": submitted.new})
         return StopOutcome(operation_id=stop.operation_id, outcome="submitted" if submitted.new else "known")

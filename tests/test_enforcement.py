@@ -93,6 +93,8 @@ async def test_stops_exactly_once_when_the_schedule_fires_twice_and_the_budget_l
         assert vps["state"] == "stopped", vps
         assert stop_rows(sql, vps_id) == [(op, "succeeded")]
         assert await runs_with_id(temporal_client, op) == 1  # one StopVps run, never a second
+        ops = (await stack.api.get(f"/agents/{agent}/operations", headers=headers(user))).json()["items"]
+        assert [(o["id"], o["detail"]) for o in ops if o["kind"] == "stop"] == [(op, {"reason": "overage"})]
         await enforce(temporal_client, stack.settings, [user])  # and after it finished: nothing new
         assert stop_rows(sql, vps_id) == [(op, "succeeded")]
         assert not gateway_processes(stack.settings.data_dir / "vms")
