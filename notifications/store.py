@@ -36,6 +36,8 @@ async def notify_user(session: AsyncSession, user_id: uuid.UUID | str, *, kind: 
     """
     if severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}")
+    if not 0 < len(kind) <= 32:
+        raise ValueError("kind must be 1 to 32 characters (e.g. one of KINDS)")
     stmt = insert(Notification).values(
         user_id=uuid.UUID(str(user_id)), kind=kind, severity=severity, title=title[:200], body=body,
         data=data or {}, dedupe_key=dedupe_key, email_status="pending" if email else "skipped",
