@@ -24,7 +24,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("users", sa.Column("usage_exempt", sa.Boolean(), server_default="false", nullable=False))
+    # The admin branch's 0008 adds the same column `IF NOT EXISTS`; so does this, so either order works.
+    op.execute("ALTER TABLE users ADD COLUMN IF NOT EXISTS usage_exempt boolean NOT NULL DEFAULT false")
     op.add_column("overage_budgets", sa.Column("revision", sa.BigInteger(), server_default="1", nullable=False))
     op.create_table(
         "usage_enforcements",
@@ -82,4 +83,4 @@ def downgrade() -> None:
     op.drop_table("notifications")
     op.drop_table("usage_enforcements")
     op.drop_column("overage_budgets", "revision")
-    op.drop_column("users", "usage_exempt")
+    op.execute("ALTER TABLE users DROP COLUMN IF EXISTS usage_exempt")
