@@ -31,6 +31,7 @@ from db.models import Agent, UsageEnforcement, User, Vps, VpsOperation, VpsState
 from notifications.store import notify_user
 from orchestration.search_attributes import run_attributes
 from settings import Settings
+from telemetry.metrics import ENFORCEMENT_STOPS
 from workflows.contracts import (
     Act,
     EntityInput,
@@ -230,4 +231,6 @@ class EnforcementActivities:
                 index_elements=["id"], set_={"detail": row.excluded.detail}))
         log.info("overage stop submitted", extra={"vps_id": ref.vps_id, "operation_id": stop.operation_id,
                                                   "new": submitted.new})
+        if submitted.new:
+            ENFORCEMENT_STOPS.inc()
         return StopOutcome(operation_id=stop.operation_id, outcome="submitted" if submitted.new else "known")
