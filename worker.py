@@ -14,8 +14,9 @@ from datetime import timedelta
 from temporalio.worker import Worker
 
 from orchestration.client import connect, ensure_search_attributes
-from orchestration.schedules import ensure_reconcile_schedule
+from orchestration.schedules import ensure_metering_schedules, ensure_reconcile_schedule
 from settings import Settings
+from workflows.metering import MeteringCycleInput
 
 log = logging.getLogger("worker")
 
@@ -39,10 +40,18 @@ async def build_worker(settings: Settings, client: object | None = None) -> Work
     )
 
 
+def metering_cycle_input(settings: Settings) -> MeteringCycleInput:
+    return MeteringCycleInput(interval_s=max(1, settings.metering_interval_s), batch_size=settings.metering_batch_size,
+                              hetzner_requests_per_hour=settings.metering_hetzner_requests_per_hour,
+                              start_enforcement=settings.metering_enforce)
+
+
 async def run(settings: Settings) -> None:
     client = await connect(settings)
     await ensure_search_attributes(client, settings.temporal_namespace)
     await ensure_reconcile_schedule(client, settings.temporal_task_queue)
+    await ensure_metering_schedules(client, settings.temporal_task_queue, metering_cycle_input(settings),
+                                    interval_s=settings.metering_interval_s)
     worker = await build_worker(settings, client)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

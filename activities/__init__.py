@@ -10,7 +10,8 @@ from settings import Settings
 
 async def build_activities(settings: Settings) -> list[Callable[..., Any]]:
     from activities.agent_ops import AgentActivities
+    from activities.metering import MeteringActivities
     from db.engine import make_engine, session_factory
 
     engine = make_engine(settings, pool_size=10)
-    return AgentActivities(settings, session_factory(engine)).all()
+    return [*AgentActivities(settings, session_factory(engine)).all(), *MeteringActivities(settings, engine).all()]

@@ -3,9 +3,10 @@
 from workflows.agent_ops import ConnectChannel, DisconnectChannel, PushConfig, RestartAgent
 from workflows.entity import VpsEntity
 from workflows.lifecycle import DestroyVps, ProvisionVps, Reconcile, StartVps, StopVps
+from workflows.metering import CloseMonth, MeteringCycle
 
 WORKFLOWS = [VpsEntity, ProvisionVps, StartVps, StopVps, DestroyVps, Reconcile, PushConfig, RestartAgent,
-             ConnectChannel, DisconnectChannel]
+             ConnectChannel, DisconnectChannel, MeteringCycle, CloseMonth]
 
-__all__ = ["WORKFLOWS", "ConnectChannel", "DestroyVps", "DisconnectChannel", "ProvisionVps", "PushConfig",
-           "Reconcile", "RestartAgent", "StartVps", "StopVps", "VpsEntity"]
+__all__ = ["WORKFLOWS", "CloseMonth", "ConnectChannel", "DestroyVps", "DisconnectChannel", "MeteringCycle",
+           "ProvisionVps", "PushConfig", "Reconcile", "RestartAgent", "StartVps", "StopVps", "VpsEntity"]
