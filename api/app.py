@@ -15,7 +15,7 @@ from temporalio.client import Client
 
 from api import problems
 from api.body_limit import BodyLimit
-from api.routes import agent_settings, agents, bootstrap, channels, health, plans, users, vps
+from api.routes import agent_settings, agents, bootstrap, channels, health, plans, usage, users, vps
 from api.schemas import COMMON_PROBLEMS, PROBLEM_JSON
 from db.engine import make_engine, session_factory
 from orchestration.client import connect
@@ -80,7 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
         return response
 
     app.include_router(health.router)
-    for module in (users, plans, agents, agent_settings, vps, channels, bootstrap):
+    for module in (users, plans, agents, agent_settings, usage, vps, channels, bootstrap):
         app.include_router(module.router, responses=COMMON_PROBLEMS)
 
     def openapi() -> dict[str, Any]:
