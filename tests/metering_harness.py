@@ -16,6 +16,7 @@ from activities.metering import MeteringActivities
 from db.engine import make_engine
 from metering.collectors import FlyCollector, HetznerCollector, LocalCollector, UsageCollector
 from settings import Settings
+from tests.histories import record, recording
 from workflows.metering import CloseMonth, MeteringCycle
 
 COUNTERS = ("bandwidth_in_bytes", "bandwidth_out_bytes", "cpu_ms", "memory_mb_seconds", "storage_bytes")
@@ -72,6 +73,8 @@ async def metering_worker(client: Client, settings: Settings, cols: dict[str, Us
     try:
         async with Worker(client, task_queue=tq, workflows=[MeteringCycle, CloseMonth], activities=acts.all()):
             yield acts, tq
+            if recording():
+                await record(client, tq)
     finally:
         await acts.aclose()
         await engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -26,8 +27,9 @@ def _start_stat(pid: int) -> str:
 async def test_local_collector_counts_cpu_once_and_memory(tmp_path: Path) -> None:
     vps_id = str(uuid.uuid4())
     # A gateway with a child process: the tree's CPU is counted, the child's too.
-    proc = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', "
-                                                    f"{BUSY!r}])\nexec({BUSY!r})"])
+    proc = subprocess.Popen([sys.executable, "-c",  # noqa: ASYNC220 (starting it does not block)
+                             f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {BUSY!r}])\n"
+                             f"exec({BUSY!r})"])
     try:
         vm = tmp_path / "vms" / vps_id
         vm.mkdir(parents=True)
@@ -35,7 +37,7 @@ async def test_local_collector_counts_cpu_once_and_memory(tmp_path: Path) -> Non
         deadline = time.monotonic() + 20
         while (usage := process_tree_usage(proc.pid)) is None or usage[0] < 700:
             assert time.monotonic() < deadline, usage
-            time.sleep(0.1)
+            await asyncio.sleep(0.1)
         collector = LocalCollector(tmp_path)
         first = (await collector.collect([Window(vps_id, vps_id, 1000, 1060, 1024)])).collected[0]
         a = first.samples[0].amounts

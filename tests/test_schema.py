@@ -18,6 +18,7 @@ from tests.helpers import make_user
 ALL_TABLES = {
     "plans", "vps_configs", "plan_vps_configs", "users", "accounts", "sessions", "verification_token",
     "vpses", "agents", "agent_channels", "vps_usage_periods", "overage_budgets", "vps_operations",
+    "vps_meter_state", "vps_usage_daily", "metering_months", "usage_statements",
 }
 
 
