@@ -111,6 +111,14 @@ class MeteringActivities:
         report.statements += written.statements
         return report
 
+    async def collect_now(self, vps_id: str, until: int) -> BatchReport:
+        """A final collection of one VPS up to `until`, e.g. before its VM is deleted (providers serve no
+        metrics for deleted VMs). Same ledger, same compare-and-set: harmless next to a running cycle."""
+        kind = await ledger.kind_of(self.engine, vps_id)
+        if kind is None:
+            return BatchReport(kind="none")
+        return await self.run_batch(CollectBatchIn(spec=BatchSpecIn(kind=kind, ids=[vps_id], count=1), until=until))
+
     @activity.defn(name=MeteringAct.report_problems)
     async def report_problems(self, report: MeteringReport) -> None:
         await alerts.notify_collection_problems(report.alerts, report.failed, until=report.until)

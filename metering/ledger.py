@@ -104,6 +104,27 @@ async def plan_cycle(engine: AsyncEngine, until: int, *, batch_size: int, fly_ba
     return plan
 
 
+_KIND = text("""
+    WITH ensured AS (
+        INSERT INTO vps_meter_state (vps_id, collected_until)
+        SELECT v.id, to_timestamp(floor(extract(epoch FROM v.created_at) / 60) * 60) FROM vpses v
+        WHERE v.id = CAST(:id AS uuid)
+        ON CONFLICT DO NOTHING RETURNING vps_id, collected_until
+    )
+    SELECT v.provider, v.state IN ('running', 'provisioning', 'error')
+                       OR v.state_changed_at > COALESCE(s.collected_until, e.collected_until)
+    FROM vpses v LEFT JOIN vps_meter_state s ON s.vps_id = v.id LEFT JOIN ensured e ON e.vps_id = v.id
+    WHERE v.id = CAST(:id AS uuid)
+""")  # noqa: S608 (no input in the f-string)
+
+
+async def kind_of(engine: AsyncEngine, vps_id: str) -> str | None:
+    """Which batch kind one VPS is collected as (its provider, or "storage" when it did not run)."""
+    async with engine.begin() as conn:
+        row = (await conn.execute(_KIND, {"id": vps_id})).first()
+    return None if row is None else (row[0] if row[1] else "storage")
+
+
 @dataclass
 class Due:
     window: Window

@@ -235,3 +235,27 @@ async def test_fly_one_query_for_all_machines(temporal_client: Client, settings:
         row = usage(sql, vps)[month_of(T0).isoformat()]
         assert row["cpu_ms"] == 30_000 * 60 and row["bandwidth_out_bytes"] == 120_000 * 60
         assert row["memory_mb_seconds"] == 256 * 60 * 60
+
+
+async def test_final_collection_before_delete_then_storage_stops_at_destroy(
+        temporal_client: Client, settings: Settings, sql: psycopg.Connection) -> None:
+    user = make_user(sql)
+    async with FakeHetzner() as fake:
+        server = fake.add_server("a")
+        vps = make_vps(sql, user, "hetzner-cx23", ref=str(server["id"]), created=T0)
+        async with metering_worker(temporal_client, settings, collectors(settings, hetzner_url=fake.base_url)) \
+                as (acts, tq):
+            final = await acts.collect_now(vps, T0 + HOUR)  # what DestroyVps should run before deleting
+            assert final.written == 1 and final.kind == "hetzner"
+            # The VM is deleted at T0 + 1.5 h; Hetzner no longer knows it.
+            sql.execute("UPDATE vpses SET state = 'destroyed', destroyed_at = %s, state_changed_at = %s"
+                        " WHERE id = %s", (datetime.fromtimestamp(T0 + 5400, UTC),
+                                           datetime.fromtimestamp(T0 + 5400, UTC), vps))
+            fake.servers.pop(server["id"])
+            report = await run_cycle(temporal_client, tq, T0 + 3 * HOUR)
+            later = await run_cycle(temporal_client, tq, T0 + 4 * HOUR)
+    assert report.written == 1 and report.failed == [] and later.due == 0
+    row = usage(sql, vps)[month_of(T0).isoformat()]
+    assert row["cpu_ms"] == hetzner_hour()["cpu_ms"]  # the final collection; nothing after the VM went
+    assert row["storage_bytes"] == storage(CX23_DISK, T0, T0 + 5400)  # accrued up to the destruction only
+    assert watermark(sql, vps) == T0 + 5400
