@@ -55,6 +55,8 @@ class MeteringActivities:
         self.collectors = collectors if collectors is not None else build_collectors(settings)
         self.after_fetch: Callable[[CollectBatchIn, CollectResult], Awaitable[None]] | None = None
         """Fault-injection point between fetching and writing (tests: a crash, a race)."""
+        self.after_write: Callable[[CollectBatchIn], Awaitable[None]] | None = None
+        """Fault-injection point after the batch's transaction committed (a crash before reporting)."""
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.plan, self.collect_batch, self.report_problems, self.close_month]
@@ -97,6 +99,8 @@ class MeteringActivities:
             await self.after_fetch(inp, result)
         async with self.engine.begin() as conn:
             written = await ledger.write_batch(conn, dues, result, inp.until)
+        if self.after_write is not None:
+            await self.after_write(inp)
         users = {d.window.vps_id: d.user_id for d in dues}
         report.written = len(written.written)
         report.lost_race = len(written.lost_race)

@@ -94,6 +94,30 @@ async def test_crash_after_fetch_then_retry_counts_once(temporal_client: Client,
     assert usage(sql, vps)[month_of(T0).isoformat()]["cpu_ms"] == hetzner_hour()["cpu_ms"]
 
 
+async def test_crash_after_writing_then_retry_counts_once(temporal_client: Client, settings: Settings,
+                                                          sql: psycopg.Connection) -> None:
+    """The worker dies after the commit, before Temporal hears of it: the retry finds the watermark already
+    at the window's end, so it neither asks the provider again nor counts anything twice."""
+    user = make_user(sql)
+    crashes = []
+
+    async def crash_once(inp: CollectBatchIn) -> None:
+        if not crashes:
+            crashes.append(inp)
+            raise RuntimeError("worker killed after writing")
+
+    async with FakeHetzner() as fake:
+        server = fake.add_server("a")
+        vps = make_vps(sql, user, "hetzner-cx23", ref=str(server["id"]), created=T0)
+        async with metering_worker(temporal_client, settings, collectors(settings, hetzner_url=fake.base_url)) \
+                as (acts, tq):
+            acts.after_write = crash_once
+            report = await run_cycle(temporal_client, tq, T0 + HOUR)
+    assert crashes and len(fake.calls("GET /servers/*/metrics")) == 1
+    assert report.failed_batches == 0 and report.failed == []
+    assert usage(sql, vps)[month_of(T0).isoformat()]["cpu_ms"] == hetzner_hour()["cpu_ms"]
+
+
 async def test_two_racing_collections_count_once(temporal_client: Client, settings: Settings,
                                                  sql: psycopg.Connection) -> None:
     user = make_user(sql)
