@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ from metering.periods import Amounts, Sample
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
+_APP = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HETZNER_MAX_SAMPLES = 500
 
 
@@ -280,7 +282,8 @@ def _error_code(resp: httpx.Response) -> str:
 
 
 class FlyCollector:
-    """One PromQL range query over all of the org's Slopbox machines (apps `<prefix>-<vps id>`).
+    """One PromQL range query per batch over the batch's machines (apps `<prefix>-<vps id>`); a Fly
+    batch holds up to 1,000 VPSes, so an org of up to 1,000 Slopbox machines is one query per cycle.
 
     The four billing series come back in one answer, told apart by a `series` label; points are
     per-minute increases (CPU, network) and averages (memory), so each point is one sample.
@@ -302,8 +305,11 @@ class FlyCollector:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    def query(self) -> str:
-        sel = f'app=~"{self.app_prefix}-.*"'
+    def query(self, apps: list[str] | None = None) -> str:
+        """The four billing series of the given apps (all of the org's Slopbox apps when None)."""
+        # App names are [a-z0-9-] (Fly's rule), nothing a regex or a PromQL string would read specially.
+        pattern = f"{self.app_prefix}-.*" if apps is None else "|".join(sorted(a for a in apps if _APP.match(a)))
+        sel = f'app=~"{pattern}"'
         cpu_modes = 'mode!~"idle|iowait|steal|guest|guest_nice"'
         parts = [
             ("cpu_ms", f"sum by (app) (increase(fly_instance_cpu{{{sel},{cpu_modes}}}[60s])) * 10"),
@@ -331,8 +337,9 @@ class FlyCollector:
         end = max(ends[w.vps_id] for w in todo)
         result.requests = 1
         try:
+            apps = [(w.provider_ref or "").split("/", 1)[0] for w in todo]
             resp = await self._http.post(f"{self.org_slug}/api/v1/query_range",
-                                         data={"query": self.query(), "start": str(start), "end": str(end),
+                                         data={"query": self.query(apps), "start": str(start), "end": str(end),
                                                "step": str(self.STEP)})
         except httpx.HTTPError as err:
             return self._all_failed(result, todo, f"Fly Prometheus unavailable: {type(err).__name__}")

@@ -537,7 +537,7 @@ class FakeFly(FakeApiServer):
         """A range query answered per started machine with `prom_rates`; the query itself is recorded.
 
         Only what our collector sends is understood: `label_replace(..., "series", "<name>", "", "")`
-        parts joined by `or`, over `app=~"<prefix>-.*"`.
+        parts joined by `or`, over `app=~"<regex>"` (the apps of a batch, or a prefix).
         """
         if request.match_info["org"] != self.org_slug:
             return web.json_response({"status": "error", "errorType": "bad_data", "error": "unknown org"}, status=404)
@@ -550,13 +550,13 @@ class FakeFly(FakeApiServer):
             return web.json_response({"status": "error", "errorType": "bad_data", "error": "bad parameters"},
                                      status=400)
         self.prom_queries.append(query)
-        prefix = re.search(r'app=~"([^"]*)\.\*"', query)
+        selector = re.search(r'app=~"([^"]*)"', query)
         names = re.findall(r'"series", "([a-z_]+)"', query)
         result = []
         with self.lock:
             self.before_request()
             apps = [(name, app) for name, app in self.apps.items()
-                    if prefix and name.startswith(prefix.group(1))
+                    if selector and re.fullmatch(selector.group(1), name)
                     and any(m["state"] == "started" for m in app.machines.values())]
         stamps = []
         t = start
