@@ -66,12 +66,14 @@ def collectors(settings: Settings, *, hetzner_url: str | None = None, fly_url: s
 
 @asynccontextmanager
 async def metering_worker(client: Client, settings: Settings, cols: dict[str, UsageCollector],
-                          task_queue: str | None = None) -> AsyncIterator[tuple[MeteringActivities, str]]:
+                          task_queue: str | None = None, extra_workflows: tuple[type, ...] = ()
+                          ) -> AsyncIterator[tuple[MeteringActivities, str]]:
     tq = task_queue or f"tq-meter-{uuid.uuid4().hex[:8]}"
     engine = make_engine(settings)
     acts = MeteringActivities(settings, engine, cols)
     try:
-        async with Worker(client, task_queue=tq, workflows=[MeteringCycle, CloseMonth], activities=acts.all()):
+        async with Worker(client, task_queue=tq, workflows=[MeteringCycle, CloseMonth, *extra_workflows],
+                          activities=acts.all()):
             yield acts, tq
             if recording():
                 await record(client, tq)

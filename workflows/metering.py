@@ -16,7 +16,7 @@ from datetime import date, timedelta
 from pydantic import BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
 from metering.periods import epoch, month_of, month_start_date, next_month, previous_month
@@ -200,10 +200,13 @@ class MeteringCycle:
             "deferred": report.deferred, "alerts": len(report.alerts), "stale": len(report.stale)})
         if inp.start_enforcement and report.users_changed:
             # The integrator's one line: EnforceUsage exists once the enforcement module is merged.
-            await workflow.start_child_workflow(
-                ENFORCE_USAGE_WORKFLOW, {"period_start": report.period_start, "user_ids": report.users_changed},
-                id=f"enforce-usage-{until}", parent_close_policy=ParentClosePolicy.ABANDON)
-            report.enforcement_started = True
+            try:
+                await workflow.start_child_workflow(
+                    ENFORCE_USAGE_WORKFLOW, {"period_start": report.period_start, "user_ids": report.users_changed},
+                    id=f"enforce-usage-{until}", parent_close_policy=ParentClosePolicy.ABANDON)
+                report.enforcement_started = True
+            except WorkflowAlreadyStartedError:  # a racing cycle for the same instant already started it
+                pass
         return report
 
     @staticmethod
