@@ -8,9 +8,14 @@ a 429 storm stays inside the rate budget; bandwidth is max(proxy, provider), nev
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -28,6 +33,7 @@ from workflows.metering import CollectBatchIn, MeteringCycle, MeteringCycleInput
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 HOUR = 3600
+ROOT = Path(__file__).resolve().parent.parent
 T0 = (int(time.time()) // 86_400 - 1) * 86_400 + 6 * HOUR  # yesterday 06:00 UTC: one day, one month
 CX23_MEM_MB, CX23_DISK = 4096, 40 * GIB
 
@@ -91,6 +97,45 @@ async def test_crash_after_fetch_then_retry_counts_once(temporal_client: Client,
         fetched = len(fake.calls("GET /servers/*/metrics"))
     assert crashes and fetched == 2  # fetched, crashed, Temporal retried the activity, fetched again
     assert report.written == 1
+    assert usage(sql, vps)[month_of(T0).isoformat()]["cpu_ms"] == hetzner_hour()["cpu_ms"]
+
+
+async def test_worker_sigkilled_after_fetch_then_retried_counts_once(
+        temporal_client: Client, settings: Settings, sql: psycopg.Connection, tmp_path: Path) -> None:
+    """A real worker process killed (SIGKILL) after its batch fetched and before it wrote: another worker
+    picks the batch up after the heartbeat timeout, fetches again and counts the hour exactly once."""
+    user = make_user(sql)
+    tq = f"tq-kill-{uuid.uuid4().hex[:6]}"
+    marker = tmp_path / "fetched"
+    async with FakeHetzner() as fake:
+        server = fake.add_server("a")
+        vps = make_vps(sql, user, "hetzner-cx23", ref=str(server["id"]), created=T0)
+        env = {"PATH": os.environ["PATH"], "DATABASE_URL": settings.database_url or "",
+               "TEMPORAL_ADDRESS": settings.temporal_target, "TEMPORAL_TASK_QUEUE": tq,
+               "CONTROL_PLANE_API_KEY": settings.api_key(), "SLOPBOX_ENCRYPTION_KEYS": ",".join(settings.secret_keys()),
+               "METER_FAKE_URL": fake.base_url or "", "METER_MARKER": str(marker)}
+        log = (tmp_path / "worker.log").open("wb")
+        doomed = subprocess.Popen(  # noqa: ASYNC220 (starting it does not block)
+            [sys.executable, "-m", "tests.meter_kill_worker"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            handle = await temporal_client.start_workflow(
+                MeteringCycle.run, MeteringCycleInput(until=T0 + HOUR, heartbeat_s=3),
+                id=f"meter-kill-{uuid.uuid4().hex[:6]}", task_queue=tq)
+            deadline = time.monotonic() + 60
+            while not marker.exists():
+                assert doomed.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                await asyncio.sleep(0.05)
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait()
+        finally:
+            if doomed.poll() is None:
+                doomed.kill()
+                doomed.wait()
+        assert usage(sql, vps) == {} and watermark(sql, vps) == T0  # fetched, nothing written
+        async with metering_worker(temporal_client, settings, collectors(settings, hetzner_url=fake.base_url),
+                                   task_queue=tq):
+            report: MeteringReport = await handle.result()
+    assert len(fake.calls("GET /servers/*/metrics")) == 2 and report.written == 1
     assert usage(sql, vps)[month_of(T0).isoformat()]["cpu_ms"] == hetzner_hour()["cpu_ms"]
 
 

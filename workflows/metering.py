@@ -42,6 +42,7 @@ class MeteringCycleInput(BaseModel):
     max_rate_waits: int = Field(default=3, ge=0)
     start_enforcement: bool = False
     """Start the `EnforceUsage` child at the end (off until that workflow is registered)."""
+    heartbeat_s: int = Field(default=60, ge=1, description="a worker that died mid-batch is noticed after this")
 
 
 class BatchSpecIn(BaseModel):
@@ -136,11 +137,11 @@ class CloseMonthReport(BaseModel):
 _ACTIVITY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=3)
 
 
-def _collect(inp: CollectBatchIn) -> workflow.ActivityHandle[BatchReport]:
+def _collect(inp: CollectBatchIn, heartbeat_s: int) -> workflow.ActivityHandle[BatchReport]:
     """Scheduled at once (a handle, not a coroutine), so a group of batches runs concurrently."""
     return workflow.start_activity(
         MeteringAct.collect_batch, inp, result_type=BatchReport, start_to_close_timeout=timedelta(minutes=10),
-        heartbeat_timeout=timedelta(seconds=60), retry_policy=_ACTIVITY_RETRY)
+        heartbeat_timeout=timedelta(seconds=heartbeat_s), retry_policy=_ACTIVITY_RETRY)
 
 
 @workflow.defn(name="MeteringCycle")
@@ -169,7 +170,7 @@ class MeteringCycle:
                     if spec.kind == "hetzner":
                         cap = min(hetzner_left, spec.count if spec.ids is None else len(spec.ids))
                         hetzner_left -= cap
-                    calls.append(_collect(CollectBatchIn(spec=spec, until=until, max_requests=cap)))
+                    calls.append(_collect(CollectBatchIn(spec=spec, until=until, max_requests=cap), inp.heartbeat_s))
                 for spec, outcome in zip(group, await _gather(calls), strict=True):
                     if isinstance(outcome, BaseException):
                         report.failed_batches += 1
