@@ -140,7 +140,8 @@ async def one_size(n: int, provider: str, budget: int | None, env: WorkflowEnvir
     fake.stop()
     out = {"n": n, "wall_s": wall, "requests": requests, "statements": statements[0], "worker_cpu_s": worker_cpu,
            "postgres_cpu_s": pg_cpu, "fake_cpu_s": fake_cpu, "written": report.written,
-           "deferred": sum(report.deferred.values()), "batches": -(-report.written // inp.batch_size)}
+           "deferred": sum(report.deferred.values()),
+           "batches": -(-report.written // (inp.fly_batch_size if provider == "fly" else inp.batch_size))}
     print(f"{n:>6} VPSes: wall {wall:6.2f}s  requests {requests:6d}  statements {statements[0]:5d}  "
           f"worker CPU {worker_cpu:6.2f}s  PostgreSQL CPU {pg_cpu:5.2f}s  (fake API {fake_cpu:5.2f}s)  "
           f"written {report.written}  deferred {out['deferred']}", flush=True)
@@ -169,7 +170,7 @@ async def main(sizes: list[int], provider: str, budget: int | None) -> None:
         print(f"growth relative to {base['n']} VPSes (x{' / x'.join(str(r['n'] // base['n']) for r in results)}):")
         for key in ("wall_s", "requests", "statements", "worker_cpu_s", "postgres_cpu_s"):
             print(f"  {key:>15}: " + "  ".join(f"{r[key] / base[key]:7.1f}x" if base[key] else "-" for r in results))
-        print("  statements per batch of 50: " + "  ".join(f"{r['statements'] / max(1, r['batches']):.1f}"
+        print("  statements per batch: " + "  ".join(f"{r['statements'] / max(1, r['batches']):.1f}"
                                                        for r in results))
     finally:
         postgres.stop(proc)
