@@ -338,13 +338,17 @@ async def write_batch(conn: AsyncConnection, dues: list[Due], result: CollectRes
             "cpu": [daily[k].cpu_ms for k in keys], "mem": [daily[k].memory_mb_seconds for k in keys],
             "sto": [daily[k].storage_bytes for k in keys]})
         out.statements += 1
-    # Bandwidth the proxies (or our top-ups) added this month, for every VPS of the batch.
-    today = datetime.fromtimestamp(until, UTC).date()
-    period = _open(month_of(until), closed)
-    seen = (await conn.execute(_DAILY_BANDWIDTH, {"ids": sorted(by_id), "period": period,
-                                                  "day": today if period == month_of(until) else period})).all()
-    out.statements += 1
-    out.users_changed.update(by_id[r[0]].user_id for r in seen if r[0] in by_id)
+    # Bandwidth the proxies (or our top-ups) added since the last look, for every VPS of the batch, into
+    # the day it was seen: this month's row, and the previous month's when the window crossed into a new
+    # one (its last bytes go to its last day), unless that month is closed.
+    first = min((d.window.since for d in dues), default=until)
+    for period in sorted({month_of(first), month_of(until)}):
+        if period in closed:
+            continue
+        day = datetime.fromtimestamp(min(until, epoch(next_month(period)) - 1), UTC).date()
+        seen = (await conn.execute(_DAILY_BANDWIDTH, {"ids": sorted(by_id), "period": period, "day": day})).all()
+        out.statements += 1
+        out.users_changed.update(by_id[r[0]].user_id for r in seen if r[0] in by_id)
     return out
 
 

@@ -52,6 +52,9 @@ async def test_close_month_splits_the_boundary_and_runs_once(ts_env: WorkflowEnv
         fake.metrics_step = step
         server = fake.add_server("a")
         vps = make_vps(sql, user, "hetzner-cx23", ref=str(server["id"]), created=start)
+        # The proxies counted some bytes into December's row (proxy/metering.py adds them like this).
+        sql.execute("INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_out_bytes) VALUES (%s, %s, %s)",
+                    (vps, december, 99_000_000))
         cols = collectors(settings, hetzner_url=fake.base_url, settle_s=120)
         async with metering_worker(ts_env.client, settings, cols) as (_, tq):
             inp = CloseMonthInput(period_start=december.isoformat(), settle_s=120,
@@ -85,3 +88,10 @@ async def test_close_month_splits_the_boundary_and_runs_once(ts_env: WorkflowEnv
                          " ORDER BY period_start", (vps,)).fetchall()
     assert frozen == [(True,), (False,)]
     assert sql.execute("SELECT count(*) FROM metering_months").fetchone() == (1,)
+    # Bandwidth is max(proxy, provider) per direction, and the daily series adds up to December's row.
+    assert rows[december.isoformat()]["bandwidth_out_bytes"] == 99_000_000  # the proxies' count, ahead
+    assert rows[december.isoformat()]["bandwidth_in_bytes"] == sum(
+        1000 * step * (1 if t != straddler else 0) for t in stamps) + 1000 * (boundary - straddler)
+    daily = sql.execute("SELECT sum(bandwidth_in_bytes), sum(bandwidth_out_bytes), sum(cpu_ms) FROM vps_usage_daily"
+                        " WHERE vps_id = %s AND day < %s", (vps, january)).fetchone()
+    assert daily == (rows[december.isoformat()]["bandwidth_in_bytes"], 99_000_000, rows[december.isoformat()]["cpu_ms"])
