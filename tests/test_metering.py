@@ -329,3 +329,25 @@ async def test_final_collection_before_delete_then_storage_stops_at_destroy(
     assert row["cpu_ms"] == hetzner_hour()["cpu_ms"]  # the final collection; nothing after the VM went
     assert row["storage_bytes"] == storage(CX23_DISK, T0, T0 + 5400)  # accrued up to the destruction only
     assert watermark(sql, vps) == T0 + 5400
+
+
+async def test_samples_for_a_closed_month_are_carried_into_the_next(temporal_client: Client, settings: Settings,
+                                                                   sql: psycopg.Connection) -> None:
+    """A VPS whose last hour of a month was not collected before CloseMonth (its provider was down, say):
+    the late samples go into the next open month, counted once, never into the frozen statement."""
+    user = make_user(sql)
+    this_month = month_of(T0)
+    boundary = epoch(this_month)
+    previous = month_of(boundary - 1)
+    async with FakeHetzner() as fake:
+        server = fake.add_server("a")
+        vps = make_vps(sql, user, "hetzner-cx23", ref=str(server["id"]), created=boundary - HOUR)
+        async with metering_worker(temporal_client, settings, collectors(settings, hetzner_url=fake.base_url)) \
+                as (acts, tq):
+            assert await acts.close_month(previous.isoformat()) == (0, 0)  # closed with nothing of this VPS
+            await run_cycle(temporal_client, tq, boundary)
+    rows = usage(sql, vps)
+    assert previous.isoformat() not in rows
+    assert rows[this_month.isoformat()]["cpu_ms"] == hetzner_hour()["cpu_ms"]
+    day = sql.execute("SELECT day FROM vps_usage_daily WHERE vps_id = %s", (vps,)).fetchall()
+    assert day == [(this_month,)]
