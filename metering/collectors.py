@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 _APP = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HETZNER_MAX_SAMPLES = 500
+HETZNER_RETENTION_S = 30 * 86_400
 
 
 @dataclass
@@ -149,7 +150,13 @@ class HetznerCollector:
 
     def _end(self, w: Window) -> int:
         end = (w.until - self.settle_s) // self.step_s * self.step_s
-        return min(end, w.since + HETZNER_MAX_SAMPLES * self.step_s)
+        return min(end, w.since + HETZNER_RETENTION_S)
+
+    def step_for(self, since: int, end: int) -> int:
+        """One-minute samples when they fit in one answer (500 at most), else the smallest whole-minute
+        step that does: one request always covers a VPS's whole gap, however long it waited."""
+        needed = -(-(end - since) // HETZNER_MAX_SAMPLES)
+        return max(self.step_s, -(-needed // self.step_s) * self.step_s)
 
     async def collect(self, windows: list[Window], *, max_requests: int | None = None) -> CollectResult:
         result = CollectResult()
@@ -184,7 +191,7 @@ class HetznerCollector:
 
     async def _one(self, w: Window, end: int, result: CollectResult, stop: asyncio.Event,
                    transport_errors: list[str]) -> None:
-        params = {"type": "cpu,disk,network", "step": str(self.step_s),
+        params = {"type": "cpu,disk,network", "step": str(self.step_for(w.since, end)),
                   "start": datetime.fromtimestamp(w.since, UTC).isoformat(),
                   "end": datetime.fromtimestamp(end, UTC).isoformat()}
         try:

@@ -59,9 +59,12 @@ class Plan:
     deferred: dict[str, int] = field(default_factory=dict)
 
 
+# A VPS metering first meets starts at its creation, or 31 days back for one older than that (a
+# deploy onto a running fleet): Hetzner keeps 30 days of metrics, older usage cannot be fetched.
 _ENSURE_STATE = text("""
     INSERT INTO vps_meter_state (vps_id, collected_until)
-    SELECT v.id, to_timestamp(floor(extract(epoch FROM v.created_at) / 60) * 60)
+    SELECT v.id, GREATEST(to_timestamp(floor(extract(epoch FROM v.created_at) / 60) * 60),
+                          CAST(:until AS timestamptz) - interval '31 days')
     FROM vpses v
     WHERE NOT EXISTS (SELECT 1 FROM vps_meter_state s WHERE s.vps_id = v.id)
       AND (v.destroyed_at IS NULL OR v.destroyed_at > :until - interval '2 days')
@@ -107,8 +110,9 @@ async def plan_cycle(engine: AsyncEngine, until: int, *, batch_size: int, fly_ba
 _KIND = text("""
     WITH ensured AS (
         INSERT INTO vps_meter_state (vps_id, collected_until)
-        SELECT v.id, to_timestamp(floor(extract(epoch FROM v.created_at) / 60) * 60) FROM vpses v
-        WHERE v.id = CAST(:id AS uuid)
+        SELECT v.id, GREATEST(to_timestamp(floor(extract(epoch FROM v.created_at) / 60) * 60),
+                              now() - interval '31 days')
+        FROM vpses v WHERE v.id = CAST(:id AS uuid)
         ON CONFLICT DO NOTHING RETURNING vps_id, collected_until
     )
     SELECT v.provider, v.state IN ('running', 'provisioning', 'error')

@@ -351,3 +351,23 @@ async def test_samples_for_a_closed_month_are_carried_into_the_next(temporal_cli
     assert rows[this_month.isoformat()]["cpu_ms"] == hetzner_hour()["cpu_ms"]
     day = sql.execute("SELECT day FROM vps_usage_daily WHERE vps_id = %s", (vps,)).fetchall()
     assert day == [(this_month,)]
+
+
+async def test_a_long_gap_is_one_request_with_a_coarser_step(temporal_client: Client, settings: Settings,
+                                                            sql: psycopg.Connection) -> None:
+    """A VPS that waited two days for its turn (rate budget, outage) is caught up in one request: the step
+    grows so the gap fits in Hetzner's 500 samples, and the total is the same as minute by minute."""
+    user = make_user(sql)
+    since = T0 - 86_400
+    async with FakeHetzner() as fake:
+        server = fake.add_server("a")
+        vps = make_vps(sql, user, "hetzner-cx23", ref=str(server["id"]), created=since)
+        async with metering_worker(temporal_client, settings, collectors(settings, hetzner_url=fake.base_url)) \
+                as (_, tq):
+            report = await run_cycle(temporal_client, tq, T0 + 86_400)
+    calls = fake.calls("GET /servers/*/metrics")
+    assert len(calls) == 1 and calls[0].query["step"] == ["360"] and report.stale == {}
+    rows = usage(sql, vps)
+    assert sum(r["cpu_ms"] for r in rows.values()) == 50 * 10 * 2 * 86_400
+    assert sum(r["bandwidth_in_bytes"] for r in rows.values()) == 1000 * 2 * 86_400
+    assert watermark(sql, vps) == T0 + 86_400
