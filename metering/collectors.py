@@ -184,8 +184,11 @@ class HetznerCollector:
                 await self._one(w, end, result, stop, transport_errors)
 
         await asyncio.gather(*(worker() for _ in range(max(1, self.concurrency))))
+        # The provider (not one server) is down when every request failed: several 5xx, or the API
+        # could not be reached at all. One server's 500 alone is that server's failure, no alert.
         asked = result.requests
-        if asked and len(transport_errors) == asked:
+        unreachable = any(not e.startswith("HTTP") for e in transport_errors)
+        if asked and len(transport_errors) == asked and (asked >= 2 or unreachable):
             result.unavailable = f"Hetzner metrics API unavailable: {transport_errors[-1]}"
         return result
 

@@ -371,3 +371,22 @@ async def test_a_long_gap_is_one_request_with_a_coarser_step(temporal_client: Cl
     assert sum(r["cpu_ms"] for r in rows.values()) == 50 * 10 * 2 * 86_400
     assert sum(r["bandwidth_in_bytes"] for r in rows.values()) == 1000 * 2 * 86_400
     assert watermark(sql, vps) == T0 + 86_400
+
+
+async def test_one_vps_failing_blocks_no_other(temporal_client: Client, settings: Settings,
+                                               sql: psycopg.Connection) -> None:
+    user = make_user(sql)
+    async with FakeHetzner() as fake:
+        servers = [fake.add_server(f"s{i}") for i in range(5)]
+        vpses = [make_vps(sql, user, "hetzner-cx23", ref=str(s["id"]), created=T0) for s in servers]
+        fake.fail_next(f"GET /servers/{servers[2]['id']}/metrics", status=500, times=1)
+        async with metering_worker(temporal_client, settings, collectors(settings, hetzner_url=fake.base_url)) \
+                as (_, tq):
+            report = await run_cycle(temporal_client, tq, T0 + HOUR, batch_size=2)
+            assert [f.vps_id for f in report.failed] == [vpses[2]]
+            assert report.alerts == []  # one server failing is not the provider being down
+            assert report.written == 4 and watermark(sql, vpses[2]) == T0
+            again = await run_cycle(temporal_client, tq, T0 + HOUR)  # the next cycle asks for it again
+    assert again.written == 1 and again.failed == []
+    for vps in vpses:
+        assert usage(sql, vps)[month_of(T0).isoformat()]["cpu_ms"] == hetzner_hour()["cpu_ms"]
