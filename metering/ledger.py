@@ -261,6 +261,14 @@ _DAILY_BANDWIDTH = text("""
     RETURNING d.vps_id::text
 """)
 
+# Every usage row the batch may touch, locked up front in the order the proxies' flush locks them
+# (vps_id, period_start): the statements below then never wait on a row out of order (no deadlock).
+_LOCK_ROWS = text("""
+    SELECT 1 FROM vps_usage_periods
+    WHERE vps_id = ANY(CAST(:ids AS uuid[])) AND period_start = ANY(CAST(:periods AS date[]))
+    ORDER BY vps_id, period_start FOR UPDATE
+""")
+
 _CLOSED = text("SELECT period_start FROM metering_months WHERE period_start >= CAST(:since AS date)")
 
 
@@ -314,6 +322,13 @@ async def write_batch(conn: AsyncConnection, dues: list[Due], result: CollectRes
     if won:
         closed = {r[0] for r in (await conn.execute(_CLOSED, {"since": month_of(earliest)})).all()}
         out.statements += 1
+    first = min((d.window.since for d in dues), default=until)
+    periods, m = [], month_of(first)
+    while m <= month_of(until):
+        periods.append(m)
+        m = next_month(m)
+    await conn.execute(_LOCK_ROWS, {"ids": sorted(by_id), "periods": periods})
+    out.statements += 1
     for c in got:
         if c.vps_id not in won:
             continue
@@ -345,7 +360,6 @@ async def write_batch(conn: AsyncConnection, dues: list[Due], result: CollectRes
     # Bandwidth the proxies (or our top-ups) added since the last look, for every VPS of the batch, into
     # the day it was seen: this month's row, and the previous month's when the window crossed into a new
     # one (its last bytes go to its last day), unless that month is closed.
-    first = min((d.window.since for d in dues), default=until)
     for period in sorted({month_of(first), month_of(until)}):
         if period in closed:
             continue
