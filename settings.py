@@ -82,8 +82,8 @@ class Settings(BaseSettings):
 
     # Metering (README "Metering")
     metering_interval_s: int = Field(
-        default=3600, ge=0, description="seconds between MeteringCycle runs (a Temporal Schedule); 0 = no metering "
-                                        "schedules (neither MeteringCycle nor CloseMonth)")
+        default=3600, ge=0, description="seconds between MeteringCycle runs (a Temporal Schedule); 0 = this worker "
+                                        "creates no metering schedule (neither MeteringCycle nor CloseMonth)")
     metering_batch_size: int = Field(default=50, ge=1, le=10_000, description="VPSes per metering batch")
     metering_hetzner_requests_per_hour: int = Field(
         default=1800, ge=0, le=3600,

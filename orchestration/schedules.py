@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from datetime import timedelta
 
@@ -18,7 +17,6 @@ from temporalio.client import (
     ScheduleState,
     ScheduleUpdate,
 )
-from temporalio.service import RPCError
 
 from workflows.contracts import ReconcileInput
 from workflows.lifecycle import Reconcile
@@ -57,14 +55,13 @@ async def _ensure(client: Client, schedule_id: str, schedule: Schedule) -> None:
 
 async def ensure_metering_schedules(client: Client, task_queue: str, cycle: MeteringCycleInput,
                                     *, interval_s: int) -> bool:
-    """`MeteringCycle` every `interval_s` and `CloseMonth` at 00:00 UTC on the 1st; `interval_s` 0 removes both.
+    """`MeteringCycle` every `interval_s` and `CloseMonth` at 00:00 UTC on the 1st.
 
-    Returns whether metering is scheduled.
+    `interval_s` 0: this worker creates no metering schedule (like RECONCILE_INTERVAL_S=0: a worker that
+    sees only part of the fleet, or a test worker, must not meter); schedules made by others are left
+    alone. Returns whether the schedules were ensured.
     """
     if interval_s <= 0:
-        for schedule_id in (METERING_SCHEDULE_ID, CLOSE_MONTH_SCHEDULE_ID):
-            with contextlib.suppress(RPCError):
-                await client.get_schedule_handle(schedule_id).delete()
         return False
     every = timedelta(seconds=interval_s)
     cycle = cycle.model_copy(update={"interval_s": interval_s, "until": None})

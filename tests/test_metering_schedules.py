@@ -32,7 +32,7 @@ class RecordingEnforceUsage:
         ENFORCED.append(inp)
 
 
-async def test_schedules_created_updated_and_disabled(temporal_client: Client, settings: Settings) -> None:
+async def test_schedules_created_updated_and_not_by_a_worker_with_0(temporal_client: Client, settings: Settings) -> None:
     tq = settings.temporal_task_queue
     cycle = metering_cycle_input(settings.model_copy(update={"metering_interval_s": 5}))
     assert await ensure_metering_schedules(temporal_client, tq, cycle, interval_s=5)
@@ -43,11 +43,16 @@ async def test_schedules_created_updated_and_disabled(temporal_client: Client, s
     close = await temporal_client.get_schedule_handle(CLOSE_MONTH_SCHEDULE_ID).describe()
     assert close.schedule.spec.cron_expressions == ["0 0 1 * *"] or close.schedule.spec.calendars
     assert close.schedule.spec.time_zone_name == "UTC"
-    # 0 disables metering: both schedules go.
+    # 0: this worker makes none (a test worker, a worker seeing part of the fleet), and deletes none.
     assert not await ensure_metering_schedules(temporal_client, tq, cycle, interval_s=0)
+    await temporal_client.get_schedule_handle(METERING_SCHEDULE_ID).describe()
     for schedule_id in (METERING_SCHEDULE_ID, CLOSE_MONTH_SCHEDULE_ID):
+        await temporal_client.get_schedule_handle(schedule_id).delete()
         with pytest.raises(RPCError):
             await temporal_client.get_schedule_handle(schedule_id).describe()
+    assert not await ensure_metering_schedules(temporal_client, tq, cycle, interval_s=0)
+    with pytest.raises(RPCError):
+        await temporal_client.get_schedule_handle(METERING_SCHEDULE_ID).describe()
 
 
 async def test_cycle_starts_enforce_usage_for_the_users_whose_usage_changed(
