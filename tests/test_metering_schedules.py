@@ -32,7 +32,7 @@ class RecordingEnforceUsage:
         ENFORCED.append(inp)
 
 
-async def test_schedules_created_updated_and_not_by_a_worker_with_0(temporal_client: Client, settings: Settings) -> None:
+async def test_schedules_created_updated_not_by_a_worker_with_0(temporal_client: Client, settings: Settings) -> None:
     tq = settings.temporal_task_queue
     cycle = metering_cycle_input(settings.model_copy(update={"metering_interval_s": 5}))
     assert await ensure_metering_schedules(temporal_client, tq, cycle, interval_s=5)
