@@ -63,6 +63,8 @@ def start_worker(settings: Settings, log: Path, *, hold_file: Path | None = None
         "CONTROL_PLANE_API_KEY": settings.api_key(),
         "SLOPBOX_ENCRYPTION_KEYS": ",".join(settings.secret_keys()),
         "SLOPBOX_DATA_DIR": str(settings.data_dir),
+        # A test worker must not schedule metering in the shared Temporal server (it would meter other tests).
+        "METERING_INTERVAL_S": "0",
         **(env or {}),
     }
     module = "cli.main"
