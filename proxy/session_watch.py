@@ -31,13 +31,11 @@ class SessionWatch:
             select(AuthSession.session_token)  # type: ignore[call-overload]
             .where(AuthSession.session_token == any_(_TOKENS), AuthSession.expires > func.now())
         )
-        self.queries = 0
 
     async def live(self, tokens: Collection[str]) -> set[str]:
         """The tokens among `tokens` whose session exists and has not expired."""
         if not tokens:
             return set()
-        self.queries += 1
         async with self._engine.connect() as conn:
             rows = await conn.execute(self._stmt, {"tokens": list(tokens)})
             return {row[0] for row in rows}
