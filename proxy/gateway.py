@@ -61,6 +61,9 @@ from proxy.ws_relay import Relay, RelayContext, relay
 __all__ = ["GatewayProxy", "rewrite_html"]
 
 log = logging.getLogger(__name__)
+refusals_log = logging.getLogger(__name__ + ".refusals")
+"""Rate-limited (proxy.log_limits): what strangers' floods make us write."""
+_REFUSED_BEFORE_LOOKUP = web.RequestKey("refused_before_lookup", bool)
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _CHUNK = 64 * 1024
@@ -185,6 +188,10 @@ class GatewayProxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         response = await self._handle(request)
+        if request.get(_REFUSED_BEFORE_LOOKUP):  # a stranger's flood: counted, not a line each
+            refusals_log.info("refused before the session lookup", extra={
+                "status": response.status, "client": client_key(request.remote)})
+            return response
         log.info("gateway request", extra={"method": request.method, "path": request.path[:200],
                                            "status": response.status,
                                            "ms": round((time.monotonic() - started) * 1000, 1)})
@@ -209,6 +216,7 @@ class GatewayProxy:
         token = session_token(request.cookies)
         refused = self.preauth.before_lookup(client_key(request.remote), token, gpath.agent_id)
         if refused is not None:  # answered from memory: no database lookup (proxy.preauth)
+            request[_REFUSED_BEFORE_LOOKUP] = True
             reason, wait = refused
             if reason == "unknown":
                 return problem(401, "Not signed in", "Your session has expired or was signed out. Sign in again.")

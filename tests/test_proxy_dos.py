@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import resource
 import select
 import socket
@@ -37,6 +38,7 @@ from sqlalchemy import event
 
 from proxy.config import ProxyConfig, attachment_limit
 from proxy.listener import ListenerLimits, size_listeners
+from proxy.log_limits import LogRateLimit, install_log_limits
 from settings import Settings
 from tests.proxy_harness import (
     TEST_CONFIG,
@@ -400,9 +402,9 @@ async def test_oversized_and_complex_frames_are_refused_before_parsing(settings:
                                                                       encryption_key: str, database_url: str,
                                                                       tmp_path: Path) -> None:
     cap = ProxyConfig().max_client_frame_bytes
-    many_objects = '{"type":"req","id":"x","method":"health","params":{"a":[' + "{}," * (cap // 3 - 100) + "{}]}}"
-    many_values = '{"type":"req","id":"x","method":"health","params":{"a":[' + "0," * (cap // 2 - 100) + "0]}}"
-    deep = '{"type":"req","id":"x","method":"health","params":{"a":' + "[" * 100 + "]" * 100 + "}}"
+    many_objects = '{"type":"req","id":"x","method":"config.patch","params":{"a":[' + "{}," * (cap // 3 - 100) + "{}]}}"
+    many_values = '{"type":"req","id":"x","method":"config.patch","params":{"a":[' + "0," * (cap // 2 - 100) + "0]}}"
+    deep = '{"type":"req","id":"x","method":"config.patch","params":{"a":' + "[" * 100 + "]" * 100 + "}}"
     assert len(many_objects) < cap and len(many_values) < cap
     cases = [
         (_frame("chat.send", {"message": "x" * (cap + 1)}), "frame too large"),
@@ -527,3 +529,31 @@ async def test_session_sweep_is_one_query_for_all_sockets(settings: Settings, sq
                 for browser, ws in opened:
                     await ws.close()
                     await browser.close()
+
+
+async def test_repeated_log_lines_are_rate_limited() -> None:
+    """What an attacker can make us log is let through in bursts, the rest counted on the next line."""
+    now = [0.0]
+    limit = LogRateLimit(burst=20, window_s=10.0, clock=lambda: now[0])
+    logger = logging.getLogger("tests.proxy_dos.noisy")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.propagate = False
+    remove = install_log_limits(limit, names=("tests.proxy_dos.noisy",))
+    try:
+        for fd in range(1_000):
+            logger.error("socket.accept() out of system resource\nsocket: fd=%d", fd)
+        logger.error("another message")
+        assert len(records) == 21
+        now[0] = 11.0
+        logger.error("socket.accept() out of system resource\nsocket: fd=%d", 1)
+        assert len(records) == 22 and getattr(records[-1], "suppressed", 0) == 980
+    finally:
+        remove()
+        logger.removeHandler(handler)
