@@ -43,6 +43,7 @@ from proxy.config import ProxyConfig
 from proxy.egress import EgressPolicy, EgressRefused, EgressTarget
 from proxy.enforcement import UsageEnforcer
 from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
+from proxy.listener import ConnectionGuard, start_stream_server
 from proxy.metering import Meter
 
 __all__ = ["ForwardCredentials", "ForwardProxy", "HeadError", "RequestHead", "parse_request_head"]
@@ -224,7 +225,10 @@ class ForwardProxy:
         self._live: dict[uuid.UUID, set[_Tunnel]] = {}
         self._watcher: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
+    async def start(self, host: str, port: int, guard: ConnectionGuard | None = None) -> asyncio.Server:
+        if guard is not None:  # its own connection budget (proxy.listener)
+            return await start_stream_server(self._on_connection, host, port, guard,
+                                             limit=self.config.max_forward_head_bytes)
         return await asyncio.start_server(self._on_connection, host, port, limit=self.config.max_forward_head_bytes)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
