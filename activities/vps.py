@@ -34,6 +34,7 @@ from temporalio.exceptions import ApplicationError
 from activities import gateway
 from billing.plans import month_start
 from db.models import ACTIVE_OPERATION, Agent, Vps, VpsConfig, VpsOperation, VpsState, VpsUsagePeriod
+from openclaw.tls import CertificatePinError, check_peer, pinned_context
 from providers import ProviderError, VmInfo, VmProvider, VmState, build_provider
 from settings import Settings
 from workflows.contracts import (
@@ -262,18 +263,40 @@ class VpsActivities:
 
     @activity.defn(name=Act.wait_gateway_ready)
     async def wait_gateway_ready(self, inp: WaitInput) -> None:
+        """Poll `/readyz`; on a cloud VM over https, trusting only the certificate its VM reported.
+
+        The pin arrives with the VM's ready report (`/bootstrap/ready`), so until then we wait. A
+        certificate other than the pinned one fails the operation at once (someone else answers at
+        that address). When ready, the URL is stored on the row: the proxy reads it from there.
+        """
         vps, _, _ = await self._load(inp)
         url = gateway.base_url(self.provider(vps.provider), vps)
         deadline = time.monotonic() + inp.timeout_s
         last = "no answer yet"
-        async with httpx.AsyncClient(timeout=5) as http:
+        context = pinned_context()
+        async with httpx.AsyncClient(timeout=5, verify=context, trust_env=False) as http:
             while time.monotonic() < deadline:
                 activity.heartbeat(last)
+                pin = None
+                if url.startswith("https://"):
+                    if vps.gateway_cert_sha256 is None:
+                        vps, _, _ = await self._load(inp)
+                    pin = vps.gateway_cert_sha256
+                    if pin is None:
+                        last = "the VM has not reported ready with its certificate yet"
+                        await asyncio.sleep(inp.poll_interval_s)
+                        continue
                 try:
                     resp = await http.get(f"{url}/readyz")
+                    if pin is not None:
+                        stream = resp.extensions.get("network_stream")
+                        check_peer(stream.get_extra_info("ssl_object") if stream else None, pin)
                     if resp.status_code == 200:
+                        await self._update(vps.id, gateway_url=url)
                         return
                     last = f"/readyz answered {resp.status_code}"
+                except CertificatePinError as err:
+                    raise fail(f"refused the gateway's TLS certificate: {err}", "CertificatePinMismatch") from None
                 except httpx.HTTPError as err:
                     last = f"{type(err).__name__}"
                 await asyncio.sleep(inp.poll_interval_s)

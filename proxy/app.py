@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ class RunningProxy:
     forward: ForwardProxy
     meter: Meter
     engine: AsyncEngine
+    forward_tls_port: int | None = None
+    """The forward proxy's TLS listener for cloud VMs (None without a certificate and key)."""
 
 
 async def _resolved_control_plane(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -81,7 +84,7 @@ async def _resolved_control_plane(settings: Settings) -> list[ipaddress.IPv4Netw
 @contextlib.asynccontextmanager
 async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy: EgressPolicy | None = None,
                 host: str | None = None, port: int | None = None, forward_port: int | None = None,
-                ) -> AsyncIterator[RunningProxy]:
+                forward_tls_port: int | None = None) -> AsyncIterator[RunningProxy]:
     """Both listeners up until the block exits; then sockets are closed and the meter flushed."""
     cfg = config or ProxyConfig()
     host = host if host is not None else settings.proxy_host
@@ -96,6 +99,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
     )
     runner: web.AppRunner | None = None
     server: asyncio.Server | None = None
+    tls_server: asyncio.Server | None = None
     forward: ForwardProxy | None = None
     try:
         meter.start()
@@ -119,9 +123,19 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         )
         server = await forward.start(host, forward_port)
         fport = server.sockets[0].getsockname()[1]
+        tls_port = None
+        if settings.forward_proxy_tls_cert and settings.forward_proxy_tls_key:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            tls.load_cert_chain(settings.forward_proxy_tls_cert, settings.forward_proxy_tls_key)
+            tls_server = await forward.start(
+                host, forward_tls_port if forward_tls_port is not None else settings.forward_proxy_tls_port, ssl=tls)
+            tls_port = tls_server.sockets[0].getsockname()[1]
         yield RunningProxy(url=f"http://{host}:{bound}", forward_host=host, forward_port=fport, gateway=gateway,
-                           forward=forward, meter=meter, engine=engine)
+                           forward=forward, meter=meter, engine=engine, forward_tls_port=tls_port)
     finally:
+        if tls_server is not None:
+            tls_server.close()
         if server is not None:
             server.close()
         if forward is not None:
@@ -141,7 +155,8 @@ async def _main(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with serve(settings) as running:
         log.info("proxy listening", extra={"gateway_proxy": running.url,
-                                           "forward_proxy": f"{running.forward_host}:{running.forward_port}"})
+                                           "forward_proxy": f"{running.forward_host}:{running.forward_port}",
+                                           "forward_proxy_tls_port": running.forward_tls_port})
         await stop.wait()
     log.info("proxy stopped; usage flushed")
 

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from urllib.parse import SplitResult, urlsplit
 
 from sqlalchemy import select
@@ -224,8 +225,10 @@ class ForwardProxy:
         self._live: dict[uuid.UUID, set[_Tunnel]] = {}
         self._watcher: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self._on_connection, host, port, limit=self.config.max_forward_head_bytes)
+    async def start(self, host: str, port: int, *, ssl: SSLContext | None = None) -> asyncio.Server:
+        """A listener; with `ssl`, the TLS one cloud VMs use (their credentials never cross in clear)."""
+        return await asyncio.start_server(self._on_connection, host, port, limit=self.config.max_forward_head_bytes,
+                                          ssl=ssl, ssl_handshake_timeout=10.0 if ssl is not None else None)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -32,6 +32,7 @@ from temporalio.client import Client
 
 from devstack.temporal import dev_server_command, wait_port
 from gateway_simulator.server import run_simulator
+from gateway_simulator.tls import make_self_signed
 from openclaw.pairing import approve_device_keys
 from providers import build_provider
 from settings import Settings
@@ -203,7 +204,12 @@ class VmFleet:
         config["gateway"]["bind"] = "custom"
         config["gateway"]["customBindHost"] = self.fake.ip_for(server_id)
         gateway_token = secrets["env"]["OPENCLAW_GATEWAY_TOKEN"]
-        env = {**os.environ, **secrets["env"]}
+        # The VM's TLS certificate where the rendered gateway.tls points (`~` = the service's HOME),
+        # made before the gateway starts, as the real bootstrap's `ensure_cert` step does.
+        home = self.state_root / f"{server_id}-home"
+        tls = config["gateway"]["tls"]
+        cert_sha256 = make_self_signed(*(Path(str(home) + tls[k].removeprefix("~")) for k in ("certPath", "keyPath")))
+        env = {**os.environ, **secrets["env"], "HOME": str(home)}
         # bind=custom and bind_host pin the listener to this VM's own address whatever the control
         # plane pushes (the push makes the gateway section exactly what it renders, `bind: lan` and no
         # customBindHost; on a real VM "all interfaces" are its own).
@@ -213,9 +219,10 @@ class VmFleet:
             self.booted.add(server_id)
             pairing = asyncio.create_task(approve_device_keys(
                 sim.url, token=gateway_token, public_keys=secrets["pair_public_keys"], timeout=120,
-                poll_interval=0.2))
+                poll_interval=0.2, cert_sha256=cert_sha256))
             try:
-                ready = await self.api.post(f"/{path}/ready", headers=auth)
+                ready = await self.api.post(f"/{path}/ready", headers=auth,
+                                            json={"status": "ready", "gateway_cert_sha256": cert_sha256})
                 if ready.status_code != 204:
                     self.broken[server_id] = f"ready answered {ready.status_code}"
                 while True:  # powered until the server is deleted
