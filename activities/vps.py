@@ -210,6 +210,15 @@ class VpsActivities:
             existing = await self._call(lambda: provider.get(vps.provider_ref))  # type: ignore[arg-type]
             if existing is not None and existing.state != VmState.DELETED:
                 return  # an earlier attempt got this far
+        if not vps.bootstrap_token and vps.bootstrap_token_sha256 and vps.bootstrap_redeemed_at:
+            # An earlier attempt's VM (its create answer was lost) has already redeemed this VPS's
+            # token: adopt that VM. A new token would make its ready report, and with it the pin of
+            # its gateway certificate, unknown (401).
+            managed = await self._call(provider.list_managed)
+            mine = next((vm for vm in managed if vm.vps_id == str(vps.id) and vm.state != VmState.DELETED), None)
+            if mine is not None:
+                await self._observed(vps.id, mine)
+                return
         bootstrap = str(vps.bootstrap_token) if vps.bootstrap_token else secrets.token_urlsafe(32)
         if not vps.bootstrap_token:
             admin, relay = gateway.ensure_identities(vps)

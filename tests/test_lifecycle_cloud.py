@@ -139,6 +139,44 @@ async def test_hetzner_create_answered_504_after_committing_still_ends_running(
         assert hetzner.servers == {}
 
 
+async def test_a_retried_create_adopts_the_vm_that_already_redeemed_its_token(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner,
+        tmp_path: Path) -> None:
+    """The create's answer is lost and its VM boots and redeems the token before the retry runs: the
+    retry adopts that VM instead of minting a new token, so the VM's ready report (with its
+    certificate pin) is accepted. (It used to answer 401: the chaos run's "ready answered 401".)"""
+    hetzner.lose_response_next("POST /servers")
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        resp = await stack.provision(user, agent, "hetzner")
+        assert resp.status_code == 202
+        vps_id = resp.json()["vps_id"]
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        hetzner.fail_next("GET /servers", 503, times=1000)  # the retry waits until the VM has redeemed
+        before = len(hetzner.calls("GET /servers"))
+
+        async def retry_runs_now() -> None:
+            hetzner.clear_faults()
+            await eventually(lambda: sql.execute("SELECT provider_ref FROM vpses WHERE id = %s",
+                                                 (vps_id,)).fetchone()[0])  # type: ignore[index]
+
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(hetzner.user_data[server_id]),
+                                    vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port, state_dir=tmp_path / "vm",
+                                    after_redeem=retry_runs_now):
+            vps = await stack.wait_vps(user, agent, "running", "error")
+            assert vps["state"] == "running", vps["last_error"]
+        assert len(hetzner.calls("GET /servers")) > before  # the retry did run after the redemption
+        assert list(hetzner.servers) == [server_id]
+        assert len(hetzner.calls("POST /servers")) == 1
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+        assert hetzner.servers == {}
+
+
 async def test_hetzner_gateway_never_ready_leaves_no_server(settings: Settings, temporal_client: Client, db: str,
                                                             sql: psycopg.Connection, hetzner: FakeHetzner) -> None:
     cloud = hetzner_settings(settings, hetzner)
