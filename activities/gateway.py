@@ -184,11 +184,14 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
         # Deterministic: retrying the same render cannot help, so it fails the operation at once.
         raise ApplicationError("refusing to push a config that weakens the lockdown: " + "; ".join(violations),
                                type="LockdownViolation", non_retryable=True)
-    async with admin_client(provider, vps, agent) as gw:
-        live = _source_config(await gw.config_get())
-        patch, replace_paths = _patch_for(live, wanted)
-        if patch:
-            await gw.config_patch(patch, replace_paths=replace_paths, note="slopbox: re-assert the lockdown")
+    try:
+        async with admin_client(provider, vps, agent) as gw:
+            live = _source_config(await gw.config_get())
+            patch, replace_paths = _patch_for(live, wanted)
+            if patch:
+                await gw.config_patch(patch, replace_paths=replace_paths, note="slopbox: re-assert the lockdown")
+    except GatewayPinError as err:
+        raise pin_refused(err) from None
     # A fresh connection: removing a plugin or changing trusted proxies makes the gateway close
     # every socket (4001 "gateway policy changed"), and an in-process restart may follow.
     for attempt in range(1, READ_BACK_ATTEMPTS + 1):
@@ -202,6 +205,8 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
                                            + "; ".join(remaining), type="LockdownViolation", non_retryable=True)
                 await _write_workspace(gw, inp)
                 return
+        except GatewayPinError as err:  # another certificate: no reconnect makes it ours
+            raise pin_refused(err) from None
         except GatewayConnectionError:
             if attempt == READ_BACK_ATTEMPTS:
                 raise

@@ -297,6 +297,46 @@ async def test_cloud_gateway_is_reached_over_tls_pinned_to_the_reported_certific
         await stack.wait_vps(user, agent, "destroyed")
 
 
+async def test_a_certificate_other_than_the_pin_fails_gateway_operations_without_retries(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner,
+        tmp_path: Path) -> None:
+    """A running cloud VPS whose gateway no longer presents the pinned certificate (simulated by
+    changing the pin): the settings push and a restart fail at their first attempt with the reason
+    on the API; pin errors are final (workflows/lifecycle.py DETERMINISTIC), never retried."""
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(hetzner.user_data[server_id]),
+                                    vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port, state_dir=tmp_path / "vm"):
+            vps = await stack.wait_vps(user, agent, "running", "error")
+            assert vps["state"] == "running", vps["last_error"]
+            sql.execute("UPDATE vpses SET gateway_cert_sha256 = %s WHERE id = %s", ("ef" * 32, vps["id"]))
+            for method, path, body, activity_type in (
+                    ("PATCH", "settings", {"files": {"SOUL.md": "hi\n"}}, "vps.push_config"),
+                    ("POST", "restart", None, "agent.restart_gateway")):
+                resp = await stack.api.request(method, f"/agents/{agent}/{path}", json=body, headers=headers(user))
+                assert resp.status_code == 202, resp.text
+                handle = temporal_client.get_workflow_handle(resp.json()["operation_id"])
+                result = await handle.result()
+                assert result["status"] == "failed" and "certificate" in result["error"], result
+                if activity_type == "vps.push_config":  # named as the readiness poll names it
+                    assert "refused the gateway's TLS certificate" in result["error"], result
+                events = [e async for e in handle.fetch_history_events()]
+                scheduled = [e.event_id for e in events if e.HasField("activity_task_scheduled_event_attributes")
+                             and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type]
+                attempts = [e.activity_task_started_event_attributes.attempt for e in events
+                            if e.HasField("activity_task_started_event_attributes")
+                            and e.activity_task_started_event_attributes.scheduled_event_id in scheduled]
+                assert len(scheduled) == 1 and attempts == [1], (activity_type, attempts)  # never a second attempt
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+
+
 async def test_a_gateway_presenting_another_certificate_is_refused(
         settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner,
         tmp_path: Path) -> None:
