@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     temporal_address: str | None = Field(default=None, description="host:port; unset = embedded")
     temporal_namespace: str = "default"
     temporal_task_queue: str = "slopbox"
+    reconcile_interval_s: int = Field(
+        default=300, ge=0,
+        description="how often the Reconcile schedule sweeps every VPS against its provider; 0 = the worker "
+                    "creates no schedule (a worker whose providers see only part of the fleet must not sweep)")
 
     # Secrets
     control_plane_api_key: SecretStr | None = None
@@ -88,6 +92,20 @@ class Settings(BaseSettings):
     anthropic_api_key: SecretStr | None = None
     openai_api_key: SecretStr | None = None
     openrouter_api_key: SecretStr | None = None
+
+    # Metrics (Prometheus text on GET /metrics; see telemetry/metrics.py)
+    api_metrics: bool = Field(
+        default=True, description="serve GET /metrics on the API's own listener (no auth; no secrets in it)")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address the worker's and the proxy's metrics listeners bind")
+    worker_metrics_port: int = Field(
+        default=9464, ge=0, le=65535, description="the worker's GET /metrics (our series); 0 = off")
+    worker_temporal_metrics_port: int = Field(
+        default=9465, ge=0, le=65535,
+        description="the Temporal SDK's own Prometheus endpoint in the worker (temporal_* series); 0 = off")
+    proxy_metrics_port: int = Field(
+        default=9466, ge=0, le=65535,
+        description="the proxy's GET /metrics, a listener apart from the user-facing ones; 0 = off")
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -2,6 +2,11 @@
 
 Any number of workers can run against one task queue; Temporal spreads the work. SIGTERM lets
 running activities finish (graceful shutdown) before the process exits.
+
+Metrics: our own series (telemetry/metrics.py) on WORKER_METRICS_PORT, and the Temporal SDK's
+(temporal_* : task slots, poll and schedule-to-start latencies, activity failures...) on
+WORKER_TEMPORAL_METRICS_PORT, served by the SDK's core runtime itself. Two listeners because the SDK's
+exporter lives in its Rust core, apart from the Python registry.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import logging
 import signal
 from datetime import timedelta
 
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from orchestration.client import connect, ensure_search_attributes
 from orchestration.schedules import ensure_reconcile_schedule
 from settings import Settings
+from telemetry.metrics import start_metrics_server
 
 log = logging.getLogger("worker")
 
@@ -39,10 +46,31 @@ async def build_worker(settings: Settings, client: object | None = None) -> Work
     )
 
 
+def sdk_metrics_runtime(settings: Settings) -> Runtime | None:
+    """A Temporal runtime exporting the SDK's metrics in Prometheus format; None = the default runtime
+    (port 0, or the port cannot be bound: logged, and the worker runs without them)."""
+    port = settings.worker_temporal_metrics_port
+    if port == 0:
+        return None
+    address = f"{settings.metrics_host}:{port}"
+    try:
+        runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(
+            bind_address=address, counters_total_suffix=True, durations_as_seconds=True)))
+    except Exception as err:  # noqa: BLE001  (the core raises a plain RuntimeError on a busy port)
+        log.error("Temporal SDK metrics could not bind; running without them",
+                  extra={"address": address, "error": str(err)})
+        return None
+    log.info("Temporal SDK metrics listening", extra={"url": f"http://{address}/metrics"})
+    return runtime
+
+
 async def run(settings: Settings) -> None:
-    client = await connect(settings)
+    metrics = await start_metrics_server(settings.metrics_host, settings.worker_metrics_port, service="worker")
+    client = await connect(settings, runtime=sdk_metrics_runtime(settings))
     await ensure_search_attributes(client, settings.temporal_namespace)
-    await ensure_reconcile_schedule(client, settings.temporal_task_queue)
+    if settings.reconcile_interval_s:
+        await ensure_reconcile_schedule(client, settings.temporal_task_queue,
+                                        timedelta(seconds=settings.reconcile_interval_s))
     worker = await build_worker(settings, client)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -50,6 +78,10 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("worker started", extra={"task_queue": settings.temporal_task_queue,
                                       "namespace": settings.temporal_namespace})
-    async with worker:
-        await stop.wait()
-        log.info("worker stopping")
+    try:
+        async with worker:
+            await stop.wait()
+            log.info("worker stopping")
+    finally:
+        if metrics is not None:
+            await metrics.cleanup()

@@ -37,6 +37,7 @@ from db.models import ACTIVE_OPERATION, Agent, Vps, VpsConfig, VpsOperation, Vps
 from openclaw.tls import CertificatePinError, check_peer, pinned_context
 from providers import ProviderError, VmInfo, VmProvider, VmState, build_provider
 from settings import Settings
+from telemetry.metrics import OPERATIONS_FINISHED
 from workflows.contracts import (
     Act,
     FinishInput,
@@ -191,6 +192,7 @@ class VpsActivities:
             upsert = insert(VpsOperation).values(id=inp.operation_id, vps_id=inp.vps_id, user_id=inp.user_id,
                                                  kind=inp.operation, **row)
             await s.exec(upsert.on_conflict_do_update(index_elements=["id"], set_=row))  # type: ignore[call-overload]
+        OPERATIONS_FINISHED.labels(kind=str(inp.operation), status=str(status)).inc()  # after the commit
         log.info("operation finished", extra={"vps_id": inp.vps_id, "operation_id": inp.operation_id,
                                               "status": status, "state": state, "error": error})
         return OperationResult(vps_id=inp.vps_id, operation_id=inp.operation_id, status=status, state=state,
@@ -245,7 +247,17 @@ class VpsActivities:
         forced = False
         last: VmInfo | None = None
         while time.monotonic() < deadline:
-            last = await self._call(lambda: provider.get(ref))
+            try:
+                last = await self._call(lambda: provider.get(ref))
+            except ApplicationError as err:
+                # A 429/5xx while waiting is waited out here, until the deadline: the poll's own
+                # retries are for a lost worker, and a run of hiccups must not fail the operation.
+                if err.non_retryable:
+                    raise
+                pause = err.next_retry_delay.total_seconds() if err.next_retry_delay else inp.poll_interval_s
+                activity.heartbeat(f"{vps.provider}: {err.message}")
+                await asyncio.sleep(max(0.0, min(max(pause, inp.poll_interval_s), deadline - time.monotonic())))
+                continue
             if last is None or last.state == VmState.DELETED:
                 await self._observed(vps.id, None)
                 raise fail(f"the VM disappeared at {vps.provider} while waiting for it to be {inp.want}")

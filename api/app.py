@@ -15,12 +15,13 @@ from temporalio.client import Client
 
 from api import problems
 from api.body_limit import BodyLimit
-from api.routes import agent_settings, agents, bootstrap, channels, health, plans, users, vps
-from api.schemas import COMMON_PROBLEMS, PROBLEM_JSON
+from api.routes import admin, agent_settings, agents, bootstrap, channels, health, plans, users, vps
+from api.schemas import ADMIN_PROBLEMS, COMMON_PROBLEMS, PROBLEM_JSON
 from db.engine import make_engine, session_factory
 from orchestration.client import connect
 from settings import Settings
 from telemetry.logs import request_id
+from telemetry.metrics import HTTP_REQUEST_SECONDS, HTTP_REQUESTS, exposition
 from workflows.contracts import LifecycleTimeouts
 
 log = logging.getLogger("api")
@@ -71,17 +72,25 @@ def create_app(settings: Settings) -> FastAPI:
         start = time.perf_counter()
         try:
             response = await call_next(request)
+        except Exception:
+            observe(request, 500, time.perf_counter() - start)  # answered 500 by the outermost handler
+            raise
         finally:
             request_id.reset(token)
+        elapsed = time.perf_counter() - start
         response.headers["X-Request-Id"] = rid
         log.info("request", extra={"method": request.method, "path": request.url.path,
                                    "status": response.status_code, "request_id": rid,
-                                   "ms": round((time.perf_counter() - start) * 1000, 1)})
+                                   "ms": round(elapsed * 1000, 1)})
+        observe(request, response.status_code, elapsed)
         return response
 
     app.include_router(health.router)
     for module in (users, plans, agents, agent_settings, vps, channels, bootstrap):
         app.include_router(module.router, responses=COMMON_PROBLEMS)
+    app.include_router(admin.router, responses={**COMMON_PROBLEMS, **ADMIN_PROBLEMS})
+    if settings.api_metrics:
+        app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -90,6 +99,29 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def observe(request: Request, status: int, elapsed: float) -> None:
+    route = route_template(request)
+    method = request.method if request.method in KNOWN_METHODS else "other"  # bounded, like `route`
+    HTTP_REQUESTS.labels(method=method, route=route, status=str(status)).inc()
+    HTTP_REQUEST_SECONDS.labels(method=method, route=route).observe(elapsed)
+
+
+def route_template(request: Request) -> str:
+    """The matched route's path template (bounded label values); `unmatched` for any other path."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text (telemetry/metrics.py): counters and histograms only, no ids, no secrets."""
+    body, content_type = exposition(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
 
 def truthful(spec: dict[str, Any]) -> None:

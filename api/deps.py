@@ -58,3 +58,14 @@ async def current_user(
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+
+
+async def current_admin(user: CurrentUser) -> User:
+    """An admin route's caller: authenticated as above (401 otherwise), and with the admin flag (403)."""
+    if not user.is_admin:
+        raise Problem(403, "Admins only", "This route is for administrators; the user named by X-User-Id is not "
+                      "one (`slopbox user create --admin` makes one).", type_="forbidden")
+    return user
+
+
+CurrentAdmin = Annotated[User, Depends(current_admin)]

@@ -34,9 +34,10 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from api.problems import Problem
-from db.models import Agent, User, Vps, VpsOperation
+from db.models import AdminAuditLog, Agent, User, Vps, VpsOperation
 from orchestration.search_attributes import run_attributes
 from settings import Settings
+from telemetry.metrics import OPERATIONS_SUBMITTED
 from workflows.contracts import EntityInput, OperationKind, OperationRequest, Submitted, VpsRef
 from workflows.entity import ENTITY_RUN_TIMEOUT, VpsEntity, entity_id
 
@@ -126,8 +127,11 @@ def _conflict(err: WorkflowUpdateFailedError) -> Problem:
 
 async def submit(request: Request, session: AsyncSession, user: User, agent: Agent, vps: Vps,
                  kind: OperationKind, operation_id: str, key: str | None = None,
-                 channel: str | None = None) -> Submitted:
-    """Hand the operation to the VPS's entity workflow, then record it. 409/429/503 record nothing."""
+                 channel: str | None = None, audit: AdminAuditLog | None = None) -> Submitted:
+    """Hand the operation to the VPS's entity workflow, then record it. 409/429/503 record nothing.
+
+    `user` is the VPS's owner. `audit`: an admin's action, written with the operation's row in one
+    transaction (it gets the operation id)."""
     settings: Settings = request.app.state.settings
     ref = VpsRef(vps_id=str(vps.id), agent_id=str(agent.id), user_id=str(user.id))
     req = OperationRequest(vps=ref, operation_id=operation_id, operation=kind, channel=channel,
@@ -161,13 +165,16 @@ async def submit(request: Request, session: AsyncSession, user: User, agent: Age
     except RPCError as err:
         raise unavailable(f"Could not submit the operation: {err.message}; nothing was changed.") from None
     await record(session, submitted.operation_id, ref, submitted.operation, key if submitted.new else None,
-                 {"channel": channel} if channel else {})
+                 {"channel": channel} if channel else {}, audit=audit)
+    if submitted.new:
+        OPERATIONS_SUBMITTED.labels(kind=str(submitted.operation)).inc()
     return submitted
 
 
 async def record(session: AsyncSession, operation_id: str, ref: VpsRef, kind: OperationKind, key: str | None,
-                 detail: dict[str, Any]) -> None:
-    """The operation's row, unless its first activity already wrote it (then only the key is added)."""
+                 detail: dict[str, Any], audit: AdminAuditLog | None = None) -> None:
+    """The operation's row, unless its first activity already wrote it (then only the key is added);
+    with `audit`, the admin's audit row in the same transaction."""
     values: dict[str, Any] = {"id": operation_id, "vps_id": ref.vps_id, "user_id": ref.user_id, "kind": kind,
                               "status": "queued", "detail": detail, "idempotency_key": key}
     insert_row = insert(VpsOperation).values(**values)
@@ -177,6 +184,9 @@ async def record(session: AsyncSession, operation_id: str, ref: VpsRef, kind: Op
     else:
         stmt = insert_row.on_conflict_do_nothing(index_elements=["id"])
     await session.exec(stmt)  # type: ignore[call-overload]
+    if audit is not None:
+        audit.operation_id = operation_id
+        session.add(audit)
     await session.commit()
 
 

@@ -300,3 +300,236 @@ def channel_request(formats: dict[str, dict[str, tuple[re.Pattern[str], str]]]) 
                          "required": ["kind", "credentials"] if fields else ["kind"],
                          "properties": {"kind": {"const": kind}, "credentials": credentials}})
     return request_schema({"oneOf": variants})
+
+
+# --- admin API (api/routes/admin.py) -------------------------------------------------------------------
+
+ADMIN_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    403: {"model": ProblemDetails, "description": "The user named by X-User-Id is not an admin"}}
+INT32_MAX = 2**31 - 1
+JSON_INT_MAX = 2**53  # the largest integer every JSON client reads exactly (bigint columns hold more)
+
+Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+DisplayName = Annotated[str, StringConstraints(
+    strip_whitespace=True, min_length=1, max_length=128,
+    pattern=r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+            r"[^\x00-\x1f\x7f]*$")]
+ImageRef = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,255}$")]
+ServerType = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+Location = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+Int32 = Annotated[StrictInt, Field(ge=0, le=INT32_MAX), BeforeValidator(_integral)]
+Int64 = Annotated[StrictInt, Field(ge=0, le=JSON_INT_MAX), BeforeValidator(_integral)]
+Positive32 = Annotated[StrictInt, Field(ge=1, le=INT32_MAX), BeforeValidator(_integral)]
+ProviderName = Literal["hetzner", "fly", "local"]
+VpsStateName = Literal["provisioning", "running", "stopped", "destroyed", "error"]
+
+
+class UsageTotals(BaseModel):
+    """Usage counters (vps_usage_periods) summed over some VPSes for one calendar month (UTC)."""
+
+    bandwidth_in_bytes: int
+    bandwidth_out_bytes: int
+    cpu_ms: int
+    memory_mb_seconds: int
+    storage_bytes: int
+
+
+class PlanRef(BaseModel):
+    id: uuid.UUID
+    name: str
+    display_name: str
+    active: bool
+
+
+class AdminUserOut(BaseModel):
+    id: uuid.UUID
+    email: str | None
+    name: str | None
+    is_admin: bool
+    usage_exempt: bool = Field(description="Overage enforcement never stops this user's VPSes")
+    plan: PlanRef = Field(description="The plan that governs the user (the default plan when none is assigned)")
+    plan_assigned: bool = Field(description="False: no plan of their own, the default plan applies")
+    agent_count: int
+    vps_count: int = Field(description="VPSes that may own a VM (every state but destroyed)")
+    period_start: date
+    usage: UsageTotals = Field(description="This calendar month (UTC), summed over the user's VPSes")
+    created_at: datetime | None
+
+
+class UsageExemptIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    exempt: bool = Field(strict=True)
+
+
+class UserPlanIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    plan_id: uuid.UUID
+
+
+class AdminVpsOut(BaseModel):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    user_email: str | None
+    agent_id: uuid.UUID | None = Field(description="The agent the VPS belongs to (null for a replaced, destroyed VPS)")
+    provider: str
+    state: str
+    vps_config_id: uuid.UUID
+    vps_config_name: str
+    region: str | None
+    observed_state: str | None
+    needs_cleanup: bool
+    last_error: str | None
+    operation_id: str | None = Field(description="The oldest operation queued or running on this VPS")
+    created_at: datetime | None
+    state_changed_at: datetime | None
+    destroyed_at: datetime | None
+
+
+class AdminOperationAccepted(BaseModel):
+    """A force stop or destroy was submitted to the VPS's entity workflow on the owner's behalf."""
+
+    operation_id: str
+    operation: str = Field(description="The workflow type, e.g. StopVps")
+    vps_id: uuid.UUID
+    status: str
+    status_url: str = Field(description="GET it (as an admin) to follow the operation")
+    audit_id: int = Field(description="The audit log entry recording this action")
+
+
+class PlanIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Slug
+    display_name: DisplayName
+    is_default: bool = Field(default=False, strict=True,
+                             description="Make this the default plan (the previous default stops being it)")
+    price_cents_per_month: Int32
+    max_agents: Int32
+    max_vpses: Int32
+    max_bandwidth_bytes: Int64
+    max_storage_bytes: Int64
+    max_cpu_ms: Int64
+    max_memory_mb_seconds: Int64
+    overage_bandwidth_cost_per_gb_cents: Int32
+    overage_storage_cost_per_gb_cents: Int32
+    overage_cpu_cost_per_hour_cents: Int32
+    overage_memory_cost_per_gb_hour_cents: Int32
+    vps_config_ids: list[uuid.UUID] = Field(default_factory=list, max_length=100,
+                                            description="The VPS configs the plan allows")
+
+
+class PlanPatch(BaseModel):
+    """Only the fields given change; null leaves a field as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+    display_name: DisplayName | None = None
+    is_default: Annotated[bool, Field(strict=True)] | None = Field(
+        default=None, description="true makes this the default plan; false is refused on the default plan "
+                                  "(make another plan the default instead)")
+    active: Annotated[bool, Field(strict=True)] | None = Field(
+        default=None, description="false deactivates: not offered to new users; users on it keep it")
+    price_cents_per_month: Int32 | None = None
+    max_agents: Int32 | None = None
+    max_vpses: Int32 | None = None
+    max_bandwidth_bytes: Int64 | None = None
+    max_storage_bytes: Int64 | None = None
+    max_cpu_ms: Int64 | None = None
+    max_memory_mb_seconds: Int64 | None = None
+    overage_bandwidth_cost_per_gb_cents: Int32 | None = None
+    overage_storage_cost_per_gb_cents: Int32 | None = None
+    overage_cpu_cost_per_hour_cents: Int32 | None = None
+    overage_memory_cost_per_gb_hour_cents: Int32 | None = None
+    vps_config_ids: Annotated[list[uuid.UUID], Field(max_length=100)] | None = Field(
+        default=None, description="Replaces the set of VPS configs the plan allows")
+
+
+class AdminVpsConfigOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    provider: str
+    cpu_millicores: int
+    memory_mb: int
+    disk_gb: int
+    image: str
+    server_type: str | None
+    locations: list[str]
+    active: bool
+    deactivated_at: datetime | None
+    vps_count: int = Field(description="VPSes using it that may own a VM (every state but destroyed)")
+    plan_ids: list[uuid.UUID]
+    created_at: datetime | None
+
+
+class AdminPlanOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    display_name: str
+    is_default: bool
+    active: bool
+    deactivated_at: datetime | None
+    price_cents_per_month: int
+    max_agents: int
+    max_vpses: int
+    max_bandwidth_bytes: int
+    max_storage_bytes: int
+    max_cpu_ms: int
+    max_memory_mb_seconds: int
+    overage_bandwidth_cost_per_gb_cents: int
+    overage_storage_cost_per_gb_cents: int
+    overage_cpu_cost_per_hour_cents: int
+    overage_memory_cost_per_gb_hour_cents: int
+    vps_config_ids: list[uuid.UUID] = Field(description="Every config the plan allows, active or not, any provider")
+    user_count: int = Field(description="Users assigned this plan (users without a plan are on the default)")
+    created_at: datetime | None
+
+
+class VpsConfigIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Slug
+    provider: ProviderName
+    cpu_millicores: Positive32
+    memory_mb: Positive32
+    disk_gb: Positive32
+    image: ImageRef
+    server_type: ServerType | None = None
+    locations: list[Location] = Field(min_length=1, max_length=50)
+
+
+class VpsConfigPatch(BaseModel):
+    """Only the fields given change; null leaves a field as it is. Sizes of a config in use cannot change."""
+
+    model_config = ConfigDict(extra="forbid")
+    cpu_millicores: Positive32 | None = None
+    memory_mb: Positive32 | None = None
+    disk_gb: Positive32 | None = None
+    image: ImageRef | None = Field(default=None, description="Used by VPSes created from now on")
+    server_type: ServerType | None = None
+    locations: Annotated[list[Location], Field(min_length=1, max_length=50)] | None = None
+    active: Annotated[bool, Field(strict=True)] | None = Field(
+        default=None, description="false deactivates: no new VPS uses it; existing VPSes keep it")
+
+
+class ProviderUsage(BaseModel):
+    provider: str
+    vpses: int = Field(description="VPSes with a usage row this month")
+    usage: UsageTotals
+
+
+class AggregateUsageOut(BaseModel):
+    period_start: date
+    users: int = Field(description="Users with at least one VPS with usage this month")
+    vpses: int = Field(description="VPSes with a usage row this month")
+    usage: UsageTotals
+    by_provider: list[ProviderUsage]
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    admin_user_id: uuid.UUID | None = Field(description="Null once the admin's account is deleted")
+    admin_email: str | None = Field(description="The admin's email when they acted")
+    action: str = Field(description="e.g. vps.stop, vps.destroy, plan.create, plan.update, plan.delete, "
+                                    "vps_config.create, user.usage_exempt, user.plan")
+    target_type: str = Field(description="user, vps, plan or vps_config")
+    target_id: str
+    operation_id: str | None = Field(description="The submitted operation, for VPS actions")
+    details: dict[str, Any]
+    created_at: datetime

@@ -184,8 +184,11 @@ def run_dev(settings: Settings) -> int:
         _say(f"  API           http://{settings.api_host}:{settings.api_port}   (OpenAPI: /docs)")
         _say(f"  Proxy         {settings.proxy_url}")
         _say(f"  Temporal UI   {temporal_ui}")
+        _say(f"  Metrics       API /metrics, worker http://{settings.metrics_host}:{settings.worker_metrics_port}/metrics"
+             f" (Temporal SDK :{settings.worker_temporal_metrics_port}), proxy "
+             f"http://{settings.metrics_host}:{settings.proxy_metrics_port}/metrics")
         _say(f"  Logs          {logs}/")
-        _say(f"  Demo user id  {user_id}   ({DEMO_EMAIL}, plan starter)")
+        _say(f"  Demo user id  {user_id}   ({DEMO_EMAIL}, plan starter, admin: /admin/... works)")
         _say(f"  API key       {settings.api_key()}")
         _say("")
         _say(f"  curl -H 'Authorization: Bearer {settings.api_key()}' -H 'X-User-Id: {user_id}' "

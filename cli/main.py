@@ -1,4 +1,4 @@
-"""`slopbox`: dev | api | worker | proxy | migrate | user create | session create | secrets rotate."""
+"""`slopbox`: dev | api | worker | proxy | migrate | user create | user admin | session create | secrets rotate."""
 
 from __future__ import annotations
 
@@ -63,6 +63,25 @@ def _cmd_user_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_user_admin(settings: Settings, args: argparse.Namespace) -> int:
+    from cli.embedded import database_available
+    from cli.users import UserError, set_admin
+
+    try:
+        with database_available(settings) as url:
+            user_id = set_admin(url, email=args.email, admin=not args.revoke)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{'revoked admin from' if args.revoke else 'made admin:'} {args.email}")
+    print(user_id)
+    return 0
+
+
+def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
+    return (_cmd_user_admin if args.user_command == "admin" else _cmd_user_create)(settings, args)
+
+
 def _cmd_session_create(settings: Settings, args: argparse.Namespace) -> int:
     from cli.embedded import database_available
     from cli.session import SessionError, resolve_target, serve_login_link
@@ -118,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--email", required=True)
     create.add_argument("--name")
     create.add_argument("--plan", help="plan name (default: the default plan)")
-    create.add_argument("--admin", action="store_true")
+    create.add_argument("--admin", action="store_true", help="the user may call the admin API (/admin/...)")
+    grant = user.add_parser("admin", help="grant an existing user the admin flag (the admin API); --revoke takes it")
+    grant.add_argument("--email", required=True)
+    grant.add_argument("--revoke", action="store_true")
     session = sub.add_parser("session", help="browser sessions (dev)").add_subparsers(dest="session_command",
                                                                                   required=True)
     login = session.add_parser("create", help="print a single-use link that signs a browser in on this machine "
@@ -135,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "proxy": _cmd_proxy, "migrate": _cmd_migrate,
-    "user": _cmd_user_create, "secrets": _cmd_secrets_rotate, "session": _cmd_session_create,
+    "user": _cmd_user, "secrets": _cmd_secrets_rotate, "session": _cmd_session_create,
 }
 
 

@@ -1,4 +1,6 @@
-"""`slopbox user create`: operators add users (Auth.js creates them in production)."""
+"""`slopbox user create` / `slopbox user admin`: operators add users (Auth.js creates them in production)
+and grant or revoke the admin flag. No API route grants it: whoever holds the API key could
+otherwise make any user an admin."""
 
 from __future__ import annotations
 
@@ -34,5 +36,20 @@ def create_user(sync_url: str, *, email: str, plan: str | None, admin: bool, nam
                 text("INSERT INTO users (email, name, plan_id, is_admin) VALUES (:e, :n, :p, :a) RETURNING id"),
                 {"e": email, "n": name or email.split("@")[0], "p": plan_id, "a": admin},
             ).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def set_admin(sync_url: str, *, email: str, admin: bool) -> uuid.UUID:
+    """Grant (or revoke) the admin flag of an existing user, by email."""
+    email = email.strip().lower()
+    engine = create_engine(sync_url)
+    try:
+        with engine.begin() as conn:
+            user_id = conn.execute(text("UPDATE users SET is_admin = :a WHERE lower(email) = :e RETURNING id"),
+                                   {"a": admin, "e": email}).scalar()
+            if user_id is None:
+                raise UserError(f"no user with email {email}")
+            return user_id  # type: ignore[no-any-return]
     finally:
         engine.dispose()

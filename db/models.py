@@ -20,6 +20,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
+    Identity,
     Integer,
     String,
     Text,
@@ -95,6 +96,8 @@ class Plan(SQLModel, table=True):
     overage_storage_cost_per_gb_cents: int = Field(sa_column=Column(Integer, nullable=False))
     overage_cpu_cost_per_hour_cents: int = Field(sa_column=Column(Integer, nullable=False))
     overage_memory_cost_per_gb_hour_cents: int = Field(sa_column=Column(Integer, nullable=False))
+    deactivated_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    """Set by an admin: no longer offered to new users; its users keep it (a plan in use is never deleted)."""
     created_at: datetime | None = Field(default=None, sa_column=_created())
 
     vps_configs: list["VpsConfig"] = Relationship(back_populates="plans", link_model=PlanVpsConfig)
@@ -111,6 +114,8 @@ class VpsConfig(SQLModel, table=True):
     image: str = Field(sa_column=Column(String(255), nullable=False))
     server_type: str | None = Field(default=None, sa_column=Column(String(64)))
     locations: list[str] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    deactivated_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    """Set by an admin: no new VPS uses it; existing VPSes keep it (a config in use is never deleted)."""
     created_at: datetime | None = Field(default=None, sa_column=_created())
 
     plans: list["Plan"] = Relationship(back_populates="vps_configs", link_model=PlanVpsConfig)
@@ -131,6 +136,8 @@ class User(SQLModel, table=True):
         default=None, sa_column=Column(UUID(as_uuid=True), ForeignKey("plans.id", ondelete="SET NULL"))
     )
     is_admin: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
+    usage_exempt: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
+    """Set by an admin: overage enforcement never stops this user's VPSes."""
     created_at: datetime | None = Field(default=None, sa_column=_created())
 
     plan: Optional["Plan"] = Relationship()
@@ -336,3 +343,27 @@ class OverageBudget(SQLModel, table=True):
     updated_at: datetime | None = Field(default=None, sa_column=_created())
 
 
+
+
+# --- administration -------------------------------------------------------------------------------
+
+
+class AdminAuditLog(SQLModel, table=True):
+    """One admin action, written in the action's own transaction; never updated or deleted."""
+
+    __tablename__ = "admin_audit_log"
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(always=True), primary_key=True))
+    admin_user_id: uuid.UUID | None = Field(
+        default=None, sa_column=Column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="SET NULL"))
+    )
+    admin_email: str | None = Field(default=None, sa_column=Column(String(255)))
+    """The admin's email when they acted: the row keeps saying who even after the account is gone."""
+    action: str = Field(sa_column=Column(String(64), nullable=False))
+    target_type: str = Field(sa_column=Column(String(32), nullable=False))
+    target_id: str = Field(sa_column=Column(String(255), nullable=False))
+    operation_id: str | None = Field(default=None, sa_column=Column(String(255)))
+    """The submitted operation (workflow id) when the action was a VPS operation."""
+    details: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    )
+    created_at: datetime | None = Field(default=None, sa_column=_created())

@@ -31,7 +31,9 @@ from proxy.enforcement import UsageEnforcer
 from proxy.forward import ForwardCredentials, ForwardProxy
 from proxy.gateway import GatewayProxy
 from proxy.metering import Meter
+from proxy.metrics import CountingMeter, instrument_forward, instrument_gateway
 from settings import Settings
+from telemetry.metrics import start_metrics_server
 
 __all__ = ["RunningProxy", "create_app", "run", "serve"]
 
@@ -65,6 +67,8 @@ class RunningProxy:
     forward: ForwardProxy
     meter: Meter
     engine: AsyncEngine
+    metrics_url: str | None = None
+    """http://host:port/metrics on its own listener (PROXY_METRICS_PORT), or None when off."""
     forward_tls_port: int | None = None
     """The forward proxy's TLS listener for cloud VMs (None without a certificate and key)."""
 
@@ -91,7 +95,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
     port = port if port is not None else settings.proxy_port
     forward_port = forward_port if forward_port is not None else settings.forward_proxy_port
     engine = make_engine(settings)
-    meter = Meter(engine, flush_interval_s=cfg.flush_interval_s)
+    meter = CountingMeter(engine, flush_interval_s=cfg.flush_interval_s)
     denylist = VmAddressDenylist(engine, cfg.denylist_refresh_s)
     client = aiohttp.ClientSession(
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
@@ -101,11 +105,14 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
     server: asyncio.Server | None = None
     tls_server: asyncio.Server | None = None
     forward: ForwardProxy | None = None
+    metrics: web.AppRunner | None = None
     try:
+        metrics = await start_metrics_server(settings.metrics_host, settings.proxy_metrics_port, service="proxy")
         meter.start()
         access = AccessResolver(engine, settings, ttl_s=cfg.auth_cache_ttl_s)
         gateway = GatewayProxy(config=cfg, access=access, client=client, meter=meter,
                                relay_origin=relay_origin(settings))
+        instrument_gateway(gateway)
         runner = web.AppRunner(create_app(gateway), access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -121,6 +128,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
             credentials=ForwardCredentials(engine, ttl_s=cfg.forward_credentials_ttl_s),
             enforcer=UsageEnforcer(engine, meter, ttl_s=cfg.enforcement_cache_ttl_s),
         )
+        instrument_forward(forward)
         server = await forward.start(host, forward_port)
         fport = server.sockets[0].getsockname()[1]
         tls_port = None
@@ -132,7 +140,9 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
                 host, forward_tls_port if forward_tls_port is not None else settings.forward_proxy_tls_port, ssl=tls)
             tls_port = tls_server.sockets[0].getsockname()[1]
         yield RunningProxy(url=f"http://{host}:{bound}", forward_host=host, forward_port=fport, gateway=gateway,
-                           forward=forward, meter=meter, engine=engine, forward_tls_port=tls_port)
+                           forward=forward, meter=meter, engine=engine,
+                           metrics_url=f"http://{settings.metrics_host}:{settings.proxy_metrics_port}/metrics"
+                           if metrics is not None else None, forward_tls_port=tls_port)
     finally:
         if tls_server is not None:
             tls_server.close()
@@ -146,6 +156,8 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         await denylist.stop()
         await meter.close()
         await engine.dispose()
+        if metrics is not None:
+            await metrics.cleanup()
 
 
 async def _main(settings: Settings) -> None:
@@ -156,7 +168,8 @@ async def _main(settings: Settings) -> None:
     async with serve(settings) as running:
         log.info("proxy listening", extra={"gateway_proxy": running.url,
                                            "forward_proxy": f"{running.forward_host}:{running.forward_port}",
-                                           "forward_proxy_tls_port": running.forward_tls_port})
+                                           "forward_proxy_tls_port": running.forward_tls_port,
+                                           "metrics": running.metrics_url})
         await stop.wait()
     log.info("proxy stopped; usage flushed")
 

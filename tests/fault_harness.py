@@ -63,6 +63,8 @@ def start_worker(settings: Settings, log: Path, *, hold_file: Path | None = None
         "CONTROL_PLANE_API_KEY": settings.api_key(),
         "SLOPBOX_ENCRYPTION_KEYS": ",".join(settings.secret_keys()),
         "SLOPBOX_DATA_DIR": str(settings.data_dir),
+        # Tests share one database: a sweep from this worker's data dir would judge other tests' VMs gone.
+        "RECONCILE_INTERVAL_S": "0",
         **(env or {}),
     }
     module = "cli.main"
@@ -153,9 +155,10 @@ class VmFleet:
     """One emulated VM per server the fake Hetzner API holds, booted as `bootstrap.sh` would.
 
     A VM boots once its server is `running` at the fake (`boot_delay_s` after the create), like a
-    real one. Unlike `vm_emulator.boot`, a VM whose bootstrap redemption is refused does not fail
-    the test: it stays up without a gateway, as a real one would, and is counted in `broken` (its
-    VPS was still provisioning: a defect) or `refused_late` (the operation had already ended).
+    real one. Unlike `vm_emulator.boot`, a VM whose bootstrap redemption (or ready report) is
+    refused does not fail the test: it stays up without a gateway, as a real one would, and is
+    counted in `broken` (its VPS was still provisioning: a defect) or `refused_late` (the operation
+    had already ended).
     """
 
     fake: ChaosHetzner
@@ -169,11 +172,23 @@ class VmFleet:
     _tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
     async def _vps_state(self, server_id: int) -> str | None:
+        """The VPS's state, or `provisioning/<step>` while its provision runs (compensating included)."""
         vps_id = self.fake.servers.get(server_id, {}).get("labels", {}).get("vps-id")
         async with await psycopg.AsyncConnection.connect(plain_url(self.database_url), autocommit=True) as db:
-            cur = await db.execute("SELECT state FROM vpses WHERE id::text = %s", (vps_id,))
+            cur = await db.execute(
+                "SELECT v.state, o.step FROM vpses v LEFT JOIN vps_operations o ON o.vps_id = v.id "
+                "AND o.status IN ('queued', 'running') WHERE v.id::text = %s", (vps_id,))
             row = await cur.fetchone()
-        return str(row[0]) if row else None
+        if row is None:
+            return None
+        return f"{row[0]}/{row[1]}" if row[0] == "provisioning" and row[1] else str(row[0])
+
+    async def _refused(self, server_id: int, what: str) -> None:
+        """Count a refused redemption or ready report: `broken` while the VPS provisions, else late."""
+        state = await self._vps_state(server_id)
+        # A provision that already failed and is removing its VM has withdrawn the token: late, not broken.
+        late = state is None or not state.startswith("provisioning") or state.endswith("/compensate_destroy_vm")
+        (self.refused_late if late else self.broken)[server_id] = f"{what} while the VPS was {state}"
 
     async def _vm(self, server_id: int, user_data: str) -> None:
         while True:  # a VM runs its first-boot script once it has booted, not when it is ordered
@@ -199,9 +214,7 @@ class VmFleet:
         if redeemed.status_code != 200:
             # Refused for a VM whose VPS is still being provisioned: the VM we were given can never
             # come up. (After the operation ended, a refusal is right: the token was withdrawn.)
-            state = await self._vps_state(server_id)
-            bucket = self.broken if state == "provisioning" else self.refused_late
-            bucket[server_id] = f"redeem answered {redeemed.status_code} while the VPS was {state}"
+            await self._refused(server_id, f"redeem answered {redeemed.status_code}")
             return
         secrets = redeemed.json()
         config["gateway"]["bind"] = "custom"
@@ -224,9 +237,7 @@ class VmFleet:
                 ready = await self.api.post(f"/{path}/ready", headers=auth,
                                             json=ready_report(conf, self.port, cert_sha256))
                 if ready.status_code != 204:  # as for the redemption: a defect only while it provisions
-                    state = await self._vps_state(server_id)
-                    bucket = self.broken if state == "provisioning" else self.refused_late
-                    bucket[server_id] = f"ready answered {ready.status_code} while the VPS was {state}"
+                    await self._refused(server_id, f"ready answered {ready.status_code}")
                 while True:  # powered until the server is deleted
                     if server_id not in self.fake.servers:
                         break
@@ -283,6 +294,7 @@ class ChaosFigures:
             f"({', '.join(f'{k}: {v}' for k, v in sorted(self.faults.items()))})",
             *(f"  error reason x{n}: {reason}" for reason, n in self.errors.most_common()),
             f"VMs whose boot broke:  {len(self.broken_vms)} (bootstrap token refused during provisioning)",
+            *(f"  server {sid}: {why}" for sid, why in sorted(self.broken_vms.items())),
             f"servers before reconcile: {self.servers_before_reconcile}; reconcile: "
             f"{len(self.reconcile.get('orphans_destroyed', []))} orphans destroyed, "
             f"{len(self.reconcile.get('errors', []))} errors",

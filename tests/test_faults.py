@@ -181,12 +181,14 @@ async def crash_matrix(settings: Settings, temporal_env: WorkflowEnvironment, da
                 matrix.managed = [(vm.vps_id, vm.state.value)
                                   for vm in await LocalProvider.from_settings(s).list_managed()]
                 matrix.processes = gateway_processes(vms)
-                yield matrix
             finally:
+                # Nothing of the matrix may outlive its collection: a live worker here would run its
+                # reconcile schedule over the next tests' rows (shared database, other data dir).
                 stop_process(first)
                 stop_process(second)
                 await stop_local_vms(s)
     truncate_user_data(database_url)
+    yield matrix
 
 
 @pytest.mark.parametrize(("op", "step"), CASES, ids=[f"{op}-{step}" for op, step in CASES])
@@ -305,7 +307,7 @@ async def test_temporal_outage_loses_no_request(settings: Settings, db: str, sql
             assert (await stack.agent(fresh_user, fresh))["vps"] is None
             assert (await stack.agent(cold_user, cold_agent))["vps"] is None
             still = (await stack.agent(running_user, up))["vps"]
-            assert (still["state"], still["operation_id"]) == ("running", None)
+            assert (still["state"], still["operation_id"]) == ("running", None), still
             server.start()
 
             # Temporal is back with its state; the worker rode the outage out.

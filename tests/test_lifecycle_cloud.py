@@ -177,6 +177,29 @@ async def test_a_retried_create_adopts_the_vm_that_already_redeemed_its_token(
         assert hetzner.servers == {}
 
 
+async def test_hetzner_status_polls_ride_out_a_run_of_5xx(settings: Settings, temporal_client: Client, db: str,
+                                                          sql: psycopg.Connection, hetzner: FakeHetzner,
+                                                          tmp_path: Path) -> None:
+    """A provider hiccup while waiting for the VM is waited out inside the poll (until its deadline),
+    not spent against the poll's three attempts: twelve 503s in a row used to fail the provision."""
+    hetzner.fail_next("GET /servers/[0-9]*", 503, times=12, code="unavailable", message="unavailable")
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(hetzner.user_data[server_id]),
+                                    vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port, state_dir=tmp_path / "vm"):
+            vps = await stack.wait_vps(user, agent, "running", "error")
+            assert vps["state"] == "running", vps["last_error"]
+        assert len(hetzner.calls("GET /servers/[0-9]*")) > 12  # every fault was met, then a good answer
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+
+
 async def test_hetzner_gateway_never_ready_leaves_no_server(settings: Settings, temporal_client: Client, db: str,
                                                             sql: psycopg.Connection, hetzner: FakeHetzner) -> None:
     cloud = hetzner_settings(settings, hetzner)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from starlette.types import Message, Receive, Scope, Send
 from temporalio.client import Client
 
 from api.app import create_app
+from db.encryption import configure_keys
+from db.migrate import migrate_and_seed
 from settings import Settings
-from tests.conftest import API_KEY, free_port
+from tests.conftest import API_KEY, create_database, free_port
 from tests.helpers import make_user
 from tests.lifecycle_harness import FAST, running_stack
 
@@ -51,9 +54,9 @@ def schemathesis_command(base_url: str, config: Path, report_dir: Path) -> list[
     ]
 
 
-async def test_schemathesis_finds_nothing(settings: Settings, temporal_client: Client, sql: psycopg.Connection,
-                                          tmp_path: Path) -> None:
-    user = make_user(sql, plan="pro")
+async def run_schemathesis(settings: Settings, temporal_client: Client, user: object, tmp_path: Path,
+                           *extra: str) -> tuple[int | None, str, Counter[int]]:
+    """The API on loopback (with a worker), schemathesis against it as `user`: exit code, output, statuses."""
     async with running_stack(settings, temporal_client):
         app = create_app(settings)
         app.state.lifecycle_timeouts = FAST
@@ -78,7 +81,7 @@ async def test_schemathesis_finds_nothing(settings: Settings, temporal_client: C
             config = tmp_path / "schemathesis.toml"
             config.write_text(CONFIG)
             proc = await asyncio.create_subprocess_exec(
-                *schemathesis_command(f"http://127.0.0.1:{port}", config, tmp_path / "report"),
+                *schemathesis_command(f"http://127.0.0.1:{port}", config, tmp_path / "report"), *extra,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
                 env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_HOOKS": "",
                      "SLOPBOX_TEST_API_KEY": API_KEY, "SLOPBOX_TEST_USER": str(user)})
@@ -86,7 +89,36 @@ async def test_schemathesis_finds_nothing(settings: Settings, temporal_client: C
         finally:
             server.should_exit = True
             await serving
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text[-20000:]
+    return proc.returncode, out.decode(errors="replace"), statuses
+
+
+async def test_schemathesis_finds_nothing(settings: Settings, temporal_client: Client, sql: psycopg.Connection,
+                                          tmp_path: Path) -> None:
+    user = make_user(sql, plan="pro")
+    returncode, text, statuses = await run_schemathesis(settings, temporal_client, user, tmp_path)
+    assert returncode == 0, text[-20000:]
     # The credentials applied: authenticated requests really got through (201 = agents created).
     assert statuses[200] > 20 and statuses[201] > 0, statuses
+
+
+async def test_schemathesis_admin_routes(pg_server: str, settings: Settings, temporal_client: Client,
+                                         tmp_path: Path) -> None:
+    """The admin routes, called by an admin, in a database of their own: they create, change and delete plans
+    and VPS configs, which the session's shared seeds must not see."""
+    url = create_database(pg_server, f"slopbox_admin_{uuid.uuid4().hex[:8]}")
+    migrate_and_seed(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with psycopg.connect(url, autocommit=True) as sql:
+        admin = make_user(sql, plan="pro")
+        sql.execute("UPDATE users SET is_admin = true WHERE id = %s", (admin,))
+        # Another user's VPS for the fleet routes to find (a row only: its stop or destroy fails at the provider).
+        owner = make_user(sql, plan="starter")
+        config = sql.execute("SELECT id FROM vps_configs WHERE name = 'local-small'").fetchone()[0]  # type: ignore[index]
+        vps = sql.execute("INSERT INTO vpses (user_id, vps_config_id, provider, state) VALUES (%s, %s, 'local', "
+                          "'running') RETURNING id", (owner, config)).fetchone()[0]  # type: ignore[index]
+        sql.execute("INSERT INTO agents (user_id, name, gateway_token, gateway_token_last4, vps_id) "
+                    "VALUES (%s, 'fleet', %s, 'abcd', %s)",
+                    (owner, configure_keys(settings.secret_keys()).encrypt("t" * 64), vps))
+    s = settings.model_copy(update={"database_url": url, "temporal_task_queue": f"tq-{uuid.uuid4().hex[:8]}"})
+    returncode, text, statuses = await run_schemathesis(s, temporal_client, admin, tmp_path, "--include-tag", "admin")
+    assert returncode == 0, text[-20000:]
+    assert statuses[200] > 10 and statuses[201] > 0 and statuses[202] > 0, statuses

@@ -18,7 +18,6 @@ from temporalio.worker import Replayer
 from tests.histories import HISTORIES
 from workflows import WORKFLOWS
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 RECORDED = sorted(HISTORIES.glob("*.json"))
 
 

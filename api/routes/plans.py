@@ -5,6 +5,8 @@ configured (`Settings.configured_providers`: a cloud with its token set; `local`
 with SLOPBOX_LOCAL_PROVIDER=1).
 A config of another provider stays allowed by the plan in the database and shows up once its
 provider is configured; provisioning it before then is refused with 409 provider-unavailable.
+Plans and configs an admin deactivated are not offered (a user keeps a deactivated plan, and
+`/users/me` still shows it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Collection
 
 from fastapi import APIRouter, Request
 from sqlalchemy.orm import selectinload
-from sqlmodel import select
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import CurrentUser, SessionDep
@@ -26,7 +28,8 @@ router = APIRouter(prefix="/plans", tags=["plans"])
 
 def plan_out(plan: Plan, providers: Collection[str]) -> PlanOut:
     """The plan with the configs of the configured `providers`."""
-    configs = sorted((c for c in plan.vps_configs if c.provider in providers), key=lambda c: (c.provider, c.name))
+    configs = sorted((c for c in plan.vps_configs if c.provider in providers and c.deactivated_at is None),
+                     key=lambda c: (c.provider, c.name))
     return PlanOut.model_validate(
         {**plan.model_dump(), "vps_configs": [VpsConfigOut.model_validate(c.model_dump()) for c in configs]}
     )
@@ -44,7 +47,8 @@ async def list_plans(request: Request, session: SessionDep, _user: CurrentUser) 
     settings: Settings = request.app.state.settings
     plans = (
         await session.exec(
-            select(Plan).options(selectinload(Plan.vps_configs)).order_by(Plan.price_cents_per_month, Plan.name)  # type: ignore[arg-type]
+            select(Plan).options(selectinload(Plan.vps_configs))  # type: ignore[arg-type]
+            .where(col(Plan.deactivated_at).is_(None)).order_by(Plan.price_cents_per_month, Plan.name)
         )
     ).all()
     providers = settings.configured_providers()

@@ -45,6 +45,7 @@ from billing.plans import effective_plan
 from db.models import Agent, PlanVpsConfig, User, Vps, VpsConfig, VpsOperation, VpsState
 from orchestration.search_attributes import run_attributes
 from settings import Settings
+from telemetry.metrics import OPERATIONS_SUBMITTED
 from workflows.contracts import EntityInput, OperationKind, OperationRequest, VpsRef
 from workflows.entity import ENTITY_RUN_TIMEOUT, VpsEntity, entity_id
 
@@ -87,7 +88,8 @@ async def provision(agent_id: uuid.UUID, body: ProvisionIn, request: Request, se
     plan = await effective_plan(session, user)
     config = (await session.exec(
         select(VpsConfig).join(PlanVpsConfig, col(PlanVpsConfig.vps_config_id) == col(VpsConfig.id))
-        .where(VpsConfig.id == body.vps_config_id, PlanVpsConfig.plan_id == plan.id))).first()
+        .where(VpsConfig.id == body.vps_config_id, PlanVpsConfig.plan_id == plan.id,
+               col(VpsConfig.deactivated_at).is_(None)))).first()
     if config is None:
         raise Problem(403, "VPS config not allowed",
                       f"VPS config {body.vps_config_id} is not available on plan '{plan.name}'; "
@@ -125,6 +127,7 @@ async def provision(agent_id: uuid.UUID, body: ProvisionIn, request: Request, se
         await session.exec(delete(Vps).where(col(Vps.id) == vps_id))  # type: ignore[call-overload]
         await session.commit()
         raise
+    OPERATIONS_SUBMITTED.labels(kind=OperationKind.provision.value).inc()
     return accepted(agent_id, vps_id, operation_id, OperationKind.provision)
 
 
