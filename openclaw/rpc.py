@@ -263,7 +263,6 @@ class GatewayPinError(GatewayConnectionError):
     nothing (no token, no signature) was sent on that connection."""
 
 
-
 class GatewayProtocolError(OpenClawError):
     """The gateway sent something the protocol does not allow (e.g. no challenge first)."""
 
