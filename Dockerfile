@@ -10,6 +10,7 @@ COPY workflows ./workflows
 COPY activities ./activities
 COPY db ./db
 COPY billing ./billing
+COPY notifications ./notifications
 COPY cli ./cli
 COPY devstack ./devstack
 COPY orchestration ./orchestration

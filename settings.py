@@ -106,6 +106,18 @@ class Settings(BaseSettings):
     proxy_metrics_port: int = Field(
         default=9466, ge=0, le=65535,
         description="the proxy's GET /metrics, a listener apart from the user-facing ones; 0 = off")
+    # Email (notifications): unset SMTP_HOST = notifications are shown in the API only
+    smtp_host: str | None = Field(default=None, description="SMTP server for notification email; unset = no email")
+    smtp_port: Port = 587
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "Slopbox <noreply@slopbox.local>"
+    smtp_starttls: bool = Field(default=True, description="upgrade the connection with STARTTLS before sending")
+    smtp_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    mail_sink_port: Port = Field(
+        default=8025, validation_alias="SLOPBOX_MAIL_SINK_PORT",
+        description="`slopbox dev`: the local SMTP sink's port (used when SMTP_HOST is unset); "
+                    "its log shows every message")
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -119,7 +131,8 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// URL")
         return v
 
-    @field_validator("hcloud_token", "fly_api_token", "local_provider", mode="before")
+    @field_validator("hcloud_token", "fly_api_token", "local_provider", "smtp_host", "smtp_user", "smtp_password",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         """`HCLOUD_TOKEN=""` (a blank line in an env file) means "not configured", not "configured as empty"."""
@@ -299,7 +312,8 @@ def describe_error(err: ValidationError) -> str:
     loc = first["loc"][0] if first["loc"] else "settings"
     name = str(loc).upper()
     aliases = {"DATA_DIR": "SLOPBOX_DATA_DIR", "ENCRYPTION_KEYS": "SLOPBOX_ENCRYPTION_KEYS",
-               "LOCAL_PROVIDER": "SLOPBOX_LOCAL_PROVIDER", "GATEWAY": "SLOPBOX_GATEWAY"}
+               "LOCAL_PROVIDER": "SLOPBOX_LOCAL_PROVIDER", "GATEWAY": "SLOPBOX_GATEWAY",
+               "MAIL_SINK_PORT": "SLOPBOX_MAIL_SINK_PORT"}
     msg = first["msg"].removeprefix("Value error, ")
     return f"configuration error: {aliases.get(name, name)}: {msg}"
 

@@ -10,7 +10,11 @@ from settings import Settings
 
 async def build_activities(settings: Settings) -> list[Callable[..., Any]]:
     from activities.agent_ops import AgentActivities
+    from activities.enforcement import EnforcementActivities
+    from activities.notifications import NotificationActivities
     from db.engine import make_engine, session_factory
 
     engine = make_engine(settings, pool_size=10)
-    return AgentActivities(settings, session_factory(engine)).all()
+    sessions = session_factory(engine)
+    return [*AgentActivities(settings, sessions).all(), *EnforcementActivities(settings, sessions).all(),
+            *NotificationActivities(settings, sessions).all()]

@@ -42,6 +42,7 @@ class ValidationProblem(ProblemDetails):
 PROBLEM_DESCRIPTIONS: dict[int, str] = {
     400: "The request is malformed",
     401: "Missing or invalid credentials",
+    402: "Over the plan's limits and this month's overage budget; the body says which budget would do",
     403: "A plan limit forbids it",
     404: "No such resource (or it belongs to another user)",
     409: "Conflicts with the resource's current state or a running operation",
@@ -114,6 +115,7 @@ class UserOut(BaseModel):
     image: str | None
     email_verified: datetime | None
     is_admin: bool
+    usage_exempt: bool = Field(default=False, description="An admin exempted the user from usage enforcement")
     plan: PlanOut
 
 
@@ -533,3 +535,28 @@ class AuditEntryOut(BaseModel):
     operation_id: str | None = Field(description="The submitted operation, for VPS actions")
     details: dict[str, Any]
     created_at: datetime
+# --- notifications ------------------------------------------------------------------------------------
+
+class NotificationOut(BaseModel):
+    id: uuid.UUID
+    kind: str = Field(description="usage_warning, overage_stop, collection_failed, provider_outage, admin_alert, info")
+    severity: Literal["info", "warning", "critical"]
+    title: str
+    body: str
+    data: dict[str, Any]
+    created_at: datetime
+    read_at: datetime | None
+    emailed_at: datetime | None = Field(description="When the email went out; null while pending or when not emailed")
+
+
+class NotificationPage(BaseModel):
+    items: list[NotificationOut] = Field(description="Newest first")
+    unread_count: int = Field(description="Unread notifications in all (not only on this page)")
+    total: int
+    limit: int
+    offset: int
+
+
+class NotificationsMarked(BaseModel):
+    marked: int = Field(description="How many were unread and are now read")
+    unread_count: int

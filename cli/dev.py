@@ -1,7 +1,8 @@
 """`slopbox dev`: the whole stack on one machine, supervised, with nothing left behind on exit.
 
 Order: PostgreSQL (embedded unless DATABASE_URL) → migrations and seeds → local VMs brought back
-→ Temporal dev server (unless TEMPORAL_ADDRESS) → demo user → worker, API, proxy.
+→ Temporal dev server (unless TEMPORAL_ADDRESS) → demo user → worker, API, proxy, and (unless
+SMTP_HOST is set) a local SMTP sink, `mail`, whose log shows every notification email.
 
 The worker, API and proxy are supervised: one that exits is restarted after a backoff (1 s,
 doubling to 30 s; back to 1 s once it stayed up a minute), and the stack says so on stdout and in
@@ -170,10 +171,17 @@ def run_dev(settings: Settings) -> int:
             env.pop("OPENCLAW_BIN", None)
         # Our VM image ships the WhatsApp plugin; simulated local gateways behave like it.
         env.setdefault("SLOPBOX_SIM_WHATSAPP", "1")
+        mail = mail_env(settings)
+        env.update(mail)
         for name in ("worker", "api", "proxy"):
             service = Service(name, [sys.executable, "-m", "cli.main", name], logs, env)
             service.start()
             services.append(service)
+        if mail:
+            sink = Service("mail", [sys.executable, "-m", "cli.main", "mail-sink"], logs, env)
+            sink.start()
+            services.append(sink)
+            wait_port("127.0.0.1", settings.mail_sink_port, sink.proc)
         wait_port(settings.api_host, settings.api_port, services[1].proc)
         wait_port(settings.proxy_host, settings.proxy_port, services[2].proc)
 
@@ -189,6 +197,10 @@ def run_dev(settings: Settings) -> int:
              f"http://{settings.metrics_host}:{settings.proxy_metrics_port}/metrics")
         _say(f"  Logs          {logs}/")
         _say(f"  Demo user id  {user_id}   ({DEMO_EMAIL}, plan starter, admin: /admin/... works)")
+        if mail:
+            _say(f"  Mail sink     smtp://127.0.0.1:{settings.mail_sink_port}   (notification email: {logs}/mail.log)")
+        else:
+            _say(f"  Email         via {settings.smtp_host}:{settings.smtp_port} (SMTP_HOST)")
         _say(f"  API key       {settings.api_key()}")
         _say("")
         _say(f"  curl -H 'Authorization: Bearer {settings.api_key()}' -H 'X-User-Id: {user_id}' "
@@ -223,6 +235,15 @@ def run_dev(settings: Settings) -> int:
         if pg_proc is not None:
             postgres.stop(pg_proc)
         _say("stopped.")
+
+
+def mail_env(settings: Settings) -> dict[str, str]:
+    """Without SMTP_HOST the stack runs a local sink (`slopbox mail-sink`) and points every service at
+    it, so notification email shows up in logs/mail.log instead of going nowhere."""
+    if settings.smtp_host is not None:
+        return {}
+    return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(settings.mail_sink_port), "SMTP_STARTTLS": "false",
+            "SMTP_USER": "", "SMTP_PASSWORD": ""}
 
 
 # -- the local agents' gateway ---------------------------------------------------------------------------

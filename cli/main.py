@@ -1,4 +1,5 @@
-"""`slopbox`: dev | api | worker | proxy | migrate | user create | user admin | session create | secrets rotate."""
+"""`slopbox`: dev | api | worker | proxy | mail-sink | migrate | user create/admin/exempt | session create |
+secrets rotate."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def _cmd_proxy(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mail_sink(settings: Settings, _args: argparse.Namespace) -> int:
+    from notifications.sink import run
+
+    configure_logging("mail", settings.log_level)
+    asyncio.run(run("127.0.0.1", settings.mail_sink_port))
+    return 0
+
+
 def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from cli.embedded import database_available
     from db.migrate import migrate_and_seed
@@ -45,6 +54,28 @@ def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     with database_available(settings) as url:
         migrate_and_seed(url, local_provider=settings.local_provider_enabled)
     print("database migrated to head and seeded")
+    return 0
+
+
+def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
+    return _cmd_user_exempt(settings, args) if args.user_command == "exempt" else _cmd_user_create(settings, args)
+
+
+def _cmd_user_exempt(settings: Settings, args: argparse.Namespace) -> int:
+    from cli.embedded import database_available
+    from cli.users import UserError, set_usage_exempt
+
+    try:
+        with database_available(settings) as url:
+            user_id = set_usage_exempt(url, email=args.email, exempt=not args.off)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.off:
+        print(f"{args.email} is no longer exempt: usage limits apply again")
+    else:
+        print(f"{args.email} is exempt from usage limits: never stopped or cut off for usage")
+    print(user_id)
     return 0
 
 
@@ -131,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("api", help="run the HTTP API")
     sub.add_parser("worker", help="run a Temporal worker (workflows + activities)")
     sub.add_parser("proxy", help="run the gateway proxy and the agents' forward proxy")
+    sub.add_parser("mail-sink", help="a local SMTP sink that logs every message (run by `slopbox dev`)")
     sub.add_parser("migrate", help="upgrade the database to head and seed plans and VPS configs")
     user = sub.add_parser("user", help="manage users").add_subparsers(dest="user_command", required=True)
     create = user.add_parser("create", help="create a user; prints its id on the last line")
@@ -141,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     grant = user.add_parser("admin", help="grant an existing user the admin flag (the admin API); --revoke takes it")
     grant.add_argument("--email", required=True)
     grant.add_argument("--revoke", action="store_true")
+    exempt = user.add_parser("exempt", help="exempt a user from usage enforcement (never stopped or cut off); "
+                                            "prints its id on the last line")
+    exempt.add_argument("--email", required=True)
+    exempt.add_argument("--off", action="store_true", help="end the exemption")
     session = sub.add_parser("session", help="browser sessions (dev)").add_subparsers(dest="session_command",
                                                                                   required=True)
     login = session.add_parser("create", help="print a single-use link that signs a browser in on this machine "
@@ -157,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "proxy": _cmd_proxy, "migrate": _cmd_migrate,
-    "user": _cmd_user, "secrets": _cmd_secrets_rotate, "session": _cmd_session_create,
+    "mail-sink": _cmd_mail_sink, "user": _cmd_user, "secrets": _cmd_secrets_rotate, "session": _cmd_session_create,
 }
 
 

@@ -1,6 +1,6 @@
 """`slopbox user create` / `slopbox user admin`: operators add users (Auth.js creates them in production)
 and grant or revoke the admin flag. No API route grants it: whoever holds the API key could
-otherwise make any user an admin."""
+otherwise make any user an admin. `slopbox user exempt` exempts a user from usage enforcement."""
 
 from __future__ import annotations
 
@@ -42,14 +42,27 @@ def create_user(sync_url: str, *, email: str, plan: str | None, admin: bool, nam
 
 def set_admin(sync_url: str, *, email: str, admin: bool) -> uuid.UUID:
     """Grant (or revoke) the admin flag of an existing user, by email."""
+    return _set_flag(sync_url, email=email, column="is_admin", value=admin)
+
+
+def set_usage_exempt(sync_url: str, *, email: str, exempt: bool) -> uuid.UUID:
+    """Set `users.usage_exempt`: an exempt user is never stopped, refused a start or cut off for usage
+    (billing/overage.py); their usage is still counted, and warned about."""
+    return _set_flag(sync_url, email=email, column="usage_exempt", value=exempt)
+
+
+_SET_FLAG = {column: text(f"UPDATE users SET {column} = :v WHERE lower(email) = :e RETURNING id")  # noqa: S608
+             for column in ("is_admin", "usage_exempt")}
+
+
+def _set_flag(sync_url: str, *, email: str, column: str, value: bool) -> uuid.UUID:
     email = email.strip().lower()
     engine = create_engine(sync_url)
     try:
         with engine.begin() as conn:
-            user_id = conn.execute(text("UPDATE users SET is_admin = :a WHERE lower(email) = :e RETURNING id"),
-                                   {"a": admin, "e": email}).scalar()
-            if user_id is None:
-                raise UserError(f"no user with email {email}")
-            return user_id  # type: ignore[no-any-return]
+            user_id = conn.execute(_SET_FLAG[column], {"v": value, "e": email}).scalar()
     finally:
         engine.dispose()
+    if user_id is None:
+        raise UserError(f"no user with email {email}")
+    return user_id  # type: ignore[no-any-return]

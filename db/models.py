@@ -137,7 +137,7 @@ class User(SQLModel, table=True):
     )
     is_admin: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
     usage_exempt: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
-    """Set by an admin: overage enforcement never stops this user's VPSes."""
+    """Set by an admin: never stopped or cut off for usage (billing/overage.py)."""
     created_at: datetime | None = Field(default=None, sa_column=_created())
 
     plan: Optional["Plan"] = Relationship()
@@ -340,6 +340,8 @@ class OverageBudget(SQLModel, table=True):
     )
     period_start: date = Field(sa_column=Column(Date, nullable=False))
     budget_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    revision: int = Field(default=1, sa_column=Column(BigInteger, nullable=False, server_default="1"))
+    """Bumped on every change: an automatic stop belongs to one revision, so a raised budget starts afresh."""
     updated_at: datetime | None = Field(default=None, sa_column=_created())
 
 
@@ -367,3 +369,58 @@ class AdminAuditLog(SQLModel, table=True):
         default_factory=dict, sa_column=Column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     )
     created_at: datetime | None = Field(default=None, sa_column=_created())
+# --- enforcement and notifications --------------------------------------------------------------
+
+
+class UsageEnforcement(SQLModel, table=True):
+    """What `EnforceUsage` decided for a user over their limits: one row per period and budget revision."""
+
+    __tablename__ = "usage_enforcements"
+    __table_args__ = (UniqueConstraint("user_id", "period_start", "budget_revision",
+                                       name="uq_usage_enforcements_user_period_revision"),)
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    user_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    )
+    period_start: date = Field(sa_column=Column(Date, nullable=False))
+    budget_revision: int = Field(sa_column=Column(BigInteger, nullable=False))
+    decision: str = Field(sa_column=Column(String(16), nullable=False))
+    """`stop` (running VPSes stopped) or `exempt` (would have been, the user is exempt)."""
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    overage_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    budget_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    vps_ids: list[str] = Field(default_factory=list, sa_column=Column(
+        JSONB, nullable=False, server_default=text("'[]'::jsonb")))
+    """Every VPS a stop was submitted for under this revision (the stop's operation id is derived from it)."""
+    created_at: datetime | None = Field(default=None, sa_column=_created())
+    updated_at: datetime | None = Field(default=None, sa_column=_created())
+
+
+class Notification(SQLModel, table=True):
+    """A message to a user, shown by the API and emailed through the outbox columns."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("user_id", "dedupe_key", name="uq_notifications_user_dedupe_key"),)
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    user_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    )
+    kind: str = Field(sa_column=Column(String(32), nullable=False))
+    severity: str = Field(default="info", sa_column=Column(String(16), nullable=False, server_default="info"))
+    title: str = Field(sa_column=Column(String(200), nullable=False))
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    data: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    )
+    dedupe_key: str | None = Field(default=None, sa_column=Column(String(255)))
+    """Unique per user: the same event (a threshold this period, one stop) is notified once."""
+    read_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    email_status: str = Field(default="pending",
+                              sa_column=Column(String(16), nullable=False, server_default="pending"))
+    """Outbox: `pending` until sent (`sent`, with `emailed_at`) or given up on (`skipped`: no address or no SMTP)."""
+    emailed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    email_attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    email_error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime | None = Field(default=None, sa_column=_created())
+
+

@@ -33,7 +33,8 @@ def data_dir() -> Iterator[Path]:
 
 def test_dev_stack_starts_serves_and_stops_cleanly(tmp_path: Path, data_dir: Path) -> None:
     ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
-                                                  "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT")}
+                                                  "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT",
+                                                  "SLOPBOX_MAIL_SINK_PORT")}
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
     env.update(ports, SLOPBOX_DATA_DIR=str(data_dir), SLOPBOX_GATEWAY="simulator")  # the supervisor, not the gateway
     out = (tmp_path / "dev.out").open("w+")
@@ -95,7 +96,8 @@ def _stop(proc: subprocess.Popen[bytes], out_path: Path) -> None:
 
 def test_dev_stack_restarts_a_crashed_worker_and_brings_local_vms_back(tmp_path: Path, data_dir: Path) -> None:
     ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
-                                                  "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT")}
+                                                  "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT",
+                                                  "SLOPBOX_MAIL_SINK_PORT")}
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
     env.update(ports, SLOPBOX_DATA_DIR=str(data_dir), SLOPBOX_GATEWAY="simulator")  # the supervisor, not the gateway
     api = f"http://127.0.0.1:{ports['API_PORT']}"

@@ -18,6 +18,7 @@ from tests.helpers import make_user
 ALL_TABLES = {
     "plans", "vps_configs", "plan_vps_configs", "users", "accounts", "sessions", "verification_token",
     "vpses", "agents", "agent_channels", "vps_usage_periods", "overage_budgets", "vps_operations", "admin_audit_log",
+    "usage_enforcements", "notifications",
 }
 
 

@@ -6,9 +6,10 @@ Workflows call activities by these names, so `workflows/` never imports the I/O 
 
 from __future__ import annotations
 
+from datetime import date
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class OperationKind(StrEnum):
@@ -56,6 +57,10 @@ class Act(StrEnum):
     whatsapp_login = "agent.whatsapp_login"
     remove_channel = "agent.remove_channel"
     mark_channel = "agent.mark_channel"
+    evaluate_usage = "enforcement.evaluate_usage"
+    stop_for_overage = "enforcement.stop_for_overage"
+    pending_emails = "notifications.pending_emails"
+    send_email = "notifications.send_email"
 
 
 class VpsRef(BaseModel):
@@ -205,3 +210,70 @@ class ChannelStatusInput(BaseModel):
     kind: str
     status: str
     error: str | None = None
+
+
+# --- usage enforcement and notifications --------------------------------------------------------
+
+
+class EnforceUsageInput(BaseModel):
+    """The `EnforceUsage` workflow's input; `MeteringCycle` starts it as a child after each collection."""
+
+    period_start: date
+    """The calendar month (UTC) the usage belongs to: its first day."""
+    user_ids: list[str] = Field(default_factory=list)
+    """The users to judge; empty = every user with usage this period."""
+
+    @field_validator("period_start")
+    @classmethod
+    def _first_of_month(cls, v: date) -> date:
+        if v.day != 1:
+            raise ValueError("period_start must be the first day of a month")
+        return v
+
+
+class EvaluateInput(BaseModel):
+    period_start: date
+    user_ids: list[str] = Field(default_factory=list)
+
+
+class OverageStop(BaseModel):
+    """One VPS to stop: the operation id is derived from user, period, budget revision and VPS."""
+
+    vps: VpsRef
+    operation_id: str
+
+
+class UserDecision(BaseModel):
+    user_id: str
+    decision: str
+    """`ok`, `stop`, `exempt` (over, but exempt) or `past-period` (over in a month already gone: no stop)."""
+    overage_cents: int = 0
+    budget_cents: int = 0
+    warnings: int = 0
+    """New threshold warnings written this run."""
+    stops: list[OverageStop] = Field(default_factory=list)
+
+
+class EvaluateResult(BaseModel):
+    decisions: list[UserDecision] = Field(default_factory=list)
+
+
+class StopOutcome(BaseModel):
+    operation_id: str
+    outcome: str
+    """`submitted` (the entity queued it now), `known` (it already had it, or it ran before: nothing sent
+    again), `gone` (the VPS was destroyed) or `busy` (another lifecycle operation runs; the next cycle retries)."""
+
+
+class EmailOutcome(BaseModel):
+    notification_id: str
+    outcome: str
+    """`sent`, `already` (sent before: not sent again), `skipped` (no address / no SMTP configured)."""
+
+
+class EnforceUsageResult(BaseModel):
+    decisions: list[UserDecision] = Field(default_factory=list)
+    stops: list[StopOutcome] = Field(default_factory=list)
+    emails: list[EmailOutcome] = Field(default_factory=list)
+    email_failures: int = 0
+    """Emails whose sending gave up this run; they stay in the outbox for the next run."""

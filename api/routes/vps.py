@@ -42,6 +42,7 @@ from api.problems import Problem
 from api.routes.agents import agent_vps, owned_agent
 from api.schemas import OperationAccepted, VpsDestroyed, problem_responses
 from billing.plans import effective_plan
+from billing.usage import current_verdict
 from db.models import Agent, PlanVpsConfig, User, Vps, VpsConfig, VpsOperation, VpsState
 from orchestration.search_attributes import run_attributes
 from settings import Settings
@@ -166,11 +167,30 @@ async def _lifecycle(agent_id: uuid.UUID, request: Request, session: AsyncSessio
                           vps_state=vps.state)
         raise Problem(409, f"Cannot {kind}", f"The VPS is {vps.state}; {kind} needs it to be {' or '.join(allowed)}.",
                       type_="invalid-state", vps_state=vps.state)
+    if kind == OperationKind.start:
+        await refuse_over_budget(session, user)
     done = await submit(request, session, user, agent, vps, kind, operation_id, key)
     return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
 
-@router.post("/start", status_code=202, response_model=OperationAccepted, responses=problem_responses(404, 409))
+async def refuse_over_budget(session: AsyncSession, user: User) -> None:
+    """402 when this month's usage is over the plan and the overage budget (the decision the automatic
+    stop and the forward proxy use, exemption included): starting would only be stopped again."""
+    verdict = await current_verdict(session, user)
+    if verdict.allowed:
+        return
+    if verdict.budget_can_fix:
+        fix = (f"Raise this month's overage budget to at least {verdict.overage_cents} cents "
+               f"(PUT /users/me/overage-budget with {{\"budget_cents\": {verdict.overage_cents}}}), then start again.")
+    else:
+        fix = "No overage budget covers it: move to a plan with a larger limit, or wait for next month."
+    raise Problem(402, "Over plan limits and overage budget", f"Cannot start: {verdict.reason}. {fix}",
+                  type_="overage-budget-exceeded", overage_cents=verdict.overage_cents,
+                  budget_cents=verdict.budget_cents, required_budget_cents=verdict.required_budget_cents,
+                  over=list(verdict.over))
+
+
+@router.post("/start", status_code=202, response_model=OperationAccepted, responses=problem_responses(402, 404, 409))
 async def start(agent_id: uuid.UUID, request: Request, session: SessionDep, user: CurrentUser,
                 idempotency_key: IdempotencyKey = None) -> JSONResponse:
     return await _lifecycle(agent_id, request, session, user, idempotency_key, OperationKind.start,

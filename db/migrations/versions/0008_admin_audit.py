@@ -1,7 +1,7 @@
-"""admin_audit_log; plans and VPS configs can be deactivated; users.usage_exempt (if missing)
+"""admin_audit_log; plans and VPS configs can be deactivated
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 Create Date: 2026-12-02
 
 Every admin action is one `admin_audit_log` row written in the action's own transaction: who
@@ -14,9 +14,7 @@ A plan or VPS config that is in use cannot be deleted (users keep their plan, VP
 config); an admin deactivates it instead (`deactivated_at`): it is no longer offered to new users
 or new VPSes, and existing ones keep working.
 
-`users.usage_exempt` is also added by the metering branch (its migration 0007). It is created
-here only if it is not there yet (`IF NOT EXISTS`), so either order works; when both land, the
-integrator keeps the column in 0007 and deletes the two marked statements below.
+`users.usage_exempt`, which the admin API switches, comes from 0007.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0008"
-down_revision = "0005"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
@@ -51,12 +49,9 @@ def upgrade() -> None:
     op.create_index("ix_admin_audit_log_target", "admin_audit_log", ["target_type", "target_id"])
     op.add_column("plans", sa.Column("deactivated_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column("vps_configs", sa.Column("deactivated_at", sa.DateTime(timezone=True), nullable=True))
-    # usage_exempt: owned by migration 0007 once the metering branch lands (see the docstring).
-    op.execute("ALTER TABLE users ADD COLUMN IF NOT EXISTS usage_exempt boolean NOT NULL DEFAULT false")
 
 
 def downgrade() -> None:
-    op.execute("ALTER TABLE users DROP COLUMN IF EXISTS usage_exempt")  # owned by 0007 once it lands
     op.drop_column("vps_configs", "deactivated_at")
     op.drop_column("plans", "deactivated_at")
     op.drop_index("ix_admin_audit_log_target", table_name="admin_audit_log")
