@@ -118,6 +118,22 @@ class Settings(BaseSettings):
         default=8025, validation_alias="SLOPBOX_MAIL_SINK_PORT",
         description="`slopbox dev`: the local SMTP sink's port (used when SMTP_HOST is unset); "
                     "its log shows every message")
+    # Metering (README "Metering")
+    metering_interval_s: int = Field(
+        default=3600, ge=0, description="seconds between MeteringCycle runs (a Temporal Schedule); 0 = this worker "
+                                        "creates no metering schedule (neither MeteringCycle nor CloseMonth)")
+    metering_batch_size: int = Field(default=50, ge=1, le=10_000, description="VPSes per metering batch")
+    metering_hetzner_requests_per_hour: int = Field(
+        default=1800, ge=0, le=3600,
+        description="metering's share of the Hetzner project's 3,600 requests/hour; the rest is the lifecycle's")
+    metering_hetzner_reserve: int = Field(
+        default=300, ge=0, le=3600,
+        description="metering stops for the cycle when Hetzner's RateLimit-Remaining falls to this")
+    metering_settle_s: int = Field(default=120, ge=0, description="provider metrics younger than this are left "
+                                                                  "for the next cycle (they may still change)")
+    metering_enforce: bool = Field(default=True, description="MeteringCycle ends by starting the EnforceUsage "
+                                                             "workflow for the users whose usage changed")
+    fly_prometheus_url: str = "https://api.fly.io/prometheus"
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

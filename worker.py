@@ -20,9 +20,10 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from orchestration.client import connect, ensure_search_attributes
-from orchestration.schedules import ensure_reconcile_schedule
+from orchestration.schedules import ensure_metering_schedules, ensure_reconcile_schedule
 from settings import Settings
 from telemetry.metrics import start_metrics_server
+from workflows.metering import MeteringCycleInput
 
 log = logging.getLogger("worker")
 
@@ -62,6 +63,10 @@ def sdk_metrics_runtime(settings: Settings) -> Runtime | None:
         return None
     log.info("Temporal SDK metrics listening", extra={"url": f"http://{address}/metrics"})
     return runtime
+def metering_cycle_input(settings: Settings) -> MeteringCycleInput:
+    return MeteringCycleInput(interval_s=max(1, settings.metering_interval_s), batch_size=settings.metering_batch_size,
+                              hetzner_requests_per_hour=settings.metering_hetzner_requests_per_hour,
+                              start_enforcement=settings.metering_enforce)
 
 
 async def run(settings: Settings) -> None:
@@ -71,6 +76,8 @@ async def run(settings: Settings) -> None:
     if settings.reconcile_interval_s:
         await ensure_reconcile_schedule(client, settings.temporal_task_queue,
                                         timedelta(seconds=settings.reconcile_interval_s))
+    await ensure_metering_schedules(client, settings.temporal_task_queue, metering_cycle_input(settings),
+                                    interval_s=settings.metering_interval_s)
     worker = await build_worker(settings, client)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

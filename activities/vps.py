@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from sqlalchemy import exists, func, update
@@ -32,12 +32,14 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import gateway
-from billing.plans import month_start
-from db.models import ACTIVE_OPERATION, Agent, Vps, VpsConfig, VpsOperation, VpsState, VpsUsagePeriod
+from db.models import ACTIVE_OPERATION, Agent, Vps, VpsConfig, VpsOperation, VpsState
 from openclaw.tls import CertificatePinError, check_peer, pinned_context
 from providers import ProviderError, VmInfo, VmProvider, VmState, build_provider
 from settings import Settings
 from telemetry.metrics import OPERATIONS_FINISHED
+
+if TYPE_CHECKING:
+    from activities.metering import MeteringActivities
 from workflows.contracts import (
     Act,
     FinishInput,
@@ -94,6 +96,7 @@ class VpsActivities:
         self.settings = settings
         self.sessions = sessions
         self._providers: dict[str, VmProvider] = dict(providers or {})
+        self._metering: MeteringActivities | None = None
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.create_vm, self.wait_vm_running, self.wait_gateway_ready, self.pair_gateway,
@@ -398,18 +401,21 @@ class VpsActivities:
 
     @activity.defn(name=Act.record_storage_usage)
     async def record_storage_usage(self, inp: OperationInput) -> None:
-        """Make sure the month's usage row exists, with the storage allocation, before the VM goes.
+        """The VPS's final metering collection, while its VM still exists (a provider serves no metrics
+        for a deleted VM): CPU, memory, bandwidth and storage up to now, through the same exactly-once
+        ledger as `MeteringCycle`; storage accrues on to `destroyed_at` in the next cycle."""
+        vps, _, _ = await self._load(inp)
+        report = await self._meter().collect_now(str(vps.id), int(time.time()))
+        if report.failed:
+            raise ApplicationError(f"the final usage collection failed: {report.failed[0].reason}",
+                                   type="CollectionFailed")
 
-        Only storage is recorded here. Bandwidth is added by the proxies as they carry it; CPU and
-        memory from provider metrics are not collected yet (no metering workflow exists).
-        """
-        vps, _, config = await self._load(inp)
-        stmt = insert(VpsUsagePeriod).values(vps_id=vps.id, period_start=month_start(),
-                                             storage_bytes=config.disk_gb * 1024**3)
-        stmt = stmt.on_conflict_do_update(constraint="uq_vps_usage_periods_vps_month",
-                                          set_={"storage_bytes": stmt.excluded.storage_bytes})
-        async with self.sessions() as s, s.begin():
-            await s.exec(stmt)  # type: ignore[call-overload]
+    def _meter(self) -> MeteringActivities:
+        from activities.metering import MeteringActivities  # it imports this module's heartbeating
+
+        if self._metering is None:
+            self._metering = MeteringActivities(self.settings, self.sessions.kw["bind"])
+        return self._metering
 
     # --- reconcile ----------------------------------------------------------------------------------
 

@@ -15,7 +15,19 @@ from temporalio.client import Client
 
 from api import problems
 from api.body_limit import BodyLimit
-from api.routes import admin, agent_settings, agents, bootstrap, channels, health, notifications, plans, users, vps
+from api.routes import (
+    admin,
+    agent_settings,
+    agents,
+    bootstrap,
+    channels,
+    health,
+    notifications,
+    plans,
+    usage,
+    users,
+    vps,
+)
 from api.schemas import ADMIN_PROBLEMS, COMMON_PROBLEMS, PROBLEM_JSON
 from db.engine import make_engine, session_factory
 from orchestration.client import connect
@@ -86,7 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
         return response
 
     app.include_router(health.router)
-    for module in (users, notifications, plans, agents, agent_settings, vps, channels, bootstrap):
+    for module in (users, notifications, plans, agents, agent_settings, usage, vps, channels, bootstrap):
         app.include_router(module.router, responses=COMMON_PROBLEMS)
     app.include_router(admin.router, responses={**COMMON_PROBLEMS, **ADMIN_PROBLEMS})
     if settings.api_metrics:

@@ -57,10 +57,6 @@ def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
-    return _cmd_user_exempt(settings, args) if args.user_command == "exempt" else _cmd_user_create(settings, args)
-
-
 def _cmd_user_exempt(settings: Settings, args: argparse.Namespace) -> int:
     from cli.embedded import database_available
     from cli.users import UserError, set_usage_exempt
@@ -110,7 +106,8 @@ def _cmd_user_admin(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
-    return (_cmd_user_admin if args.user_command == "admin" else _cmd_user_create)(settings, args)
+    commands = {"create": _cmd_user_create, "admin": _cmd_user_admin, "exempt": _cmd_user_exempt}
+    return commands[args.user_command](settings, args)
 
 
 def _cmd_session_create(settings: Settings, args: argparse.Namespace) -> int:

@@ -329,6 +329,84 @@ class VpsUsagePeriod(SQLModel, table=True):
     memory_mb_seconds: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     storage_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     updated_at: datetime | None = Field(default=None, sa_column=_created())
+    # Metering (0006). Billable bandwidth = max(proxy bytes, provider bytes) per direction: the
+    # proxies add to bandwidth_*; the collector keeps the provider's own count and the top-up it
+    # added on top of the proxies' count, so neither source is billed twice (README "Metering").
+    provider_bandwidth_in_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False,
+                                                                         server_default="0"))
+    provider_bandwidth_out_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False,
+                                                                          server_default="0"))
+    provider_topup_in_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    provider_topup_out_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    # bandwidth_* already carried into the daily series (vps_usage_daily).
+    daily_seen_in_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    daily_seen_out_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    frozen_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    """Set by CloseMonth: the month's statement was computed from this row."""
+
+
+class VpsMeterState(SQLModel, table=True):
+    """Per-VPS metering watermark: usage up to `collected_until` is in the counters, nothing after it.
+
+    Written in the same transaction as the counters, by compare-and-set on the value read before
+    the provider was asked: a retried, crashed or racing collection never counts a sample twice.
+    """
+
+    __tablename__ = "vps_meter_state"
+    vps_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("vpses.id", ondelete="CASCADE"), primary_key=True)
+    )
+    collected_until: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    # Local VMs: the gateway process tree's cumulative CPU counter at `collected_until`.
+    counter_ref: str | None = Field(default=None, sa_column=Column(String(64)))
+    counter_cpu_ms: int | None = Field(default=None, sa_column=Column(BigInteger))
+    stale: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    last_attempt_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    updated_at: datetime | None = Field(default=None, sa_column=_created())
+
+
+class VpsUsageDaily(SQLModel, table=True):
+    """The month's usage per VPS per UTC day, for the dashboard chart (sums to the month's row)."""
+
+    __tablename__ = "vps_usage_daily"
+    vps_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("vpses.id", ondelete="CASCADE"), primary_key=True)
+    )
+    day: date = Field(sa_column=Column(Date, primary_key=True))
+    bandwidth_in_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    bandwidth_out_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    cpu_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    memory_mb_seconds: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    storage_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+
+
+class MeteringMonth(SQLModel, table=True):
+    """A calendar month CloseMonth has closed: later samples for it go to the next open month."""
+
+    __tablename__ = "metering_months"
+    period_start: date = Field(sa_column=Column(Date, primary_key=True))
+    closed_at: datetime | None = Field(default=None, sa_column=_created())
+
+
+class UsageStatement(SQLModel, table=True):
+    """One user's usage and overage for a closed month (ready for a payment provider)."""
+
+    __tablename__ = "usage_statements"
+    __table_args__ = (UniqueConstraint("user_id", "period_start", name="uq_usage_statements_user_month"),)
+    id: uuid.UUID | None = Field(default=None, sa_column=_uuid_pk())
+    user_id: uuid.UUID = Field(
+        sa_column=Column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    )
+    period_start: date = Field(sa_column=Column(Date, nullable=False))
+    plan_id: uuid.UUID | None = Field(default=None, sa_column=Column(UUID(as_uuid=True)))
+    bandwidth_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    cpu_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    memory_mb_seconds: int = Field(sa_column=Column(BigInteger, nullable=False))
+    storage_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    overage_cost_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    budget_cents: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime | None = Field(default=None, sa_column=_created())
 
 
 class OverageBudget(SQLModel, table=True):

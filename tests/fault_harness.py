@@ -65,6 +65,8 @@ def start_worker(settings: Settings, log: Path, *, hold_file: Path | None = None
         "SLOPBOX_DATA_DIR": str(settings.data_dir),
         # Tests share one database: a sweep from this worker's data dir would judge other tests' VMs gone.
         "RECONCILE_INTERVAL_S": "0",
+        # A test worker must not schedule metering in the shared Temporal server (it would meter other tests).
+        "METERING_INTERVAL_S": "0",
         **(env or {}),
     }
     module = "cli.main"

@@ -22,6 +22,9 @@ Knobs and faults beyond `FakeApiServer`:
     fake.other_org_apps = {"slopbox-x"}      # app names taken by someone else (422 on create, 404 on get)
     fake.add_machine(app, metadata={...})    # something we did not create
 
+Prometheus: `/prometheus/<org>/api/v1/query_range` answers every started machine's app with a
+point per step at `fake.prom_rates` for each series our query names; `fake.prom_queries` records them.
+
 Inspection: `fake.apps` (name -> app), `fake.machines` (id -> machine JSON, destroyed included),
 `fake.volumes` (id -> volume), `fake.requests`.
 """
@@ -78,6 +81,10 @@ class FakeFly(FakeApiServer):
         self.launch_delay_s: float | None = None
         self.app_delete_delay_s: float | None = None
         self.max_wait_s = 60.0
+        # Prometheus: value per 60 s point for each started machine, by our query's `series` label.
+        self.prom_rates: dict[str, float] = {"cpu_ms": 30_000, "net_in": 60_000, "net_out": 120_000,
+                                             "memory_mb_seconds": 256 * 60}
+        self.prom_queries: list[str] = []
         # app name -> when its pending deletion completes
         self._app_deletions: dict[str, float] = {}
         self._failures: dict[str, int] = {}
@@ -249,6 +256,7 @@ class FakeFly(FakeApiServer):
         router.add_post(f"{p}/apps/{{app}}/machines/{{mid}}/start", self.start_machine)
         router.add_post(f"{p}/apps/{{app}}/machines/{{mid}}/stop", self.stop_machine)
         router.add_get(f"{p}/apps/{{app}}/machines/{{mid}}/wait", self.wait_machine)
+        router.add_route("*", "/prometheus/{org}/api/v1/query_range", self.prometheus_range)
 
     # apps
 
@@ -522,3 +530,42 @@ class FakeFly(FakeApiServer):
             if remaining <= 0:
                 return self._err(408, f"deadline_exceeded: machine did not reach {target} (state {state})")
             await asyncio.sleep(min(0.01, remaining) if math.isfinite(remaining) else 0.01)
+
+    # -- Prometheus (api.fly.io/prometheus/<org>/api/v1/query_range) --------------------------------
+
+    async def prometheus_range(self, request: web.Request) -> web.Response:
+        """A range query answered per started machine with `prom_rates`; the query itself is recorded.
+
+        Only what our collector sends is understood: `label_replace(..., "series", "<name>", "", "")`
+        parts joined by `or`, over `app=~"<regex>"` (the apps of a batch, or a prefix).
+        """
+        if request.match_info["org"] != self.org_slug:
+            return web.json_response({"status": "error", "errorType": "bad_data", "error": "unknown org"}, status=404)
+        form = dict(request.query)
+        if request.method == "POST":
+            form.update({k: str(v) for k, v in (await request.post()).items()})
+        try:
+            query, start, end, step = form["query"], float(form["start"]), float(form["end"]), float(form["step"])
+        except (KeyError, ValueError):
+            return web.json_response({"status": "error", "errorType": "bad_data", "error": "bad parameters"},
+                                     status=400)
+        self.prom_queries.append(query)
+        selector = re.search(r'app=~"([^"]*)"', query)
+        names = re.findall(r'"series", "([a-z_]+)"', query)
+        result = []
+        with self.lock:
+            self.before_request()
+            apps = [(name, app) for name, app in self.apps.items()
+                    if selector and re.fullmatch(selector.group(1), name)
+                    and any(m["state"] == "started" for m in app.machines.values())]
+        stamps = []
+        t = start
+        while t <= end:
+            stamps.append(t)
+            t += step
+        for name, _app in apps:
+            for series in names:
+                rate = self.prom_rates.get(series, 0)
+                result.append({"metric": {"app": name, "series": series},
+                               "values": [[s, str(rate)] for s in stamps]})
+        return web.json_response({"status": "success", "data": {"resultType": "matrix", "result": result}})

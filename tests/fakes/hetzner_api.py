@@ -24,6 +24,10 @@ Knobs and faults beyond `FakeApiServer`:
     fake.ignore_shutdown = True                 # ACPI shutdown succeeds, the server stays running
     fake.add_server("other", labels={...}, status="running")   # something we did not create
 
+Metering: `GET /servers/{id}/metrics` answers synthetic samples at `default_metric_rates` (or
+`metric_rates[server id]`), `metrics_step`, `metrics_available_until` (lagging data); with
+`enforce_rate_limit` an empty budget (`set_budget(n)`, `rate_limit`) answers 429 with Retry-After.
+
 Inspection: `fake.servers` (id -> server JSON), `fake.actions`, `fake.firewalls`, `fake.requests`.
 """
 
@@ -160,6 +164,16 @@ class FakeHetzner(FakeApiServer):
         self.rate_limit = 3600
         self._budget = float(self.rate_limit)
         self._budget_at = time.monotonic()
+        # Metrics: rates per sample (strings, per second: cpu in percent of one vCPU, bytes/s).
+        self.default_metric_rates: dict[str, str] = {
+            "cpu": "50", "network.0.bandwidth.in": "1000", "network.0.bandwidth.out": "2000",
+            "disk.0.bandwidth.read": "4096", "disk.0.bandwidth.write": "8192",
+        }
+        self.metric_rates: dict[int, dict[str, str]] = {}
+        self.metrics_step: int | None = None
+        self.metrics_available_until: float | None = None
+        # When set, an empty budget answers 429 rate_limit_exceeded (refills 1 request per second).
+        self.enforce_rate_limit = False
 
     # -- knobs ----------------------------------------------------------------------------------
 
@@ -219,7 +233,26 @@ class FakeHetzner(FakeApiServer):
     def unauthorized(self) -> web.Response:
         return self.error_response(401, "unauthorized", "unable to authenticate")
 
+    def set_budget(self, remaining: float) -> None:
+        """Put the project's remaining budget at `remaining` (refill continues at 1 per second)."""
+        with self.lock:
+            self._budget = float(remaining)
+            self._budget_at = time.monotonic()
+
+    async def _respond(self, request: web.Request, handler: Any, path: str) -> web.StreamResponse:
+        if self.enforce_rate_limit and self.check_auth(request):
+            with self.lock:
+                now = time.monotonic()
+                budget = min(float(self.rate_limit), self._budget + (now - self._budget_at))
+            if budget < 1:
+                return self.error_response(429, "rate_limit_exceeded", "limit of requests per hour reached",
+                                           {"Retry-After": "1"})
+        return await super()._respond(request, handler, path)
+
     def decorate(self, response: web.StreamResponse) -> None:
+        if response.status == 429 and self.enforce_rate_limit:
+            response.headers.setdefault("RateLimit-Limit", str(self.rate_limit))
+            return  # a refused request costs nothing
         with self.lock:
             now = time.monotonic()
             self._budget = min(float(self.rate_limit), self._budget + (now - self._budget_at))
@@ -587,20 +620,40 @@ class FakeHetzner(FakeApiServer):
             return self._json({"action": action}, 201)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        """Synthetic per-step samples over `[start, end)` at the server's rates (`metric_rates`).
+
+        Samples are stamped at multiples of the step (the response's step: `metrics_step` when set,
+        like Hetzner raising it for long windows); none at or after `metrics_available_until`
+        (data that lags); none for a server that is `off`. Values are strings, as Hetzner sends them.
+        """
         with self.lock:
             server = self._server_or_404(request)
             if isinstance(server, web.Response):
                 return server
-        start = request.query.get("start", _now_iso())
-        end = request.query.get("end", _now_iso())
-        step = float(request.query.get("step", "60"))
-        ts = int(time.time()) // 60 * 60
-        series = {
-            "cpu": {"values": [[ts, "12.5"]]},
-            "network.0.bandwidth.in": {"values": [[ts, "1024"]]},
-            "network.0.bandwidth.out": {"values": [[ts, "2048"]]},
-        }
-        return self._json({"metrics": {"start": start, "end": end, "step": step, "time_series": series}})
+            rates = {**self.default_metric_rates, **self.metric_rates.get(server["id"], {})}
+            powered = server["status"] == "running"
+            available_until = self.metrics_available_until
+        types: set[str] = set()
+        for raw in request.query.getall("type", []):
+            types.update(t for t in raw.split(",") if t)
+        if not types or not types <= {"cpu", "disk", "network"}:
+            return self.error_response(422, "invalid_input", "type must be cpu, disk and/or network")
+        try:
+            start = datetime.fromisoformat(request.query["start"]).timestamp()
+            end = datetime.fromisoformat(request.query["end"]).timestamp()
+        except (KeyError, ValueError):
+            return self.error_response(422, "invalid_input", "start and end must be ISO 8601 times")
+        if end < start:
+            return self.error_response(422, "invalid_input", "end is before start")
+        step = int(self.metrics_step or float(request.query.get("step", "60")))
+        while (end - start) / step > 500:  # at most 500 samples: Hetzner raises the step
+            step *= 2
+        stamps = [t for t in range(math.ceil(start / step) * step, math.ceil(end), step)
+                  if t < end and (available_until is None or t < available_until)] if powered else []
+        series = {name: {"values": [[t, value] for t in stamps]} for name, value in rates.items()
+                  if name.split(".")[0] in types}
+        return self._json({"metrics": {"start": request.query["start"], "end": request.query["end"],
+                                       "step": step, "time_series": series}})
 
     async def get_action(self, request: web.Request) -> web.Response:
         with self.lock:

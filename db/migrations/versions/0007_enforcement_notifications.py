@@ -1,7 +1,7 @@
 """usage enforcement and notifications: usage_enforcements, notifications, users.usage_exempt, budget revision
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-02
 
 `usage_enforcements`: one row per user, period and overage-budget revision when `EnforceUsage`
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
