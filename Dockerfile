@@ -11,6 +11,7 @@ COPY activities ./activities
 COPY db ./db
 COPY billing ./billing
 COPY notifications ./notifications
+COPY metering ./metering
 COPY cli ./cli
 COPY devstack ./devstack
 COPY orchestration ./orchestration

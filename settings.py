@@ -57,6 +57,19 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(
         default=1024 * 1024, ge=1024,
         description="largest request body the API reads; a bigger one is answered 413 without reading it all")
+    # Listener budgets (proxy/listener.py): sized together against the process's descriptor limit
+    proxy_header_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="a browser connection that has not sent a complete request head this long after opening "
+                    "(or after its first byte following a response) is closed")
+    proxy_keepalive_timeout_s: float = Field(
+        default=30.0, gt=0, description="an idle keep-alive browser connection is closed after this long")
+    proxy_max_connections: int = Field(default=8000, ge=1, description="open connections on the gateway proxy")
+    proxy_max_connections_per_ip: int = Field(
+        default=256, ge=1, description="open gateway-proxy connections per source address (IPv6: per /64)")
+    forward_proxy_max_connections: int = Field(default=1000, ge=1, description="open connections on the forward proxy")
+    forward_proxy_max_connections_per_ip: int = Field(
+        default=256, ge=1, description="open forward-proxy connections per source address (IPv6: per /64)")
 
     # Providers
     hcloud_token: SecretStr | None = None

@@ -63,6 +63,8 @@ def sdk_metrics_runtime(settings: Settings) -> Runtime | None:
         return None
     log.info("Temporal SDK metrics listening", extra={"url": f"http://{address}/metrics"})
     return runtime
+
+
 def metering_cycle_input(settings: Settings) -> MeteringCycleInput:
     return MeteringCycleInput(interval_s=max(1, settings.metering_interval_s), batch_size=settings.metering_batch_size,
                               hetzner_requests_per_hour=settings.metering_hetzner_requests_per_hour,

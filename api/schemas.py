@@ -331,26 +331,6 @@ class UsageTotals(BaseModel):
 
     bandwidth_in_bytes: int
     bandwidth_out_bytes: int
-# --- usage (GET /agents/{id}/usage) ---------------------------------------------------------------
-
-class ResourceUsage(BaseModel):
-    used: int = Field(description="This month so far, summed over all of the user's VPSes")
-    limit: int = Field(description="The plan's monthly limit")
-    projected: int = Field(description="`used` extrapolated linearly to the end of the month")
-    over_limit: bool
-    agent_used: int = Field(description="This agent's VPS's share of `used`")
-
-
-class UsageResources(BaseModel):
-    bandwidth_bytes: ResourceUsage = Field(description="In + out: max(proxy bytes, provider bytes) per VPS")
-    cpu_ms: ResourceUsage
-    memory_mb_seconds: ResourceUsage
-    storage_bytes: ResourceUsage = Field(description="Disk allocation accrued for the time each VPS exists")
-
-
-class UsageDay(BaseModel):
-    day: date
-    bandwidth_bytes: int
     cpu_ms: int
     memory_mb_seconds: int
     storage_bytes: int
@@ -580,6 +560,33 @@ class NotificationPage(BaseModel):
 class NotificationsMarked(BaseModel):
     marked: int = Field(description="How many were unread and are now read")
     unread_count: int
+
+
+# --- usage (GET /agents/{id}/usage) ---------------------------------------------------------------
+
+class ResourceUsage(BaseModel):
+    used: int = Field(description="This month so far, summed over all of the user's VPSes")
+    limit: int = Field(description="The plan's monthly limit")
+    projected: int = Field(description="`used` extrapolated linearly to the end of the month")
+    over_limit: bool
+    agent_used: int = Field(description="This agent's VPS's share of `used`")
+
+
+class UsageResources(BaseModel):
+    bandwidth_bytes: ResourceUsage = Field(description="In + out: max(proxy bytes, provider bytes) per VPS")
+    cpu_ms: ResourceUsage
+    memory_mb_seconds: ResourceUsage
+    storage_bytes: ResourceUsage = Field(description="Disk allocation accrued for the time each VPS exists")
+
+
+class UsageDay(BaseModel):
+    day: date
+    bandwidth_bytes: int
+    cpu_ms: int
+    memory_mb_seconds: int
+    storage_bytes: int
+
+
 class UsageOut(BaseModel):
     period_start: date
     period_end: date = Field(description="Exclusive: the first day of the next month")

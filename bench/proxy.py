@@ -12,8 +12,9 @@ The upstream is a small aiohttp server in its own process that speaks the gatewa
 its full work: session lookup (cached as in production), handshake termination with a real
 Ed25519 signature check, per-frame parsing and method filtering, byte metering. nginx 1.22 from
 Debian runs with one worker (our proxy is one process, one event loop) as a plain HTTP/WS
-reverse proxy. Our proxy's per-user rate limits are raised for the run (one bench user would hit
-them at once); everything else is the production configuration. The load generator is Python
+reverse proxy. Our proxy's per-user and per-address limits (request and frame rates, byte budget,
+connections per address) are raised for the run (one bench user on one address would hit them at
+once); everything else is the production configuration. The load generator is Python
 (aiohttp) in this process: on a 2-core machine all parties share the CPUs, so compare ratios.
 
 Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300]`
@@ -129,9 +130,11 @@ def run_ours(port: int, forward_port: int, database_url: str, key: str) -> None:
 
     configure_logging("proxy", "WARNING")
     settings = Settings(database_url=database_url, control_plane_api_key=KEY, encryption_keys=[key],
-                        proxy_host="127.0.0.1", proxy_port=port, forward_proxy_port=forward_port)
+                        proxy_host="127.0.0.1", proxy_port=port, forward_proxy_port=forward_port,
+                        proxy_max_connections_per_ip=10**4, proxy_metrics_port=0)
     config = ProxyConfig(http_rate_per_s=1e9, http_burst=10**9, ws_frame_rate_per_s=1e9, ws_frame_burst=10**9,
-                         ws_connections_per_user=10**6)
+                         ws_connections_per_user=10**6, ws_byte_rate_per_s=1e12, ws_byte_burst=10**12,
+                         preauth_rate_per_s=1e9, preauth_burst=10**9)
 
     async def main() -> None:
         stop = asyncio.Event()

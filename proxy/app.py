@@ -30,8 +30,11 @@ from proxy.egress import EgressPolicy, system_resolver
 from proxy.enforcement import UsageEnforcer
 from proxy.forward import ForwardCredentials, ForwardProxy
 from proxy.gateway import GatewayProxy
+from proxy.listener import ConnectionGuard, GuardedSite, listener_limits, track_requests
+from proxy.log_limits import install_log_limits
 from proxy.metering import Meter
 from proxy.metrics import CountingMeter, instrument_forward, instrument_gateway
+from proxy.session_watch import SessionWatch
 from settings import Settings
 from telemetry.metrics import start_metrics_server
 
@@ -45,7 +48,7 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 def create_app(gateway: GatewayProxy) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[track_requests])
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/agents/{agent_id}/gateway", gateway.handle)
     app.router.add_route("*", "/agents/{agent_id}/gateway/{tail:.*}", gateway.handle)
@@ -106,16 +109,19 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
     tls_server: asyncio.Server | None = None
     forward: ForwardProxy | None = None
     metrics: web.AppRunner | None = None
+    remove_log_limits = install_log_limits()
+    browser_limits, forward_limits = listener_limits(settings)
     try:
         metrics = await start_metrics_server(settings.metrics_host, settings.proxy_metrics_port, service="proxy")
         meter.start()
         access = AccessResolver(engine, settings, ttl_s=cfg.auth_cache_ttl_s)
         gateway = GatewayProxy(config=cfg, access=access, client=client, meter=meter,
-                               relay_origin=relay_origin(settings))
+                               relay_origin=relay_origin(settings), sessions=SessionWatch(engine))
         instrument_gateway(gateway)
-        runner = web.AppRunner(create_app(gateway), access_log=None, shutdown_timeout=5.0)
+        runner = web.AppRunner(create_app(gateway), access_log=None, shutdown_timeout=5.0,
+                               keepalive_timeout=settings.proxy_keepalive_timeout_s)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = GuardedSite(runner, host, port, ConnectionGuard("gateway proxy", browser_limits))
         await site.start()
         bound = runner.addresses[0][1] if runner.addresses else port
         if policy is None:
@@ -129,15 +135,18 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
             enforcer=UsageEnforcer(engine, meter, ttl_s=cfg.enforcement_cache_ttl_s),
         )
         instrument_forward(forward)
-        server = await forward.start(host, forward_port)
+        forward_guard = ConnectionGuard("forward proxy", forward_limits)
+        server = await forward.start(host, forward_port, guard=forward_guard)
         fport = server.sockets[0].getsockname()[1]
         tls_port = None
         if settings.forward_proxy_tls_cert and settings.forward_proxy_tls_key:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.minimum_version = ssl.TLSVersion.TLSv1_2
             tls.load_cert_chain(settings.forward_proxy_tls_cert, settings.forward_proxy_tls_key)
+            # The same connection budget as the plain forward listener: it cannot starve the browsers'.
             tls_server = await forward.start(
-                host, forward_tls_port if forward_tls_port is not None else settings.forward_proxy_tls_port, ssl=tls)
+                host, forward_tls_port if forward_tls_port is not None else settings.forward_proxy_tls_port,
+                guard=forward_guard, ssl=tls)
             tls_port = tls_server.sockets[0].getsockname()[1]
         yield RunningProxy(url=f"http://{host}:{bound}", forward_host=host, forward_port=fport, gateway=gateway,
                            forward=forward, meter=meter, engine=engine,
@@ -158,6 +167,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         await engine.dispose()
         if metrics is not None:
             await metrics.cleanup()
+        remove_log_limits()
 
 
 async def _main(settings: Settings) -> None:

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.json_limits import JsonTooComplex, check_json_bounds
 from proxy.methods import Refusal, check_method
 
 __all__ = [
@@ -65,7 +66,12 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_json_object(data: bytes | str) -> dict[str, Any]:
-    """One JSON object, strictly: UTF-8, no duplicate keys, no NaN/Infinity. Raises FrameViolation."""
+    """One JSON object, strictly: UTF-8, no duplicate keys, no NaN/Infinity, bounded depth and size
+    (`proxy.json_limits`, checked before the parser builds anything). Raises FrameViolation."""
+    try:
+        check_json_bounds(data)
+    except JsonTooComplex as exc:
+        raise FrameViolation(str(exc)) from None
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")

@@ -26,7 +26,9 @@ import hashlib
 import logging
 import re
 import time
+import weakref
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -48,14 +50,20 @@ from proxy.headers import (
     valid_host,
 )
 from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
+from proxy.listener import client_key
 from proxy.metering import Meter
 from proxy.paths import BadPath, GatewayPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
+from proxy.preauth import PreAuthGuard
 from proxy.problems import problem
+from proxy.session_watch import SessionWatch
 from proxy.ws_relay import Relay, RelayContext, relay
 
 __all__ = ["GatewayProxy", "rewrite_html"]
 
 log = logging.getLogger(__name__)
+refusals_log = logging.getLogger(__name__ + ".refusals")
+"""Rate-limited (proxy.log_limits): what strangers' floods make us write."""
+_REFUSED_BEFORE_LOOKUP = web.RequestKey("refused_before_lookup", bool)
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _CHUNK = 64 * 1024
@@ -85,20 +93,31 @@ class GatewayProxy:
     meter: Meter
     relay_origin: str
     upstream_base: str = CONTROL_UI_BASE_PATH
+    sessions: SessionWatch | None = None
+    """Closes sockets whose session ended within `session_sweep_s` (None: only the slow re-check)."""
 
     def __post_init__(self) -> None:
         cfg = self.config
         self.http_limiter = RateLimiter(cfg.http_rate_per_s, cfg.http_burst)
         self.frame_limiter = RateLimiter(cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
+        self.byte_limiter = RateLimiter(cfg.ws_byte_rate_per_s, max(cfg.ws_byte_burst, cfg.max_client_frame_bytes))
         self.ws_connections = ConnectionLimiter(cfg.ws_connections_per_user)
+        self.preauth = PreAuthGuard(rate_per_s=cfg.preauth_rate_per_s, burst=cfg.preauth_burst,
+                                    negative_ttl_s=cfg.negative_session_ttl_s, negative_max=cfg.negative_session_max,
+                                    known_ttl_s=cfg.known_pair_ttl_s, known_max=cfg.known_pair_max)
         self.open_relays: set[Relay] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._session_sweeper: asyncio.Task[None] | None = None
+        self._watched: dict[bytes, tuple[str, int]] = {}
+        """session hash -> (token, open sockets): what the session sweep asks about."""
+        self._ended: weakref.WeakSet[Relay] = weakref.WeakSet()
         self._closing: set[asyncio.Task[None]] = set()
 
     async def close_sockets(self) -> None:
         """At shutdown: every open Control UI socket gets 1001 (going away) and reconnects elsewhere."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for sweeper in (self._sweeper, self._session_sweeper):
+            if sweeper is not None:
+                sweeper.cancel()
         await asyncio.gather(*(r.browser.close(code=WSCloseCode.GOING_AWAY, message=b"proxy restarting")
                                for r in list(self.open_relays)), return_exceptions=True)
 
@@ -119,14 +138,60 @@ class GatewayProxy:
                         log.warning("access re-check failed; keeping the connection", exc_info=True)
                         verdicts[key] = None
                 status = verdicts[key]
-                if status is not None:
+                if status is not None and relay_conn not in self._ended:
+                    self._ended.add(relay_conn)
                     task = asyncio.create_task(relay_conn.end_access(status))
                     self._closing.add(task)
                     task.add_done_callback(self._closing.discard)
 
+    async def _sweep_sessions(self) -> None:
+        """Every `session_sweep_s`: close the sockets whose session was deleted or expired.
+
+        One query for all open sockets' sessions (proxy.session_watch); expiry is also checked
+        from the expiry each socket was opened with, without the database.
+        """
+        assert self.sessions is not None
+        while True:
+            await asyncio.sleep(self.config.session_sweep_s)
+            if not self.open_relays:
+                continue
+            try:
+                live = await self.sessions.live([token for token, _ in self._watched.values()])
+            except Exception:
+                log.warning("session sweep failed; open sockets kept", exc_info=True)
+                continue
+            live_hashes = {h for h, (token, _) in self._watched.items() if token in live}
+            now = datetime.now(UTC)
+            for relay_conn in list(self.open_relays):
+                key = relay_conn.ctx.access_key
+                session = key[0] if isinstance(key, tuple) else None
+                if relay_conn in self._ended or (session in live_hashes and relay_conn.target.session_expires > now):
+                    continue
+                self._ended.add(relay_conn)
+                log.info("closing relay: session ended", extra={"agent_id": str(relay_conn.target.agent_id)})
+                task = asyncio.create_task(relay_conn.close_both(
+                    WSCloseCode.POLICY_VIOLATION, "session ended: sign in again", upstream_code=WSCloseCode.GOING_AWAY))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    def _watch(self, session: bytes, token: str) -> None:
+        _, count = self._watched.get(session, (token, 0))
+        self._watched[session] = (token, count + 1)
+
+    def _unwatch(self, session: bytes) -> None:
+        token, count = self._watched.get(session, ("", 1))
+        if count <= 1:
+            self._watched.pop(session, None)
+        else:
+            self._watched[session] = (token, count - 1)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         response = await self._handle(request)
+        if request.get(_REFUSED_BEFORE_LOOKUP):  # a stranger's flood: counted, not a line each
+            refusals_log.info("refused before the session lookup", extra={
+                "status": response.status, "client": client_key(request.remote)})
+            return response
         log.info("gateway request", extra={"method": request.method, "path": request.path[:200],
                                            "status": response.status,
                                            "ms": round((time.monotonic() - started) * 1000, 1)})
@@ -148,10 +213,21 @@ class GatewayProxy:
                 return problem(403, "Cross-site request", "Requests from other sites are not accepted.")
         if not valid_host(request.host):
             return problem(400, "Bad Host header", "The Host header is not a valid host name.")
+        token = session_token(request.cookies)
+        refused = self.preauth.before_lookup(client_key(request.remote), token, gpath.agent_id)
+        if refused is not None:  # answered from memory: no database lookup (proxy.preauth)
+            request[_REFUSED_BEFORE_LOOKUP] = True
+            reason, wait = refused
+            if reason == "unknown":
+                return problem(401, "Not signed in", "Your session has expired or was signed out. Sign in again.")
+            return problem(429, "Too many requests", "Too many sign-in attempts from your address; retry shortly.",
+                           headers={"Retry-After": retry_after_header(wait)})
         try:
-            target = await self.access.resolve(session_token(request.cookies), gpath.agent_id)
+            target = await self.access.resolve(token, gpath.agent_id)
         except AccessDenied as denied:
+            self.preauth.after_lookup(token, gpath.agent_id, denied.status)
             return problem(denied.status, denied.title, denied.detail, **denied.extra)
+        self.preauth.after_lookup(token, gpath.agent_id, 200)
         wait = self.http_limiter.acquire(target.user_id)
         if wait > 0:
             return problem(429, "Too many requests", "Slow down and retry shortly.",
@@ -182,14 +258,21 @@ class GatewayProxy:
             async def recheck() -> GatewayTarget:
                 return await self.access.resolve(token, gpath.agent_id, fresh=True)
 
+            session = hashlib.sha256((token or "").encode()).digest()
             ctx = RelayContext(client=self.client, config=self.config, meter=self.meter,
                                frame_limiter=self.frame_limiter, relay_origin=self.relay_origin, recheck=recheck,
-                               access_key=(hashlib.sha256((token or "").encode()).digest(), gpath.agent_id),
-                               open_relays=self.open_relays)
+                               access_key=(session, gpath.agent_id), open_relays=self.open_relays,
+                               byte_limiter=self.byte_limiter)
             if self._sweeper is None or self._sweeper.done():
                 self._sweeper = asyncio.create_task(self._sweep(), name="relay-access-sweep")
+            if self.sessions is not None and (self._session_sweeper is None or self._session_sweeper.done()):
+                self._session_sweeper = asyncio.create_task(self._sweep_sessions(), name="relay-session-sweep")
             log.info("relay open", extra={"agent_id": str(target.agent_id), "vps_id": str(target.vps_id)})
-            return await relay(request, ctx, target, str(URL(url, encoded=True)), headers)
+            self._watch(session, token or "")
+            try:
+                return await relay(request, ctx, target, str(URL(url, encoded=True)), headers)
+            finally:
+                self._unwatch(session)
         finally:
             self.ws_connections.release(target.user_id)
             log.info("relay closed", extra={"agent_id": str(target.agent_id)})

@@ -6,12 +6,13 @@ connections. Buckets that are full again are dropped, so memory follows active u
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-__all__ = ["ConnectionLimiter", "RateLimiter", "retry_after_header"]
+__all__ = ["ConnectionLimiter", "RateLimiter", "pace", "retry_after_header"]
 
 
 @dataclass
@@ -81,3 +82,18 @@ class ConnectionLimiter:
 def retry_after_header(seconds: float) -> str:
     """Retry-After is whole seconds, at least 1."""
     return str(max(1, math.ceil(seconds))) if math.isfinite(seconds) else "60"
+
+
+async def pace(limiter: RateLimiter, key: Hashable, cost: float) -> float:
+    """Wait until `limiter` allows `cost` for `key`, then charge it; returns the seconds waited.
+
+    For byte budgets on a stream: the caller stops reading meanwhile, so TCP pushes back on the
+    sender instead of anything being refused. `cost` is capped at the burst so it always passes.
+    """
+    cost = min(cost, float(limiter.burst))
+    waited = 0.0
+    while (wait := limiter.acquire(key, cost)) > 0:
+        step = min(wait, 1.0)
+        await asyncio.sleep(step)
+        waited += step
+    return waited

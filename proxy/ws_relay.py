@@ -37,7 +37,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from openclaw.device import DeviceIdentity, DeviceProofError, signature_token, verify_device_proof
 from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, control_ui_build_id
 from proxy.access import GatewayTarget
-from proxy.config import ProxyConfig
+from proxy.config import ProxyConfig, attachment_limit
 from proxy.frames import (
     FrameViolation,
     blocked,
@@ -46,7 +46,7 @@ from proxy.frames import (
     parse_json_object,
     rate_limited_response,
 )
-from proxy.limits import RateLimiter
+from proxy.limits import RateLimiter, pace
 from proxy.metering import Meter
 from proxy.problems import problem
 
@@ -115,6 +115,8 @@ class RelayContext:
     """Relays with the same key share one re-check (same session, same agent)."""
     open_relays: set[Relay]
     """Every open relay of this process: re-checked periodically, closed with 1001 at shutdown."""
+    byte_limiter: RateLimiter | None = None
+    """Browser frame bytes per user, charged before a frame is parsed (the socket waits meanwhile)."""
 
 
 class _HandshakeFailed(Exception):
@@ -190,7 +192,19 @@ def sanitize_hello(frame: dict[str, Any], browser_id: str, max_payload: int) -> 
     if isinstance(policy, dict):
         current = policy.get("maxPayload")
         policy["maxPayload"] = min(current, max_payload) if isinstance(current, int) else max_payload
+        _cap_attachments(policy, max_payload)
     return frame
+
+
+def _cap_attachments(policy: dict[str, Any], max_payload: int) -> None:
+    """Attachment limits the UI checks per file, lowered so one base64-encoded file fits our frame cap."""
+    fits = attachment_limit(max_payload)
+    attachments = policy.get("attachments")
+    if not isinstance(attachments, dict):
+        attachments = policy["attachments"] = {}
+    for key in ("maxBytes", "maxImageBytes"):
+        current = attachments.get(key)
+        attachments[key] = min(current, fits) if isinstance(current, int) and current > 0 else fits
 
 
 def _check_browser_connect(frame: dict[str, Any], nonce: str) -> tuple[str, dict[str, Any]]:
@@ -351,6 +365,8 @@ class Relay:
         while True:
             msg = await self.browser.receive()
             if msg.type is WSMsgType.TEXT:
+                if self.ctx.byte_limiter is not None:  # charged by size before any parsing
+                    await pace(self.ctx.byte_limiter, user, len(msg.data))
                 try:
                     req = parse_client_frame(msg.data)
                     if req.method.lower() == "connect":

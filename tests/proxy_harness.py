@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import resource
 import secrets
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +40,7 @@ from proxy.app import RunningProxy, serve
 from proxy.config import ProxyConfig
 from proxy.egress import EgressPolicy
 from settings import Settings
+from tests.conftest import API_KEY, free_port
 from tests.helpers import make_user
 
 __test__ = False
@@ -347,3 +352,96 @@ class RecordingUpstream:
         self.release.set()
         assert self._runner is not None
         await self._runner.cleanup()
+
+
+# -- the proxy as its own process (`slopbox proxy`), for floods and memory ---------------------------
+
+SLOPBOX = Path(sys.executable).parent / "slopbox"
+
+
+@dataclass
+class ProxyProcess:
+    proc: asyncio.subprocess.Process
+    port: int
+    forward_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def held_connections(self) -> int:
+        """Established connections on the gateway-proxy port that the proxy process has accepted."""
+        inodes = set()
+        for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.proc.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        held = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == self.port and fields[3] == "01" and fields[9] in inodes:  # 01 = ESTABLISHED
+                held += 1
+        return held
+
+    def _status_kib(self, field: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def peak_rss_mib(self) -> float:
+        return self._status_kib("VmHWM") / 1024
+
+    def log_bytes(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@asynccontextmanager
+async def proxy_process(database_url: str, encryption_key: str, log_path: Path, *, env: dict[str, str] | None = None,
+                        nofile: int | None = None) -> AsyncIterator[ProxyProcess]:
+    """`slopbox proxy` on free loopback ports, its stderr in `log_path`; `nofile` caps its descriptors."""
+    port, forward_port = free_port(), free_port()
+    full = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
+    full.update(DATABASE_URL=database_url, SLOPBOX_ENCRYPTION_KEYS=encryption_key, CONTROL_PLANE_API_KEY=API_KEY,
+                PROXY_HOST="127.0.0.1", PROXY_PORT=str(port), FORWARD_PROXY_PORT=str(forward_port),
+                LOG_LEVEL="INFO", **(env or {}))
+
+    def limit_descriptors() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    with log_path.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(str(SLOPBOX), "proxy", env=full, stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=err, preexec_fn=limit_descriptors)
+    running = ProxyProcess(proc, port, forward_port, log_path)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(400):
+                try:
+                    async with http.get(f"{running.url}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                if proc.returncode is not None:
+                    raise AssertionError("proxy exited: " + running.log_text()[-2000:])
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("proxy did not come up")
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
