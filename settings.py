@@ -8,12 +8,14 @@ the PostgreSQL that `slopbox dev` runs under `SLOPBOX_DATA_DIR`, and secrets tha
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -86,7 +88,14 @@ class Settings(BaseSettings):
     control_plane_public_url: str = "http://127.0.0.1:8000"
     control_plane_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
     forward_proxy_public_url: str | None = Field(
-        default=None, description="how cloud VMs reach the forward proxy; unset = their egress is not proxied")
+        default=None, description="how cloud VMs reach the forward proxy (https://, the TLS listener, unless a "
+                                  "private address); unset = their egress is not proxied")
+    forward_proxy_tls_cert: str | None = Field(
+        default=None, description="PEM certificate (chain) of the forward proxy's TLS listener for cloud VMs; "
+                                  "the VMs verify it against the system CAs")
+    forward_proxy_tls_key: str | None = Field(default=None, description="PEM key for forward_proxy_tls_cert")
+    forward_proxy_tls_port: Port = Field(
+        default=8443, description="the forward proxy's TLS listener (on when the certificate and key are set)")
     forward_proxy_allowed_ports: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [80, 443],
         description="destination ports agents may reach through the forward proxy (LLM APIs and every channel "
@@ -200,6 +209,25 @@ class Settings(BaseSettings):
         if v is None or v == "":
             return []
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else list(v)  # type: ignore[arg-type]
+
+    @field_validator("forward_proxy_public_url")
+    @classmethod
+    def _forward_proxy_url_private_or_tls(cls, v: str | None) -> str | None:
+        """Agents send their credentials (agent id, gateway token) to this URL: never in clear text
+        over the internet. Plain http is accepted only for private or loopback addresses."""
+        if not v:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s):// URL")
+        if parts.scheme == "http":
+            try:
+                private = ipaddress.ip_address(parts.hostname).is_private
+            except ValueError:
+                private = parts.hostname == "localhost" or parts.hostname.endswith((".internal", ".flycast"))
+            if not private:
+                raise ValueError("must be https:// (the forward proxy's TLS listener) unless it is a private address")
+        return v
 
     @field_validator("forward_proxy_allowed_ports", mode="before")
     @classmethod

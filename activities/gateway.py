@@ -22,7 +22,14 @@ from openclaw.device import DeviceIdentity
 from openclaw.merge_patch import array_paths
 from openclaw.pairing import approve_device_keys
 from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, relay_origin
-from openclaw.rpc import DEFAULT_OPERATOR_SCOPES, ClientInfo, GatewayClient, GatewayConnectionError, NotPairedError
+from openclaw.rpc import (
+    DEFAULT_OPERATOR_SCOPES,
+    ClientInfo,
+    GatewayClient,
+    GatewayConnectionError,
+    GatewayPinError,
+    NotPairedError,
+)
 from providers import VmInfo, VmProvider, VmSpec, VmState
 from settings import Settings
 
@@ -58,9 +65,30 @@ def vm_spec(settings: Settings, vps: Vps, agent: Agent, config: VpsConfig, boots
 
 
 def base_url(provider: VmProvider, vps: Vps) -> str:
+    """https://host:port for a cloud VM (its gateway serves TLS only), http://127.0.0.1:port locally."""
     info = VmInfo(provider=vps.provider, provider_ref=vps.provider_ref or "", vps_id=str(vps.id),
                   state=VmState.RUNNING, host=vps.host, gateway_port=vps.gateway_port or 18789)
     return provider.gateway_url(info).rstrip("/")
+
+
+def tls_pin(vps: Vps, url: str) -> str | None:
+    """The certificate SHA-256 to trust for this URL: None for plain loopback http (local VMs).
+
+    An https gateway whose VM has not reported a certificate is never contacted: there is nothing
+    to trust it with, and falling back to CA trust or no check would send the token in the clear.
+    """
+    if not url.startswith(("https://", "wss://")):
+        return None
+    if not vps.gateway_cert_sha256:
+        raise ApplicationError("the VM has not reported its gateway certificate; refusing to connect",
+                               type="GatewayNotPinned", non_retryable=True)
+    return str(vps.gateway_cert_sha256)
+
+
+def pin_refused(err: GatewayPinError) -> ApplicationError:
+    """A certificate other than the pinned one: someone else answers at that address. Not retried."""
+    return ApplicationError(f"refused the gateway's TLS certificate: {err}", type="CertificatePinMismatch",
+                            non_retryable=True)
 
 
 # --- gateway RPC: pairing and config push ------------------------------------------------------------
@@ -70,16 +98,18 @@ PAIRING_BUDGET_S = 90.0
 
 
 def ws_url(provider: VmProvider, vps: Vps) -> str:
+    """wss:// for a cloud VM (pinned, see `tls_pin`), ws:// on loopback."""
     return "ws" + base_url(provider, vps).removeprefix("http")
 
 
 async def _connect_until_paired(url: str, *, token: str, device: DeviceIdentity, client: ClientInfo,
-                                scopes: tuple[str, ...], origin: str | None, deadline: float) -> str | None:
+                                scopes: tuple[str, ...], origin: str | None, deadline: float,
+                                pin: str | None) -> str | None:
     """Connect with a device identity, retrying while the gateway says PAIRING_REQUIRED."""
     loop = asyncio.get_running_loop()
     while True:
         gw = GatewayClient(url, token=token, device=device, client=client, scopes=scopes, origin=origin,
-                           reconnect=False, connect_timeout=15)
+                           reconnect=False, connect_timeout=15, cert_sha256=pin)
         try:
             async with gw:
                 return gw.hello.device_token
@@ -101,6 +131,7 @@ async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent,
     bootstrap redemption); on this machine we run that same step ourselves, over loopback.
     """
     url = ws_url(provider, vps)
+    pin = tls_pin(vps, url)
     token = str(agent.gateway_token)
     admin = DeviceIdentity.from_pem(str(vps.admin_device_key))
     relay = DeviceIdentity.from_pem(str(vps.relay_device_key))
@@ -110,16 +141,19 @@ async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent,
     if vps.provider == "local":
         approver = asyncio.create_task(approve_device_keys(
             url, token=token, public_keys=[admin.public_key_b64url, relay.public_key_b64url],
-            timeout=budget_s, poll_interval=0.5))
+            timeout=budget_s, poll_interval=0.5, cert_sha256=pin))
     try:
         device_token = await _connect_until_paired(url, token=token, device=admin, client=ADMIN_CLIENT,
-                                                   scopes=DEFAULT_OPERATOR_SCOPES, origin=None, deadline=deadline)
+                                                   scopes=DEFAULT_OPERATOR_SCOPES, origin=None, deadline=deadline,
+                                                   pin=pin)
         relay_token = await _connect_until_paired(url, token=token, device=relay, client=RELAY_CLIENT,
                                                   scopes=RELAY_SCOPES, origin=relay_origin(settings),
-                                                  deadline=deadline)
+                                                  deadline=deadline, pin=pin)
         # Both identities connected with their scopes: paired (a loopback connection may have been
         # paired silently, so the approver need not have seen a request for it).
         return device_token, relay_token
+    except GatewayPinError as err:
+        raise pin_refused(err) from None
     finally:
         if approver is not None and not approver.done():
             approver.cancel()
@@ -127,7 +161,8 @@ async def pair(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent,
 
 def admin_client(provider: VmProvider, vps: Vps, agent: Agent, **options: Any) -> GatewayClient:
     """The control plane's admin identity on this gateway; never used for user traffic."""
-    return GatewayClient(ws_url(provider, vps), token=str(agent.gateway_token),
+    url = ws_url(provider, vps)
+    return GatewayClient(url, token=str(agent.gateway_token), cert_sha256=tls_pin(vps, url),
                          device=DeviceIdentity.from_pem(str(vps.admin_device_key)),
                          device_token=str(vps.admin_device_token) if vps.admin_device_token else None,
                          client=ADMIN_CLIENT, scopes=DEFAULT_OPERATOR_SCOPES, **{"reconnect": True, **options})
@@ -149,11 +184,14 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
         # Deterministic: retrying the same render cannot help, so it fails the operation at once.
         raise ApplicationError("refusing to push a config that weakens the lockdown: " + "; ".join(violations),
                                type="LockdownViolation", non_retryable=True)
-    async with admin_client(provider, vps, agent) as gw:
-        live = _source_config(await gw.config_get())
-        patch, replace_paths = _patch_for(live, wanted)
-        if patch:
-            await gw.config_patch(patch, replace_paths=replace_paths, note="slopbox: re-assert the lockdown")
+    try:
+        async with admin_client(provider, vps, agent) as gw:
+            live = _source_config(await gw.config_get())
+            patch, replace_paths = _patch_for(live, wanted)
+            if patch:
+                await gw.config_patch(patch, replace_paths=replace_paths, note="slopbox: re-assert the lockdown")
+    except GatewayPinError as err:
+        raise pin_refused(err) from None
     # A fresh connection: removing a plugin or changing trusted proxies makes the gateway close
     # every socket (4001 "gateway policy changed"), and an in-process restart may follow.
     for attempt in range(1, READ_BACK_ATTEMPTS + 1):
@@ -167,6 +205,8 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
                                            + "; ".join(remaining), type="LockdownViolation", non_retryable=True)
                 await _write_workspace(gw, inp)
                 return
+        except GatewayPinError as err:  # another certificate: no reconnect makes it ours
+            raise pin_refused(err) from None
         except GatewayConnectionError:
             if attempt == READ_BACK_ATTEMPTS:
                 raise

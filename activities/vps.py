@@ -33,6 +33,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import gateway
 from db.models import ACTIVE_OPERATION, Agent, Vps, VpsConfig, VpsOperation, VpsState
+from openclaw.tls import CertificatePinError, check_peer, pinned_context
 from providers import ProviderError, VmInfo, VmProvider, VmState, build_provider
 from settings import Settings
 from telemetry.metrics import OPERATIONS_FINISHED
@@ -214,6 +215,15 @@ class VpsActivities:
             existing = await self._call(lambda: provider.get(vps.provider_ref))  # type: ignore[arg-type]
             if existing is not None and existing.state != VmState.DELETED:
                 return  # an earlier attempt got this far
+        if not vps.bootstrap_token and vps.bootstrap_token_sha256 and vps.bootstrap_redeemed_at:
+            # An earlier attempt's VM (its create answer was lost) has already redeemed this VPS's
+            # token: adopt that VM. A new token would make its ready report, and with it the pin of
+            # its gateway certificate, unknown (401).
+            managed = await self._call(provider.list_managed)
+            mine = next((vm for vm in managed if vm.vps_id == str(vps.id) and vm.state != VmState.DELETED), None)
+            if mine is not None:
+                await self._observed(vps.id, mine)
+                return
         bootstrap = str(vps.bootstrap_token) if vps.bootstrap_token else secrets.token_urlsafe(32)
         if not vps.bootstrap_token:
             admin, relay = gateway.ensure_identities(vps)
@@ -277,18 +287,40 @@ class VpsActivities:
 
     @activity.defn(name=Act.wait_gateway_ready)
     async def wait_gateway_ready(self, inp: WaitInput) -> None:
+        """Poll `/readyz`; on a cloud VM over https, trusting only the certificate its VM reported.
+
+        The pin arrives with the VM's ready report (`/bootstrap/ready`), so until then we wait. A
+        certificate other than the pinned one fails the operation at once (someone else answers at
+        that address). When ready, the URL is stored on the row: the proxy reads it from there.
+        """
         vps, _, _ = await self._load(inp)
         url = gateway.base_url(self.provider(vps.provider), vps)
         deadline = time.monotonic() + inp.timeout_s
         last = "no answer yet"
-        async with httpx.AsyncClient(timeout=5) as http:
+        context = pinned_context()
+        async with httpx.AsyncClient(timeout=5, verify=context, trust_env=False) as http:
             while time.monotonic() < deadline:
                 activity.heartbeat(last)
+                pin = None
+                if url.startswith("https://"):
+                    if vps.gateway_cert_sha256 is None:
+                        vps, _, _ = await self._load(inp)
+                    pin = vps.gateway_cert_sha256
+                    if pin is None:
+                        last = "the VM has not reported ready with its certificate yet"
+                        await asyncio.sleep(inp.poll_interval_s)
+                        continue
                 try:
                     resp = await http.get(f"{url}/readyz")
+                    if pin is not None:
+                        stream = resp.extensions.get("network_stream")
+                        check_peer(stream.get_extra_info("ssl_object") if stream else None, pin)
                     if resp.status_code == 200:
+                        await self._update(vps.id, gateway_url=url)
                         return
                     last = f"/readyz answered {resp.status_code}"
+                except CertificatePinError as err:
+                    raise fail(f"refused the gateway's TLS certificate: {err}", "CertificatePinMismatch") from None
                 except httpx.HTTPError as err:
                     last = f"{type(err).__name__}"
                 await asyncio.sleep(inp.poll_interval_s)

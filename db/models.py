@@ -217,6 +217,11 @@ class Vps(SQLModel, table=True):
     bootstrap_expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     bootstrap_redeemed_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     ready_reported_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    # Where the control plane and the proxy reach the gateway (https:// on cloud VMs, plain loopback
+    # http:// for local ones), and the SHA-256 of the certificate the VM reported at /bootstrap/ready:
+    # every connection to a cloud VM trusts exactly that certificate. The proxy needs no provider.
+    gateway_url: str | None = Field(default=None, sa_column=Column(String(255)))
+    gateway_cert_sha256: str | None = Field(default=None, sa_column=Column(String(64)))
     applied_settings_version: int | None = Field(default=None, sa_column=Column(Integer))
     """The agent's `settings_version` the gateway last confirmed holding (None: never pushed)."""
     state_changed_at: datetime | None = Field(default=None, sa_column=_created())

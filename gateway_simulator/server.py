@@ -35,6 +35,7 @@ from gateway_simulator import protocol_data
 from gateway_simulator.config import VERSION, ConfigSnapshot, ConfigStore, summarize_issues
 from gateway_simulator.options import DEFAULT_PORT, SimulatorOptions
 from gateway_simulator.state import ChatStore, DeviceStore, WorkspaceStore, now_ms
+from gateway_simulator.tls import TlsError, server_context
 
 log = logging.getLogger("gateway_simulator")
 
@@ -245,6 +246,8 @@ class GatewaySimulator:
         self._phase = "stopped"  # starting | ready | draining | stopped
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self.cert_sha256: str | None = None  # set when `gateway.tls.enabled` (HTTPS/WSS listener)
+        self._tls_on = False
         self._tick_task: asyncio.Task[None] | None = None
         self._restart_task: asyncio.Task[None] | None = None
         self._last_restart = 0.0
@@ -352,11 +355,11 @@ class GatewaySimulator:
 
     @property
     def url(self) -> str:
-        return f"ws://{self._client_host()}:{self.port}/"
+        return f"{'wss' if self._tls_on else 'ws'}://{self._client_host()}:{self.port}/"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._client_host()}:{self.port}"
+        return f"{'https' if self._tls_on else 'http'}://{self._client_host()}:{self.port}"
 
     def _client_host(self) -> str:
         return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
@@ -373,9 +376,16 @@ class GatewaySimulator:
         self.host, port = self._resolve_listen()
         app = web.Application(client_max_size=2 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch_http)
+        try:
+            tls = server_context(self.gateway_cfg().get("tls"), self.state_dir, self.options.env)
+        except TlsError as exc:
+            raise SimulatorStartError(str(exc)) from None
+        self._tls_on = tls is not None
+        self.cert_sha256 = tls[1] if tls else None
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, port, reuse_address=True)
+        self._site = web.TCPSite(self._runner, self.host, port, reuse_address=True,
+                                 ssl_context=tls[0] if tls else None)
         await self._site.start()
         addresses = self._runner.addresses
         self.port = int(addresses[0][1]) if addresses else port

@@ -95,6 +95,7 @@ async def approve_device_keys(
     timeout: float = 120.0,  # noqa: ASYNC109 (overall deadline of the pairing step)
     poll_interval: float = 2.0,
     headers: Mapping[str, str] | None = None,
+    cert_sha256: str | None = None,
 ) -> PairingResult:
     """Approve the pending requests for exactly these keys; wait up to `timeout` for them to appear.
 
@@ -112,6 +113,7 @@ async def approve_device_keys(
         scopes=DEFAULT_OPERATOR_SCOPES,
         headers=headers,
         connect_timeout=max(1.0, min(30.0, timeout)),
+        cert_sha256=cert_sha256,
     )
     async with client:
         with client.subscribe("device.pair.requested") as requested:

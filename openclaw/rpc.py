@@ -35,6 +35,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from openclaw.device import DeviceIdentity, signature_token
+from openclaw.tls import CertificatePinError, check_peer, pinned_context
 
 __all__ = [
     "DEFAULT_OPERATOR_SCOPES",
@@ -48,6 +49,7 @@ __all__ = [
     "ForbiddenError",
     "GatewayClient",
     "GatewayConnectionError",
+    "GatewayPinError",
     "GatewayError",
     "GatewayEvent",
     "GatewayProtocolError",
@@ -254,6 +256,11 @@ class GatewayConnectionError(OpenClawError, ConnectionError):
         self.close_reason = close_reason
         self.http_status = http_status
         self.retryable = retryable
+
+
+class GatewayPinError(GatewayConnectionError):
+    """The `wss://` peer's certificate is not the one pinned for this gateway: never retried, and
+    nothing (no token, no signature) was sent on that connection."""
 
 
 class GatewayProtocolError(OpenClawError):
@@ -473,8 +480,11 @@ class GatewayClient:
         on_event: EventCallback | None = None,
         on_device_token: Callable[[str], Awaitable[None] | None] | None = None,
         on_reconnect: Callable[[HelloOk], Awaitable[None] | None] | None = None,
+        cert_sha256: str | None = None,
     ) -> None:
         self.url = url
+        # With a pin, `wss://` trusts exactly that certificate (no CA store); see openclaw/tls.py.
+        self._cert_sha256 = cert_sha256
         self._token = token
         self._password = password
         self.device_token = device_token
@@ -834,8 +844,10 @@ class GatewayClient:
     async def _handshake(self, budget: float) -> tuple[ClientConnection, HelloOk]:
         budget = max(0.1, budget)
         try:
+            pinned = self._cert_sha256 is not None and self.url.startswith("wss://")
             ws = await websockets.connect(
                 self.url,
+                ssl=pinned_context() if pinned else None,
                 additional_headers=self._headers or None,
                 origin=self._origin,  # type: ignore[arg-type]
                 open_timeout=budget,
@@ -852,6 +864,12 @@ class GatewayClient:
             ) from None
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise GatewayConnectionError(f"cannot open {self.url}: {exc!r}", retryable=True) from None
+        if pinned:
+            try:
+                check_peer(ws.transport.get_extra_info("ssl_object"), str(self._cert_sha256))
+            except CertificatePinError as exc:
+                await ws.close()
+                raise GatewayPinError(str(exc), retryable=False) from None
         try:
             async with asyncio.timeout(budget):
                 challenge = _parse(await ws.recv())

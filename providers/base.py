@@ -246,7 +246,7 @@ class VmProvider(ABC):
 
     @abstractmethod
     def gateway_url(self, info: VmInfo) -> str:
-        """Base URL (http) of the VM's gateway as the control plane reaches it."""
+        """Base URL of the VM's gateway as the control plane reaches it (https on cloud VMs: TLS only, pinned)."""
 
     async def wait_until_running(self, ref: str, timeout_s: float = 120.0, poll_s: float = 2.0) -> VmInfo | None:
         """Poll `get` until running, gone, errored or `timeout_s`; returns the last info seen.

@@ -118,7 +118,7 @@ class FlyProvider(VmProvider):
         mount_path: str = "/data",
         files_root: str = "/data/state",
         gateway_port: int = GATEWAY_PORT,
-        gateway_scheme: str = "http",
+        gateway_scheme: str = "https",
         gateway_host: str | None = None,
         request_timeout_s: float = MAX_REQUEST_TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,

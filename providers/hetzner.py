@@ -122,7 +122,7 @@ class HetznerProvider(VmProvider):
         default_image: str = "ubuntu-24.04",
         firewall_name: str = FIREWALL_NAME,
         gateway_port: int = GATEWAY_PORT,
-        gateway_scheme: str = "http",
+        gateway_scheme: str = "https",
         poll_interval_s: float = 1.0,
         request_timeout_s: float = MAX_REQUEST_TIMEOUT_S,
         client_retries: int = 0,

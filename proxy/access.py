@@ -5,6 +5,11 @@ the agent's VPS and its state), so a request costs one database round trip, and 
 (`auth_cache_ttl_s`, and never past the session's expiry) absorbs the burst of asset requests a
 page load makes. Another user's agent and a non-existent one look the same (404). A VPS that
 is not running gets a 409 saying so; nothing here ever starts a VM.
+
+The gateway's address and, for a cloud VM, the SHA-256 of its certificate come from the VPS row
+(written by the lifecycle activities); the proxy holds no provider client or provider token. An
+https gateway without a pin is never contacted (503), and one presenting another certificate is
+refused by the connector (`GatewayTarget.upstream_ssl`).
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.models import Agent, AuthSession, Vps, VpsState
-from providers import ProviderError, VmInfo, VmProvider, VmState, build_provider
 from settings import Settings
 
 __all__ = ["SESSION_COOKIES", "AccessDenied", "AccessResolver", "GatewayTarget", "session_token"]
@@ -65,6 +70,13 @@ class GatewayTarget:
     session_expires: datetime = field(repr=False)
     relay_device_token: str | None = field(default=None, repr=False)
     """The UI-relay identity's device token (relay scopes only): the Bearer on plain HTTP."""
+    cert_sha256: str | None = field(default=None, repr=False)
+    """The pinned certificate of an https gateway (cloud VMs); None for plain loopback http."""
+
+    @property
+    def upstream_ssl(self) -> aiohttp.Fingerprint | bool:
+        """aiohttp's `ssl=`: exactly the pinned certificate (no CA trust, no host name) when pinned."""
+        return aiohttp.Fingerprint(bytes.fromhex(self.cert_sha256)) if self.cert_sha256 else True
 
 
 @dataclass
@@ -82,7 +94,6 @@ class AccessResolver:
         self._max = max_entries
         self._clock = clock
         self._cache: OrderedDict[tuple[bytes, uuid.UUID], _Cached] = OrderedDict()
-        self._providers: dict[str, VmProvider] = {}
         self._inflight: dict[tuple[bytes, uuid.UUID], asyncio.Future[GatewayTarget | AccessDenied]] = {}
 
     async def resolve(self, token: str | None, agent_id: uuid.UUID, *, fresh: bool = False) -> GatewayTarget:
@@ -134,8 +145,8 @@ class AccessResolver:
         stmt = (
             select(  # type: ignore[call-overload]
                 AuthSession.user_id, AuthSession.expires, Agent.id, Agent.gateway_token, Vps.id, Vps.state,
-                Vps.provider, Vps.provider_ref, Vps.host, Vps.gateway_port, Vps.relay_device_key,
-                Vps.relay_device_token,
+                Vps.provider, Vps.gateway_url, Vps.gateway_cert_sha256, Vps.host, Vps.gateway_port,
+                Vps.relay_device_key, Vps.relay_device_token,
             )
             .select_from(AuthSession)
             .outerjoin(Agent, and_(Agent.id == agent_id, Agent.user_id == AuthSession.user_id))
@@ -146,8 +157,8 @@ class AccessResolver:
             row = (await conn.execute(stmt)).first()
         if row is None:
             raise AccessDenied(401, "Not signed in", "Your session has expired or was signed out. Sign in again.")
-        (user_id, expires, found_agent, gateway_token, vps_id, state, provider, ref, host, port, relay_key,
-         relay_token) = row
+        (user_id, expires, found_agent, gateway_token, vps_id, state, provider, gateway_url, pin, host, port,
+         relay_key, relay_token) = row
         if found_agent is None:
             raise AccessDenied(404, "Not found", "No such agent.")
         if vps_id is None:
@@ -157,19 +168,20 @@ class AccessResolver:
             raise AccessDenied(409, "VM not running",
                                f"This agent's VM is {state}. Start it from the dashboard to open its Control UI.",
                                vps_state=str(state))
-        try:
-            base_url = self._gateway_url(str(provider), str(ref or ""), vps_id, host, port)
-        except ProviderError:
+        base_url = _gateway_url(str(provider), gateway_url, host, port)
+        if base_url is None or (base_url.startswith("https://") and not pin):
             raise AccessDenied(503, "Gateway unreachable", "The agent's VM has no address yet; try again shortly.",
-                               vps_state=str(state)) from None
+                               vps_state=str(state))
         return GatewayTarget(user_id=user_id, agent_id=found_agent, vps_id=vps_id, base_url=base_url,
                              gateway_token=str(gateway_token), relay_key_pem=relay_key, session_expires=expires,
-                             relay_device_token=relay_token)
+                             relay_device_token=relay_token,
+                             cert_sha256=pin if base_url.startswith("https://") else None)
 
-    def _gateway_url(self, provider: str, ref: str, vps_id: uuid.UUID, host: str | None, port: int | None) -> str:
-        impl = self._providers.get(provider)
-        if impl is None:
-            impl = self._providers[provider] = build_provider(provider, self._settings)
-        info = VmInfo(provider=provider, provider_ref=ref, vps_id=str(vps_id), state=VmState.RUNNING, host=host,
-                      gateway_port=port or 18789)
-        return impl.gateway_url(info).rstrip("/")
+
+def _gateway_url(provider: str, stored: str | None, host: str | None, port: int | None) -> str | None:
+    """The row's URL; a local VM written before it was stored is plain loopback at host:port."""
+    if stored:
+        return stored.rstrip("/")
+    if provider == "local" and port:
+        return f"http://{host or '127.0.0.1'}:{port}"
+    return None

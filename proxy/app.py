@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -71,6 +72,8 @@ class RunningProxy:
     engine: AsyncEngine
     metrics_url: str | None = None
     """http://host:port/metrics on its own listener (PROXY_METRICS_PORT), or None when off."""
+    forward_tls_port: int | None = None
+    """The forward proxy's TLS listener for cloud VMs (None without a certificate and key)."""
 
 
 async def _resolved_control_plane(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -88,7 +91,7 @@ async def _resolved_control_plane(settings: Settings) -> list[ipaddress.IPv4Netw
 @contextlib.asynccontextmanager
 async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy: EgressPolicy | None = None,
                 host: str | None = None, port: int | None = None, forward_port: int | None = None,
-                ) -> AsyncIterator[RunningProxy]:
+                forward_tls_port: int | None = None) -> AsyncIterator[RunningProxy]:
     """Both listeners up until the block exits; then sockets are closed and the meter flushed."""
     cfg = config or ProxyConfig()
     host = host if host is not None else settings.proxy_host
@@ -103,6 +106,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
     )
     runner: web.AppRunner | None = None
     server: asyncio.Server | None = None
+    tls_server: asyncio.Server | None = None
     forward: ForwardProxy | None = None
     metrics: web.AppRunner | None = None
     remove_log_limits = install_log_limits()
@@ -131,13 +135,26 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
             enforcer=UsageEnforcer(engine, meter, ttl_s=cfg.enforcement_cache_ttl_s),
         )
         instrument_forward(forward)
-        server = await forward.start(host, forward_port, guard=ConnectionGuard("forward proxy", forward_limits))
+        forward_guard = ConnectionGuard("forward proxy", forward_limits)
+        server = await forward.start(host, forward_port, guard=forward_guard)
         fport = server.sockets[0].getsockname()[1]
+        tls_port = None
+        if settings.forward_proxy_tls_cert and settings.forward_proxy_tls_key:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            tls.load_cert_chain(settings.forward_proxy_tls_cert, settings.forward_proxy_tls_key)
+            # The same connection budget as the plain forward listener: it cannot starve the browsers'.
+            tls_server = await forward.start(
+                host, forward_tls_port if forward_tls_port is not None else settings.forward_proxy_tls_port,
+                guard=forward_guard, ssl=tls)
+            tls_port = tls_server.sockets[0].getsockname()[1]
         yield RunningProxy(url=f"http://{host}:{bound}", forward_host=host, forward_port=fport, gateway=gateway,
                            forward=forward, meter=meter, engine=engine,
                            metrics_url=f"http://{settings.metrics_host}:{settings.proxy_metrics_port}/metrics"
-                           if metrics is not None else None)
+                           if metrics is not None else None, forward_tls_port=tls_port)
     finally:
+        if tls_server is not None:
+            tls_server.close()
         if server is not None:
             server.close()
         if forward is not None:
@@ -161,6 +178,7 @@ async def _main(settings: Settings) -> None:
     async with serve(settings) as running:
         log.info("proxy listening", extra={"gateway_proxy": running.url,
                                            "forward_proxy": f"{running.forward_host}:{running.forward_port}",
+                                           "forward_proxy_tls_port": running.forward_tls_port,
                                            "metrics": running.metrics_url})
         await stop.wait()
     log.info("proxy stopped; usage flushed")

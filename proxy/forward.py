@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from urllib.parse import SplitResult, urlsplit
 
 from sqlalchemy import select
@@ -211,6 +212,10 @@ class _Refusal(Exception):
         self.headers = headers or {}
 
 
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+"""A cloud VM's TLS handshake with the forward proxy's TLS listener completes within this, or is dropped."""
+
+
 class ForwardProxy:
     def __init__(self, *, config: ProxyConfig, meter: Meter, credentials: ForwardCredentials,
                  enforcer: UsageEnforcer, policy: EgressPolicy) -> None:
@@ -225,11 +230,16 @@ class ForwardProxy:
         self._live: dict[uuid.UUID, set[_Tunnel]] = {}
         self._watcher: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int, guard: ConnectionGuard | None = None) -> asyncio.Server:
+    async def start(self, host: str, port: int, guard: ConnectionGuard | None = None, *,
+                    ssl: SSLContext | None = None) -> asyncio.Server:
+        """A listener; with `ssl`, the TLS one cloud VMs use (their credentials never cross in clear)."""
+        handshake_s = TLS_HANDSHAKE_TIMEOUT_S if ssl is not None else None
         if guard is not None:  # its own connection budget (proxy.listener)
             return await start_stream_server(self._on_connection, host, port, guard,
-                                             limit=self.config.max_forward_head_bytes)
-        return await asyncio.start_server(self._on_connection, host, port, limit=self.config.max_forward_head_bytes)
+                                             limit=self.config.max_forward_head_bytes, ssl=ssl,
+                                             ssl_handshake_timeout=handshake_s)
+        return await asyncio.start_server(self._on_connection, host, port, limit=self.config.max_forward_head_bytes,
+                                          ssl=ssl, ssl_handshake_timeout=handshake_s)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -288,7 +288,7 @@ class GatewayProxy:
         data = self._metered_body(request, target) if request.body_exists else None
         try:
             upstream = await self.client.request(
-                request.method, url, headers=headers, data=data, allow_redirects=False,
+                request.method, url, headers=headers, data=data, allow_redirects=False, ssl=target.upstream_ssl,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.upstream_connect_timeout_s),
             )
         except (aiohttp.ClientError, OSError, TimeoutError):

@@ -303,8 +303,11 @@ class GuardedSite(web.BaseSite):
 
 async def start_stream_server(client_connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
                               host: str, port: int, guard: ConnectionGuard, *, limit: int,
-                              ssl: Any = None) -> asyncio.Server:
-    """`asyncio.start_server`, with each connection passing the guard before a reader is built."""
+                              ssl: Any = None, ssl_handshake_timeout: float | None = None) -> asyncio.Server:
+    """`asyncio.start_server`, with each connection passing the guard before a reader is built.
+
+    With `ssl` the guard sees a connection once its handshake is done: `ssl_handshake_timeout`
+    bounds how long one that never completes holds its socket."""
     loop = asyncio.get_running_loop()
 
     def protocol() -> asyncio.Protocol:
@@ -312,7 +315,7 @@ async def start_stream_server(client_connected: Callable[[asyncio.StreamReader, 
         return asyncio.StreamReaderProtocol(reader, client_connected, loop=loop)
 
     return await loop.create_server(guard.factory(protocol), host, port, ssl=ssl, backlog=BACKLOG,
-                                    reuse_address=True)
+                                    reuse_address=True, ssl_handshake_timeout=ssl_handshake_timeout if ssl else None)
 
 
 def listener_limits(settings: Settings) -> tuple[ListenerLimits, ListenerLimits]:

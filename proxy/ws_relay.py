@@ -445,7 +445,8 @@ async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, 
         return problem(503, "Gateway not paired", "The agent's VM is not ready for the Control UI yet.")
     try:
         upstream = await asyncio.wait_for(ctx.client.ws_connect(
-            upstream_url, origin=ctx.relay_origin, headers=upstream_headers, autoclose=False, autoping=True,
+            upstream_url, origin=ctx.relay_origin, headers=upstream_headers, ssl=target.upstream_ssl,
+            autoclose=False, autoping=True,
             heartbeat=cfg.heartbeat_s, max_msg_size=cfg.max_upstream_frame_bytes, decode_text=False,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=cfg.close_timeout_s), compress=0,
         ), cfg.upstream_connect_timeout_s)

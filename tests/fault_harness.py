@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -33,13 +32,14 @@ from temporalio.client import Client
 from devstack.temporal import dev_server_command, wait_port
 from gateway_simulator.server import run_simulator
 from openclaw.pairing import approve_device_keys
+from openclaw.tls import CertificatePinError, check_peer, pinned_context
 from providers import build_provider
 from settings import Settings
 from tests.conftest import free_port
 from tests.fakes.chaos import ChaosHetzner
 from tests.helpers import headers
 from tests.lifecycle_harness import FAST, Stack, running_stack
-from tests.vm_emulator import SYSTEMD_LAYOUT, files_from_cloud_init, parse_conf
+from tests.vm_emulator import SYSTEMD_LAYOUT, ensure_cert, files_from_cloud_init, parse_conf, ready_report
 from workflows.contracts import LifecycleTimeouts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,9 +159,10 @@ class VmFleet:
     """One emulated VM per server the fake Hetzner API holds, booted as `bootstrap.sh` would.
 
     A VM boots once its server is `running` at the fake (`boot_delay_s` after the create), like a
-    real one. Unlike `vm_emulator.boot`, a VM whose bootstrap redemption is refused does not fail
-    the test: it stays up without a gateway, as a real one would, and is counted in `broken` (its
-    VPS was still provisioning: a defect) or `refused_late` (the operation had already ended).
+    real one. Unlike `vm_emulator.boot`, a VM whose bootstrap redemption (or ready report) is
+    refused does not fail the test: it stays up without a gateway, as a real one would, and is
+    counted in `broken` (its VPS was still provisioning: a defect) or `refused_late` (the operation
+    had already ended).
     """
 
     fake: ChaosHetzner
@@ -186,6 +187,13 @@ class VmFleet:
             return None
         return f"{row[0]}/{row[1]}" if row[0] == "provisioning" and row[1] else str(row[0])
 
+    async def _refused(self, server_id: int, what: str) -> None:
+        """Count a refused redemption or ready report: `broken` while the VPS provisions, else late."""
+        state = await self._vps_state(server_id)
+        # A provision that already failed and is removing its VM has withdrawn the token: late, not broken.
+        late = state is None or not state.startswith("provisioning") or state.endswith("/compensate_destroy_vm")
+        (self.refused_late if late else self.broken)[server_id] = f"{what} while the VPS was {state}"
+
     async def _vm(self, server_id: int, user_data: str) -> None:
         while True:  # a VM runs its first-boot script once it has booted, not when it is ordered
             with self.fake.lock:
@@ -201,22 +209,22 @@ class VmFleet:
         token = files[SYSTEMD_LAYOUT.bootstrap_token_file].strip()
         path = conf["BOOTSTRAP_URL"].split("://", 1)[1].split("/", 1)[1]
         auth = {"Authorization": f"Bearer {token}"}
+        config = json.loads(files[f"{SYSTEMD_LAYOUT.seed_dir}/openclaw.json"])
+        # As bootstrap.sh's main(): the gateway's certificate first (where the rendered gateway.tls
+        # points, `~` = the service user's HOME), then the redemption.
+        home = self.state_root / f"{server_id}-home"
+        cert_sha256 = ensure_cert(config, conf, SYSTEMD_LAYOUT, home)
         redeemed = await self.api.post(f"/{path}/redeem", headers=auth)
         if redeemed.status_code != 200:
             # Refused for a VM whose VPS is still being provisioned: the VM we were given can never
             # come up. (After the operation ended, a refusal is right: the token was withdrawn.)
-            state = await self._vps_state(server_id)
-            # A provision that already failed and is removing its VM has withdrawn the token: late, not broken.
-            late = state is None or not state.startswith("provisioning") or state.endswith("/compensate_destroy_vm")
-            bucket = self.refused_late if late else self.broken
-            bucket[server_id] = f"redeem answered {redeemed.status_code} while the VPS was {state}"
+            await self._refused(server_id, f"redeem answered {redeemed.status_code}")
             return
         secrets = redeemed.json()
-        config = json.loads(files[f"{SYSTEMD_LAYOUT.seed_dir}/openclaw.json"])
         config["gateway"]["bind"] = "custom"
         config["gateway"]["customBindHost"] = self.fake.ip_for(server_id)
         gateway_token = secrets["env"]["OPENCLAW_GATEWAY_TOKEN"]
-        env = {**os.environ, **secrets["env"]}
+        env = {**os.environ, **secrets["env"], "HOME": str(home)}
         # bind=custom and bind_host pin the listener to this VM's own address whatever the control
         # plane pushes (the push makes the gateway section exactly what it renders, `bind: lan` and no
         # customBindHost; on a real VM "all interfaces" are its own).
@@ -224,13 +232,16 @@ class VmFleet:
                                  config=config, env=env, bind="custom",
                                  bind_host=self.fake.ip_for(server_id)) as sim:
             self.booted.add(server_id)
+            if sim.cert_sha256 != cert_sha256:  # the gateway serves what the VM made and reports
+                self.broken[server_id] = "the gateway serves another certificate than the one made"
             pairing = asyncio.create_task(approve_device_keys(
                 sim.url, token=gateway_token, public_keys=secrets["pair_public_keys"], timeout=120,
-                poll_interval=0.2))
+                poll_interval=0.2, cert_sha256=cert_sha256))
             try:
-                ready = await self.api.post(f"/{path}/ready", headers=auth)
-                if ready.status_code != 204:
-                    self.broken[server_id] = f"ready answered {ready.status_code}"
+                ready = await self.api.post(f"/{path}/ready", headers=auth,
+                                            json=ready_report(conf, self.port, cert_sha256))
+                if ready.status_code != 204:  # as for the redemption: a defect only while it provisions
+                    await self._refused(server_id, f"ready answered {ready.status_code}")
                 while True:  # powered until the server is deleted
                     if server_id not in self.fake.servers:
                         break
@@ -367,14 +378,25 @@ READY_WITHIN_S = 20.0
 gateway must answer /readyz again within this long, not at the very instant it is looked at."""
 
 
-async def _ready_within(http: httpx.AsyncClient, url: str, seconds: float) -> bool:
+async def _ready_within(http: httpx.AsyncClient, url: str, pin: str, seconds: float) -> str | None:
+    """None once `url` answers 200 from the pinned certificate; else why not (a wrong certificate at
+    once, since no wait makes it right)."""
     deadline = time.monotonic() + seconds
+    last = "no answer"
     while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if (await http.get(url)).status_code == 200:
-                return True
+        try:
+            resp = await http.get(url)
+            stream = resp.extensions.get("network_stream")
+            check_peer(stream.get_extra_info("ssl_object") if stream else None, pin)
+            if resp.status_code == 200:
+                return None
+            last = f"answered {resp.status_code}"
+        except CertificatePinError as err:
+            return str(err)
+        except httpx.HTTPError as err:
+            last = type(err).__name__
         if time.monotonic() >= deadline:
-            return False
+            return f"{last} within {seconds:.0f}s"
         await asyncio.sleep(0.25)
 
 
@@ -383,7 +405,8 @@ async def _judge(settings: Settings, fake: ChaosHetzner, fleet: VmFleet, figures
     async with await psycopg.AsyncConnection.connect(plain_url(settings.database_url or ""), autocommit=True) as db:
         cur = await db.execute(
             "SELECT v.id::text, v.state, v.provider_ref, v.last_error, (SELECT o.id FROM vps_operations o "
-            "WHERE o.vps_id = v.id AND o.status IN ('queued', 'running') LIMIT 1), v.host, v.gateway_port "
+            "WHERE o.vps_id = v.id AND o.status IN ('queued', 'running') LIMIT 1), v.gateway_url, "
+            "v.gateway_cert_sha256 "
             "FROM vpses v WHERE v.provider = 'hetzner'")
         rows = {r[0]: r for r in await cur.fetchall()}
     with fake.lock:
@@ -396,8 +419,9 @@ async def _judge(settings: Settings, fake: ChaosHetzner, fleet: VmFleet, figures
         if owner is None or owner[1] != "running" or owner[2] != str(sid):
             state = "no VPS" if owner is None else f"VPS {owner[1]}, provider_ref {owner[2]}"
             figures.left_behind.append(f"server {sid} ({server['status']}; {state})")
-    async with httpx.AsyncClient(timeout=5) as http:
-        for vps_id, (_, state, ref, _error, operation, host, gw_port) in sorted(rows.items()):
+    # As the control plane and the proxy reach it: the row's URL, TLS trusting only the row's pin.
+    async with httpx.AsyncClient(timeout=5, verify=pinned_context(), trust_env=False) as http:
+        for vps_id, (_, state, ref, _error, operation, gateway_url, pin) in sorted(rows.items()):
             if operation is not None:
                 figures.wrong_states.append(f"{vps_id}: still holds operation {operation}")
             if state != "running":
@@ -408,6 +432,11 @@ async def _judge(settings: Settings, fake: ChaosHetzner, fleet: VmFleet, figures
                 continue
             if servers[mine[0]]["status"] != "running":
                 figures.wrong_states.append(f"{vps_id}: running, but its server is {servers[mine[0]]['status']}")
-            if not await _ready_within(http, f"http://{host}:{gw_port}/readyz", READY_WITHIN_S):
-                figures.wrong_states.append(f"{vps_id}: running, but its gateway at {host}:{gw_port} is not ready "
-                                            f"within {READY_WITHIN_S:.0f}s")
+            if not gateway_url or not gateway_url.startswith("https://") or not pin:
+                figures.wrong_states.append(f"{vps_id}: running, but its row has gateway_url {gateway_url!r} "
+                                            f"and {'a' if pin else 'no'} certificate pin")
+                continue
+            why = await _ready_within(http, f"{gateway_url}/readyz", pin, READY_WITHIN_S)
+            if why is not None:
+                figures.wrong_states.append(f"{vps_id}: running, but its gateway at {gateway_url} is not ready "
+                                            f"over pinned TLS ({why})")

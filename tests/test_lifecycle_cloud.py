@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import psycopg
 import pytest
 import pytest_asyncio
@@ -22,6 +23,7 @@ from tests.fakes.fly_api import FakeFly
 from tests.fakes.hetzner_api import FakeHetzner
 from tests.helpers import headers, make_user
 from tests.lifecycle_harness import FAST, running_stack
+from tests.proxy_harness import add_session, running_proxy
 from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -137,6 +139,44 @@ async def test_hetzner_create_answered_504_after_committing_still_ends_running(
         assert hetzner.servers == {}
 
 
+async def test_a_retried_create_adopts_the_vm_that_already_redeemed_its_token(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner,
+        tmp_path: Path) -> None:
+    """The create's answer is lost and its VM boots and redeems the token before the retry runs: the
+    retry adopts that VM instead of minting a new token, so the VM's ready report (with its
+    certificate pin) is accepted. (It used to answer 401: the chaos run's "ready answered 401".)"""
+    hetzner.lose_response_next("POST /servers")
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        resp = await stack.provision(user, agent, "hetzner")
+        assert resp.status_code == 202
+        vps_id = resp.json()["vps_id"]
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        hetzner.fail_next("GET /servers", 503, times=1000)  # the retry waits until the VM has redeemed
+        before = len(hetzner.calls("GET /servers"))
+
+        async def retry_runs_now() -> None:
+            hetzner.clear_faults()
+            await eventually(lambda: sql.execute("SELECT provider_ref FROM vpses WHERE id = %s",
+                                                 (vps_id,)).fetchone()[0])  # type: ignore[index]
+
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(hetzner.user_data[server_id]),
+                                    vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port, state_dir=tmp_path / "vm",
+                                    after_redeem=retry_runs_now):
+            vps = await stack.wait_vps(user, agent, "running", "error")
+            assert vps["state"] == "running", vps["last_error"]
+        assert len(hetzner.calls("GET /servers")) > before  # the retry did run after the redemption
+        assert list(hetzner.servers) == [server_id]
+        assert len(hetzner.calls("POST /servers")) == 1
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+        assert hetzner.servers == {}
+
+
 async def test_hetzner_status_polls_ride_out_a_run_of_5xx(settings: Settings, temporal_client: Client, db: str,
                                                           sql: psycopg.Connection, hetzner: FakeHetzner,
                                                           tmp_path: Path) -> None:
@@ -214,3 +254,130 @@ async def test_fly_provision_and_destroy(settings: Settings, temporal_client: Cl
             assert [m for m in fake.machines.values() if m["state"] != "destroyed"] == []
     finally:
         await fake.aclose()
+
+
+# -- issue 9 #4: the control channel to a cloud VM is TLS, pinned to the certificate the VM reported --
+
+
+async def test_cloud_gateway_is_reached_over_tls_pinned_to_the_reported_certificate(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner,
+        tmp_path: Path) -> None:
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        files = vm_emulator.files_from_cloud_init(hetzner.user_data[server_id])
+        async with vm_emulator.boot(files, vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port,
+                                    state_dir=tmp_path / "vm") as vm:
+            # The emulated gateway serves only HTTPS/WSS: running means pairing and the config push
+            # went over wss:// to it, trusting the certificate the VM reported.
+            vps = await stack.wait_vps(user, agent, "running", "error")
+            assert vps["state"] == "running", vps["last_error"]
+            row = sql.execute("SELECT gateway_url, gateway_cert_sha256, relay_device_token IS NOT NULL FROM vpses "
+                              "WHERE id = %s", (vps["id"],)).fetchone()
+            assert row == (f"https://127.0.0.1:{port}", vm["cert_sha256"], True)
+            # The pin is write-once: a later report (the token is in provider metadata) cannot swap it.
+            conf = vm["conf"]
+            token = files[vm_emulator.SYSTEMD_LAYOUT.bootstrap_token_file].strip()
+            path = conf["BOOTSTRAP_URL"].split("://", 1)[1].split("/", 1)[1]
+            swap = await stack.api.post(f"/{path}/ready", headers={"Authorization": f"Bearer {token}"},
+                                        json={"status": "ready", "gateway_cert_sha256": "ab" * 32})
+            assert swap.status_code == 409
+            for body in ({"status": "ready"}, {"status": "ready", "gateway_cert_sha256": "not-a-fingerprint"}):
+                bad = await stack.api.post(f"/{path}/ready", headers={"Authorization": f"Bearer {token}"}, json=body)
+                assert bad.status_code == 400, bad.text  # a cloud VM's report must carry a real SHA-256
+            assert sql.execute("SELECT gateway_cert_sha256 FROM vpses WHERE id = %s",
+                               (vps["id"],)).fetchone() == (vm["cert_sha256"],)
+
+            # The proxy reads the URL and pin from the row: no provider token in its settings at all
+            # (and it cannot build a provider client: the import contract in pyproject.toml).
+            no_tokens = settings.model_copy(update={"hcloud_token": None, "fly_api_token": None})
+            async with running_proxy(no_tokens) as proxy, aiohttp.ClientSession() as browser:
+                cookie = {"Cookie": f"authjs.session-token={add_session(sql, user)}"}
+                page = await browser.get(f"{proxy.url}/agents/{agent}/gateway/", headers=cookie)
+                assert page.status == 200, await page.text()
+                assert "<html" in (await page.text()).lower()
+                async with browser.ws_connect(f"{proxy.url}/agents/{agent}/gateway", headers=cookie,
+                                              origin=proxy.url) as ws:
+                    first = await ws.receive_json(timeout=10)
+                    assert first["event"] == "connect.challenge"  # relayed from the pinned wss upstream
+
+                # Another certificate at that address (simulated by changing the pin): nothing is forwarded.
+                sql.execute("UPDATE vpses SET gateway_cert_sha256 = %s WHERE id = %s", ("cd" * 32, vps["id"]))
+                refused = await browser.get(f"{proxy.url}/agents/{agent}/gateway/", headers=cookie)
+                assert refused.status == 502
+                with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
+                    await browser.ws_connect(f"{proxy.url}/agents/{agent}/gateway", headers=cookie, origin=proxy.url)
+                assert exc.value.status == 502
+                # And an https gateway with no pin is never contacted.
+                sql.execute("UPDATE vpses SET gateway_cert_sha256 = NULL WHERE id = %s", (vps["id"],))
+                assert (await browser.get(f"{proxy.url}/agents/{agent}/gateway/", headers=cookie)).status == 503
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_a_certificate_other_than_the_pin_fails_gateway_operations_without_retries(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner,
+        tmp_path: Path) -> None:
+    """A running cloud VPS whose gateway no longer presents the pinned certificate (simulated by
+    changing the pin): the settings push and a restart fail at their first attempt with the reason
+    on the API; pin errors are final (workflows/lifecycle.py DETERMINISTIC), never retried."""
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(hetzner.user_data[server_id]),
+                                    vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port, state_dir=tmp_path / "vm"):
+            vps = await stack.wait_vps(user, agent, "running", "error")
+            assert vps["state"] == "running", vps["last_error"]
+            sql.execute("UPDATE vpses SET gateway_cert_sha256 = %s WHERE id = %s", ("ef" * 32, vps["id"]))
+            for method, path, body, activity_type in (
+                    ("PATCH", "settings", {"files": {"SOUL.md": "hi\n"}}, "vps.push_config"),
+                    ("POST", "restart", None, "agent.restart_gateway")):
+                resp = await stack.api.request(method, f"/agents/{agent}/{path}", json=body, headers=headers(user))
+                assert resp.status_code == 202, resp.text
+                handle = temporal_client.get_workflow_handle(resp.json()["operation_id"])
+                result = await handle.result()
+                assert result["status"] == "failed" and "certificate" in result["error"], result
+                if activity_type == "vps.push_config":  # named as the readiness poll names it
+                    assert "refused the gateway's TLS certificate" in result["error"], result
+                events = [e async for e in handle.fetch_history_events()]
+                scheduled = [e.event_id for e in events if e.HasField("activity_task_scheduled_event_attributes")
+                             and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type]
+                attempts = [e.activity_task_started_event_attributes.attempt for e in events
+                            if e.HasField("activity_task_started_event_attributes")
+                            and e.activity_task_started_event_attributes.scheduled_event_id in scheduled]
+                assert len(scheduled) == 1 and attempts == [1], (activity_type, attempts)  # never a second attempt
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_a_gateway_presenting_another_certificate_is_refused(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner,
+        tmp_path: Path) -> None:
+    """Someone else answers at the VM's address (a different certificate from the one the VM reported):
+    provisioning fails on the API, and no credential reached that listener."""
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None))
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(hetzner.user_data[server_id]),
+                                    vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port, state_dir=tmp_path / "vm",
+                                    impostor=True) as vm:
+            vps = await stack.wait_vps(user, agent, "error", "running")
+            assert vps["state"] == "error"
+            assert "TLS certificate" in vps["last_error"], vps["last_error"]
+            assert vm["sim"].devices.pending == {}  # refused before any connect: no device asked to pair
+        assert hetzner.servers == {}  # compensated

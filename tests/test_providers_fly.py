@@ -97,7 +97,8 @@ async def test_happy_path_lifecycle(fake: FakeFly, provider: FlyProvider) -> Non
     assert info.location == "fra"
     assert info.vps_id == "vps-1"
     app, mid = info.provider_ref.split("/")
-    assert provider.gateway_url(info) == f"http://{app}.flycast:18789"
+    # A cloud gateway serves TLS only (issue 9 #4): the control plane pins the certificate the VM reported.
+    assert provider.gateway_url(info) == f"https://{app}.flycast:18789"
 
     assert fake.apps[app].network == app
     machine = fake.machines[mid]

@@ -100,7 +100,8 @@ async def test_happy_path_lifecycle(fake: FakeHetzner, provider: HetznerProvider
     assert info.location == "fsn1"
     assert info.labels == {"managed-by": "slopbox", "vps-id": "vps-1"}
     assert info.vps_id == "vps-1"
-    assert info.host and provider.gateway_url(info) == f"http://{info.host}:18789"
+    # A cloud gateway serves TLS only (issue 9 #4): the control plane pins the certificate the VM reported.
+    assert info.host and provider.gateway_url(info) == f"https://{info.host}:18789"
 
     server = fake.servers[int(info.provider_ref)]
     assert server["name"] == server_name("vps-1") == "slopbox-vps-vps-1"

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import threading
@@ -52,6 +53,8 @@ from openclaw.render import (
     render_openclaw_config,
     render_workspace_files,
 )
+from openclaw.rpc import GatewayClient, GatewayPinError
+from openclaw.tls import check_peer, pinned_context
 
 GATEWAY_TOKEN = "gw-" + "A1b2C3d4" * 6
 HOOKS_TOKEN = "hk-" + "Z9y8X7w6" * 6
@@ -694,19 +697,20 @@ class Gateway:
         self.proc, self.port, self.log, self.ready_after_s = proc, port, log, ready_after_s
 
 
-def http_status(url: str, token: str | None = None, data: bytes | None = None) -> tuple[int, bytes]:
+def http_status(url: str, token: str | None = None, data: bytes | None = None,
+                context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if data is not None:
         headers["Content-Type"] = "application/json"
     req = urllib.request.Request(url, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=5, context=context) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
 
 
-def start_gateway(state: Path, env: dict[str, str], port: int, log: Path) -> Gateway:
+def start_gateway(state: Path, env: dict[str, str], port: int, log: Path, scheme: str = "http") -> Gateway:
     """Spawns `openclaw gateway run` in its own process group and waits for /readyz."""
     assert OPENCLAW_BIN
     started = time.monotonic()
@@ -718,7 +722,7 @@ def start_gateway(state: Path, env: dict[str, str], port: int, log: Path) -> Gat
         if proc.poll() is not None:
             raise AssertionError(f"gateway exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if http_status(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+            if http_status(f"{scheme}://127.0.0.1:{port}/readyz", context=pinned_context())[0] == 200:
                 return Gateway(proc, port, log, time.monotonic() - started)
         except OSError:
             pass
@@ -782,12 +786,16 @@ def device_key() -> tuple[Ed25519PrivateKey, str, str]:
     return key, base64.urlsafe_b64encode(raw).rstrip(b"=").decode(), hashlib.sha256(raw).hexdigest()
 
 
-async def operator_connect(url: str, key: Ed25519PrivateKey, pub: str, dev_id: str) -> dict[str, Any]:
+async def operator_connect(url: str, key: Ed25519PrivateKey, pub: str, dev_id: str,
+                           pin: str | None = None) -> dict[str, Any]:
     """A `gateway-client`/`backend` connect with the token and a signed device (reference §1.3-§1.4)."""
     import websockets
 
     scopes = ["operator.admin", "operator.read", "operator.write", "operator.approvals", "operator.pairing"]
-    async with websockets.connect(url, open_timeout=10, additional_headers=REMOTE_HEADERS) as ws:
+    async with websockets.connect(url, open_timeout=10, additional_headers=REMOTE_HEADERS,
+                                  ssl=pinned_context() if pin else None) as ws:
+        if pin:
+            check_peer(ws.transport.get_extra_info("ssl_object"), pin)
         challenge = json.loads(await asyncio.wait_for(ws.recv(), 10))
         nonce, ts = challenge["payload"]["nonce"], challenge["payload"]["ts"]
         signed = "|".join(["v3", dev_id, "gateway-client", "backend", "operator", ",".join(scopes), str(ts),
@@ -823,14 +831,19 @@ def test_real_pairing_step_approves_only_the_control_plane_key(tmp_path: Path) -
     cp_key, cp_pub, cp_id = device_key()
     other_key, other_pub, other_id = device_key()
     (env_file.parent / "pair-keys").write_text(cp_pub + "\n")
+    # The VM's certificate (issue 9 #4): the gateway serves HTTPS/WSS only, with this one.
+    pin = subprocess.run(["sh", layout.script_path, "cert"], env=script_env(layout), capture_output=True,
+                         text=True, timeout=60, check=True).stdout.strip()
     state = Path(layout.state_dir)
     genv = gateway_env(state, render_env_vars(inp, SECRETS))
     genv["HOME"] = layout.service_home
-    gw = start_gateway(state, genv, port, tmp_path / "gateway.log")
+    gw = start_gateway(state, genv, port, tmp_path / "gateway.log", scheme="https")
     try:
-        url = f"ws://127.0.0.1:{port}/"
+        url = f"wss://127.0.0.1:{port}/"
+        with pytest.raises(GatewayPinError):  # another pin: refused before anything is sent
+            asyncio.run(GatewayClient(url, token=GATEWAY_TOKEN, cert_sha256="0" * 64, reconnect=False).connect())
         for key, pub, dev_id in ((other_key, other_pub, other_id), (cp_key, cp_pub, cp_id)):
-            first = asyncio.run(operator_connect(url, key, pub, dev_id))
+            first = asyncio.run(operator_connect(url, key, pub, dev_id, pin))
             assert first["ok"] is False and first["error"]["details"]["code"] == "PAIRING_REQUIRED", first
 
         paired = subprocess.run(["sh", layout.script_path, "pair"], env=script_env(layout), capture_output=True,
@@ -838,11 +851,11 @@ def test_real_pairing_step_approves_only_the_control_plane_key(tmp_path: Path) -
         assert paired.returncode == 0, paired.stderr
         assert "approved pairing request" in paired.stderr
 
-        hello = asyncio.run(operator_connect(url, cp_key, cp_pub, cp_id))
+        hello = asyncio.run(operator_connect(url, cp_key, cp_pub, cp_id, pin))
         assert hello["ok"] is True, hello
         assert "operator.admin" in hello["payload"]["auth"]["scopes"]
         assert hello["payload"]["auth"].get("deviceToken")
-        stranger = asyncio.run(operator_connect(url, other_key, other_pub, other_id))
+        stranger = asyncio.run(operator_connect(url, other_key, other_pub, other_id, pin))
         assert stranger["ok"] is False and stranger["error"]["details"]["code"] == "PAIRING_REQUIRED"
         listed = json.loads(openclaw(["devices", "list", "--json"],
                                      {**genv, "OPENCLAW_GATEWAY_PORT": str(port)}).stdout)
@@ -851,3 +864,41 @@ def test_real_pairing_step_approves_only_the_control_plane_key(tmp_path: Path) -
         assert GATEWAY_TOKEN not in paired.stderr
     finally:
         stop_gateway(gw)
+
+
+# -- issue 9 #4: a cloud gateway serves TLS with a certificate its VM made ----------------------------
+
+
+def test_cloud_gateway_serves_only_tls_made_on_the_vm_local_stays_plain() -> None:
+    cloud = render_openclaw_config(cloud_input())
+    assert cloud["gateway"]["tls"] == {"enabled": True, "autoGenerate": False,
+                                       "certPath": "~/.openclaw/gateway/tls/gateway-cert.pem",
+                                       "keyPath": "~/.openclaw/gateway/tls/gateway-key.pem"}
+    assert "tls" not in render_openclaw_config(local_input())["gateway"]
+    for layout in (render.SYSTEMD_LAYOUT, render.FLY_LAYOUT):  # `~` is the service user's HOME on both
+        conf = render.render_bootstrap_conf(cloud_input(), layout, "https://cp.example/bootstrap")
+        assert f"TLS_DIR={layout.state_dir}/gateway/tls\n" in conf
+    script = render.render_bootstrap_script()
+    main = script[script.index("main() {"):]
+    assert main.index("ensure_cert") < main.index("start_gateway")
+    assert '\\"gateway_cert_sha256\\":\\"$(cert_sha256)\\"' in script
+    fly = render.render_fly_machine_config(cloud_input(), BOOTSTRAP_TOKEN, None, {"cpus": 1}, "img", None)
+    assert fly["checks"]["gateway-ready"]["protocol"] == "https"
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl on PATH")
+def test_bootstrap_makes_a_private_key_and_reports_the_certificates_sha256(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    layout = write_vm(tmp_path, cloud_input(), "https://cp.example/bootstrap")
+    first = subprocess.run(["sh", layout.script_path, "cert"], env=script_env(layout), capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert first.returncode == 0, first.stderr
+    tls = Path(layout.state_dir) / "gateway" / "tls"
+    der = x509.load_pem_x509_certificate((tls / "gateway-cert.pem").read_bytes()).public_bytes(Encoding.DER)
+    assert first.stdout.strip() == hashlib.sha256(der).hexdigest()
+    assert stat.S_IMODE((tls / "gateway-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE(tls.stat().st_mode) == 0o700
+    again = subprocess.run(["sh", layout.script_path, "cert"], env=script_env(layout), capture_output=True,
+                           text=True, timeout=60, check=True)
+    assert again.stdout == first.stdout  # made once: a reboot keeps the pinned certificate

@@ -49,6 +49,34 @@ def test_migrations_up_from_empty_down_and_up_again(pg_server: str) -> None:
         assert conn.execute("SELECT count(*) FROM plans WHERE is_default").fetchone() == (1,)
 
 
+def test_migration_0005_adds_the_gateway_url_and_pin_and_backfills_local_vms(pg_server: str) -> None:
+    """Issue 9 #4: a local VM provisioned before 0005 keeps working through the proxy (its plain
+    loopback URL is written); a cloud VM gets none, so the proxy never contacts it unpinned."""
+    url = create_database(pg_server, f"slopbox_mig_{uuid.uuid4().hex[:6]}")
+    migrate_and_seed(sa_url(url))
+    downgrade(sa_url(url), "0004")
+    with psycopg.connect(url, autocommit=True) as conn:
+        user = make_user(conn)
+        ids = {}
+        for provider, host, port in (("local", "127.0.0.1", 41234), ("hetzner", "203.0.113.7", 18789)):
+            ids[provider] = conn.execute(
+                "INSERT INTO vpses (user_id, vps_config_id, provider, provider_ref, state, host, gateway_port) "
+                "VALUES (%s, (SELECT id FROM vps_configs WHERE provider = %s ORDER BY name LIMIT 1), %s, %s, "
+                "'running', %s, %s) RETURNING id",
+                (user, provider, provider, f"ref-{provider}", host, port)).fetchone()[0]  # type: ignore[index]
+    upgrade(sa_url(url), "0005")
+    with psycopg.connect(url) as conn:
+        rows = {r[0]: (r[1], r[2]) for r in conn.execute(
+            "SELECT provider, gateway_url, gateway_cert_sha256 FROM vpses").fetchall()}
+    assert rows == {"local": ("http://127.0.0.1:41234", None), "hetzner": (None, None)}
+    downgrade(sa_url(url), "0004")
+    with psycopg.connect(url) as conn:
+        columns = {r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns "
+                                              "WHERE table_name = 'vpses'").fetchall()}
+    assert not columns & {"gateway_url", "gateway_cert_sha256"}
+    assert ids  # both rows survived the round trip
+
+
 def test_authjs_pg_adapter_queries_work_unchanged(sql: psycopg.Connection) -> None:
     """The SQL @auth/pg-adapter 1.11 sends, verbatim in shape, against our schema."""
     user = sql.execute(

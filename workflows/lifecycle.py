@@ -35,7 +35,8 @@ from workflows.contracts import (
 
 # Errors no retry can fix: the activity raised them on purpose (see activities/vps.py `fail`).
 DETERMINISTIC = ["VpsError", "StateChanged", "NotRunning", "LockdownViolation", "ValidationError",
-                 "ProviderFatal", "VmNotFound", "CapacityUnavailable", "GatewayNotReady", "Timeout"]
+                 "ProviderFatal", "VmNotFound", "CapacityUnavailable", "GatewayNotReady", "Timeout",
+                 "GatewayPinError", "CertificatePinMismatch", "GatewayNotPinned"]
 # Provider calls: 429/5xx/timeouts come back as retryable errors (honouring Retry-After) and are
 # retried with backoff; invalid input, quota and auth errors fail fast.
 PROVIDER_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,

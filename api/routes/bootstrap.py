@@ -12,7 +12,8 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Body, Header, Request
+from pydantic import BaseModel, ConfigDict
 from sqlmodel import select
 
 from api.deps import SessionDep
@@ -21,6 +22,7 @@ from api.schemas import BootstrapSecrets, problem_responses
 from db.models import Agent, Vps
 from openclaw.agent_env import gateway_env
 from openclaw.device import DeviceIdentity
+from openclaw.tls import normalize_fingerprint
 from settings import Settings
 
 router = APIRouter(prefix="/bootstrap", tags=["bootstrap"])
@@ -57,12 +59,45 @@ async def redeem(request: Request, session: SessionDep,
     }
 
 
-@router.post("/ready", status_code=204)
-async def ready(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> None:
+class ReadyReport(BaseModel):
+    """What the bootstrap script reports (render.py's contract); unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    status: str = "ready"
+    gateway_cert_sha256: str | None = None
+    """SHA-256 of the certificate the gateway serves (cloud VMs), as `openssl x509 -fingerprint` prints it."""
+
+
+@router.post("/ready", status_code=204, responses=problem_responses(400, 409))
+async def ready(session: SessionDep, authorization: Annotated[str | None, Header()] = None,
+                report: Annotated[ReadyReport | None, Body()] = None) -> None:
+    """Record the ready report and, for a cloud VM, pin its gateway certificate.
+
+    The pin is write-once: the bootstrap token sits in provider metadata, so whoever can read that
+    must not be able to swap the pin for their own certificate after the VM reported.
+    """
     digest = _token_hash(authorization)
-    vps = (await session.exec(select(Vps).where(Vps.bootstrap_token_sha256 == digest))).first()
+    vps = (await session.exec(select(Vps).where(Vps.bootstrap_token_sha256 == digest).with_for_update())).first()
     if vps is None or vps.bootstrap_redeemed_at is None:
         raise Problem(401, "Unauthorized", "Unknown or unredeemed bootstrap token", type_="unauthorized")
+    report = report or ReadyReport()
+    if report.status != "ready":
+        return  # a failure report: the control plane's readiness wait times out and says so
+    pin = None
+    if report.gateway_cert_sha256 is not None:
+        try:
+            pin = normalize_fingerprint(report.gateway_cert_sha256)
+        except ValueError:
+            raise Problem(400, "Bad fingerprint", "gateway_cert_sha256 is not a SHA-256 fingerprint",
+                          type_="bad-request") from None
+    if vps.provider != "local" and pin is None:
+        raise Problem(400, "No certificate", "A cloud VM must report its gateway certificate's SHA-256",
+                      type_="bad-request")
+    if pin is not None:
+        if vps.gateway_cert_sha256 is not None and vps.gateway_cert_sha256 != pin:
+            raise Problem(409, "Pin already set", "This VM already reported a different gateway certificate",
+                          type_="conflict")
+        vps.gateway_cert_sha256 = pin
     vps.ready_reported_at = datetime.now(UTC)
     session.add(vps)
     await session.commit()

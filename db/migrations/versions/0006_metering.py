@@ -1,7 +1,7 @@
 """Metering: per-VPS watermark, daily series, provider bandwidth, closed months, statements
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-02
 
 `vps_meter_state.collected_until` is the per-VPS watermark written in the same transaction as the
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
