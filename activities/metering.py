@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Any
@@ -18,7 +19,9 @@ from temporalio import activity
 from activities.vps import heartbeating
 from metering import alerts, ledger
 from metering.collectors import Collected, CollectResult, FlyCollector, HetznerCollector, LocalCollector, UsageCollector
+from metering.periods import Amounts
 from settings import Settings
+from telemetry.metrics import METERING_COLLECTION_LAG, METERING_SAMPLES_WRITTEN
 from workflows.metering import (
     BatchReport,
     BatchSpecIn,
@@ -45,6 +48,17 @@ def build_collectors(settings: Settings) -> dict[str, UsageCollector]:
     if settings.local_provider_enabled:
         out["local"] = LocalCollector(settings.data_dir)
     return out
+
+
+def _observe(kind: str, result: CollectResult, written: set[str]) -> None:
+    """`slopbox_metering_samples_written_total` per resource and the provider's collection lag."""
+    won = [c for c in result.collected if c.vps_id in written]
+    for resource in Amounts.FIELDS:
+        n = sum(1 for c in won for sample in c.samples if getattr(sample.amounts, resource))
+        if n:
+            METERING_SAMPLES_WRITTEN.labels(provider=kind, resource=resource).inc(n)
+    if won:
+        METERING_COLLECTION_LAG.labels(provider=kind).set(max(0.0, time.time() - min(c.until for c in won)))
 
 
 class MeteringActivities:
@@ -102,6 +116,7 @@ class MeteringActivities:
         if self.after_write is not None:
             await self.after_write(inp)
         users = {d.window.vps_id: d.user_id for d in dues}
+        _observe(spec.kind, result, set(written.written))
         report.written = len(written.written)
         report.lost_race = len(written.lost_race)
         report.failed = [FailedVps(vps_id=v, user_id=users[v], reason=r)

@@ -36,7 +36,7 @@ from db.models import ACTIVE_OPERATION, Agent, Vps, VpsConfig, VpsOperation, Vps
 from openclaw.tls import CertificatePinError, check_peer, pinned_context
 from providers import ProviderError, VmInfo, VmProvider, VmState, build_provider
 from settings import Settings
-from telemetry.metrics import OPERATIONS_FINISHED
+from telemetry.metrics import OPERATIONS_FINISHED, PROVIDER_ERRORS
 
 if TYPE_CHECKING:
     from activities.metering import MeteringActivities
@@ -59,6 +59,7 @@ HEARTBEAT_EVERY_S = 2.0
 
 
 def provider_failure(err: ProviderError) -> ApplicationError:
+    PROVIDER_ERRORS.labels(provider=err.provider or "unknown", code=str(err.status or err.code or "error")).inc()
     delay = timedelta(seconds=err.retry_after_s) if err.retry_after_s else None
     return ApplicationError(str(err), type=type(err).__name__, non_retryable=not err.retryable,
                             next_retry_delay=delay)

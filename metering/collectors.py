@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -39,6 +40,7 @@ from typing import Any, Protocol
 import httpx
 
 from metering.periods import Amounts, Sample
+from telemetry.metrics import PROVIDER_ERRORS
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -61,6 +63,21 @@ class Window:
     counter_ref: str | None = None
     counter_cpu_ms: int | None = None
 
+
+
+def _counting(provider: str) -> dict[str, list[Callable[[httpx.Response], Awaitable[None]]]]:
+    """httpx event hooks: every answer that is not 2xx counts on `slopbox_provider_errors_total`."""
+
+    async def count(resp: httpx.Response) -> None:
+        if resp.status_code >= 300:
+            PROVIDER_ERRORS.labels(provider=provider, code=str(resp.status_code)).inc()
+
+    return {"response": [count]}
+
+
+def _transport_error(provider: str, err: httpx.HTTPError) -> None:
+    PROVIDER_ERRORS.labels(provider=provider,
+                           code="timeout" if isinstance(err, httpx.TimeoutException) else "connection").inc()
 
 @dataclass
 class Collected:
@@ -141,7 +158,8 @@ class HetznerCollector:
                  stale_after_s: int = 900, max_gap_s: int = 86_400, reserve: int = 300, concurrency: int = 4,
                  timeout_s: float = 20.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._http = httpx.AsyncClient(base_url=endpoint.rstrip("/") + "/", timeout=timeout_s, transport=transport,
-                                       headers={"Authorization": f"Bearer {token}", "User-Agent": "slopbox-metering"})
+                                       headers={"Authorization": f"Bearer {token}", "User-Agent": "slopbox-metering"},
+                                       event_hooks=_counting("hetzner"))
         self.step_s, self.settle_s, self.stale_after_s, self.max_gap_s = step_s, settle_s, stale_after_s, max_gap_s
         self.reserve, self.concurrency = reserve, concurrency
 
@@ -200,6 +218,7 @@ class HetznerCollector:
         try:
             resp = await self._http.get(f"servers/{w.provider_ref}/metrics", params=params)
         except httpx.HTTPError as err:
+            _transport_error("hetzner", err)
             transport_errors.append(type(err).__name__)
             result.failed[w.vps_id] = f"Hetzner metrics request failed: {type(err).__name__}"
             return
@@ -308,7 +327,8 @@ class FlyCollector:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         scheme = "FlyV1" if token.startswith(("fm1", "fm2")) else "Bearer"
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/") + "/", timeout=timeout_s, transport=transport,
-                                       headers={"Authorization": f"{scheme} {token}", "User-Agent": "slopbox"})
+                                       headers={"Authorization": f"{scheme} {token}", "User-Agent": "slopbox"},
+                                       event_hooks=_counting("fly"))
         self.org_slug, self.app_prefix = org_slug, app_prefix
         self.settle_s, self.stale_after_s, self.max_gap_s = settle_s, stale_after_s, max_gap_s
 
@@ -352,6 +372,7 @@ class FlyCollector:
                                          data={"query": self.query(apps), "start": str(start), "end": str(end),
                                                "step": str(self.STEP)})
         except httpx.HTTPError as err:
+            _transport_error("fly", err)
             return self._all_failed(result, todo, f"Fly Prometheus unavailable: {type(err).__name__}")
         if resp.status_code == 429:
             result.retry_after_s = retry_after_s(resp)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from temporalio.client import Client
 
 from billing.overage import GIB
@@ -36,6 +37,10 @@ HOUR = 3600
 ROOT = Path(__file__).resolve().parent.parent
 T0 = (int(time.time()) // 86_400 - 1) * 86_400 + 6 * HOUR  # yesterday 06:00 UTC: one day, one month
 CX23_MEM_MB, CX23_DISK = 4096, 40 * GIB
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def storage(alloc: int, a: int, b: int) -> int:
@@ -60,11 +65,15 @@ async def test_hetzner_cycle_counts_each_sample_once(temporal_client: Client, se
     async with FakeHetzner() as fake:
         server = fake.add_server("a")
         vps = make_vps(sql, user, "hetzner-cx23", ref=str(server["id"]), created=T0)
+        cpu_samples = metric("slopbox_metering_samples_written_total", provider="hetzner", resource="cpu_ms")
         async with metering_worker(temporal_client, settings, collectors(settings, hetzner_url=fake.base_url)) \
                 as (_, tq):
             first = await run_cycle(temporal_client, tq, T0 + HOUR)
             again = await run_cycle(temporal_client, tq, T0 + HOUR)  # the same window again: nothing new
     period = month_of(T0).isoformat()
+    # /metrics: sixty one-minute samples written once; the lag is how old the watermark is (a day, here).
+    assert metric("slopbox_metering_samples_written_total", provider="hetzner", resource="cpu_ms") == cpu_samples + 60
+    assert metric("slopbox_metering_collection_lag_seconds", provider="hetzner") >= time.time() - (T0 + HOUR) - 5
     assert first.written == 1 and first.requests == {"hetzner": 1} and first.users_changed == [str(user)]
     assert again.due == 0 and again.requests == {}
     assert usage(sql, vps) == {period: {**hetzner_hour(), "storage_bytes": storage(CX23_DISK, T0, T0 + HOUR)}}
@@ -191,7 +200,9 @@ async def test_two_racing_collections_count_once(temporal_client: Client, settin
 async def test_provider_down_alerts_and_stops_nobody(temporal_client: Client, settings: Settings,
                                                      sql: psycopg.Connection,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    user = make_user(sql)
+    user, admin = make_user(sql), make_user(sql)
+    sql.execute("UPDATE users SET is_admin = true WHERE id = %s", (admin,))
+    errors_503 = metric("slopbox_provider_errors_total", provider="hetzner", code="503")
     async with FakeHetzner() as fake:
         servers = [fake.add_server(n) for n in ("a", "b")]
         vpses = [make_vps(sql, user, "hetzner-cx23", ref=str(s["id"]), created=T0) for s in servers]
@@ -206,6 +217,10 @@ async def test_provider_down_alerts_and_stops_nobody(temporal_client: Client, se
     assert sorted(f.vps_id for f in report.failed) == sorted(vpses)
     assert {f.user_id for f in report.failed} == {str(user)}
     assert any("provider unavailable" in r.getMessage() for r in caplog.records)
+    # The admin is alerted, the user told their figures are late (in the API, not by email), once each.
+    notes = sql.execute("SELECT user_id, kind, email_status FROM notifications ORDER BY kind").fetchall()
+    assert notes == [(user, "collection_failed", "skipped"), (admin, "provider_outage", "pending")], notes
+    assert metric("slopbox_provider_errors_total", provider="hetzner", code="503") >= errors_503 + 2
     for vps in vpses:  # not counted, not stopped, asked again next cycle (watermark unchanged)
         assert watermark(sql, vps) == T0
         assert sql.execute("SELECT state FROM vpses WHERE id = %s", (vps,)).fetchone() == ("running",)
