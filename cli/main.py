@@ -57,57 +57,30 @@ def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_user_exempt(settings: Settings, args: argparse.Namespace) -> int:
-    from cli.embedded import database_available
-    from cli.users import UserError, set_usage_exempt
-
-    try:
-        with database_available(settings) as url:
-            user_id = set_usage_exempt(url, email=args.email, exempt=not args.off)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if args.off:
-        print(f"{args.email} is no longer exempt: usage limits apply again")
-    else:
-        print(f"{args.email} is exempt from usage limits: never stopped or cut off for usage")
-    print(user_id)
-    return 0
-
-
-def _cmd_user_create(settings: Settings, args: argparse.Namespace) -> int:
-    from cli.embedded import database_available
-    from cli.users import UserError, create_user
-
-    try:
-        with database_available(settings) as url:
-            user_id = create_user(url, email=args.email, plan=args.plan, admin=args.admin, name=args.name)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"created user {args.email}")
-    print(user_id)
-    return 0
-
-
-def _cmd_user_admin(settings: Settings, args: argparse.Namespace) -> int:
-    from cli.embedded import database_available
-    from cli.users import UserError, set_admin
-
-    try:
-        with database_available(settings) as url:
-            user_id = set_admin(url, email=args.email, admin=not args.revoke)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"{'revoked admin from' if args.revoke else 'made admin:'} {args.email}")
-    print(user_id)
-    return 0
-
-
 def _cmd_user(settings: Settings, args: argparse.Namespace) -> int:
-    commands = {"create": _cmd_user_create, "admin": _cmd_user_admin, "exempt": _cmd_user_exempt}
-    return commands[args.user_command](settings, args)
+    """`user create | admin | exempt`: one database change each; the user's id is the last line printed."""
+    from cli.embedded import database_available
+    from cli.users import UserError, create_user, set_admin, set_usage_exempt
+
+    try:
+        with database_available(settings) as url:
+            if args.user_command == "create":
+                user_id = create_user(url, email=args.email, plan=args.plan, admin=args.admin, name=args.name)
+                said = f"created user {args.email}"
+            elif args.user_command == "admin":
+                user_id = set_admin(url, email=args.email, admin=not args.revoke)
+                said = f"{'revoked admin from' if args.revoke else 'made admin:'} {args.email}"
+            else:
+                user_id = set_usage_exempt(url, email=args.email, exempt=not args.off)
+                said = (f"{args.email} is no longer exempt: usage limits apply again" if args.off else
+                        f"{args.email} is exempt from usage limits: never stopped or cut off for usage")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(said)
+    print(user_id)
+    return 0
+
 
 
 def _cmd_session_create(settings: Settings, args: argparse.Namespace) -> int:
