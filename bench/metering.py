@@ -17,31 +17,23 @@ import argparse
 import asyncio
 import resource
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
 from cryptography.fernet import Fernet
 from sqlalchemy import event
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.metering import MeteringActivities
-from bench.provision import free_port
+from bench.stack import standalone_stack
 from db.engine import make_engine
-from db.migrate import migrate_and_seed
-from devstack import postgres
-from devstack.postgres import EmbeddedPostgres
-from devstack.temporal import temporal_cli
 from metering.collectors import FlyCollector, HetznerCollector, LocalCollector, UsageCollector
-from orchestration.search_attributes import SEARCH_ATTRIBUTES
 from settings import Settings
 from tests.fakes.fly_api import FakeFly
 from tests.fakes.hetzner_api import FakeHetzner
@@ -149,31 +141,18 @@ async def one_size(n: int, provider: str, budget: int | None, env: WorkflowEnvir
 
 
 async def main(sizes: list[int], provider: str, budget: int | None) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="slopbox-bench-meter-"))
-    pg = EmbeddedPostgres(tmp, free_port())
-    proc = pg.spawn()
-    try:
-        pg.wait_ready(proc)
-        pg.ensure_database()
-        url = pg.url()
-        migrate_and_seed(url.replace("postgresql://", "postgresql+psycopg://"))
-        tport = free_port()
-        async with await WorkflowEnvironment.start_local(
-            dev_server_existing_path=temporal_cli(), search_attributes=SEARCH_ATTRIBUTES,
-            data_converter=pydantic_data_converter, port=tport, ui=False,
-        ) as env:
-            settings = Settings(database_url=url, control_plane_api_key=KEY, local_provider=True,
-                                encryption_keys=[Fernet.generate_key().decode()],
-                                temporal_address=f"127.0.0.1:{tport}", data_dir=tmp / "data")
-            results = [await one_size(n, provider, budget, env, settings, url, proc.pid) for n in sizes]
-        base = results[0]
-        print(f"growth relative to {base['n']} VPSes (x{' / x'.join(str(r['n'] // base['n']) for r in results)}):")
-        for key in ("wall_s", "requests", "statements", "worker_cpu_s", "postgres_cpu_s"):
-            print(f"  {key:>15}: " + "  ".join(f"{r[key] / base[key]:7.1f}x" if base[key] else "-" for r in results))
-        print("  statements per batch: " + "  ".join(f"{r['statements'] / max(1, r['batches']):.1f}"
-                                                       for r in results))
-    finally:
-        postgres.stop(proc)
+    async with standalone_stack("slopbox-bench-meter-") as stack:
+        settings = Settings(database_url=stack.database_url, control_plane_api_key=KEY, local_provider=True,
+                            encryption_keys=[Fernet.generate_key().decode()],
+                            temporal_address=stack.temporal_address, data_dir=stack.tmp / "data")
+        results = [await one_size(n, provider, budget, stack.temporal, settings, stack.database_url,
+                                  stack.postgres_pid) for n in sizes]
+    base = results[0]
+    print(f"growth relative to {base['n']} VPSes (x{' / x'.join(str(r['n'] // base['n']) for r in results)}):")
+    for key in ("wall_s", "requests", "statements", "worker_cpu_s", "postgres_cpu_s"):
+        print(f"  {key:>15}: " + "  ".join(f"{r[key] / base[key]:7.1f}x" if base[key] else "-" for r in results))
+    print("  statements per batch: " + "  ".join(f"{r['statements'] / max(1, r['batches']):.1f}"
+                                                   for r in results))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,19 +30,13 @@ import httpx
 import psycopg
 from cryptography.fernet import Fernet
 from temporalio.api.enums.v1 import EventType
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.agent_ops import AgentActivities as VpsActivities
 from api.app import create_app
+from bench.stack import standalone_stack
 from db.engine import make_engine, session_factory
-from db.migrate import migrate_and_seed
-from devstack import postgres
-from devstack.postgres import EmbeddedPostgres
-from devstack.temporal import temporal_cli
 from gateway_simulator.server import run_simulator
-from orchestration.search_attributes import SEARCH_ATTRIBUTES
 from providers import VmInfo, VmProvider, VmSpec, VmState
 from settings import Settings
 from workflows import WORKFLOWS
@@ -100,14 +93,6 @@ class InProcessVms(VmProvider):
 
     def gateway_url(self, info: VmInfo) -> str:
         return f"http://{info.host}:{info.gateway_port}"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def activity_seconds(client, workflow_id: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -184,22 +169,12 @@ def summary(label: str, rows: list[Row]) -> dict[str, float]:
 
 
 async def main(concurrency: int, only_in_process: bool = False) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="slopbox-bench-"))
-    pg = EmbeddedPostgres(tmp, free_port())
-    proc = pg.spawn()
-    try:
-        pg.wait_ready(proc)
-        pg.ensure_database()
-        url = pg.url()
-        migrate_and_seed(url.replace("postgresql://", "postgresql+psycopg://"))
-        tport = free_port()
-        async with await WorkflowEnvironment.start_local(
-            dev_server_existing_path=temporal_cli(), search_attributes=SEARCH_ATTRIBUTES,
-            data_converter=pydantic_data_converter, port=tport, ui=False,
-        ) as env:
+    async with standalone_stack("slopbox-bench-") as stack:
+        tmp, url, env = stack.tmp, stack.database_url, stack.temporal
+        try:
             settings = Settings(database_url=url, control_plane_api_key=KEY, local_provider=True,
                                 encryption_keys=[Fernet.generate_key().decode()],
-                                temporal_address=f"127.0.0.1:{tport}", data_dir=tmp / "data")
+                                temporal_address=stack.temporal_address, data_dir=tmp / "data")
             with psycopg.connect(url, autocommit=True) as sql:
                 sql.execute("INSERT INTO plans (name, display_name, max_agents, max_vpses, max_bandwidth_bytes, "
                             "max_storage_bytes, max_cpu_ms, max_memory_mb_seconds, "
@@ -235,13 +210,12 @@ async def main(concurrency: int, only_in_process: bool = False) -> None:
                     for key in ("p50_overhead", "p50_gateway_rpc", "p50_orchestration"):
                         print(f"   {key} ratio ({concurrency} concurrent / 1 alone): {many[key] / base[key]:.2f}x")
                 await engine.dispose()
-    finally:
-        postgres.stop(proc)
-        from providers.local import LocalProvider
+        finally:
+            from providers.local import LocalProvider
 
-        local = LocalProvider(tmp / "data")
-        for vm in await local.list_managed():
-            await local.destroy(vm.provider_ref)
+            local = LocalProvider(tmp / "data")
+            for vm in await local.list_managed():
+                await local.destroy(vm.provider_ref)
 
 
 if __name__ == "__main__":

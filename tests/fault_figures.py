@@ -15,53 +15,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shutil
 import sys
-import tempfile
 import uuid
-from pathlib import Path
 
 import psycopg
 from cryptography.fernet import Fernet
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
-from db.migrate import migrate_and_seed
-from devstack import postgres
-from devstack.postgres import EmbeddedPostgres
-from devstack.temporal import temporal_cli
-from orchestration.search_attributes import SEARCH_ATTRIBUTES
+from bench.stack import standalone_stack
 from settings import Settings
-from tests.conftest import API_KEY, free_port
+from tests.conftest import API_KEY
 from tests.fault_harness import ChaosFigures, run_chaos
 from tests.helpers import make_user
 
 
 async def main(size: int, rate: float, seed: int) -> ChaosFigures:
-    tmp = Path(tempfile.mkdtemp(prefix="slopbox-faults-"))
-    pg = EmbeddedPostgres(tmp, free_port())
-    proc = pg.spawn()
-    try:
-        pg.wait_ready(proc)
-        pg.ensure_database()
-        url = pg.url()
-        migrate_and_seed(url.replace("postgresql://", "postgresql+psycopg://"))
-        port = free_port()
-        async with await WorkflowEnvironment.start_local(
-            dev_server_existing_path=temporal_cli(), search_attributes=SEARCH_ATTRIBUTES,
-            data_converter=pydantic_data_converter, port=port, ui=False,
-        ) as env:
-            settings = Settings(database_url=url, control_plane_api_key=API_KEY,
-                                encryption_keys=[Fernet.generate_key().decode()],
-                                temporal_address=f"127.0.0.1:{port}",
-                                temporal_task_queue=f"tq-{uuid.uuid4().hex[:8]}", data_dir=tmp / "data",
-                                openclaw_bin=None, hcloud_token=None, fly_api_token=None)
-            with psycopg.connect(url, autocommit=True) as sql:
-                return await run_chaos(settings, env.client, lambda: make_user(sql, plan="starter"), size=size,
-                                       rate=rate, seed=seed, workdir=tmp)
-    finally:
-        postgres.stop(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+    async with standalone_stack("slopbox-faults-", remove=True) as stack:
+        settings = Settings(database_url=stack.database_url, control_plane_api_key=API_KEY,
+                            encryption_keys=[Fernet.generate_key().decode()],
+                            temporal_address=stack.temporal_address,
+                            temporal_task_queue=f"tq-{uuid.uuid4().hex[:8]}", data_dir=stack.tmp / "data",
+                            openclaw_bin=None, hcloud_token=None, fly_api_token=None)
+        with psycopg.connect(stack.database_url, autocommit=True) as sql:
+            return await run_chaos(settings, stack.temporal.client, lambda: make_user(sql, plan="starter"),
+                                   size=size, rate=rate, seed=seed, workdir=stack.tmp)
 
 
 def cli() -> int:
