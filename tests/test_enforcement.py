@@ -118,6 +118,11 @@ async def test_stops_exactly_once_when_the_schedule_fires_twice_and_the_budget_l
         too_low = await stack.api.put("/users/me/overage-budget", json={"budget_cents": 29}, headers=headers(user))
         assert too_low.status_code == 200
         assert (await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))).status_code == 402
+        # A new VPS would be stopped at the next run too: provisioning is refused the same way, nothing made.
+        other = await stack.new_agent(user, "second")
+        new_vps = await stack.provision(user, other)
+        assert new_vps.status_code == 402 and "Cannot provision" in new_vps.json()["detail"], new_vps.text
+        assert (await stack.agent(user, other))["vps"] is None
 
         # Raising the budget to cover the cost makes the start allowed, and the next run leaves it running.
         assert (await stack.api.put("/users/me/overage-budget", json={"budget_cents": 30},

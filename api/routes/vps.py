@@ -69,7 +69,7 @@ async def agent_and_vps(session: AsyncSession, user: User, agent_id: uuid.UUID) 
 
 
 @router.post("", status_code=202, response_model=OperationAccepted,
-             responses={202: {"description": "Provisioning started"}, **problem_responses(403, 404, 409)})
+             responses={202: {"description": "Provisioning started"}, **problem_responses(402, 403, 404, 409)})
 async def provision(agent_id: uuid.UUID, body: ProvisionIn, request: Request, session: SessionDep,
                     user: CurrentUser, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     settings: Settings = request.app.state.settings
@@ -99,6 +99,7 @@ async def provision(agent_id: uuid.UUID, body: ProvisionIn, request: Request, se
         raise Problem(409, "Provider not configured",
                       f"The {config.provider} provider is not configured on this control plane.",
                       type_="provider-unavailable", provider=config.provider)
+    await refuse_over_budget(session, user, "provision")
     # Every VPS that may own a VM counts, `error` included: its VM may still be billed.
     owned = (await session.exec(select(func.count()).select_from(Vps).where(
         Vps.user_id == user.id, Vps.state != VpsState.destroyed))).one()
@@ -173,18 +174,19 @@ async def _lifecycle(agent_id: uuid.UUID, request: Request, session: AsyncSessio
     return accepted(agent_id, vps.id, done.operation_id, done.operation)
 
 
-async def refuse_over_budget(session: AsyncSession, user: User) -> None:
+async def refuse_over_budget(session: AsyncSession, user: User, action: str = "start") -> None:
     """402 when this month's usage is over the plan and the overage budget (the decision the automatic
-    stop and the forward proxy use, exemption included): starting would only be stopped again."""
+    stop and the forward proxy use, exemption included): a started or new VPS would only be stopped again."""
     verdict = await current_verdict(session, user)
     if verdict.allowed:
         return
     if verdict.budget_can_fix:
         fix = (f"Raise this month's overage budget to at least {verdict.overage_cents} cents "
-               f"(PUT /users/me/overage-budget with {{\"budget_cents\": {verdict.overage_cents}}}), then start again.")
+               f"(PUT /users/me/overage-budget with {{\"budget_cents\": {verdict.overage_cents}}}), "
+               f"then {action} again.")
     else:
         fix = "No overage budget covers it: move to a plan with a larger limit, or wait for next month."
-    raise Problem(402, "Over plan limits and overage budget", f"Cannot start: {verdict.reason}. {fix}",
+    raise Problem(402, "Over plan limits and overage budget", f"Cannot {action}: {verdict.reason}. {fix}",
                   type_="overage-budget-exceeded", overage_cents=verdict.overage_cents,
                   budget_cents=verdict.budget_cents, required_budget_cents=verdict.required_budget_cents,
                   over=list(verdict.over))
