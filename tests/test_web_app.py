@@ -49,6 +49,7 @@ class Web:
                                  timeout=60.0)
 
     app: Any = None
+    api: Any = None
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -65,7 +66,7 @@ async def web(settings: Settings, temporal_client: Client, db: str) -> AsyncIter
         async with running_stack(settings, temporal_client) as stack, api.router.lifespan_context(api):
             app = create_web(web_settings, api_transport=httpx.ASGITransport(app=api))
             async with app.router.lifespan_context(app):
-                yield Web(settings=web_settings, mail=handler, stack=stack, app=app)
+                yield Web(settings=web_settings, mail=handler, stack=stack, app=app, api=api)
     finally:
         server.close()
         await server.wait_closed()
