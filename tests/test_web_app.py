@@ -233,3 +233,18 @@ async def test_other_users_agent_is_404(web: Web, sql: psycopg.Connection) -> No
         junk = await b.get("/agents/not-a-uuid")
         assert junk.status_code == 404 and "Traceback" not in junk.text
         assert "theirs" not in (await b.get("/dashboard")).text
+
+
+async def test_api_unreachable_is_a_plain_page(web: Web, sql: psycopg.Connection) -> None:
+    """The control plane down: the signed-in pages say so (503), with no trace and no crash."""
+    email = f"down-{uuid.uuid4().hex[:8]}@example.com"
+    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
+                (email, auth.hash_password(PASSWORD)))
+    down = web.settings.model_copy(update={"web_api_url": f"http://127.0.0.1:{free_port()}"})
+    app = create_web(down)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=down.web_url, timeout=60.0) as b:
+        assert (await log_in(b, email)).status_code == 303  # sign-in needs only the Auth.js tables
+        page = await b.get("/dashboard")
+        assert page.status_code == 503 and "Control plane unreachable" in page.text
+        assert "Traceback" not in page.text and "httpx" not in page.text

@@ -119,6 +119,12 @@ def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | 
             return RedirectResponse("/login", status_code=303)
         return render(request, "error.html", exc.status, title=exc.title, detail=exc.detail)
 
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        """An API refusal no page handled itself: its readable sentence, never a trace."""
+        status = exc.status if 400 <= exc.status < 600 else 502
+        return render(request, "error.html", status, title=exc.title, detail=_readable(exc))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         title = "Page not found" if exc.status_code == 404 else "Request refused"
@@ -318,7 +324,10 @@ def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | 
             page = await api.get("/agents?limit=100")
             return render(request, "dashboard.html", 400 if err.status == 422 else err.status, agents=page["items"],
                           unread=await unread(api), presets=PRESETS, error=_readable(err))
-        await api.call("PATCH", f"/agents/{agent['id']}/settings", {"files": {"SOUL.md": PRESETS[preset][1]}})
+        try:
+            await api.call("PATCH", f"/agents/{agent['id']}/settings", {"files": {"SOUL.md": PRESETS[preset][1]}})
+        except ApiError as err:  # the agent exists: say why its personality is not set, and go on
+            log.warning("personality not saved for a new agent: %s", err)
         notice = await provision(api, agent["id"])
         target = f"/agents/{agent['id']}" + (f"?{urlencode({'notice': notice})}" if notice else "")
         return RedirectResponse(target, status_code=303)
