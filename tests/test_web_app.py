@@ -32,6 +32,7 @@ from tests.helpers import headers, make_user
 from tests.lifecycle_harness import FAST, Stack, running_stack
 from web import auth
 from web.app import create_app as create_web
+from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 WAIT_S = 120.0
@@ -148,8 +149,8 @@ async def test_signup_to_destroy(web: Web, sql: psycopg.Connection) -> None:
         assert 'id="usage-chart"' in page and "<svg" in page
         dash = await b.get("/dashboard")
         assert "Webby" in dash.text and "running" in dash.text
-        soul = (await web.stack.agent(user_id, agent_id))["settings"]
-        assert soul is not None
+        personality = sql.execute("SELECT personality FROM agents WHERE id = %s", (agent_id,)).fetchone()
+        assert personality is not None and "warm and upbeat" in personality[0]["SOUL.md"]  # the preset
 
         # The proxy's own session check accepts the web app's cookie for this user's agent.
         engine = make_engine(web.settings)
@@ -248,3 +249,27 @@ async def test_api_unreachable_is_a_plain_page(web: Web, sql: psycopg.Connection
         page = await b.get("/dashboard")
         assert page.status_code == 503 and "Control plane unreachable" in page.text
         assert "Traceback" not in page.text and "httpx" not in page.text
+
+
+async def test_failed_provision_shows_its_reason(web: Web, sql: psycopg.Connection,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
+    monkeypatch.setattr(web.api.state, "lifecycle_timeouts",
+                        LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 3}))
+    email = f"fail-{uuid.uuid4().hex[:8]}@example.com"
+    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
+                (email, auth.hash_password(PASSWORD)))
+    async with web.browser() as b:
+        assert (await log_in(b, email)).status_code == 303
+        resp = await post_form(b, "/dashboard", "/agents", {"name": "Doomed", "preset": "helpful"})
+        assert resp.status_code == 303, resp.text
+        agent_page = resp.headers["location"].split("?")[0]
+
+        async def failed() -> str | None:
+            page = await b.get(agent_page)
+            return page.text if 'id="state">error<' in page.text else None
+
+        page = await wait_for("the provision to fail", failed)
+        assert "gateway did not become ready within 3s" in page and 'id="last-error"' in page
+        dash = await b.get("/dashboard")
+        assert "gateway did not become ready within 3s" in dash.text
