@@ -240,8 +240,15 @@ def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | 
                       detail=f"We sent a link to {email}. Open it to verify your address.")
 
     @app.get("/verify", response_class=HTMLResponse)
-    async def verify(request: Request, email: str = "", token: str = "") -> Response:
-        email = auth.normalize_email(email)
+    async def verify_page(request: Request, email: str = "", token: str = "") -> Response:
+        """The mailed link only shows a button: mail scanners that fetch links do not use up the token."""
+        return render(request, "verify.html", email=email[:255], token=token[:255])
+
+    @app.post("/verify", response_class=HTMLResponse)
+    async def verify(request: Request) -> Response:
+        fields = await form(request)
+        email = auth.normalize_email(fields.get("email", ""))
+        token = fields.get("token", "")
         async with db_session(request) as db:
             ok = bool(email and token) and await auth.use_verification_token(db, email, token)
             user = await auth.user_by_email(db, email) if ok else None
