@@ -115,6 +115,10 @@ async def sign_up_and_verify(web: Web, b: httpx.AsyncClient, email: str) -> None
         assert landing.status_code == 200 and "Verify my email" in landing.text
     assert (await log_in(b, email)).status_code == 403
     fields = dict(re.findall(r'name="(email|token)" value="([^"]*)"', landing.text))
+    someone_else = await b.post("/verify", data={**fields, "password": "not the sign-up password",
+                                                 "csrf_token": csrf_of(landing.text)})
+    assert someone_else.status_code == 401  # and the token is still good:
+    fields["password"] = PASSWORD
     verified = await b.post("/verify", data={**fields, "csrf_token": csrf_of(landing.text)})
     assert verified.status_code == 200 and "Email verified" in verified.text
     again = await b.post("/verify", data={**fields, "csrf_token": csrf_of(landing.text)})
@@ -132,6 +136,12 @@ async def test_signup_to_destroy(web: Web, sql: psycopg.Connection) -> None:
         row = sql.execute('SELECT id, "emailVerified", password_hash FROM users WHERE email = %s', (email,)).fetchone()
         assert row is not None and row[1] is not None and row[2].startswith("$argon2")
         user_id = row[0]
+        # Signing up again with a verified address changes nothing and tells the page nothing.
+        again = await post_form(b, "/signup", "/signup", {"email": email, "password": "another password 123"})
+        assert again.status_code == 200 and "Check your email" in again.text
+        await wait_for("the 'already have an account' mail", lambda: asyncio.sleep(0, any(
+            email in m["rcpt_to"] and "already have an account" in m["subject"] for m in web.mail.received)))
+        assert sql.execute("SELECT password_hash FROM users WHERE id = %s", (user_id,)).fetchone() == (row[2],)
 
         resp = await log_in(b, email)
         assert resp.status_code == 303 and resp.headers["location"] == "/dashboard"

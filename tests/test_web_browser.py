@@ -76,6 +76,8 @@ async def test_sign_up_to_running_agent_in_the_browser(web: Web) -> None:  # noq
                     return None
 
                 await page.goto(await wait_for("the verification mail", link))
+                await page.get_by_label("Password").fill(PASSWORD)
+                await page.screenshot(path=ARTIFACTS / "web-verify.png", full_page=True)
                 await page.get_by_role("button", name="Verify my email").click()
                 await expect(page.get_by_role("heading", name="Email verified")).to_be_visible()
                 await page.get_by_role("link", name="Log in").last.click()

@@ -247,11 +247,22 @@ def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | 
     @app.post("/verify", response_class=HTMLResponse)
     async def verify(request: Request) -> Response:
         fields = await form(request)
-        email = auth.normalize_email(fields.get("email", ""))
+        email = auth.normalize_email(fields.get("email", ""))[:255]
         token = fields.get("token", "")
+        address = request.client.host if request.client else "unknown"
+        if limiter.blocked(email, address):
+            return render(request, "error.html", 429, title="Too many attempts",
+                          detail="Too many failed attempts. Wait a few minutes and try again.")
         async with db_session(request) as db:
-            ok = bool(email and token) and await auth.use_verification_token(db, email, token)
-            user = await auth.user_by_email(db, email) if ok else None
+            # The password chosen at sign-up is asked again: someone who signed up with another
+            # person's address cannot have that person verify an account whose password they know.
+            account = await auth.user_by_email(db, email) if email else None
+            if not auth.check_password(account.password_hash if account else None, fields.get("password", "")):
+                limiter.failed(email, address)
+                return render(request, "verify.html", 401, email=email, token=token[:255],
+                              error="That is not the password this account was created with.")
+            ok = bool(token) and await auth.use_verification_token(db, email, token)
+            user = account if ok else None
             if user is not None:
                 user.email_verified = user.email_verified or datetime.now(UTC)
             await db.commit()
