@@ -19,6 +19,7 @@ COPY providers ./providers
 COPY openclaw ./openclaw
 COPY gateway_simulator ./gateway_simulator
 COPY telemetry ./telemetry
+COPY web ./web
 COPY worker.py settings.py ./
 RUN pip install --no-cache-dir .
 USER slopbox

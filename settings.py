@@ -131,6 +131,17 @@ class Settings(BaseSettings):
         default=8025, validation_alias="SLOPBOX_MAIL_SINK_PORT",
         description="`slopbox dev`: the local SMTP sink's port (used when SMTP_HOST is unset); "
                     "its log shows every message")
+    # Web app (web/): the BFF people use in the browser
+    web_host: str = "127.0.0.1"
+    web_port: Port = 3000
+    web_api_url: str | None = Field(
+        default=None, description="the control-plane API the web app calls; unset = http://API_HOST:API_PORT")
+    web_public_url: str | None = Field(
+        default=None, description="the web app's address as browsers see it (links in email; https = "
+                                  "`__Secure-` cookie names); unset = http://WEB_HOST:WEB_PORT")
+    web_login_max_failures: int = Field(
+        default=5, ge=1, description="failed logins per email, and 4x that per client address, per window")
+    web_login_window_s: int = Field(default=900, ge=1, description="the login rate limit's window")
     # Metering (README "Metering")
     metering_interval_s: int = Field(
         default=3600, ge=0, description="seconds between MeteringCycle runs (a Temporal Schedule); 0 = this worker "
@@ -260,6 +271,14 @@ class Settings(BaseSettings):
     def proxy_url(self) -> str:
         """The address `slopbox dev` prints for the proxy, and the Origin the UI relay sends upstream."""
         return f"http://{self.proxy_host}:{self.proxy_port}"
+
+    @property
+    def web_url(self) -> str:
+        return (self.web_public_url or f"http://{self.web_host}:{self.web_port}").rstrip("/")
+
+    @property
+    def web_api_base(self) -> str:
+        return (self.web_api_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
 
     @property
     def temporal_target(self) -> str:

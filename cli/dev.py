@@ -1,10 +1,10 @@
 """`slopbox dev`: the whole stack on one machine, supervised, with nothing left behind on exit.
 
 Order: PostgreSQL (embedded unless DATABASE_URL) → migrations and seeds → local VMs brought back
-→ Temporal dev server (unless TEMPORAL_ADDRESS) → demo user → worker, API, proxy, and (unless
+→ Temporal dev server (unless TEMPORAL_ADDRESS) → demo user → worker, API, proxy, web app, and (unless
 SMTP_HOST is set) a local SMTP sink, `mail`, whose log shows every notification email.
 
-The worker, API and proxy are supervised: one that exits is restarted after a backoff (1 s,
+The worker, API, proxy and web app are supervised: one that exits is restarted after a backoff (1 s,
 doubling to 30 s; back to 1 s once it stayed up a minute), and the stack says so on stdout and in
 `logs/dev.log` and the child's own log. The infrastructure is not: if PostgreSQL or Temporal dies,
 the stack stops with a message, because everything above them would fail anyway. Ctrl-C / SIGTERM
@@ -173,7 +173,7 @@ def run_dev(settings: Settings) -> int:
         env.setdefault("SLOPBOX_SIM_WHATSAPP", "1")
         mail = mail_env(settings)
         env.update(mail)
-        for name in ("worker", "api", "proxy"):
+        for name in ("worker", "api", "proxy", "web"):
             service = Service(name, [sys.executable, "-m", "cli.main", name], logs, env)
             service.start()
             services.append(service)
@@ -184,11 +184,13 @@ def run_dev(settings: Settings) -> int:
             wait_port("127.0.0.1", settings.mail_sink_port, sink.proc)
         wait_port(settings.api_host, settings.api_port, services[1].proc)
         wait_port(settings.proxy_host, settings.proxy_port, services[2].proc)
+        wait_port(settings.web_host, settings.web_port, services[3].proc)
 
         temporal_ui = (f"http://127.0.0.1:{settings.temporal_ui_port}" if settings.temporal_address is None
                        else "(external Temporal: see your cluster's UI)")
         _say("")
         _say("Slopbox is up.")
+        _say(f"  Web app       {settings.web_url}   (sign up there; verification mail goes to the mail sink)")
         _say(f"  API           http://{settings.api_host}:{settings.api_port}   (OpenAPI: /docs)")
         _say(f"  Proxy         {settings.proxy_url}")
         _say(f"  Temporal UI   {temporal_ui}")

@@ -1,4 +1,4 @@
-"""`slopbox`: dev | api | worker | proxy | mail-sink | migrate | user create/admin/exempt | session create |
+"""`slopbox`: dev | api | web | worker | proxy | mail-sink | migrate | user create/admin/exempt | session create |
 secrets rotate."""
 
 from __future__ import annotations
@@ -19,6 +19,17 @@ def _cmd_api(settings: Settings, _args: argparse.Namespace) -> int:
     configure_logging("api", settings.log_level)
     app = create_app(settings)
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None,
+                access_log=False, proxy_headers=False)
+    return 0
+
+
+def _cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from web.app import create_app
+
+    configure_logging("web", settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.web_host, port=settings.web_port, log_config=None,
                 access_log=False, proxy_headers=False)
     return 0
 
@@ -130,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("dev", help="run the whole stack on this machine (embedded Postgres and Temporal)")
     sub.add_parser("api", help="run the HTTP API")
+    sub.add_parser("web", help="run the web app (WEB_HOST:WEB_PORT, default 127.0.0.1:3000)")
     sub.add_parser("worker", help="run a Temporal worker (workflows + activities)")
     sub.add_parser("proxy", help="run the gateway proxy and the agents' forward proxy")
     sub.add_parser("mail-sink", help="a local SMTP sink that logs every message (run by `slopbox dev`)")
@@ -162,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "dev": _cmd_dev, "api": _cmd_api, "worker": _cmd_worker, "proxy": _cmd_proxy, "migrate": _cmd_migrate,
+    "dev": _cmd_dev, "api": _cmd_api, "web": _cmd_web, "worker": _cmd_worker, "proxy": _cmd_proxy,
+    "migrate": _cmd_migrate,
     "mail-sink": _cmd_mail_sink, "user": _cmd_user, "secrets": _cmd_secrets_rotate, "session": _cmd_session_create,
 }
 

@@ -138,6 +138,8 @@ class User(SQLModel, table=True):
     is_admin: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
     usage_exempt: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default="false"))
     """Set by an admin: never stopped or cut off for usage (billing/overage.py)."""
+    password_hash: str | None = Field(default=None, sa_column=Column(Text), repr=False)
+    """argon2 hash written by the web app's sign-up (web/auth.py); NULL = no password sign-in."""
     created_at: datetime | None = Field(default=None, sa_column=_created())
 
     plan: Optional["Plan"] = Relationship()

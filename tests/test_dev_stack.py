@@ -34,7 +34,7 @@ def data_dir() -> Iterator[Path]:
 def test_dev_stack_starts_serves_and_stops_cleanly(tmp_path: Path, data_dir: Path) -> None:
     ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
                                                   "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT",
-                                                  "SLOPBOX_MAIL_SINK_PORT")}
+                                                  "SLOPBOX_MAIL_SINK_PORT", "WEB_PORT")}
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
     env.update(ports, SLOPBOX_DATA_DIR=str(data_dir), SLOPBOX_GATEWAY="simulator")  # the supervisor, not the gateway
     out = (tmp_path / "dev.out").open("w+")
@@ -53,6 +53,11 @@ def test_dev_stack_starts_serves_and_stops_cleanly(tmp_path: Path, data_dir: Pat
         assert httpx.get(f"{api}/healthz").json() == {"status": "ok"}
         assert httpx.get(f"{api}/readyz").status_code == 200
         assert httpx.get(f"http://127.0.0.1:{ports['TEMPORAL_UI_PORT']}/").status_code == 200
+        banner = text.split("Slopbox is up.", 1)[1].strip().splitlines()
+        web = f"http://127.0.0.1:{ports['WEB_PORT']}"
+        assert banner[0].split()[:3] == ["Web", "app", web]  # the first thing a person opens
+        landing = httpx.get(f"{web}/")
+        assert landing.status_code == 200 and "Sign up" in landing.text
         me = httpx.get(f"{api}/users/me", headers={"Authorization": f"Bearer {key}", "X-User-Id": user_id})
         assert me.status_code == 200 and me.json()["email"] == "demo@slopbox.local"
         created = httpx.post(f"{api}/agents", json={"name": "dev"},
@@ -97,7 +102,7 @@ def _stop(proc: subprocess.Popen[bytes], out_path: Path) -> None:
 def test_dev_stack_restarts_a_crashed_worker_and_brings_local_vms_back(tmp_path: Path, data_dir: Path) -> None:
     ports = {name: str(free_port()) for name in ("API_PORT", "PROXY_PORT", "FORWARD_PROXY_PORT", "TEMPORAL_PORT",
                                                   "TEMPORAL_UI_PORT", "EMBEDDED_POSTGRES_PORT",
-                                                  "SLOPBOX_MAIL_SINK_PORT")}
+                                                  "SLOPBOX_MAIL_SINK_PORT", "WEB_PORT")}
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
     env.update(ports, SLOPBOX_DATA_DIR=str(data_dir), SLOPBOX_GATEWAY="simulator")  # the supervisor, not the gateway
     api = f"http://127.0.0.1:{ports['API_PORT']}"

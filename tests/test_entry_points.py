@@ -20,7 +20,7 @@ def test_every_compose_service_runs_a_real_entry_point() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["slopbox"]' in dockerfile
     ours = {name: svc for name, svc in compose["services"].items() if svc.get("image") == "slopbox:latest"}
-    assert set(ours) == {"migrate", "api", "worker", "proxy"}
+    assert set(ours) == {"migrate", "api", "worker", "proxy", "web"}
     parser = build_parser()
     for name, svc in ours.items():
         args = parser.parse_args(svc["command"])
@@ -28,7 +28,8 @@ def test_every_compose_service_runs_a_real_entry_point() -> None:
     for required in ("postgres", "temporal", "temporal-ui"):
         assert required in compose["services"]
     # Every top-level package the code imports is copied into the image.
-    for pkg in ("api", "proxy", "workflows", "activities", "db", "cli", "orchestration", "providers", "openclaw"):
+    for pkg in ("api", "proxy", "workflows", "activities", "db", "cli", "orchestration", "providers", "openclaw",
+                "web"):
         assert f"COPY {pkg} ./{pkg}" in dockerfile, pkg
 
 
@@ -49,11 +50,12 @@ def _published_host_ips(ports: list[object]) -> list[str]:
     return out
 
 
-def test_only_the_api_and_the_proxy_are_published_beyond_loopback() -> None:
-    """Temporal's frontend (7233) and Web UI (8233) have no authentication (issue 9 item 14)."""
+def test_only_the_api_the_proxy_and_the_web_app_are_published_beyond_loopback() -> None:
+    """Temporal's frontend (7233) and Web UI (8233) have no authentication (issue 9 item 14); the web
+    app is the site people sign in to."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     for name, svc in compose["services"].items():
-        if name in ("api", "proxy"):
+        if name in ("api", "proxy", "web"):
             continue
         for host_ip in _published_host_ips(svc.get("ports", [])):
             assert host_ip in ("127.0.0.1", "::1"), f"{name} publishes a port on {host_ip or 'every interface'}"

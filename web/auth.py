@@ -1,0 +1,146 @@
+"""Email + password accounts on the Auth.js tables, the way an Auth.js adapter would use them.
+
+Sessions are Auth.js v5 database sessions: a random token in `sessions."sessionToken"`, sent raw
+in `authjs.session-token` (`__Secure-authjs.session-token` over https), so the proxy, and a future
+Next.js + Auth.js frontend, accept the same cookie. Verification tokens are stored hashed, as
+Auth.js does, so a database read does not yield a working link.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from collections import deque
+from datetime import UTC, datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy import delete
+from sqlmodel import select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from db.models import AuthSession, User, VerificationToken
+
+SESSION_MAX_AGE = timedelta(days=30)  # Auth.js's default maxAge
+SESSION_UPDATE_AGE = timedelta(days=1)  # ... and updateAge (sliding expiry, at most one write a day)
+VERIFY_MAX_AGE = timedelta(hours=24)
+PLAIN_COOKIE = "authjs.session-token"
+SECURE_COOKIE = "__Secure-authjs.session-token"
+
+_hasher = PasswordHasher()
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+def cookie_name(secure: bool) -> str:
+    return SECURE_COOKIE if secure else PLAIN_COOKIE
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def check_password(stored: str | None, password: str) -> bool:
+    """argon2 verify; an account without a password costs the same hash, so timing does not tell."""
+    try:
+        return _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def _token_hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+async def user_by_email(db: AsyncSession, email: str) -> User | None:
+    return (await db.exec(select(User).where(User.email == email))).first()
+
+
+async def new_verification_token(db: AsyncSession, email: str) -> str:
+    """Replaces any earlier token of this address; returns the raw token for the link."""
+    raw = secrets.token_urlsafe(32)
+    await db.exec(delete(VerificationToken).where(VerificationToken.identifier == email))  # type: ignore[arg-type]
+    db.add(VerificationToken(identifier=email, token=_token_hash(raw), expires=datetime.now(UTC) + VERIFY_MAX_AGE))
+    return raw
+
+
+async def use_verification_token(db: AsyncSession, email: str, raw: str) -> bool:
+    """Single use (Auth.js's useVerificationToken deletes and returns in one statement)."""
+    row = (await db.exec(
+        delete(VerificationToken)
+        .where(VerificationToken.identifier == email, VerificationToken.token == _token_hash(raw))  # type: ignore[arg-type]
+        .returning(VerificationToken.expires))).first()  # type: ignore[arg-type]
+    return row is not None and row[0] > datetime.now(UTC)
+
+
+async def create_session(db: AsyncSession, user_id: uuid.UUID) -> tuple[str, datetime]:
+    token = str(uuid.uuid4())  # Auth.js's generateSessionToken
+    expires = datetime.now(UTC) + SESSION_MAX_AGE
+    db.add(AuthSession(user_id=user_id, expires=expires, session_token=token))
+    return token, expires
+
+
+async def session_user(db: AsyncSession, token: str | None) -> User | None:
+    """The signed-in user, or None; an expired row is deleted (Auth.js deletes them lazily too)."""
+    if not token or len(token) > 255:
+        return None
+    row = (await db.exec(select(AuthSession, User).join(User, User.id == AuthSession.user_id)  # type: ignore[arg-type]
+                            .where(AuthSession.session_token == token))).first()  # type: ignore[arg-type]
+    if row is None:
+        return None
+    session, user = row
+    now = datetime.now(UTC)
+    if session.expires <= now:
+        await db.delete(session)
+        await db.commit()
+        return None
+    if session.expires - SESSION_MAX_AGE + SESSION_UPDATE_AGE <= now:
+        session.expires = now + SESSION_MAX_AGE
+        await db.commit()
+    return user  # type: ignore[no-any-return]
+
+
+async def delete_session(db: AsyncSession, token: str) -> None:
+    await db.exec(delete(AuthSession).where(AuthSession.session_token == token))  # type: ignore[arg-type]
+
+
+def same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+class LoginLimiter:
+    """Failed logins per email and per client address in a sliding window (in memory, per process).
+
+    A success clears the email's failures, not the address's: one address guessing many accounts
+    stays limited.
+    """
+
+    def __init__(self, max_failures: int, window_s: float, per_address_factor: int = 4) -> None:
+        self._max = {"email": max_failures, "addr": max_failures * per_address_factor}
+        self._window = window_s
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+
+    def _recent(self, key: tuple[str, str]) -> deque[float]:
+        q = self._failures.setdefault(key, deque())
+        cutoff = time.monotonic() - self._window
+        while q and q[0] < cutoff:
+            q.popleft()
+        return q
+
+    def blocked(self, email: str, address: str) -> bool:
+        return (len(self._recent(("email", email))) >= self._max["email"]
+                or len(self._recent(("addr", address))) >= self._max["addr"])
+
+    def failed(self, email: str, address: str) -> None:
+        now = time.monotonic()
+        self._recent(("email", email)).append(now)
+        self._recent(("addr", address)).append(now)
+
+    def succeeded(self, email: str) -> None:
+        self._failures.pop(("email", email), None)
