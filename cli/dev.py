@@ -82,6 +82,17 @@ class Service:
     def log_path(self) -> Path:
         return self.logs / f"{self.name}.log"
 
+    def wait_listening(self, host: str, port: int) -> None:
+        """Until the service listens; if it dies or never does, say why with the end of its log."""
+        try:
+            wait_port(host, port, self.proc)
+        except (RuntimeError, TimeoutError) as err:
+            try:
+                tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+            except OSError:
+                tail = "(no log)"
+            raise RuntimeError(f"{self.name}: {err}; the end of {self.log_path}:\n{tail}") from None
+
     def start(self) -> None:
         self.proc = spawn(self.cmd, log_path=self.log_path, env=self.env)
         self.started_at = time.monotonic()
@@ -181,10 +192,10 @@ def run_dev(settings: Settings) -> int:
             sink = Service("mail", [sys.executable, "-m", "cli.main", "mail-sink"], logs, env)
             sink.start()
             services.append(sink)
-            wait_port("127.0.0.1", settings.mail_sink_port, sink.proc)
-        wait_port(settings.api_host, settings.api_port, services[1].proc)
-        wait_port(settings.proxy_host, settings.proxy_port, services[2].proc)
-        wait_port(settings.web_host, settings.web_port, services[3].proc)
+            sink.wait_listening("127.0.0.1", settings.mail_sink_port)
+        services[1].wait_listening(settings.api_host, settings.api_port)
+        services[2].wait_listening(settings.proxy_host, settings.proxy_port)
+        services[3].wait_listening(settings.web_host, settings.web_port)
 
         temporal_ui = (f"http://127.0.0.1:{settings.temporal_ui_port}" if settings.temporal_address is None
                        else "(external Temporal: see your cluster's UI)")
