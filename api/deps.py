@@ -32,19 +32,25 @@ def _unauthorized(detail: str) -> Problem:
                    headers={"WWW-Authenticate": 'Bearer realm="slopbox"'})
 
 
-async def current_user(
-    request: Request,
-    session: SessionDep,
-    authorization: Annotated[str | None, Header()] = None,
-    x_user_id: Annotated[str | None, Header()] = None,
-) -> User:
-    """BFF auth: the frontend's shared key (constant-time compare) plus the user it vouches for."""
+async def frontend(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """The frontend's shared key (constant-time compare): enough for what any visitor may see."""
     expected: bytes = request.app.state.api_key_bytes
     scheme, _, presented = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not presented:
         raise _unauthorized("Missing 'Authorization: Bearer <CONTROL_PLANE_API_KEY>' header")
     if not hmac.compare_digest(presented.strip().encode(), expected):
         raise _unauthorized("Invalid API key")
+
+
+Frontend = Annotated[None, Depends(frontend)]
+
+
+async def current_user(
+    session: SessionDep,
+    _key: Frontend,
+    x_user_id: Annotated[str | None, Header()] = None,
+) -> User:
+    """BFF auth: the frontend's shared key plus the user it vouches for."""
     if not x_user_id:
         raise _unauthorized("Missing X-User-Id header")
     try:

@@ -131,6 +131,16 @@ async def test_plans_list_their_vps_configs(settings: Settings, sql: psycopg.Con
     assert me["plan"]["vps_configs"] == plans["starter"]["vps_configs"]
 
 
+async def test_plans_need_the_key_but_no_user(api: httpx.AsyncClient) -> None:
+    """A landing page shows pricing to visitors: the frontend's key is enough, nothing else is."""
+    key = {"Authorization": headers(uuid.uuid4())["Authorization"]}
+    visitor = await api.get("/plans", headers=key)
+    assert visitor.status_code == 200 and {p["name"] for p in visitor.json()} == {"free", "starter", "pro"}
+    assert (await api.get("/plans")).status_code == 401
+    assert (await api.get("/plans", headers={"Authorization": "Bearer wrong"})).status_code == 401
+    assert (await api.get("/users/me", headers=key)).status_code == 401  # everything else still needs a user
+
+
 async def test_plans_offer_only_configured_providers(api: httpx.AsyncClient, sql: psycopg.Connection) -> None:
     """No cloud token here: their configs are not offered (provisioning one would be refused)."""
     user = make_user(sql, plan="pro")

@@ -206,6 +206,14 @@ async def test_signup_to_destroy(web: Web, sql: psycopg.Connection) -> None:
             await engine.dispose()
 
 
+async def test_visitors_see_pricing_from_the_plans_table(web: Web) -> None:
+    async with web.browser() as b:
+        page = await b.get("/")
+    assert page.status_code == 200 and "Pricing" in page.text
+    for name in ("Free", "Starter", "Pro"):
+        assert f"<h3>{name}</h3>" in page.text, page.text
+
+
 async def test_csrf_refused(web: Web) -> None:
     async with web.browser() as b:
         await b.get("/login")  # the browser now holds a CSRF cookie

@@ -19,13 +19,14 @@ class ApiError(Exception):
 
 
 class ControlPlane:
-    def __init__(self, client: httpx.AsyncClient, user_id: uuid.UUID) -> None:
+    def __init__(self, client: httpx.AsyncClient, user_id: uuid.UUID | None) -> None:
+        """`user_id` None: a visitor; only what the API shows without `X-User-Id` (the plans)."""
         self._client = client
-        self._user = str(user_id)
+        self._headers = {"X-User-Id": str(user_id)} if user_id is not None else {}
 
     async def call(self, method: str, path: str, json: Any = None) -> Any:
         try:
-            resp = await self._client.request(method, path, json=json, headers={"X-User-Id": self._user})
+            resp = await self._client.request(method, path, json=json, headers=self._headers)
         except httpx.HTTPError:
             raise ApiError(503, "Control plane unreachable",
                            "The control plane did not answer; try again in a moment.") from None

@@ -190,12 +190,11 @@ def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | 
     @app.get("/", response_class=HTMLResponse)
     async def landing(request: Request) -> Response:
         user = await signed_in(request)
-        plans: list[dict[str, Any]] = []
-        if user is not None and user.id is not None:
-            try:
-                plans = await ControlPlane(request.app.state.api, user.id).get("/plans")
-            except ApiError:
-                plans = []
+        try:  # pricing for everyone, signed in or not
+            plans: list[dict[str, Any]] = await ControlPlane(request.app.state.api, user.id if user else None).get(
+                "/plans")
+        except ApiError:
+            plans = []
         return render(request, "landing.html", plans=plans)
 
     @app.get("/signup", response_class=HTMLResponse)

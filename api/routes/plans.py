@@ -1,4 +1,5 @@
-"""Plans and the VPS configs each allows (public to any authenticated frontend call).
+"""Plans and the VPS configs each allows: the frontend's key is enough (no `X-User-Id`), so a
+landing page can show pricing to visitors who have no account yet.
 
 Each plan lists only the configs this control plane can provision: those whose provider is
 configured (`Settings.configured_providers`: a cloud with its token set; `local` in embedded mode or
@@ -18,7 +19,7 @@ from sqlalchemy.orm import selectinload
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from api.deps import CurrentUser, SessionDep
+from api.deps import Frontend, SessionDep
 from api.schemas import PlanOut, VpsConfigOut
 from db.models import Plan
 from settings import Settings
@@ -43,7 +44,7 @@ async def load_plan(session: AsyncSession, plan: Plan, settings: Settings) -> Pl
 
 
 @router.get("", response_model=list[PlanOut])
-async def list_plans(request: Request, session: SessionDep, _user: CurrentUser) -> list[PlanOut]:
+async def list_plans(request: Request, session: SessionDep, _key: Frontend) -> list[PlanOut]:
     settings: Settings = request.app.state.settings
     plans = (
         await session.exec(
