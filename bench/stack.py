@@ -4,7 +4,6 @@ and seeded, and a Temporal dev server, on free ports in a fresh temporary folder
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,15 +15,14 @@ from temporalio.testing import WorkflowEnvironment
 
 from db.migrate import migrate_and_seed
 from devstack import postgres
+from devstack.ports import unused_port
 from devstack.postgres import EmbeddedPostgres
 from devstack.temporal import temporal_cli
 from orchestration.search_attributes import SEARCH_ATTRIBUTES
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return unused_port()
 
 
 @dataclass(frozen=True)

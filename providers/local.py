@@ -35,7 +35,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from devstack.ports import unused_port
 from providers.base import (
     MANAGED_BY,
     ProviderFatal,
@@ -181,13 +181,10 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def _free_port(avoid: set[int]) -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((LOOPBACK, 0))
-            port = int(s.getsockname()[1])
-        if port not in avoid:
-            return port
-    raise ProviderRetryable("could not find a free loopback port", provider="local")
+    try:
+        return unused_port(LOOPBACK, avoid)
+    except OSError:
+        raise ProviderRetryable("could not find a free loopback port", provider="local") from None
 
 
 PID_FILE = "gateway.pid"

@@ -8,7 +8,6 @@ isolated by truncating every non-seed table after each test that touched the dat
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -25,6 +24,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from db.migrate import migrate_and_seed
 from devstack import postgres
+from devstack.ports import unused_port
 from devstack.postgres import EmbeddedPostgres
 from devstack.temporal import temporal_cli
 from orchestration.search_attributes import SEARCH_ATTRIBUTES
@@ -35,9 +35,9 @@ SEED_TABLES = {"plans", "vps_configs", "plan_vps_configs", "alembic_version"}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Below the ephemeral range (devstack/ports.py): a `bind(0)` port could be taken by an outgoing
+    connection before the server under test binds it, and a dev stack failed that way."""
+    return unused_port()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +27,7 @@ import psycopg
 import pytest
 
 from db.encryption import configure_keys
+from devstack.ports import unused_port
 from openclaw.device import DeviceIdentity
 from openclaw.pairing import approve_device_keys, boot_pairing_script
 from openclaw.probe import wait_ready
@@ -65,9 +65,7 @@ CONFIG = {
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return unused_port()
 
 
 class RealGateway:

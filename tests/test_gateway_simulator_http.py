@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from devstack.ports import unused_port
 from gateway_simulator import run_simulator
 from openclaw.device import DeviceIdentity
 from openclaw.probe import wait_ready
@@ -32,9 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return unused_port()
 
 
 async def test_probes_tools_invoke_and_control_ui(tmp_path: Path) -> None:

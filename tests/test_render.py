@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -36,6 +35,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from devstack.ports import unused_port
 from openclaw import render
 from openclaw.render import (
     GATEWAY_TOKEN_REF,
@@ -527,9 +527,7 @@ def test_bootstrap_script_sends_the_token_only_in_a_header() -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return unused_port()
 
 
 def tmp_layout(tmp_path: Path) -> render.VmLayout:
