@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import resource
 import select
 import socket
@@ -71,7 +72,11 @@ def descriptors(needed: int) -> Iterator[None]:
     """Raise this process's soft descriptor limit to the hard one for the test; skip if too low."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < needed:
-        pytest.skip(f"needs {needed} file descriptors; the hard limit (ulimit -Hn) is {hard}")
+        # A flood test needs the descriptors to hold the flood; CI machines have them, so there it fails.
+        message = f"needs {needed} file descriptors; the hard limit (ulimit -Hn) is {hard}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
     resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     try:
