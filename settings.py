@@ -162,6 +162,18 @@ class Settings(BaseSettings):
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Traces (OpenTelemetry; telemetry/tracing.py). The standard OTEL_* names; off unless one is set.
+    otel_traces_exporter: Literal["none", "console", "otlp"] | None = Field(
+        default=None, description="none, console (JSON spans on stdout) or otlp; unset = otlp when an OTLP "
+                                  "endpoint is set, else none (tracing off, nothing installed)")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318); traces go to "
+                                  "<endpoint>/v1/traces")
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None, description="full OTLP/HTTP traces URL, overriding the base endpoint")
+    otel_service_name: str | None = Field(
+        default=None, description="service.name of every span; unset = slopbox-api / -worker / -proxy / -web")
+
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, v: str | None) -> str | None:
@@ -172,7 +184,8 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("hcloud_token", "fly_api_token", "local_provider", "smtp_host", "smtp_user", "smtp_password",
-                     mode="before")
+                     "otel_traces_exporter", "otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint",
+                     "otel_service_name", mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         """`HCLOUD_TOKEN=""` (a blank line in an env file) means "not configured", not "configured as empty"."""

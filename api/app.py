@@ -34,6 +34,7 @@ from orchestration.client import connect
 from settings import Settings
 from telemetry.logs import request_id
 from telemetry.metrics import HTTP_REQUEST_SECONDS, HTTP_REQUESTS, exposition
+from telemetry.tracing import instrument_fastapi
 from workflows.contracts import LifecycleTimeouts
 
 log = logging.getLogger("api")
@@ -110,6 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
+    instrument_fastapi(app)  # request spans when tracing is on (telemetry/tracing.py); nothing otherwise
     return app
 
 

@@ -9,6 +9,7 @@ import sys
 
 from settings import MissingSetting, Settings, load_settings_or_exit
 from telemetry.logs import configure_logging
+from telemetry.tracing import configure_tracing
 
 
 def _cmd_api(settings: Settings, _args: argparse.Namespace) -> int:
@@ -17,6 +18,7 @@ def _cmd_api(settings: Settings, _args: argparse.Namespace) -> int:
     from api.app import create_app
 
     configure_logging("api", settings.log_level)
+    configure_tracing("slopbox-api", settings)
     app = create_app(settings)
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None,
                 access_log=False, proxy_headers=False)
@@ -26,10 +28,14 @@ def _cmd_api(settings: Settings, _args: argparse.Namespace) -> int:
 def _cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
     import uvicorn
 
+    from telemetry.tracing import instrument_fastapi
     from web.app import create_app
 
     configure_logging("web", settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.web_host, port=settings.web_port, log_config=None,
+    configure_tracing("slopbox-web", settings)
+    app = create_app(settings)
+    instrument_fastapi(app)
+    uvicorn.run(app, host=settings.web_host, port=settings.web_port, log_config=None,
                 access_log=False, proxy_headers=False)
     return 0
 
@@ -38,6 +44,7 @@ def _cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
     import worker
 
     configure_logging("worker", settings.log_level)
+    configure_tracing("slopbox-worker", settings)
     asyncio.run(worker.run(settings))
     return 0
 
@@ -46,6 +53,7 @@ def _cmd_proxy(settings: Settings, _args: argparse.Namespace) -> int:
     from proxy.app import run
 
     configure_logging("proxy", settings.log_level)
+    configure_tracing("slopbox-proxy", settings)
     run(settings)
     return 0
 

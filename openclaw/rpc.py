@@ -26,11 +26,12 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import websockets
+from opentelemetry import trace
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -64,6 +65,25 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# The OpenTelemetry API's tracer: a no-op until a process turns tracing on (telemetry/tracing.py).
+_tracer = trace.get_tracer(__name__)
+
+
+@contextlib.contextmanager
+def _rpc_span(name: str, method: str) -> Iterator[None]:
+    """One client span per gateway call: the method's name only (never params, results, tokens), and
+    on failure the error's class and code, not its message (which may quote what was sent)."""
+    with _tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, record_exception=False,
+                                       set_status_on_exception=False,
+                                       attributes={"rpc.system": "openclaw", "rpc.method": method}) as span:
+        try:
+            yield
+        except BaseException as exc:
+            span.set_attribute("error.type", type(exc).__name__)
+            if isinstance(exc, GatewayError) and exc.code:
+                span.set_attribute("openclaw.error_code", exc.code)
+            span.set_status(trace.Status(trace.StatusCode.ERROR))
+            raise
 
 PROTOCOL_VERSION = 4
 
@@ -549,17 +569,18 @@ class GatewayClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         delay = self.backoff_initial
-        while True:
-            try:
-                ws, hello = await self._handshake(deadline - loop.time())
-                break
-            except (UnavailableError, GatewayConnectionError) as exc:
-                if not _is_retryable(exc) or loop.time() >= deadline:
-                    raise
-                wait = _retry_delay(exc, delay)
-                delay = min(delay * 2, self.backoff_max)
-                log.info("gateway not ready (%s); retrying connect in %.2fs", _describe(exc), wait)
-                await asyncio.sleep(min(wait, max(0.0, deadline - loop.time())))
+        with _rpc_span("gateway connect", "connect"):
+            while True:
+                try:
+                    ws, hello = await self._handshake(deadline - loop.time())
+                    break
+                except (UnavailableError, GatewayConnectionError) as exc:
+                    if not _is_retryable(exc) or loop.time() >= deadline:
+                        raise
+                    wait = _retry_delay(exc, delay)
+                    delay = min(delay * 2, self.backoff_max)
+                    log.info("gateway not ready (%s); retrying connect in %.2fs", _describe(exc), wait)
+                    await asyncio.sleep(min(wait, max(0.0, deadline - loop.time())))
         self._install(ws, hello)
         return hello
 
@@ -607,7 +628,10 @@ class GatewayClient:
         timeout: float | None = None,  # noqa: ASYNC109 (per-call deadline is the API)
     ) -> Any:
         """Send one request and return its payload, raising a typed GatewayError on `ok:false`."""
-        limit = self.request_timeout if timeout is None else timeout
+        with _rpc_span(f"gateway {method}", method):
+            return await self._call(method, params, self.request_timeout if timeout is None else timeout)
+
+    async def _call(self, method: str, params: Mapping[str, Any] | None, limit: float) -> Any:
         try:
             async with asyncio.timeout(limit):
                 ws = await self._wait_ready()

@@ -13,17 +13,20 @@ from temporalio.service import RPCError
 
 from orchestration.search_attributes import SEARCH_ATTRIBUTES
 from settings import Settings
+from telemetry.tracing import temporal_interceptors
 
 log = logging.getLogger(__name__)
 
 
 async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
-    """`runtime`: the worker passes one whose telemetry exports the SDK's metrics (worker.py)."""
+    """`runtime`: the worker passes one whose telemetry exports the SDK's metrics (worker.py). With
+    tracing on, the client carries the tracing interceptor, and so does every worker built on it."""
     return await Client.connect(
         settings.temporal_target,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
         runtime=runtime,
+        interceptors=temporal_interceptors(),
     )
 
 
