@@ -11,12 +11,23 @@ PostgreSQL; VMs are local gateway-simulator processes. For each VPS:
 
 The baseline is one provision alone, measured in the same run; 50 concurrent provisions are
 reported as a ratio against it. Usage: `.venv/bin/python -m bench.provision [--concurrency 50]`.
+
+`BENCH_PROFILE=file.prof` writes a cProfile of the event loop thread during the concurrent round.
+
+CPU seconds per provision, per process (much steadier than wall time on a shared machine): from
+the moment the round's POSTs start to the moment its last VPS is running, divided by the round's
+size. The benchmark process holds the API, the worker and the in-process VMs; its CPU is split by
+thread: the event loop (API requests, activities, in-process gateways, the benchmark's own polling),
+the workflow threads (temporalio runs workflow activations in a thread pool, inside the sandbox)
+and the Temporal SDK core's Rust threads (gRPC, task polling). The Temporal dev server, PostgreSQL
+(postmaster and backends) and the gateway processes are the benchmark's child processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
 import statistics
@@ -27,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import psycopg
 from cryptography.fernet import Fernet
 from temporalio.api.enums.v1 import EventType
@@ -39,12 +51,26 @@ from db.engine import make_engine, session_factory
 from gateway_simulator.server import run_simulator
 from providers import VmInfo, VmProvider, VmSpec, VmState
 from settings import Settings
+from worker import worker_options
 from workflows import WORKFLOWS
 from workflows.contracts import LifecycleTimeouts
 
 PROVIDER_ACTIVITIES = {"vps.create_vm", "vps.wait_vm_running", "vps.wait_gateway_ready"}
 GATEWAY_RPC_ACTIVITIES = {"vps.pair_gateway", "vps.push_config"}
 KEY = "bench-key-" + "k" * 40
+# The production worker's options (worker.py), with these replaced: BENCH_WORKER='{"max_...": 10}'
+# (JSON) tries other tuning without editing code; "sandbox": "default" is the sandbox without our
+# passthrough modules, "none" runs workflows unsandboxed (to measure what the sandbox costs).
+WORKER_OVERRIDES: dict[str, Any] = json.loads(os.environ.get("BENCH_WORKER", "{}"))
+_SANDBOX = WORKER_OVERRIDES.pop("sandbox", None)
+if _SANDBOX == "none":
+    from temporalio.worker import UnsandboxedWorkflowRunner
+
+    WORKER_OVERRIDES["workflow_runner"] = UnsandboxedWorkflowRunner()
+elif _SANDBOX == "default":
+    from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+
+    WORKER_OVERRIDES["workflow_runner"] = SandboxedWorkflowRunner()
 
 
 class InProcessVms(VmProvider):
@@ -115,44 +141,125 @@ async def activity_seconds(client, workflow_id: str) -> dict[str, float]:  # typ
 
 
 Row = tuple[float, float, float]  # total, provider, gateway RPC (pairing + config push)
+CpuSample = dict[str, float]
+
+
+def _tree_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of a process and all its descendants, live or reaped (reaped ones are in its
+    children_* times, live ones are counted by recursion, so none is counted twice)."""
+    try:
+        t = proc.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        return total + sum(_tree_cpu(c) for c in proc.children())
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+class CpuMeter:
+    """CPU seconds by part: this process's threads, and its child process trees by what they are."""
+
+    def __init__(self, postgres_pid: int) -> None:
+        self.me = psutil.Process()
+        self.postgres_pid = postgres_pid
+
+    def _thread_kinds(self) -> dict[int, str]:
+        import threading
+
+        kinds = {}
+        for thread in threading.enumerate():
+            if thread.native_id is None:
+                continue
+            if thread is threading.main_thread():
+                kinds[thread.native_id] = "main thread"
+            else:
+                kinds[thread.native_id] = "workflow threads"  # temporalio's workflow task executor
+        return kinds
+
+    def sample(self) -> CpuSample:
+        out: CpuSample = {"main thread": 0.0, "workflow threads": 0.0, "temporal core": 0.0}
+        kinds = self._thread_kinds()
+        for thread in self.me.threads():
+            # Threads Python does not know are the SDK core's (Rust) and its gRPC runtime.
+            out[kinds.get(thread.id, "temporal core")] += thread.user_time + thread.system_time
+        out["temporal server"] = out["postgresql"] = out["gateway processes"] = 0.0
+        for child in self.me.children():
+            try:
+                name = " ".join(child.cmdline()[:2])
+            except psutil.NoSuchProcess:
+                continue
+            kind = ("postgresql" if child.pid == self.postgres_pid else
+                    "temporal server" if "temporal" in name else "gateway processes")
+            out[kind] += _tree_cpu(child)
+        # Gateways that exited since (destroyed VMs) were reaped into this process's children times.
+        t = self.me.cpu_times()
+        out["gateway processes"] += t.children_user + t.children_system
+        return out
+
+
+CONTROL_PLANE = ("main thread", "workflow threads", "temporal core", "temporal server", "postgresql")
+
+
+def cpu_per_provision(before: CpuSample, after: CpuSample, n: int) -> CpuSample:
+    per = {k: (after[k] - before[k]) / n for k in after}
+    per["control plane"] = sum(per[k] for k in CONTROL_PLANE)
+    return per
+
+
+def print_cpu(label: str, per: CpuSample) -> None:
+    parts = "  ".join(f"{k} {v * 1000:.0f}" for k, v in per.items() if k != "control plane")
+    print(f"{label:>14}: CPU ms per provision: control plane {per['control plane'] * 1000:.0f} = {parts}")
 
 
 async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, user: str, n: int,  # type: ignore[no-untyped-def]
-                    config_id: str) -> list[Row]:
+                    config_id: str, cpu: CpuMeter | None = None) -> tuple[list[Row], CpuSample]:
     hdrs = {"Authorization": f"Bearer {KEY}", "X-User-Id": user}
     agents = []
     for _ in range(n):
         resp = await api.post("/agents", json={"name": f"b-{uuid.uuid4().hex[:8]}"}, headers=hdrs)
         agents.append(resp.json()["id"])
 
-    async def one(agent: str) -> Row:
+    async def one(agent: str) -> tuple[float, str]:
         sent = time.time()
         resp = await api.post(f"/agents/{agent}/vps", json={"vps_config_id": config_id}, headers=hdrs)
         assert resp.status_code == 202, resp.text
         op = resp.json()
         # Async and unhurried: the timestamps come from the row, so polling speed does not change
-        # the measurement, but a blocking poll would stall the worker sharing this event loop.
-        async with await psycopg.AsyncConnection.connect(sql.info.dsn, autocommit=True) as conn:
-            while True:
-                cur = await conn.execute(
+        # the measurement, but a blocking poll would stall the worker sharing this event loop. One
+        # connection for all the polls: 50 of them would take PostgreSQL's slots from the API.
+        while True:
+            async with poll_lock:
+                cur = await poller.execute(
                     "SELECT v.state, extract(epoch from v.state_changed_at), (SELECT o.id FROM vps_operations o "
                     "WHERE o.vps_id = v.id AND o.status IN ('queued', 'running') LIMIT 1), v.last_error "
                     "FROM vpses v WHERE v.id = %s", (op["vps_id"],))
                 row = await cur.fetchone()
-                assert row is not None
-                if row[0] in ("running", "error") and row[2] is None:
-                    break
-                await asyncio.sleep(0.25)
+            assert row is not None
+            if row[0] in ("running", "error") and row[2] is None:
+                break
+            await asyncio.sleep(0.25)
         assert row[0] == "running", row[3]
-        total = float(row[1]) - sent
-        spent = await activity_seconds(client, op["operation_id"])
-        provider = sum(v for k, v in spent.items() if k in PROVIDER_ACTIVITIES)
-        return total, provider, sum(v for k, v in spent.items() if k in GATEWAY_RPC_ACTIVITIES)
+        return float(row[1]) - sent, op["operation_id"]
 
-    results = await asyncio.gather(*[one(a) for a in agents])
+    meter = cpu or CpuMeter(0)
+    poll_lock = asyncio.Lock()
+    async with await psycopg.AsyncConnection.connect(sql.info.dsn, autocommit=True) as poller:
+        profile = cProfile.Profile() if os.environ.get("BENCH_PROFILE") and n > 1 else None
+        before = meter.sample()
+        if profile:
+            profile.enable()
+        done = await asyncio.gather(*[one(a) for a in agents])
+        if profile:
+            profile.disable()
+            profile.dump_stats(os.environ["BENCH_PROFILE"])
+        per = cpu_per_provision(before, meter.sample(), n)
+    results: list[Row] = []
+    for total, operation_id in done:  # the histories are read after the CPU window closed
+        spent = await activity_seconds(client, operation_id)
+        provider = sum(v for k, v in spent.items() if k in PROVIDER_ACTIVITIES)
+        results.append((total, provider, sum(v for k, v in spent.items() if k in GATEWAY_RPC_ACTIVITIES)))
     for agent in agents:
         await api.delete(f"/agents/{agent}/vps", headers=hdrs)
-    return list(results)
+    return results, per
 
 
 def summary(label: str, rows: list[Row]) -> dict[str, float]:
@@ -183,7 +290,9 @@ async def main(concurrency: int, only_in_process: bool = False) -> None:
                             "VALUES ('bench', 'Bench', 1000, 1000, 1, 1, 1, 1, 0, 0, 0, 0)")
                 sql.execute("INSERT INTO plan_vps_configs SELECT p.id, c.id FROM plans p, vps_configs c "
                             "WHERE p.name = 'bench' AND c.name = 'local-small'")
-                user = str(sql.execute("INSERT INTO users (email, plan_id) VALUES ('bench@example.com', "
+                # Exempt from plan limits: the destroys record storage usage, which the tiny plan would refuse.
+                user = str(sql.execute("INSERT INTO users (email, usage_exempt, plan_id) "
+                                       "VALUES ('bench@example.com', true, "
                                        "(SELECT id FROM plans WHERE name = 'bench')) RETURNING id").fetchone()[0])  # type: ignore[index]
                 config_id = str(sql.execute("SELECT id FROM vps_configs WHERE name = 'local-small'").fetchone()[0])  # type: ignore[index]
                 engine = make_engine(settings, pool_size=20)
@@ -193,19 +302,24 @@ async def main(concurrency: int, only_in_process: bool = False) -> None:
                     variants.append(("local processes", None))
                 for label, providers in variants:
                     activities = VpsActivities(settings, session_factory(engine), providers)
+                    cpu = CpuMeter(stack.postgres_pid)
                     app = create_app(settings)
                     app.state.lifecycle_timeouts = LifecycleTimeouts(gateway_ready_s=180, poll_interval_s=0.1)
                     print(f"-- {label}")
                     async with app.router.lifespan_context(app), httpx.AsyncClient(
                             transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60) as api:
+                        options = {**worker_options(), **WORKER_OVERRIDES}
                         async with Worker(env.client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
-                                          activities=activities.all(), max_concurrent_activities=200,
-                                          max_concurrent_workflow_task_polls=10,
-                                          max_concurrent_activity_task_polls=20):
+                                          activities=activities.all(), **options):
                             await run_round(api, env.client, sql, user, 1, config_id)  # warm-up, not counted
-                            base = summary("1 alone", await run_round(api, env.client, sql, user, 1, config_id))
-                            many = summary(f"{concurrency} at once",
-                                           await run_round(api, env.client, sql, user, concurrency, config_id))
+                            await asyncio.sleep(1)
+                            rows, base_cpu = await run_round(api, env.client, sql, user, 1, config_id, cpu)
+                            base = summary("1 alone", rows)
+                            await asyncio.sleep(2)  # let the destroy finish outside the next window
+                            rows, many_cpu = await run_round(api, env.client, sql, user, concurrency, config_id, cpu)
+                            many = summary(f"{concurrency} at once", rows)
+                            print_cpu("1 alone", base_cpu)
+                            print_cpu(f"{concurrency} at once", many_cpu)
                             await asyncio.sleep(3)  # let the destroys finish
                     for key in ("p50_overhead", "p50_gateway_rpc", "p50_orchestration"):
                         print(f"   {key} ratio ({concurrency} concurrent / 1 alone): {many[key] / base[key]:.2f}x")
