@@ -21,6 +21,7 @@ from providers import VmProvider
 from settings import Settings
 from tests import histories
 from tests.helpers import headers
+from worker import workflow_runner
 from workflows import WORKFLOWS
 from workflows.contracts import LifecycleTimeouts
 
@@ -81,7 +82,8 @@ async def running_stack(settings: Settings, client: Client, providers: dict[str,
                 yield stack
             else:
                 async with Worker(client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
-                                  activities=activities.all(), max_concurrent_activities=50):
+                                  activities=activities.all(), max_concurrent_activities=50,
+                                  workflow_runner=workflow_runner()):  # the production sandbox (worker.py)
                     try:
                         yield stack
                     finally:

@@ -16,6 +16,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from tests.histories import HISTORIES
+from worker import workflow_runner
 from workflows import WORKFLOWS
 
 RECORDED = sorted(HISTORIES.glob("*.json"))
@@ -30,6 +31,7 @@ def test_histories_cover_every_operation_workflow() -> None:
 @pytest.mark.parametrize("path", RECORDED, ids=[p.stem[:48] for p in RECORDED])
 async def test_recorded_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())  # noqa: ASYNC240 (small test fixture)
-    result = await Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter).replay_workflow(
-        history, raise_on_replay_failure=False)
+    # The worker's own sandbox (its passthrough modules included), so replay checks what runs.
+    result = await Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter,
+                            workflow_runner=workflow_runner()).replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
