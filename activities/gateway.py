@@ -190,6 +190,12 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
             patch, replace_paths = _patch_for(live, wanted)
             if patch:
                 await gw.config_patch(patch, replace_paths=replace_paths, note="slopbox: re-assert the lockdown")
+            else:
+                # Nothing to change (a fresh VM booted with this render): what was just read is the
+                # read-back, on this same session; no second handshake (bench/README.md).
+                _assert_locked(render.check_locked(live), vps, agent)
+                await _write_workspace(gw, inp)
+                return
     except GatewayPinError as err:
         raise pin_refused(err) from None
     # A fresh connection: removing a plugin or changing trusted proxies makes the gateway close
@@ -197,12 +203,7 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
     for attempt in range(1, READ_BACK_ATTEMPTS + 1):
         try:
             async with admin_client(provider, vps, agent, reconnect=False) as gw:
-                remaining = render.check_locked(_source_config(await gw.config_get()))
-                if remaining:
-                    log.error("lockdown violation: vps %s (agent %s) still has %d weakened setting(s) after the "
-                              "config push: %s", vps.id, agent.id, len(remaining), "; ".join(remaining))
-                    raise ApplicationError("the gateway config still weakens the lockdown after the push: "
-                                           + "; ".join(remaining), type="LockdownViolation", non_retryable=True)
+                _assert_locked(render.check_locked(_source_config(await gw.config_get())), vps, agent)
                 await _write_workspace(gw, inp)
                 return
         except GatewayPinError as err:  # another certificate: no reconnect makes it ours
@@ -215,6 +216,14 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
 
 
 READ_BACK_ATTEMPTS = 5
+
+
+def _assert_locked(remaining: list[str], vps: Vps, agent: Agent) -> None:
+    if remaining:
+        log.error("lockdown violation: vps %s (agent %s) still has %d weakened setting(s) after the "
+                  "config push: %s", vps.id, agent.id, len(remaining), "; ".join(remaining))
+        raise ApplicationError("the gateway config still weakens the lockdown after the push: "
+                               + "; ".join(remaining), type="LockdownViolation", non_retryable=True)
 
 
 async def _write_workspace(gw: GatewayClient, inp: render.AgentRenderInput) -> None:

@@ -103,6 +103,10 @@ async def test_provision_is_one_trace(spans: InMemorySpanExporter, settings: Set
     for span in rpc:
         assert span.kind == SpanKind.CLIENT
         assert ancestors(span, by_id)[0].startswith(("RunActivity:vps.pair_gateway", "RunActivity:vps.push_config"))
+    # A fresh VM already holds the rendered config: the push reads it, finds nothing to patch, and
+    # checks and writes the workspace on that one session (no second handshake).
+    push = [s.name for s in rpc if ancestors(s, by_id)[0] == "RunActivity:vps.push_config"]
+    assert push.count("gateway connect") == 1 and "gateway config.patch" not in push, push
     # The readiness probe's HTTP call (httpx instrumentation), inside its activity.
     (probe,) = [s for s in mine if s.kind == SpanKind.CLIENT and str((s.attributes or {}).get("http.url", ""))
                 .endswith("/readyz")][-1:]
