@@ -17,10 +17,11 @@ reported as a ratio against it. Usage: `.venv/bin/python -m bench.provision [--c
 CPU seconds per provision, per process (much steadier than wall time on a shared machine): from
 the moment the round's POSTs start to the moment its last VPS is running, divided by the round's
 size. The benchmark process holds the API, the worker and the in-process VMs; its CPU is split by
-thread: the event loop (API requests, activities, in-process gateways, the benchmark's own polling),
-the workflow threads (temporalio runs workflow activations in a thread pool, inside the sandbox)
-and the Temporal SDK core's Rust threads (gRPC, task polling). The Temporal dev server, PostgreSQL
-(postmaster and backends) and the gateway processes are the benchmark's child processes.
+thread: the main thread (API requests, activities, the workflow sandbox's per-run set-up and
+activations, in-process gateways, the benchmark's own polling), the other Python threads (the rest
+of the workflow activations) and the Temporal SDK core's Rust threads (gRPC, task polling). The
+Temporal dev server, PostgreSQL (postmaster and backends) and the gateway processes are the
+benchmark's child processes.
 """
 
 from __future__ import annotations
