@@ -3,6 +3,8 @@ and seeded, and a Temporal dev server, on free ports in a fresh temporary folder
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -49,6 +51,8 @@ async def standalone_stack(prefix: str, *, remove: bool = False) -> AsyncIterato
         async with await WorkflowEnvironment.start_local(
             dev_server_existing_path=temporal_cli(), search_attributes=SEARCH_ATTRIBUTES,
             data_converter=pydantic_data_converter, port=port, ui=False,
+            # e.g. BENCH_TEMPORAL_ARGS="--dynamic-config-value system.enableActivityEagerExecution=true"
+            dev_server_extra_args=shlex.split(os.environ.get("BENCH_TEMPORAL_ARGS", "")),
         ) as env:
             yield Standalone(tmp, url, env, f"127.0.0.1:{port}", proc.pid)
     finally:
