@@ -236,6 +236,15 @@ class SettingsSaved(BaseModel):
     settings_version: int
 
 
+class AgentSettingsOut(BaseModel):
+    """What a settings editor prefills: the personality files as saved, and the model."""
+
+    files: dict[str, str] = Field(description="AGENTS.md, SOUL.md and IDENTITY.md as saved (\"\" when never set)")
+    model: str | None = Field(description="The agent's model; null means the default below")
+    default_model: str = Field(description="The model an agent without one runs")
+    settings_version: int
+
+
 class ChannelOut(BaseModel):
     kind: str
     status: str
