@@ -49,8 +49,21 @@ def plain(detail: str) -> str:
     return _API_HINT.sub("", detail).strip()
 
 
+def no_vps(err: ApiError) -> bool:
+    return err.status == 404 and err.title == "No VPS"
+
+
+def page_status(err: ApiError) -> int:
+    """The status of the page that shows a refusal: a form's mistake is a 400, a missing VPS a conflict."""
+    if err.status == 422:
+        return 400
+    return 409 if no_vps(err) else err.status
+
+
 def explain(err: ApiError) -> str:
     """An API refusal as a reason and what to do about it."""
+    if no_vps(err):
+        return "Start the agent first: it has no VPS yet (Overview tab → Create its VPS)."
     if err.status == 409 and "not running" in err.title.lower():
         return f"Start the agent first: {plain(err.detail)} (Overview tab → Start)."
     if err.status == 409:
@@ -63,6 +76,4 @@ def explain(err: ApiError) -> str:
             text = re.sub(r"credentials\.(\w+)", lambda m: m.group(1).replace("_", " "), text)
             parts.append(text[:1].upper() + text[1:])
         return "Check the form: " + "; ".join(parts)
-    if err.status == 402:
-        return f"{err.title}: {plain(err.detail)}"
     return f"{err.title}: {plain(err.detail)}"

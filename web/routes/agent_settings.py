@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from web.api_client import ApiError, ControlPlane
-from web.operations import agent_or_404, explain, operation, running
+from web.operations import agent_or_404, explain, operation, page_status, running
 from web.pages import form, render, require_user, unread
 
 router = APIRouter()
@@ -108,7 +108,7 @@ async def save_settings(request: Request, agent_id: uuid.UUID) -> Response:
     try:
         answer = await api.call("PATCH", f"/agents/{agent_id}/settings", body)
     except ApiError as err:
-        return await show(request, api, agent_id, 400 if err.status == 422 else err.status, typed=typed,
+        return await show(request, api, agent_id, page_status(err), typed=typed,
                           error=explain(err))
     if answer and answer.get("operation_id"):
         return RedirectResponse(f"/agents/{agent_id}/settings?{urlencode({'op': answer['operation_id']})}",
@@ -148,6 +148,6 @@ async def save_budget(request: Request, agent_id: uuid.UUID) -> Response:
     try:
         await api.call("PUT", "/users/me/overage-budget", {"budget_cents": value})
     except ApiError as err:
-        return await show(request, api, agent_id, 400 if err.status == 422 else err.status, budget_typed=typed[:100],
+        return await show(request, api, agent_id, page_status(err), budget_typed=typed[:100],
                           budget_error=explain(err))
     return RedirectResponse(f"/agents/{agent_id}/settings?saved=budget", status_code=303)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from web.api_client import ApiError, ControlPlane
-from web.operations import agent_or_404, explain, operation, running
+from web.operations import agent_or_404, explain, no_vps, operation, page_status, running
 from web.pages import PageError, form, render, require_user, unread
 from web.qr_svg import png_bytes, qr_svg
 
@@ -124,8 +124,7 @@ async def add_channel(request: Request, agent_id: uuid.UUID) -> Response:
     try:
         accepted = await api.post(f"/agents/{agent_id}/channels", {"kind": kind, "credentials": credentials})
     except ApiError as err:
-        status = 400 if err.status == 422 else err.status
-        return await show(request, api, agent_id, status, chosen=kind, hint=hint, error=explain(err))
+        return await show(request, api, agent_id, page_status(err), chosen=kind, hint=hint, error=explain(err))
     return after(agent_id, accepted)
 
 
@@ -137,7 +136,7 @@ async def pair_whatsapp(request: Request, agent_id: uuid.UUID) -> Response:
     try:
         accepted = await api.post(f"/agents/{agent_id}/channels", {"kind": "whatsapp"})
     except ApiError as err:
-        return await show(request, api, agent_id, 400 if err.status == 422 else err.status, error=explain(err))
+        return await show(request, api, agent_id, page_status(err), error=explain(err))
     return after(agent_id, accepted)
 
 
@@ -163,7 +162,7 @@ async def remove_channel(request: Request, agent_id: uuid.UUID, kind: str) -> Re
     try:
         accepted = await api.call("DELETE", f"/agents/{agent_id}/channels/{kind}")
     except ApiError as err:
-        if err.status == 404:
+        if err.status == 404 and not no_vps(err):
             return await show(request, api, agent_id, 404, error=f"This agent has no {LABELS[kind]} channel.")
-        return await show(request, api, agent_id, err.status, error=explain(err))
+        return await show(request, api, agent_id, page_status(err), error=explain(err))
     return after(agent_id, accepted)
