@@ -199,6 +199,25 @@ async def test_channels_need_a_running_agent(site: Web, sql: psycopg.Connection)
     assert await channels_api(site, user, agent) == []
 
 
+async def test_channel_end_states_are_explained(site: Web, sql: psycopg.Connection) -> None:
+    """What the workflows leave behind (an expired QR, a channel the gateway refused) reads as such."""
+    user, email = web_user(sql)
+    agent = await site.stack.new_agent(user, "Quiet")
+    sql.execute("INSERT INTO agent_channels (agent_id, kind, status, last_error) VALUES "
+                "(%s, 'whatsapp', 'expired', 'the QR code was not scanned in time'), "
+                "(%s, 'discord', 'error', 'Used disallowed intents')", (agent, agent))
+    async with site.browser() as b:
+        assert (await log_in(b, email)).status_code == 303
+        page = await b.get(f"/agents/{agent}/channels")
+        assert page.status_code == 200 and 'data-busy="0"' in page.text
+        assert "The QR code was not scanned in time. Start again" in page.text and "Start pairing again" in page.text
+        assert "failed" in page.text and "Reason: Used disallowed intents" in page.text
+        # Removing needs the agent's gateway: without a VPS the page says what to do first.
+        confirm = await b.get(f"/agents/{agent}/channels/discord/remove")
+        resp = await b.post(f"/agents/{agent}/channels/discord/remove", data={"csrf_token": csrf_of(confirm.text)})
+        assert resp.status_code == 409 and "Start the agent first" in resp.text
+
+
 async def test_settings_edit_persists_and_bad_input_is_kept(site: Web, sql: psycopg.Connection) -> None:
     user, email = web_user(sql)
     agent = await running_agent(site, user)
