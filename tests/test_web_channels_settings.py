@@ -389,24 +389,25 @@ async def test_channels_and_settings_tabs_in_the_browser(site: Web, sql: psycopg
                 await page.get_by_text("Telegram", exact=True).click()
                 await page.get_by_label("Bot token (from @BotFather)").fill(TELEGRAM)
                 await page.get_by_role("button", name="Connect Telegram").click()
-                await expect(page.locator("#operation")).to_contain_text("ConnectChannel succeeded")
-                await expect(page.locator("#channels")).to_contain_text("configured")
+                await expect(page.locator("#operation")).to_contain_text("ConnectChannel succeeded", timeout=STEP_MS)
+                await expect(page.locator("#channels")).to_contain_text("configured", timeout=STEP_MS)
                 await page.screenshot(path=ARTIFACTS / "web-channels.png", full_page=True)
 
                 await page.get_by_role("button", name="Start WhatsApp pairing").click()
                 qr = page.locator("#wa-qr svg")
-                await expect(qr).to_be_visible()  # arrived through the page's polling, not a reload
+                await expect(qr).to_be_visible(timeout=STEP_MS)  # arrived through the page's polling, not a reload
                 await page.screenshot(path=ARTIFACTS / "web-whatsapp-qr.png", full_page=True)
                 await scan(sql, agent)
-                await expect(page.locator("#wa-state")).to_contain_text("WhatsApp is paired.")
+                await expect(page.locator("#wa-state")).to_contain_text("WhatsApp is paired.", timeout=STEP_MS)
 
                 await page.get_by_role("link", name="Settings").click()
                 await page.get_by_label("SOUL.md").fill("Answer like a pirate.")
                 await page.get_by_role("button", name="Save personality and model").click()
-                await expect(page.locator("#operation")).to_contain_text("the agent now runs with these settings")
+                await expect(page.locator("#operation")).to_contain_text("the agent now runs with these settings",
+                                                                         timeout=STEP_MS)
                 await page.get_by_label("Monthly overage budget in US dollars").fill("7.5")
                 await page.get_by_role("button", name="Save budget").click()
-                await expect(page.locator("#notice")).to_contain_text("Overage budget saved.")
+                await expect(page.locator("#notice")).to_contain_text("Overage budget saved.", timeout=STEP_MS)
                 await page.screenshot(path=ARTIFACTS / "web-settings.png", full_page=True)
             finally:
                 await browser.close()
