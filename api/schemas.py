@@ -130,6 +130,11 @@ class OverageBudgetIn(BaseModel):
                             BeforeValidator(_integral)]
 
 
+class PlanChoiceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    plan_id: uuid.UUID = Field(description="One of the plans GET /plans lists")
+
+
 class OverageBudgetOut(BaseModel):
     budget_cents: int
     period_start: date
