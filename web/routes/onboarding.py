@@ -101,7 +101,7 @@ async def create(request: Request) -> Response:
     name, preset, custom = fields.get("name", ""), fields.get("preset", "helpful"), fields.get("custom", "").strip()
 
     async def again(status: int, error: str) -> Response:
-        return render(request, "onboarding_name.html", status, presets=PRESETS, preset=preset, name=name,
+        return render(request, "onboarding_name.html", status, presets=PRESETS, preset=preset, agent_name=name,
                       custom=custom, error=error, unread=await unread(api))
 
     if preset == "custom":
