@@ -49,6 +49,8 @@ def progress(agent: dict[str, Any]) -> dict[str, Any]:
     op = (vps or {}).get("operation")
     state = (vps or {}).get("state")
     step = (vps or {}).get("step") or (op or {}).get("step")
+    if op and not step and op.get("operation") == "ProvisionVps":
+        step = "queued"  # the operation's row learns its step when its first activity starts
     error = None
     if op:
         phase = "working"
