@@ -587,6 +587,8 @@ class UsageResources(BaseModel):
 class UsageDay(BaseModel):
     day: date
     bandwidth_bytes: int
+    bandwidth_in_bytes: int = Field(description="To the agent's VPS (bandwidth_bytes is in + out)")
+    bandwidth_out_bytes: int = Field(description="From the agent's VPS")
     cpu_ms: int
     memory_mb_seconds: int
     storage_bytes: int

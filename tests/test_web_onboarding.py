@@ -225,7 +225,7 @@ async def test_usage_tab(web: Web, sql: psycopg.Connection) -> None:
         page = await b.get(f"/agents/{agent_id}/usage")
     assert page.status_code == 200 and 'id="usage-empty"' not in page.text
     text = page.text
-    assert "3.0 GB" in text and "5.0 GB" in text  # bandwidth used against the free plan's 5 GB
+    assert "3.0 GB (in 2.0 GB, out 1.0 GB)" in text and "5.0 GB" in text  # against the free plan's 5 GB
     assert "2.0 h" in text and "20.0 h" in text  # CPU against 20 CPU hours
     assert "5.00 GB·h" in text
     assert text.count('<svg role="img"') == 4 and "CPU time per day this month" in text

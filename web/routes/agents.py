@@ -152,8 +152,13 @@ async def usage_page(request: Request, agent_id: uuid.UUID) -> Response:
             "percent": min(100, round(100 * used / limit)) if limit else 0, "raw_used": used, "raw_limit": limit,
             "chart": bar_chart([d["day"] for d in days], [scale(int(d[key])) for d in days],
                                f"{label} per day this month, in {unit}", unit),
-            "table": [(d["day"], fmt(int(d[key]))) for d in days],
+            "columns": [label], "table": [(d["day"], [fmt(int(d[key]))]) for d in days], "split": None,
         })
+        if key == "bandwidth_bytes":  # in and out apart, from the daily series (it adds up to the month)
+            ins, outs = (sum(int(d.get(k, 0)) for d in days) for k in ("bandwidth_in_bytes", "bandwidth_out_bytes"))
+            rows[-1].update(split=(fmt(ins), fmt(outs)), columns=["In", "Out", "In + out"], table=[
+                (d["day"], [fmt(int(d.get("bandwidth_in_bytes", 0))), fmt(int(d.get("bandwidth_out_bytes", 0))),
+                            fmt(int(d[key]))]) for d in days])
     empty = not days and all(r["raw_used"] == 0 for r in rows)
     return render(request, "usage.html", agent=agent, usage=usage, rows=rows, empty=empty, unread=await unread(api))
 
