@@ -295,3 +295,32 @@ async def test_other_users_tabs_are_404(web: Web, sql: psycopg.Connection) -> No
                                 data={"csrf_token": token, "plan_id": str(uuid.uuid4())})
             assert resp.status_code == 404, action
     assert sql.execute("SELECT vps_id FROM agents WHERE id = %s", (theirs,)).fetchone() == (None,)
+
+
+async def test_progress_reads_the_api_state() -> None:
+    """The step list and phase from an agent as the API returns it (no stack needed: pure mapping)."""
+    from web.routes.agents import uptime
+    from web.routes.onboarding import progress
+
+    def agent(**vps: Any) -> dict[str, Any]:
+        return {"vps": {"state": "provisioning", "operation": None, "step": None, "last_error": None,
+                        "last_operation": None, **vps}}
+
+    queued = progress(agent(operation={"operation": "ProvisionVps", "step": None}, operation_id="p"))
+    assert queued["phase"] == "working" and [s["status"] for s in queued["steps"]][:2] == ["current", "todo"]
+    booting = progress(agent(operation={"operation": "ProvisionVps"}, step="wait_gateway_ready"))
+    assert [s["status"] for s in booting["steps"]] == ["done", "done", "done", "current", "todo", "todo"]
+    cleanup = progress(agent(state="error", operation={"operation": "DestroyVps"}, step="destroy_vm"))
+    assert cleanup["phase"] == "working" and cleanup["other_step"] == "Removing the failed machine"
+    failed = progress(agent(state="error", last_operation={"status": "failed", "error": "boom"}))
+    assert failed["phase"] == "failed" and failed["error"] == "boom"
+    assert progress({"vps": None})["phase"] == "none"
+    assert progress(agent(state="destroyed"))["phase"] == "none"
+    assert progress(agent(state="stopped"))["phase"] == "other"
+    ready = progress(agent(state="running"))
+    assert ready["phase"] == "ready" and {s["status"] for s in ready["steps"]} == {"done"}
+
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    assert uptime({"state": "running", "state_changed_at": "2026-12-02T11:58:30+00:00"}, now) == "1 min 30 s"
+    assert uptime({"state": "running", "state_changed_at": "2026-11-30T09:00:00+00:00"}, now) == "2 d 3 h"
+    assert uptime({"state": "stopped", "state_changed_at": "2026-12-02T11:00:00+00:00"}, now) is None
