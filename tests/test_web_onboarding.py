@@ -160,6 +160,27 @@ async def test_wizard_end_to_end(web: Web, sql: psycopg.Connection) -> None:
         assert plan_of(sql, user) == "starter"
 
 
+async def test_no_room_on_the_plan_offers_a_larger_one(web: Web, sql: psycopg.Connection) -> None:
+    email, user = verified_user(sql, "full")  # free: one agent
+    assert (await web.stack.api.post("/agents", json={"name": "First"}, headers=headers(user))).status_code == 201
+    async with web.browser() as b:
+        assert (await log_in(b, email)).status_code == 303
+        full = await name_step(b, {"name": "Second", "preset": "helpful"})
+        assert full.status_code == 403 and "allows 1 agent(s)" in full.text
+        assert 'href="/onboarding/plan"' in full.text and "Traceback" not in full.text
+        plans = await b.get("/onboarding/plan")
+        assert plans.status_code == 200 and 'action="/onboarding/plan"' in plans.text
+        pro = re.search(r'id="plan-pro" name="plan_id" value="([^"]+)"', plans.text)
+        assert pro
+        moved = await post_form(b, "/onboarding/plan", "/onboarding/plan", {"plan_id": pro.group(1)})
+        assert moved.status_code == 303 and moved.headers["location"] == "/onboarding"
+        assert plan_of(sql, user) == "pro"
+        second = await name_step(b, {"name": "Second", "preset": "helpful"})
+        assert second.status_code == 303 and second.headers["location"].endswith("/plan")
+        bad = await post_form(b, "/onboarding/plan", "/onboarding/plan", {"plan_id": "nope"})
+        assert bad.status_code == 400 and "Pick one of the plans" in bad.text
+
+
 async def test_failed_provision_then_try_again(web: Web, sql: psycopg.Connection,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")

@@ -104,7 +104,7 @@ async def create(request: Request) -> Response:
 
     async def again(status: int, error: str) -> Response:
         return render(request, "onboarding_name.html", status, presets=PRESETS, preset=preset, agent_name=name,
-                      custom=custom, error=error, unread=await unread(api))
+                      custom=custom, error=error, plan_limit=status == 403, unread=await unread(api))
 
     if preset == "custom":
         if not custom:
@@ -119,6 +119,8 @@ async def create(request: Request) -> Response:
     try:
         agent = await api.post("/agents", {"name": name})
     except ApiError as err:
+        if err.status == 403:  # the plan's max_agents: say so, and offer a larger plan
+            return await again(403, f"{readable(err)} A larger plan has room for it.")
         return await again(400 if err.status == 422 else err.status, readable(err))
     try:
         await api.call("PATCH", f"/agents/{agent['id']}/settings", {"files": {"SOUL.md": soul}})
@@ -128,6 +130,39 @@ async def create(request: Request) -> Response:
     return RedirectResponse(f"/onboarding/{agent['id']}/plan", status_code=303)
 
 
+@router.get("/plan", response_class=HTMLResponse)
+async def plan_only(request: Request) -> Response:
+    """The plan step without an agent: for a user whose plan has no room for another one."""
+    _user, api = await require_user(request)
+    return await plan_page(request, api, None)
+
+
+@router.post("/plan")
+async def choose_plan_only(request: Request) -> Response:
+    _user, api = await require_user(request)
+    fields = await form(request)
+    error = await change_plan(api, fields.get("plan_id", ""))
+    if error:
+        return await plan_page(request, api, None, error[0], error=error[1])
+    return RedirectResponse("/onboarding", status_code=303)
+
+
+async def change_plan(api: ControlPlane, chosen: str) -> tuple[int, str] | None:
+    """PUT /users/me/plan when `chosen` is not the current plan; (status, message) when refused."""
+    try:
+        uuid.UUID(chosen)
+    except ValueError:
+        return 400, "Pick one of the plans."
+    me = await api.get("/users/me")
+    if chosen == me["plan"]["id"]:
+        return None
+    try:
+        await api.call("PUT", "/users/me/plan", {"plan_id": chosen})
+    except ApiError as err:
+        return (err.status if err.status >= 400 else 400), f"{err.title}: {err.detail}"
+    return None
+
+
 @router.get("/{agent_id}")
 async def resume(request: Request, agent_id: uuid.UUID) -> Response:
     _user, api = await require_user(request)
@@ -135,7 +170,7 @@ async def resume(request: Request, agent_id: uuid.UUID) -> Response:
     return RedirectResponse(target(str(agent_id), progress(agent)["phase"]), status_code=303)
 
 
-async def plan_page(request: Request, api: ControlPlane, agent: dict[str, Any], status: int = 200,
+async def plan_page(request: Request, api: ControlPlane, agent: dict[str, Any] | None, status: int = 200,
                     error: str | None = None, notice: str | None = None) -> Response:
     plans = await api.get("/plans")
     me = await api.get("/users/me")
@@ -163,18 +198,9 @@ async def choose_plan(request: Request, agent_id: uuid.UUID) -> Response:
     phase = progress(agent)["phase"]
     if phase != "none":
         return RedirectResponse(target(str(agent_id), phase), status_code=303)
-    me = await api.get("/users/me")
-    chosen = fields.get("plan_id", "")
-    try:
-        uuid.UUID(chosen)
-    except ValueError:
-        return await plan_page(request, api, agent, 400, error="Pick one of the plans.")
-    if chosen != me["plan"]["id"]:
-        try:
-            await api.call("PUT", "/users/me/plan", {"plan_id": chosen})
-        except ApiError as err:
-            return await plan_page(request, api, agent, err.status if err.status >= 400 else 400,
-                                   error=f"{err.title}: {err.detail}")
+    error = await change_plan(api, fields.get("plan_id", ""))
+    if error:
+        return await plan_page(request, api, agent, error[0], error=error[1])
     reason = await provision(api, str(agent_id))
     if reason:
         return await plan_page(request, api, agent, 409, error=reason)
