@@ -327,7 +327,7 @@ async def update_plan(request: Request, plan_id: uuid.UUID) -> Response:
 async def confirm_delete_plan(request: Request, plan_id: uuid.UUID) -> Response:
     _admin, api = await require_admin(request)
     plan = await api_or_404(api, f"/admin/plans/{plan_id}", "Plan")
-    return render(request, "admin_delete.html", section="plans", kind="plan", name=plan["display_name"],
+    return render(request, "admin_delete.html", section="plans", kind="plan", target_name=plan["display_name"],
                   action=f"/admin/plans/{plan_id}/delete")
 
 
@@ -436,7 +436,7 @@ async def update_config(request: Request, config_id: uuid.UUID) -> Response:
 async def confirm_delete_config(request: Request, config_id: uuid.UUID) -> Response:
     _admin, api = await require_admin(request)
     config = await api_or_404(api, f"/admin/vps-configs/{config_id}", "VPS config")
-    return render(request, "admin_delete.html", section="plans", kind="VPS config", name=config["name"],
+    return render(request, "admin_delete.html", section="plans", kind="VPS config", target_name=config["name"],
                   action=f"/admin/vps-configs/{config_id}/delete")
 
 
