@@ -7,6 +7,7 @@ every form is sent as a browser would, with the CSRF token of the page that show
 # ruff: noqa: F811  (the `web` and `cleanup_plans` fixtures are imported, then named as parameters)
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -15,11 +16,15 @@ from contextlib import asynccontextmanager
 import httpx
 import psycopg
 import pytest
+import uvicorn
 
+from tests.conftest import free_port
 from tests.helpers import headers, make_user
-from tests.test_admin_api import cleanup_plans, make_admin  # noqa: F401  (the fixture)
+from tests.test_admin_api import add_usage, cleanup_plans, make_admin  # noqa: F401  (the fixture)
 from tests.test_web_app import Web, csrf_of, post_form, wait_for, web  # noqa: F401  (the fixture)
+from tests.test_web_browser import _MISSING, ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, STEP_MS
 from web import auth
+from web.app import create_app as create_web
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -269,6 +274,42 @@ async def test_force_stop_runs_the_workflow_and_is_audited(web: Web, sql: psycop
         assert entry, audit.text
         assert "Showing 1–1 of 1" in audit.text
 
+        # Force destroy, confirmed: the stopped VM goes away through DestroyVps.
+        confirm = await b.get(f"/admin/vms/{vps['id']}/destroy?owner={owner}")
+        assert "cannot be undone" in confirm.text and "stopped on local" in confirm.text
+        resp = await b.post(f"/admin/vms/{vps['id']}/destroy",
+                            data={"owner": str(owner), "csrf_token": csrf_of(confirm.text)})
+        assert resp.status_code == 303 and resp.headers["location"].startswith("/admin/operations/destroy-")
+        op_page = resp.headers["location"]
+        done = await wait_for("the force destroy to finish", finished)
+        assert "DestroyVps" in done
+        assert (await web.stack.wait_vps(owner, agent, "destroyed"))["state"] == "destroyed"
+        audit = await b.get("/admin/audit")
+        assert re.findall(r'class="action">([^<]+)<', audit.text) == ["vps.destroy", "vps.stop"]
+
+
+async def test_audit_log_and_users_are_paged(web: Web, sql: psycopg.Connection) -> None:
+    for i in range(60):
+        sql.execute("INSERT INTO admin_audit_log (admin_email, action, target_type, target_id, details) "
+                    "VALUES ('old@example.com', 'plan.update', 'plan', %s, '{}')", (f"target-{i:02d}",))
+    tag = uuid.uuid4().hex[:6]
+    for i in range(55):
+        make_user(sql, email=f"paged-{tag}-{i:02d}@example.com")
+    async with as_admin(web, sql) as (b, _admin):
+        first = await b.get("/admin/audit")
+        assert "Showing 1–50 of 60" in first.text and "target-59" in first.text and "target-09" not in first.text
+        assert 'rel="prev"' not in first.text
+        next_link = re.search(r'href="([^"]+)" rel="next"', first.text)
+        assert next_link and "offset=50" in next_link.group(1)
+        second = await b.get(next_link.group(1).replace("&amp;", "&"))
+        assert "Showing 51–60 of 60" in second.text and "target-00" in second.text and 'rel="next"' not in second.text
+        assert 'rel="prev"' in second.text
+        users = await b.get("/admin/users", params={"email": f"paged-{tag}"})
+        assert "Showing 1–50 of 55" in users.text and f"paged-{tag}-49@" in users.text
+        more = await b.get("/admin/users", params={"email": f"paged-{tag}", "offset": "50"})
+        assert "Showing 51–55 of 55" in more.text and f"paged-{tag}-54@" in more.text
+        assert f"paged-{tag}-49@" not in more.text
+
 
 async def test_non_admins_get_403_everywhere(web: Web, sql: psycopg.Connection) -> None:
     user = make_user(sql)
@@ -312,3 +353,69 @@ async def test_admin_forms_need_the_csrf_token(web: Web, sql: psycopg.Connection
             assert wrong.status_code == 403, path
     assert sql.execute("SELECT usage_exempt FROM users WHERE id = %s", (user,)).fetchone() == (False,)
     assert plan_row(sql, "team") is None
+
+
+@pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
+async def test_admin_pages_in_the_browser(web: Web, sql: psycopg.Connection, cleanup_plans: None) -> None:
+    """An admin in Chromium: users (exempting one), VMs, a plan created through its form, usage, audit log."""
+    from playwright.async_api import async_playwright, expect
+
+    owner = make_user(sql, plan="starter", email=f"heavy-{uuid.uuid4().hex[:6]}@example.com")
+    add_usage(sql, owner, "local", (3 * 2**30, 2**30, 7_200_000, 3_600_000, 5 * 2**30))
+    add_usage(sql, owner, "hetzner", (2**30, 2**29, 1_800_000, 900_000, 2**30))
+    admin = make_admin(sql)
+    token = str(uuid.uuid4())
+    sql.execute('INSERT INTO sessions ("sessionToken", "userId", expires) VALUES (%s, %s, now() + interval \'1 day\')',
+                (token, admin))
+    port = free_port()
+    settings = web.settings.model_copy(update={"web_port": port, "web_public_url": f"http://127.0.0.1:{port}"})
+    app = create_web(settings, api_transport=httpx.ASGITransport(app=web.api))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        await wait_for("the web app to listen", lambda: asyncio.sleep(0, server.started), 60)
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await browser.new_context()
+                await context.add_cookies([{"name": auth.PLAIN_COOKIE, "value": token, "url": settings.web_url}])
+                page = await context.new_page()
+                page.set_default_timeout(STEP_MS)
+                await page.goto(settings.web_url + "/dashboard")
+                await page.get_by_role("link", name="Admin", exact=True).click()
+                await expect(page.get_by_role("heading", name="Admin: users")).to_be_visible()
+                await page.get_by_label("Search by email").fill("heavy-")
+                await page.get_by_role("button", name="Search").click()
+                await expect(page.locator("#users tbody tr")).to_have_count(1)
+                await page.screenshot(path=ARTIFACTS / "web-admin-users.png", full_page=True)
+                await page.locator("#users").get_by_role("link").first.click()
+                await page.get_by_role("button", name="Exempt from overage enforcement").click()
+                await expect(page.locator("#exempt")).to_have_text("exempt")
+                await page.screenshot(path=ARTIFACTS / "web-admin-user.png", full_page=True)
+
+                await page.get_by_role("link", name="VMs").click()
+                await expect(page.locator("#vms tbody tr")).to_have_count(2)
+                await page.screenshot(path=ARTIFACTS / "web-admin-vms.png", full_page=True)
+
+                await page.get_by_role("link", name="Plans and VPS configs").click()
+                await page.get_by_role("link", name="New plan").click()
+                for field, value in PLAN_FORM.items():
+                    await page.locator(f"#{field}").fill(value)
+                await page.get_by_label("local-small (local)").check()
+                await page.get_by_role("button", name="Create plan").click()
+                await expect(page.locator("#plan-team")).to_contain_text("$49.00/mo")
+                await page.screenshot(path=ARTIFACTS / "web-admin-plans.png", full_page=True)
+
+                await page.get_by_role("link", name="Usage").click()
+                await expect(page.locator("#usage-vpses")).to_have_text("2")
+                await page.screenshot(path=ARTIFACTS / "web-admin-usage.png", full_page=True)
+
+                await page.get_by_role("link", name="Audit log").click()
+                await expect(page.locator("#audit td.action")).to_have_text(["plan.create", "user.usage_exempt"])
+                await page.screenshot(path=ARTIFACTS / "web-admin-audit.png", full_page=True)
+            finally:
+                await browser.close()
+    finally:
+        server.should_exit = True
+        await serving

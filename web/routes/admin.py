@@ -474,6 +474,7 @@ async def audit(request: Request, action: str = "", offset: str = "0") -> Respon
     query = {"limit": PAGE, "offset": offset_of(offset), **({"action": action} if action else {})}
     page = await api.get(f"/admin/audit-log?{urlencode(query)}")
     for entry in page["items"]:
-        entry["details_text"] = json.dumps(entry["details"], sort_keys=True)[:300]
+        text = json.dumps(entry["details"], sort_keys=True)
+        entry["details_text"] = text if len(text) <= 300 else text[:300] + "…"
     return render(request, "admin_audit.html", section="audit", page=page, action=action,
                   pages=pager("/admin/audit", {"action": action}, page))
