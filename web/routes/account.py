@@ -167,6 +167,8 @@ def _signed_out(request: Request, response: Response) -> Response:
 
 # --- password reset --------------------------------------------------------------------------------
 
+_pending: set[asyncio.Task[bool]] = set()  # reset mails in flight (kept referenced until sent)
+
 @router.get("/forgot", response_class=HTMLResponse)
 async def forgot_page(request: Request) -> Response:
     return render(request, "forgot.html")
@@ -201,8 +203,6 @@ async def forgot(request: Request) -> Response:
     return render(request, "message.html", title="Check your email",
                   detail=f"If an account exists for {email}, we sent it a link to reset the password. "
                          "The link expires in 1 hour.")
-
-_pending: set[asyncio.Task[bool]] = set()  # reset mails in flight (kept referenced until sent)
 
 @router.get("/reset", response_class=HTMLResponse)
 async def reset_page(request: Request, email: str = "", token: str = "") -> Response:

@@ -229,21 +229,21 @@ async def _user_for(request: Request, p: Provider, who: Identity) -> uuid.UUID:
             raise SignInRefused(f"Your {p.label} account has no verified email address. Verify one with "
                                 f"{p.label} (and make it your primary address), then try again.")
         user = await auth.user_by_email(db, email)
-        if user is None:
-            user = User(email=email, name=(who.name or "")[:255] or None, image=(who.image or "")[:2048] or None,
-                        email_verified=datetime.now(UTC))
-            db.add(user)
-            await db.flush()
-        elif user.email_verified is None:
+        if user is not None and user.email_verified is None:
             raise SignInRefused(f"An account with {email} exists but its address was never verified, so it "
                                 f"cannot be joined to your {p.label} account. Verify it with the link we "
                                 "mailed, or use \"Forgot password?\" on the log-in page (which verifies it "
                                 f"too), then sign in with {p.label} again.")
-        db.add(Account(user_id=user.id, type=p.type, provider=p.name, provider_account_id=who.account_id))
         try:
+            if user is None:
+                user = User(email=email, name=(who.name or "")[:255] or None,
+                            image=(who.image or "")[:2048] or None, email_verified=datetime.now(UTC))
+                db.add(user)
+                await db.flush()
+            db.add(Account(user_id=user.id, type=p.type, provider=p.name, provider_account_id=who.account_id))
             await db.commit()
-        except IntegrityError as err:  # the same callback twice at once: the other one linked it
-            raise SignInRefused("This sign-in was already used. Start again from the log-in page.") from err
+        except IntegrityError as err:  # two sign-ins of the same new person at once: the other one won
+            raise SignInRefused("This sign-in happened twice at once. Log in again.") from err
         assert user.id is not None
         return user.id
 
