@@ -7,7 +7,9 @@ HTTP, and for "log out everywhere" the real proxy with the gateway simulator beh
 
 from __future__ import annotations
 
+import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,8 +22,10 @@ import httpx
 import psycopg
 import pytest
 import pytest_asyncio
+from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
+from db.encryption import Keyring
 from notifications.sink import LoggingHandler, serve
 from settings import Settings
 from tests.conftest import free_port
@@ -506,3 +510,23 @@ async def test_reset_mail_failure_still_says_the_same(aweb: AuthWeb, sql: psycop
             transport=httpx.ASGITransport(app=app), base_url=aweb.settings.web_url) as b:
         resp = await ask_reset(aweb, b, email)
         assert resp.status_code == 200 and "If an account exists" in resp.text
+
+
+async def test_flow_cookie_must_be_ours_fresh_and_for_this_provider(aweb: AuthWeb, sql: psycopg.Connection) -> None:
+    """The state travels in an encrypted cookie: a forged, stale or other-provider one is refused
+    before any code is exchanged."""
+    keys = Keyring(aweb.settings.secret_keys())
+    state = "s" * 43
+
+    def flow(provider: str, age_s: int) -> str:
+        return keys.encrypt(json.dumps({"p": provider, "s": state, "v": "v" * 64, "t": int(time.time()) - age_s}))
+
+    for cookie in ("not-encrypted", Keyring([Fernet.generate_key().decode()]).encrypt("{}"),
+                   flow("google", 16 * 60), flow("github", 0)):
+        async with aweb.browser() as b:
+            b.cookies.set("slopbox.oauth", cookie, path="/api/auth/")
+            resp = await b.get("/api/auth/callback/google", params={"code": "abc", "state": state})
+            assert resp.status_code == 400 and "Start again" in resp.text
+            assert not b.cookies.get(COOKIE)
+    assert aweb.oauth.token_calls == 0
+    assert sql.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
