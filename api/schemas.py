@@ -130,6 +130,11 @@ class OverageBudgetIn(BaseModel):
                             BeforeValidator(_integral)]
 
 
+class PlanChoiceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    plan_id: uuid.UUID = Field(description="One of the plans GET /plans lists")
+
+
 class OverageBudgetOut(BaseModel):
     budget_cents: int
     period_start: date
@@ -591,6 +596,8 @@ class UsageResources(BaseModel):
 class UsageDay(BaseModel):
     day: date
     bandwidth_bytes: int
+    bandwidth_in_bytes: int = Field(description="To the agent's VPS (bandwidth_bytes is in + out)")
+    bandwidth_out_bytes: int = Field(description="From the agent's VPS")
     cpu_ms: int
     memory_mb_seconds: int
     storage_bytes: int
