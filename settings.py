@@ -142,6 +142,21 @@ class Settings(BaseSettings):
     web_login_max_failures: int = Field(
         default=5, ge=1, description="failed logins per email, and 4x that per client address, per window")
     web_login_window_s: int = Field(default=900, ge=1, description="the login rate limit's window")
+    web_reset_max_requests: int = Field(
+        default=3, ge=1, description="password-reset mails asked per email, and 4x that per client address, per "
+                                     "WEB_LOGIN_WINDOW_S")
+    # OAuth sign-in (web/routes/oauth.py); a provider's button shows only when its id and secret are set.
+    google_client_id: str | None = None
+    google_client_secret: SecretStr | None = None
+    github_client_id: str | None = None
+    github_client_secret: SecretStr | None = None
+    oauth_google_authorize_url: str = "https://accounts.google.com/o/oauth2/v2/auth"
+    oauth_google_token_url: str = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
+    oauth_google_userinfo_url: str = "https://openidconnect.googleapis.com/v1/userinfo"
+    oauth_github_authorize_url: str = "https://github.com/login/oauth/authorize"
+    oauth_github_token_url: str = "https://github.com/login/oauth/access_token"  # noqa: S105 (a URL)
+    oauth_github_api_url: str = Field(default="https://api.github.com", description="GitHub's REST API "
+                                      "(/user, /user/emails)")
     # Metering (README "Metering")
     metering_interval_s: int = Field(
         default=3600, ge=0, description="seconds between MeteringCycle runs (a Temporal Schedule); 0 = this worker "
@@ -184,6 +199,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("hcloud_token", "fly_api_token", "local_provider", "smtp_host", "smtp_user", "smtp_password",
+                     "google_client_id", "google_client_secret", "github_client_id", "github_client_secret",
                      "otel_traces_exporter", "otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint",
                      "otel_service_name", mode="before")
     @classmethod

@@ -64,11 +64,15 @@ class AgentActivities(VpsActivities):
             raise fail(f"no {kind} channel on this agent")
         return row
 
-    async def _set_channel(self, agent_id: str, kind: str, **values: Any) -> None:
+    async def _set_channel(self, agent_id: str, kind: str, *, only_if: tuple[str, ...] = (), **values: Any) -> None:
+        """`only_if`: write only while the row is in one of these states (a late write must not undo an end)."""
         values.setdefault("updated_at", datetime.now(UTC))
+        stmt = update(AgentChannel).where(AgentChannel.agent_id == agent_id,  # type: ignore[arg-type]
+                                          AgentChannel.kind == kind)  # type: ignore[arg-type]
+        if only_if:
+            stmt = stmt.where(AgentChannel.status.in_(only_if))  # type: ignore[attr-defined]
         async with self.sessions() as s, s.begin():
-            await s.exec(update(AgentChannel).where(AgentChannel.agent_id == agent_id,  # type: ignore[call-overload,arg-type]
-                                                    AgentChannel.kind == kind).values(**values))
+            await s.exec(stmt.values(**values))  # type: ignore[call-overload]
 
     @activity.defn(name=Act.restart_gateway)
     async def restart_gateway(self, inp: OperationInput) -> None:
@@ -139,8 +143,11 @@ class AgentActivities(VpsActivities):
                 while True:
                     if qr:
                         version += 1
+                        # Only while still pairing: a cancel marks the row `cancelled` without waiting for
+                        # this activity to notice, and a QR arriving meanwhile must not bring the pairing back.
                         await self._set_channel(agent_id, "whatsapp", status="awaiting_scan", qr_data_url=qr,
-                                                qr_version=version, qr_expires_at=datetime.now(UTC) + QR_LIFETIME)
+                                                qr_version=version, qr_expires_at=datetime.now(UTC) + QR_LIFETIME,
+                                                only_if=("pending", "connecting", "awaiting_scan"))
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         await self._set_channel(agent_id, "whatsapp", status="expired", qr_data_url=None,

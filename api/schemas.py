@@ -130,6 +130,11 @@ class OverageBudgetIn(BaseModel):
                             BeforeValidator(_integral)]
 
 
+class PlanChoiceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    plan_id: uuid.UUID = Field(description="One of the plans GET /plans lists")
+
+
 class OverageBudgetOut(BaseModel):
     budget_cents: int
     period_start: date
@@ -233,6 +238,15 @@ class SettingsSaved(BaseModel):
 
     saved: bool
     applied: str
+    settings_version: int
+
+
+class AgentSettingsOut(BaseModel):
+    """What a settings editor prefills: the personality files as saved, and the model."""
+
+    files: dict[str, str] = Field(description="AGENTS.md, SOUL.md and IDENTITY.md as saved (\"\" when never set)")
+    model: str | None = Field(description="The agent's model; null means the default below")
+    default_model: str = Field(description="The model an agent without one runs")
     settings_version: int
 
 
@@ -582,6 +596,8 @@ class UsageResources(BaseModel):
 class UsageDay(BaseModel):
     day: date
     bandwidth_bytes: int
+    bandwidth_in_bytes: int = Field(description="To the agent's VPS (bandwidth_bytes is in + out)")
+    bandwidth_out_bytes: int = Field(description="From the agent's VPS")
     cpu_ms: int
     memory_mb_seconds: int
     storage_bytes: int

@@ -84,6 +84,8 @@ async def test_usage_against_the_plan(api: httpx.AsyncClient, temporal_client: C
     assert body["overage_cost_cents"] == expected > 0
     assert body["projected_overage_cost_cents"] >= expected
     assert sum(d["cpu_ms"] for d in body["daily"]) == cpu["used"]
+    assert sum(d["bandwidth_in_bytes"] + d["bandwidth_out_bytes"] for d in body["daily"]) == bw["used"]
+    assert all(d["bandwidth_in_bytes"] + d["bandwidth_out_bytes"] == d["bandwidth_bytes"] for d in body["daily"])
     assert sum(d["storage_bytes"] for d in body["daily"]) == res["storage_bytes"]["used"] > 0
     assert body["collected_until"] is not None and body["stale"] is False
 

@@ -80,8 +80,8 @@ def csrf_of(html: str) -> str:
 
 
 async def post_form(b: httpx.AsyncClient, page: str, action: str, data: dict[str, str]) -> httpx.Response:
-    """Like a browser: load the page with the form, send it with its CSRF token."""
-    got = await b.get(page)
+    """Like a browser: load the page with the form (following redirects), send it with its CSRF token."""
+    got = await b.get(page, follow_redirects=True)
     return await b.post(action, data={**data, "csrf_token": csrf_of(got.text)})
 
 
@@ -162,7 +162,8 @@ async def test_signup_to_destroy(web: Web, sql: psycopg.Connection) -> None:
 
         page = await wait_for("running", lambda: state("running"))
         assert f"{web.settings.proxy_url}/agents/{agent_id}/gateway/" in page  # Open chat
-        assert 'id="usage-chart"' in page and "<svg" in page
+        usage = await b.get(f"/agents/{agent_id}/usage")
+        assert usage.status_code == 200 and "Usage this month" in usage.text
         dash = await b.get("/dashboard")
         assert "Webby" in dash.text and "running" in dash.text
         personality = sql.execute("SELECT personality FROM agents WHERE id = %s", (agent_id,)).fetchone()

@@ -1,5 +1,5 @@
-"""The web app in Debian's headless Chromium: sign up -> verify by the mailed link -> log in -> new
-agent -> running. Screenshots of each page go to artifacts/ (ignored by git, kept by CI)."""
+"""The web app in Debian's headless Chromium: sign up -> verify by the mailed link -> log in -> the
+onboarding wizard -> running. Screenshots of each page go to artifacts/ (ignored by git, kept by CI)."""
 
 from __future__ import annotations
 
@@ -84,14 +84,16 @@ async def test_sign_up_to_running_agent_in_the_browser(web: Web) -> None:  # noq
                 await page.get_by_label("Email").fill(email)
                 await page.get_by_label("Password").fill(PASSWORD)
                 await page.get_by_role("button", name="Log in").click()
-                await expect(page.get_by_role("heading", name="Your agents")).to_be_visible()
-                await page.screenshot(path=ARTIFACTS / "web-dashboard-empty.png", full_page=True)
-                await page.get_by_label("Name").fill("Browsy")
-                await page.get_by_label("Personality").select_option("friendly")
-                await page.get_by_role("button", name="Create and start").click()
-                await expect(page.get_by_role("heading", name="Browsy")).to_be_visible()
-                await page.screenshot(path=ARTIFACTS / "web-agent-provisioning.png", full_page=True)
-                # The page refreshes itself while the provision runs.
+                # No agent yet: the dashboard hands over to the wizard (tests/test_web_onboarding_browser.py).
+                await expect(page.get_by_role("heading", name="Set up your agent")).to_be_visible()
+                await page.get_by_label("Name your agent").fill("Browsy")
+                await page.get_by_label("Friendly companion").check()
+                await page.get_by_role("button", name="Next: choose a plan").click()
+                await page.get_by_role("button", name="Next: start the agent").click()
+                await expect(page.get_by_role("heading", name="Browsy is running")).to_be_visible(timeout=STEP_MS)
+                await page.get_by_role("link", name="Skip for now").click()
+                await page.get_by_role("link", name="Go to dashboard").click()
+                await page.get_by_role("link", name="Browsy").click()
                 await expect(page.locator("#state")).to_have_text("running", timeout=STEP_MS)
                 await expect(page.get_by_role("link", name="Open chat")).to_be_visible()
                 await page.screenshot(path=ARTIFACTS / "web-agent-running.png", full_page=True)

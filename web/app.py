@@ -23,7 +23,7 @@ from settings import Settings
 from web import auth
 from web.api_client import ApiError
 from web.pages import CSRF_COOKIE, PageError, WebContext, log, readable, render
-from web.routes import account, agents, public
+from web.routes import account, admin, agent_settings, agents, channels, notifications, oauth, onboarding, public
 
 
 def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | None = None,
@@ -92,6 +92,6 @@ def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | 
         return render(request, "error.html", 500, title="Something went wrong",
                       detail="The page could not be shown. Try again in a moment.")
 
-    for module in (public, account, agents):
+    for module in (public, account, oauth, agents, admin, onboarding, notifications, channels, agent_settings):
         app.include_router(module.router)
     return app

@@ -3,7 +3,10 @@
 Sessions are Auth.js v5 database sessions: a random token in `sessions."sessionToken"`, sent raw
 in `authjs.session-token` (`__Secure-authjs.session-token` over https), so the proxy, and a future
 Next.js + Auth.js frontend, accept the same cookie. Verification tokens are stored hashed, as
-Auth.js does, so a database read does not yield a working link.
+Auth.js does, so a database read does not yield a working link. Password-reset tokens live in the
+same `verification_token` table under the identifier `reset:<email>` and are hashed with a
+different prefix, so a reset link can never verify an address and a verification link can never
+reset a password.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import delete
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.responses import Response
 
-from db.models import AuthSession, User, VerificationToken
+from db.models import Account, AuthSession, User, VerificationToken
 
 SESSION_MAX_AGE = timedelta(days=30)  # Auth.js's default maxAge
 SESSION_UPDATE_AGE = timedelta(days=1)  # ... and updateAge (sliding expiry, at most one write a day)
 VERIFY_MAX_AGE = timedelta(hours=24)
+RESET_MAX_AGE = timedelta(hours=1)
+RESET_PREFIX = "reset:"
 PLAIN_COOKIE = "authjs.session-token"
 SECURE_COOKIE = "__Secure-authjs.session-token"
 
@@ -54,8 +60,15 @@ def normalize_email(email: str) -> str:
     return email.strip().lower()
 
 
-def _token_hash(raw: str) -> str:
-    return hashlib.sha256(raw.encode()).hexdigest()
+def valid_email(email: str) -> bool:
+    """What sign-up accepts: one address, no whitespace, and no ':' (never in an unquoted address, and
+    it keeps `reset:<email>` identifiers apart from every possible email)."""
+    return ("@" in email and 3 <= len(email) <= 255 and ":" not in email
+            and not any(c.isspace() or ord(c) < 32 for c in email))
+
+
+def _token_hash(raw: str, purpose: str = "") -> str:
+    return hashlib.sha256((purpose + raw).encode()).hexdigest()
 
 
 async def user_by_email(db: AsyncSession, email: str) -> User | None:
@@ -75,6 +88,28 @@ async def use_verification_token(db: AsyncSession, email: str, raw: str) -> bool
     row = (await db.exec(
         delete(VerificationToken)
         .where(VerificationToken.identifier == email, VerificationToken.token == _token_hash(raw))  # type: ignore[arg-type]
+        .returning(VerificationToken.expires))).first()  # type: ignore[arg-type]
+    return row is not None and row[0] > datetime.now(UTC)
+
+
+async def new_reset_token(db: AsyncSession, email: str) -> str:
+    """A password-reset token (1 h, single use); replaces any earlier reset token of this address."""
+    raw = secrets.token_urlsafe(32)
+    identifier = RESET_PREFIX + email
+    await db.exec(delete(VerificationToken).where(VerificationToken.identifier == identifier))  # type: ignore[arg-type]
+    db.add(VerificationToken(identifier=identifier, token=_token_hash(raw, RESET_PREFIX),
+                             expires=datetime.now(UTC) + RESET_MAX_AGE))
+    return raw
+
+
+async def use_reset_token(db: AsyncSession, email: str, raw: str) -> bool:
+    """Single use: deleted whether or not it had expired."""
+    if not raw or len(raw) > 255:
+        return False
+    row = (await db.exec(
+        delete(VerificationToken)
+        .where(VerificationToken.identifier == RESET_PREFIX + email,  # type: ignore[arg-type]
+               VerificationToken.token == _token_hash(raw, RESET_PREFIX))  # type: ignore[arg-type]
         .returning(VerificationToken.expires))).first()  # type: ignore[arg-type]
     return row is not None and row[0] > datetime.now(UTC)
 
@@ -108,6 +143,26 @@ async def session_user(db: AsyncSession, token: str | None) -> User | None:
 
 async def delete_session(db: AsyncSession, token: str) -> None:
     await db.exec(delete(AuthSession).where(AuthSession.session_token == token))  # type: ignore[arg-type]
+
+
+async def delete_user_sessions(db: AsyncSession, user_id: uuid.UUID, *, keep: str | None = None) -> int:
+    """Ends the user's sessions (all, or all but `keep`); the proxy closes their Control UI sockets
+    within its session sweep (proxy/session_watch.py). Returns how many ended."""
+    stmt = delete(AuthSession).where(AuthSession.user_id == user_id)  # type: ignore[arg-type]
+    if keep is not None:
+        stmt = stmt.where(AuthSession.session_token != keep)  # type: ignore[arg-type]
+    result = await db.exec(stmt)
+    return int(result.rowcount or 0)
+
+
+async def linked_providers(db: AsyncSession, user_id: uuid.UUID) -> list[str]:
+    rows = await db.exec(select(Account.provider).where(Account.user_id == user_id))  # type: ignore[call-overload]
+    return sorted(set(rows.all()))
+
+
+def set_session_cookie(response: Response, name: str, token: str, expires: datetime, *, secure: bool) -> None:
+    """Auth.js's session cookie: host-only, HttpOnly, SameSite=Lax, an Expires attribute."""
+    response.set_cookie(name, token, expires=expires, httponly=True, samesite="lax", secure=secure, path="/")
 
 
 def same(a: str, b: str) -> bool:

@@ -29,7 +29,7 @@ from web.api_client import ApiError, ControlPlane
 
 log = logging.getLogger("web")
 CSRF_COOKIE = "slopbox.csrf"
-MAX_FORM_BYTES = 64 * 1024
+MAX_FORM_BYTES = 1024 * 1024  # the settings form carries three files of up to 64 KiB each, urlencoded
 MIN_PASSWORD = 10
 
 

@@ -15,12 +15,21 @@ from api.operations import IdempotencyKey, accepted, operation_id_for, replayed,
 from api.problems import Problem
 from api.routes.agents import agent_vps, owned_agent
 from api.routes.vps import agent_and_vps
-from api.schemas import ModelId, OperationAccepted, SettingsSaved, problem_responses, settings_request
+from api.schemas import (
+    AgentSettingsOut,
+    ModelId,
+    OperationAccepted,
+    SettingsSaved,
+    problem_responses,
+    settings_request,
+)
 from db.models import VpsState
+from openclaw.agent_env import DEFAULT_MODEL
 from workflows.contracts import OperationKind
 
 router = APIRouter(prefix="/agents/{agent_id}", tags=["agents"])
 FileText = Annotated[str, StringConstraints(max_length=64 * 1024)]
+FILES = ("AGENTS.md", "SOUL.md", "IDENTITY.md")
 
 
 class SettingsIn(BaseModel):
@@ -39,6 +48,15 @@ class SettingsIn(BaseModel):
             if "\x00" in text:
                 raise ValueError(f"files.{name} contains a NUL byte")
         return self
+
+
+@router.get("/settings", response_model=AgentSettingsOut, responses=problem_responses(404))
+async def get_settings(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> AgentSettingsOut:
+    """The saved settings, so an editor starts from them rather than from a blank page."""
+    agent = await owned_agent(session, user, agent_id)
+    saved = agent.personality or {}
+    return AgentSettingsOut(files={name: str(saved.get(name) or "") for name in FILES}, model=agent.model,
+                            default_model=DEFAULT_MODEL, settings_version=agent.settings_version)
 
 
 @router.patch("/settings", response_model=SettingsSaved,

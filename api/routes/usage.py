@@ -24,7 +24,7 @@ _TOTALS = text("""
 """)
 _DAILY = text("""
     SELECT d.day, SUM(d.bandwidth_in_bytes + d.bandwidth_out_bytes), SUM(d.cpu_ms), SUM(d.memory_mb_seconds),
-           SUM(d.storage_bytes)
+           SUM(d.storage_bytes), SUM(d.bandwidth_in_bytes), SUM(d.bandwidth_out_bytes)
     FROM vps_usage_daily d JOIN vpses v ON v.id = d.vps_id
     WHERE v.user_id = :user AND d.day >= :period AND d.day < :next
     GROUP BY d.day ORDER BY d.day
@@ -74,5 +74,6 @@ async def agent_usage(agent_id: uuid.UUID, session: SessionDep, user: CurrentUse
                                  storage_bytes=resource(3)),
         overage_cost_cents=cost(used), projected_overage_cost_cents=cost(projected), budget_cents=budget_cents,
         daily=[UsageDay(day=d[0], bandwidth_bytes=int(d[1]), cpu_ms=int(d[2]), memory_mb_seconds=int(d[3]),
-                        storage_bytes=int(d[4])) for d in daily],
+                        storage_bytes=int(d[4]), bandwidth_in_bytes=int(d[5]), bandwidth_out_bytes=int(d[6]))
+               for d in daily],
     )

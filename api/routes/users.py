@@ -1,5 +1,9 @@
 """The current user, their plan, and their monthly overage budget.
 
+The plan is the user's own choice (PUT /users/me/plan): billing is not implemented yet (PRD §4.9),
+so any active plan may be chosen, provided what the user has fits it: a plan with fewer agents or
+VPSes than the user holds now is a 409 naming the excess, never a silent stop or delete.
+
 Raising the budget is how a user stopped for overage gets going again: the start route allows a
 start once the budget covers this month's overage cost (billing/overage.py), and the forward proxy
 lets their tunnels through on its next check.
@@ -8,14 +12,16 @@ lets their tunnels through on its next check.
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
-from sqlmodel import select
+from sqlmodel import col, select
 
 from api.deps import CurrentUser, SessionDep
+from api.problems import Problem
 from api.routes.plans import load_plan
-from api.schemas import OverageBudgetIn, OverageBudgetOut, UserOut
+from api.schemas import OverageBudgetIn, OverageBudgetOut, PlanChoiceIn, UserOut, problem_responses
 from billing.plans import effective_plan, month_start
-from db.models import OverageBudget
+from db.models import Agent, OverageBudget, Plan, User, Vps, VpsState
 
 router = APIRouter(prefix="/users/me", tags=["users"])
 
@@ -23,6 +29,37 @@ router = APIRouter(prefix="/users/me", tags=["users"])
 @router.get("", response_model=UserOut)
 async def me(request: Request, session: SessionDep, user: CurrentUser) -> UserOut:
     plan = await effective_plan(session, user)
+    return UserOut(id=user.id, email=user.email, name=user.name, image=user.image,  # type: ignore[arg-type]
+                   email_verified=user.email_verified, is_admin=user.is_admin, usage_exempt=user.usage_exempt,
+                   plan=await load_plan(session, plan, request.app.state.settings))
+
+
+@router.put("/plan", response_model=UserOut, responses=problem_responses(404, 409))
+async def choose_plan(body: PlanChoiceIn, request: Request, session: SessionDep, user: CurrentUser) -> UserOut:
+    """Move to another active plan. 409 when the user's agents or VPSes (every VPS not destroyed, `error`
+    included, as for provisioning) exceed its `max_agents` / `max_vpses`: delete or destroy some first."""
+    # The same lock agent creation and provisioning take: no new agent or VPS slips past this check.
+    await session.exec(select(User).where(User.id == user.id).with_for_update())
+    plan = (await session.exec(select(Plan).where(Plan.id == body.plan_id,
+                                                  col(Plan.deactivated_at).is_(None)))).first()
+    if plan is None:
+        raise Problem(404, "Plan not found", f"No plan {body.plan_id} is offered; GET /plans lists them.",
+                      type_="not-found")
+    agents = (await session.exec(select(func.count()).select_from(Agent).where(Agent.user_id == user.id))).one()
+    vpses = (await session.exec(select(func.count()).select_from(Vps).where(
+        Vps.user_id == user.id, Vps.state != VpsState.destroyed))).one()
+    excess = [f"{n} {what} but it allows {cap} ({field})"
+              for n, cap, what, field in ((agents, plan.max_agents, "agent(s)", "max_agents"),
+                                          (vpses, plan.max_vpses, "VPS(es)", "max_vpses")) if n > cap]
+    if excess:
+        raise Problem(409, "Plan too small",
+                      f"You cannot move to plan '{plan.name}': you have {'; and '.join(excess)}. "
+                      "Delete agents or destroy VPSes first.", type_="conflict", plan_id=str(plan.id),
+                      agents=agents, vpses=vpses, max_agents=plan.max_agents, max_vpses=plan.max_vpses)
+    user.plan_id = plan.id
+    session.add(user)
+    await session.commit()
+    await session.refresh(user)
     return UserOut(id=user.id, email=user.email, name=user.name, image=user.image,  # type: ignore[arg-type]
                    email_verified=user.email_verified, is_admin=user.is_admin, usage_exempt=user.usage_exempt,
                    plan=await load_plan(session, plan, request.app.state.settings))

@@ -1,8 +1,16 @@
-"""Email + password accounts: sign-up, verification by mailed link, login with a rate limit, logout."""
+"""Email + password accounts: sign-up, verification by mailed link, login with a rate limit, password
+reset by mailed link, logout, and the account page (sign-in methods, change password, log out
+everywhere).
+
+Ending sessions is how every "sign out" reaches the proxy too: it closes a Control UI socket within
+its session sweep once the socket's `sessions` row is gone (proxy/session_watch.py).
+"""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
@@ -10,14 +18,35 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from db.models import User
 from web import auth
-from web.pages import MIN_PASSWORD, client_address, ctx, db_session, form, mail, render
+from web.pages import MIN_PASSWORD, client_address, ctx, db_session, form, mail, render, require_user
+from web.routes import oauth
 
 router = APIRouter()
 
 
+def _page(request: Request, name: str, status: int = 200, **values: Any) -> HTMLResponse:
+    """Log-in and sign-up pages carry the buttons of the configured OAuth providers."""
+    return render(request, name, status, oauth=oauth.buttons(ctx(request).settings), **values)
+
+
+def _reset_limiter(request: Request) -> auth.LoginLimiter:
+    """Reset mails asked per email and per address (created on first use, one per app)."""
+    state = request.app.state
+    if getattr(state, "reset_limiter", None) is None:
+        settings = ctx(request).settings
+        state.reset_limiter = auth.LoginLimiter(settings.web_reset_max_requests, settings.web_login_window_s)
+    return state.reset_limiter  # type: ignore[no-any-return]
+
+
+def _password_problem(password: str) -> str | None:
+    if len(password) < MIN_PASSWORD or len(password) > 1024:
+        return f"Use a password of at least {MIN_PASSWORD} characters."
+    return None
+
+
 @router.get("/signup", response_class=HTMLResponse)
 async def signup_page(request: Request) -> Response:
-    return render(request, "signup.html")
+    return _page(request, "signup.html")
 
 @router.post("/signup", response_class=HTMLResponse)
 async def signup(request: Request) -> Response:
@@ -26,11 +55,10 @@ async def signup(request: Request) -> Response:
     email = auth.normalize_email(fields.get("email", ""))
     password = fields.get("password", "")
     name = fields.get("name", "").strip()[:255] or None
-    if "@" not in email or len(email) > 255 or any(c.isspace() for c in email):
-        return render(request, "signup.html", 400, error="Enter a valid email address.", email=email, name=name)
-    if len(password) < MIN_PASSWORD or len(password) > 1024:
-        return render(request, "signup.html", 400, error=f"Use a password of at least {MIN_PASSWORD} characters.",
-                      email=email, name=name)
+    if not auth.valid_email(email):
+        return _page(request, "signup.html", 400, error="Enter a valid email address.", email=email, name=name)
+    if problem := _password_problem(password):
+        return _page(request, "signup.html", 400, error=problem, email=email, name=name)
     async with db_session(request) as db:
         existing = await auth.user_by_email(db, email)
         if existing is not None and existing.email_verified is not None:
@@ -93,7 +121,7 @@ async def verify(request: Request) -> Response:
 
 @router.get("/login", response_class=HTMLResponse)
 async def login_page(request: Request) -> Response:
-    return render(request, "login.html")
+    return _page(request, "login.html")
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request) -> Response:
@@ -108,17 +136,16 @@ async def login(request: Request) -> Response:
         ok = auth.check_password(user.password_hash if user else None, fields.get("password", ""))
         if not ok or user is None or user.id is None:
             ctx(request).limiter.failed(email, address)
-            return render(request, "login.html", 401, error="Wrong email or password.", email=email)
+            return _page(request, "login.html", 401, error="Wrong email or password.", email=email)
         if user.email_verified is None:
-            return render(request, "login.html", 403, email=email,
+            return _page(request, "login.html", 403, email=email,
                           error="Verify your email first: open the link we sent you "
                                 "(sign up again to get a new one).")
         ctx(request).limiter.succeeded(email)
         token, expires = await auth.create_session(db, user.id)
         await db.commit()
     response = RedirectResponse("/dashboard", status_code=303)
-    response.set_cookie(ctx(request).session_cookie, token, expires=expires, httponly=True, samesite="lax",
-                        secure=ctx(request).secure, path="/")
+    auth.set_session_cookie(response, ctx(request).session_cookie, token, expires, secure=ctx(request).secure)
     return response
 
 @router.post("/logout")
@@ -129,7 +156,141 @@ async def logout(request: Request) -> Response:
         async with db_session(request) as db:
             await auth.delete_session(db, token)
             await db.commit()
-    response = RedirectResponse("/", status_code=303)
+    return _signed_out(request, RedirectResponse("/", status_code=303))
+
+
+def _signed_out(request: Request, response: Response) -> Response:
     response.delete_cookie(ctx(request).session_cookie, path="/", secure=ctx(request).secure, httponly=True,
                            samesite="lax")
     return response
+
+
+# --- password reset --------------------------------------------------------------------------------
+
+_pending: set[asyncio.Task[bool]] = set()  # reset mails in flight (kept referenced until sent)
+
+@router.get("/forgot", response_class=HTMLResponse)
+async def forgot_page(request: Request) -> Response:
+    return render(request, "forgot.html")
+
+@router.post("/forgot", response_class=HTMLResponse)
+async def forgot(request: Request) -> Response:
+    """Says the same whether or not the account exists, and answers before any mail is sent, so
+    neither the page nor its timing tells who has an account."""
+    fields = await form(request)
+    email = auth.normalize_email(fields.get("email", ""))[:255]
+    if not auth.valid_email(email):
+        return render(request, "forgot.html", 400, error="Enter a valid email address.", email=email)
+    limiter, address = _reset_limiter(request), client_address(request)
+    if limiter.blocked(email, address):
+        return render(request, "error.html", 429, title="Too many requests",
+                      detail="Too many password-reset requests. Wait a few minutes, then check your inbox "
+                             "(and spam folder) for the mail we already sent.")
+    limiter.failed(email, address)  # every request counts against the limit
+    async with db_session(request) as db:
+        user = await auth.user_by_email(db, email)
+        raw = await auth.new_reset_token(db, email) if user is not None else None
+        await db.commit()
+    if raw is not None:
+        settings = ctx(request).settings
+        link = f"{settings.web_url}/reset?{urlencode({'email': email, 'token': raw})}"
+        text = (f"Someone (hopefully you) asked to reset the password of your Slopbox account.\n\n"
+                f"Open this link to choose a new one:\n{link}\n\nIt works once and expires in 1 hour. "
+                f"If you did not ask for this, ignore this mail: your password stays as it is.\n")
+        task = asyncio.get_running_loop().create_task(mail(settings, email, "Reset your password", text))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+    return render(request, "message.html", title="Check your email",
+                  detail=f"If an account exists for {email}, we sent it a link to reset the password. "
+                         "The link expires in 1 hour.")
+
+@router.get("/reset", response_class=HTMLResponse)
+async def reset_page(request: Request, email: str = "", token: str = "") -> Response:
+    """The mailed link only shows the form: a mail scanner fetching it does not use the token up."""
+    return render(request, "reset.html", email=email[:255], token=token[:255])
+
+@router.post("/reset", response_class=HTMLResponse)
+async def reset(request: Request) -> Response:
+    fields = await form(request)
+    email = auth.normalize_email(fields.get("email", ""))[:255]
+    token, password = fields.get("token", "")[:255], fields.get("password", "")
+    if problem := _password_problem(password):  # checked first: a typo must not use the link up
+        return render(request, "reset.html", 400, email=email, token=token, error=problem)
+    if password != fields.get("confirm", ""):
+        return render(request, "reset.html", 400, email=email, token=token, error="The two passwords differ.")
+    async with db_session(request) as db:
+        user = await auth.user_by_email(db, email) if email else None
+        ok = user is not None and user.id is not None and await auth.use_reset_token(db, email, token)
+        if ok and user is not None and user.id is not None:
+            user.password_hash = auth.hash_password(password)
+            user.email_verified = user.email_verified or datetime.now(UTC)  # they read mail sent there
+            await auth.delete_user_sessions(db, user.id)
+        await db.commit()
+    if not ok:
+        return render(request, "message.html", 400, title="Link not valid", forgot_link=True,
+                      detail="This password-reset link was already used, has expired or is wrong. "
+                             "Ask for a new one.")
+    ctx(request).limiter.succeeded(email)
+    return _signed_out(request, render(
+        request, "message.html", title="Password changed", login_link=True,
+        detail="Your new password is set and every session of your account has been signed out. "
+               "Log in with the new password."))
+
+
+# --- the account page ------------------------------------------------------------------------------
+
+async def _account_page(request: Request, user: User, status: int = 200, **values: Any) -> HTMLResponse:
+    assert user.id is not None
+    async with db_session(request) as db:
+        linked = await auth.linked_providers(db, user.id)
+    labels = {"google": "Google", "github": "GitHub"}
+    methods = (["Email and password"] if user.password_hash else []) + [labels.get(p, p) for p in linked]
+    return render(request, "account.html", status, account=user, methods=methods, **values)
+
+@router.get("/account", response_class=HTMLResponse)
+async def account_page(request: Request) -> Response:
+    user, _ = await require_user(request)
+    return await _account_page(request, user)
+
+@router.post("/account/password", response_class=HTMLResponse)
+async def change_password(request: Request) -> Response:
+    """Needs the current password (rate limited like log-in); signs out every other session."""
+    user, _ = await require_user(request)
+    fields = await form(request)
+    assert user.id is not None and user.email is not None
+    limiter, address = ctx(request).limiter, client_address(request)
+    if limiter.blocked(user.email, address):
+        return render(request, "error.html", 429, title="Too many attempts",
+                      detail="Too many wrong passwords. Wait a few minutes and try again.")
+    if not user.password_hash:
+        return await _account_page(request, user, 400, error="This account has no password yet: use "
+                                                              "\"Forgot password?\" on the log-in page to set one.")
+    if not auth.check_password(user.password_hash, fields.get("current", "")):
+        limiter.failed(user.email, address)
+        return await _account_page(request, user, 401, error="That is not your current password.")
+    password = fields.get("password", "")
+    if problem := _password_problem(password):
+        return await _account_page(request, user, 400, error=problem)
+    if password != fields.get("confirm", ""):
+        return await _account_page(request, user, 400, error="The two new passwords differ.")
+    current = request.cookies.get(ctx(request).session_cookie)
+    async with db_session(request) as db:
+        row = await db.get(User, user.id)
+        assert row is not None
+        row.password_hash = auth.hash_password(password)
+        ended = await auth.delete_user_sessions(db, user.id, keep=current)
+        await db.commit()
+        await db.refresh(row)
+    limiter.succeeded(user.email)
+    return await _account_page(request, row, notice=f"Password changed. Signed out {ended} other "
+                                                    f"session{'' if ended == 1 else 's'}.")
+
+@router.post("/account/logout-everywhere")
+async def logout_everywhere(request: Request) -> Response:
+    user, _ = await require_user(request)
+    await form(request)
+    assert user.id is not None
+    async with db_session(request) as db:
+        await auth.delete_user_sessions(db, user.id)
+        await db.commit()
+    return _signed_out(request, RedirectResponse("/login", status_code=303))

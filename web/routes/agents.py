@@ -1,8 +1,11 @@
-"""The signed-in user's agents: dashboard, new agent, the agent page and its lifecycle buttons."""
+"""The signed-in user's agents: dashboard, new agent, the agent page (Overview and Usage tabs) and its
+lifecycle buttons. A user with no agent is sent to the onboarding wizard (web/routes/onboarding.py)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -11,7 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from web.api_client import ApiError, ControlPlane
 from web.charts import bar_chart
-from web.pages import PageError, ctx, form, log, readable, render, require_user, unread
+from web.pages import PageError, ctx, form, human_bytes, log, readable, render, require_user, unread
 from web.presets import PRESETS
 
 router = APIRouter()
@@ -21,6 +24,8 @@ router = APIRouter()
 async def dashboard(request: Request) -> Response:
     _user, api = await require_user(request)
     page = await api.get("/agents?limit=100")
+    if not page["items"]:
+        return RedirectResponse("/onboarding", status_code=303)
     return render(request, "dashboard.html", agents=page["items"], unread=await unread(api), presets=PRESETS)
 
 @router.post("/agents")
@@ -70,22 +75,92 @@ async def agent_page(request: Request, agent_id: uuid.UUID, notice: str = "") ->
     _user, api = await require_user(request)
     return await show_agent(request, api, agent_id, notice=notice[:500] or None)
 
+def chat_url(request: Request, agent_id: uuid.UUID | str) -> str:
+    """The real OpenClaw Control UI through the proxy (same site: the session cookie reaches it)."""
+    return f"{ctx(request).settings.proxy_url}/agents/{agent_id}/gateway/"
+
+
+def is_busy(vps: dict[str, Any] | None) -> bool:
+    return bool(vps and (vps.get("operation_id") or vps.get("state") == "provisioning"))
+
+
+def uptime(vps: dict[str, Any] | None, now: datetime | None = None) -> str | None:
+    """How long a running VPS has been running: since its last state change (to `running`)."""
+    if not vps or vps.get("state") != "running" or not vps.get("state_changed_at"):
+        return None
+    since = datetime.fromisoformat(vps["state_changed_at"])
+    seconds = max(0, int(((now or datetime.now(UTC)) - since).total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+async def channels_of(api: ControlPlane, agent_id: uuid.UUID) -> list[dict[str, Any]] | None:
+    """The agent's channels; None when the API cannot say (the page still renders)."""
+    try:
+        return list((await api.get(f"/agents/{agent_id}/channels"))["items"])
+    except (ApiError, KeyError, TypeError):
+        return None
+
+
 async def show_agent(request: Request, api: ControlPlane, agent_id: uuid.UUID, status: int = 200,
                      notice: str | None = None) -> Response:
     agent = await agent_or_404(api, agent_id)
     vps = agent.get("vps")
-    busy = bool(vps and (vps.get("operation_id") or vps.get("state") == "provisioning"))
-    usage, chart = None, None
-    try:
-        usage = await api.get(f"/agents/{agent_id}/usage")
-        days = usage.get("daily") or []
-        chart = bar_chart([d["day"] for d in days], [int(d["cpu_ms"]) // 1000 for d in days],
-                          "CPU seconds per day this month", "CPU s")
-    except ApiError:
-        usage = None
-    chat_url = f"{ctx(request).settings.proxy_url}/agents/{agent_id}/gateway/"
-    return render(request, "agent.html", status, agent=agent, vps=vps, busy=busy, notice=notice, usage=usage,
-                  chart=chart, chat_url=chat_url, unread=await unread(api))
+    return render(request, "agent.html", status, agent=agent, vps=vps, busy=is_busy(vps), notice=notice,
+                  uptime=uptime(vps), channels=await channels_of(api, agent_id), chat_url=chat_url(request, agent_id),
+                  unread=await unread(api))
+
+
+def _cpu(ms: int) -> str:
+    return f"{ms / 3_600_000:,.1f} h" if ms >= 3_600_000 else f"{ms / 1000:,.0f} s"
+
+
+def _memory(mb_s: int) -> str:
+    return f"{mb_s / 1024 / 3600:,.2f} GB·h"
+
+
+# (key in the API's resources and daily series, label, formatter, chart unit, daily value -> chart value)
+RESOURCES: tuple[tuple[str, str, Callable[[int], str], str, Callable[[int], int]], ...] = (
+    ("bandwidth_bytes", "Bandwidth (in + out)", human_bytes, "MB", lambda v: v // (1024 * 1024)),
+    ("cpu_ms", "CPU time", _cpu, "CPU s", lambda v: v // 1000),
+    ("memory_mb_seconds", "Memory", _memory, "MB·h", lambda v: v // 3600),
+    ("storage_bytes", "Storage", human_bytes, "MB", lambda v: v // (1024 * 1024)),
+)
+
+
+@router.get("/agents/{agent_id}/usage", response_class=HTMLResponse)
+async def usage_page(request: Request, agent_id: uuid.UUID) -> Response:
+    """This month against the plan: a meter, a daily chart and its data table per resource."""
+    _user, api = await require_user(request)
+    agent = await agent_or_404(api, agent_id)
+    usage = await api.get(f"/agents/{agent_id}/usage")
+    days = usage.get("daily") or []
+    rows = []
+    for key, label, fmt, unit, scale in RESOURCES:
+        figures = usage["resources"][key]
+        used, limit = int(figures["used"]), int(figures["limit"])
+        rows.append({
+            "key": key, "label": label, "used": fmt(used), "limit": fmt(limit),
+            "projected": fmt(int(figures["projected"])),
+            "agent_used": fmt(int(figures["agent_used"])), "over": bool(figures["over_limit"]),
+            "percent": min(100, round(100 * used / limit)) if limit else 0, "raw_used": used, "raw_limit": limit,
+            "chart": bar_chart([d["day"] for d in days], [scale(int(d[key])) for d in days],
+                               f"{label} per day this month, in {unit}", unit),
+            "columns": [label], "table": [(d["day"], [fmt(int(d[key]))]) for d in days], "split": None,
+        })
+        if key == "bandwidth_bytes":  # in and out apart, from the daily series (it adds up to the month)
+            ins, outs = (sum(int(d.get(k, 0)) for d in days) for k in ("bandwidth_in_bytes", "bandwidth_out_bytes"))
+            rows[-1].update(split=(fmt(ins), fmt(outs)), columns=["In", "Out", "In + out"], table=[
+                (d["day"], [fmt(int(d.get("bandwidth_in_bytes", 0))), fmt(int(d.get("bandwidth_out_bytes", 0))),
+                            fmt(int(d[key]))]) for d in days])
+    empty = not days and all(r["raw_used"] == 0 for r in rows)
+    return render(request, "usage.html", agent=agent, usage=usage, rows=rows, empty=empty, unread=await unread(api))
 
 async def act(request: Request, agent_id: uuid.UUID, method: str, path: str, body: Any = None) -> Response:
     _user, api = await require_user(request)
