@@ -12,6 +12,7 @@ PostgreSQL; VMs are local gateway-simulator processes. For each VPS:
 The baseline is one provision alone, measured in the same run; 50 concurrent provisions are
 reported as a ratio against it. Usage: `.venv/bin/python -m bench.provision [--concurrency 50]`.
 
+`BENCH_TRACING=1` turns tracing on (the SDK's in-memory exporter), to measure what it costs.
 `BENCH_PROFILE=file.prof` writes a cProfile of the event loop thread during the concurrent round.
 
 CPU seconds per provision, per process (much steadier than wall time on a shared machine): from
@@ -283,6 +284,19 @@ async def main(concurrency: int, only_in_process: bool = False) -> None:
             settings = Settings(database_url=url, control_plane_api_key=KEY, local_provider=True,
                                 encryption_keys=[Fernet.generate_key().decode()],
                                 temporal_address=stack.temporal_address, data_dir=tmp / "data")
+            worker_client = env.client
+            spans = None
+            if os.environ.get("BENCH_TRACING"):
+                # Tracing on, as `slopbox api` and `worker` run it, into the SDK's in-memory exporter:
+                # what tracing costs per provision (the API's client and the worker's carry the interceptor).
+                from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+                from orchestration.client import connect
+                from telemetry.tracing import configure_tracing
+
+                spans = InMemorySpanExporter()
+                configure_tracing("slopbox-bench", settings, exporter=spans, simple=True)
+                worker_client = await connect(settings)
             with psycopg.connect(url, autocommit=True) as sql:
                 sql.execute("INSERT INTO plans (name, display_name, max_agents, max_vpses, max_bandwidth_bytes, "
                             "max_storage_bytes, max_cpu_ms, max_memory_mb_seconds, "
@@ -310,7 +324,7 @@ async def main(concurrency: int, only_in_process: bool = False) -> None:
                     async with app.router.lifespan_context(app), httpx.AsyncClient(
                             transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60) as api:
                         options = {**worker_options(), **WORKER_OVERRIDES}
-                        async with Worker(env.client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
+                        async with Worker(worker_client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
                                           activities=activities.all(), **options):
                             await run_round(api, env.client, sql, user, 1, config_id)  # warm-up, not counted
                             await asyncio.sleep(1)
@@ -322,6 +336,9 @@ async def main(concurrency: int, only_in_process: bool = False) -> None:
                             print_cpu("1 alone", base_cpu)
                             print_cpu(f"{concurrency} at once", many_cpu)
                             await asyncio.sleep(3)  # let the destroys finish
+                    if spans is not None:
+                        print(f"   spans recorded: {len(spans.get_finished_spans())}")
+                        spans.clear()
                     for key in ("p50_overhead", "p50_gateway_rpc", "p50_orchestration"):
                         print(f"   {key} ratio ({concurrency} concurrent / 1 alone): {many[key] / base[key]:.2f}x")
                 await engine.dispose()
