@@ -37,7 +37,6 @@ from proxy.metrics import CountingMeter, instrument_forward, instrument_gateway
 from proxy.session_watch import SessionWatch
 from settings import Settings
 from telemetry.metrics import start_metrics_server
-from telemetry.tracing import aiohttp_middlewares
 
 __all__ = ["RunningProxy", "create_app", "run", "serve"]
 
@@ -49,8 +48,7 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 def create_app(gateway: GatewayProxy) -> web.Application:
-    # Request spans first (outermost) when tracing is on; see telemetry/tracing.py.
-    app = web.Application(middlewares=[*aiohttp_middlewares(), track_requests])
+    app = web.Application(middlewares=[track_requests])
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/agents/{agent_id}/gateway", gateway.handle)
     app.router.add_route("*", "/agents/{agent_id}/gateway/{tail:.*}", gateway.handle)

@@ -4,7 +4,8 @@ A provision is one trace: the API's request span (FastAPI) -> the Temporal clien
 entity and operation workflows -> each activity -> the provider's HTTP calls (httpx, requests) and
 the gateway RPC calls (openclaw/rpc.py, one span per method). Temporal carries the context in its
 headers (temporalio's TracingInterceptor on the client, which every worker built from that client
-inherits); HTTP carries it in `traceparent` (W3C).
+inherits); HTTP carries it in `traceparent` (W3C), so the web app's API calls and the proxy's
+requests (aiohttp server instrumentation) join their callers' traces.
 
 Off by default, and then nothing is installed: no instrumentation, no interceptor, no exporter (the
 gateway client's spans go to the OpenTelemetry API's no-op tracer). The exporter follows the
@@ -21,6 +22,7 @@ bodies.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +39,16 @@ log = logging.getLogger(__name__)
 
 # Health checks and scrapes would be most of the spans and tell nothing.
 EXCLUDED_URLS = "/healthz,/metrics"
+AIOHTTP_EXCLUDED_PATHS = "^/healthz$,^/metrics$"
 
 
 @dataclass
 class _State:
     provider: TracerProvider | None = None
+    """Made once per process: OpenTelemetry's global provider cannot be replaced."""
+    processor: Any = None
+    """The provider's one span processor, which forwards to the exporter's while tracing is on."""
+    on: bool = False
     uninstrument: list[Any] = field(default_factory=list)
 
 
@@ -77,45 +84,80 @@ def configure_tracing(service_name: str, settings: Settings, *, exporter: SpanEx
 
     `exporter` overrides the one the settings choose (tests pass the SDK's in-memory exporter);
     `simple` exports each span as it ends instead of in batches (tests, so nothing waits on a flush).
-    Call once per process: OpenTelemetry's global provider cannot be replaced."""
+    The provider (and its service name) is made by the first call in a process; a call after
+    `shutdown_tracing` (tests) sends spans to its own exporter again."""
     kind = "custom" if exporter is not None else exporter_kind(settings)
     if kind == "none":
         return None
-    if _state.provider is not None:
+    if _state.on:
         return _state.provider
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": settings.otel_service_name or service_name}))
+    if _state.provider is None:
+        _state.processor = _Forward()
+        _state.provider = TracerProvider(
+            resource=Resource.create({"service.name": settings.otel_service_name or service_name}))
+        _state.provider.add_span_processor(_state.processor)
+        trace.set_tracer_provider(_state.provider)
     sink = exporter or _exporter(settings, kind)
-    provider.add_span_processor(SimpleSpanProcessor(sink) if simple else BatchSpanProcessor(sink))
-    trace.set_tracer_provider(provider)
-    _state.provider = provider
-    _instrument_clients(provider)
+    _state.processor.to = SimpleSpanProcessor(sink) if simple else BatchSpanProcessor(sink)
+    _state.on = True
+    _instrument_clients(_state.provider)
     log.info("tracing on", extra={"service": service_name, "exporter": kind})
-    return provider
+    return _state.provider
+
+
+class _Forward:
+    """A span processor that hands spans to `to` (the exporter's processor), or drops them when None."""
+
+    def __init__(self) -> None:
+        self.to: Any = None
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.to is not None:
+            self.to.on_start(span, parent_context=parent_context)
+
+    def _on_ending(self, span: Any) -> None:
+        return None
+
+    def on_end(self, span: Any) -> None:
+        if self.to is not None:
+            self.to.on_end(span)
+
+    def shutdown(self) -> None:
+        if self.to is not None:
+            self.to.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.to.force_flush(timeout_millis)) if self.to is not None else True
 
 
 def _instrument_clients(provider: TracerProvider) -> None:
-    """Outgoing HTTP: httpx (providers, the web app's API client) and requests (hcloud)."""
+    """Outgoing HTTP: httpx (providers, the web app's API client) and requests (hcloud); incoming on
+    aiohttp servers (the proxy): the instrumentor swaps `aiohttp.web.Application` for a subclass
+    with its middleware, so it applies to the applications created from now on."""
+    from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
-    for instrumentor in (HTTPXClientInstrumentor(), RequestsInstrumentor()):
+    # Read by the aiohttp instrumentor when it installs (a regex per path, matched anywhere).
+    os.environ.setdefault("OTEL_PYTHON_AIOHTTP_SERVER_EXCLUDED_URLS", AIOHTTP_EXCLUDED_PATHS)
+    for instrumentor in (HTTPXClientInstrumentor(), RequestsInstrumentor(), AioHttpServerInstrumentor()):
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=provider)
             _state.uninstrument.append(instrumentor)
 
 
 def enabled() -> bool:
-    return _state.provider is not None
+    return _state.on
 
 
 def instrument_fastapi(app: FastAPI) -> None:
     """Server spans for every request of this app (api, web); nothing when tracing is off."""
-    if _state.provider is None:
+    if not _state.on:
         return
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
@@ -124,18 +166,9 @@ def instrument_fastapi(app: FastAPI) -> None:
                                        exclude_spans=["receive", "send"])
 
 
-def aiohttp_middlewares() -> list[Any]:
-    """The aiohttp server middleware for the proxy's gateway listener; empty when tracing is off."""
-    if _state.provider is None:
-        return []
-    from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
-
-    return [create_aiohttp_middleware(tracer_provider=_state.provider)]
-
-
 def temporal_interceptors() -> list[Any]:
     """temporalio's TracingInterceptor for a client (and so for every worker built on it)."""
-    if _state.provider is None:
+    if not _state.on or _state.provider is None:
         return []
     from temporalio.contrib.opentelemetry import TracingInterceptor
 
@@ -143,11 +176,12 @@ def temporal_interceptors() -> list[Any]:
 
 
 def shutdown_tracing() -> None:
-    """Flush and stop exporting, and remove the client instrumentations (a test process goes on
-    without tracing; OpenTelemetry keeps the global provider, which then records nothing)."""
-    provider, _state.provider = _state.provider, None
+    """Flush and stop exporting, and remove the instrumentations (a test process goes on without
+    tracing; OpenTelemetry keeps the global provider, whose spans are then dropped)."""
+    _state.on = False
     for instrumentor in _state.uninstrument:
         instrumentor.uninstrument()
     _state.uninstrument.clear()
-    if provider is not None:
-        provider.shutdown()
+    if _state.processor is not None and _state.processor.to is not None:
+        to, _state.processor.to = _state.processor.to, None
+        to.shutdown()

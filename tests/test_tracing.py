@@ -10,6 +10,7 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 
+import aiohttp.web
 import httpx
 import psycopg
 import pytest
@@ -23,9 +24,18 @@ from db.engine import make_engine, session_factory
 from db.models import Agent, Vps
 from orchestration.client import connect
 from settings import Settings
-from telemetry.tracing import configure_tracing, enabled, exporter_kind, shutdown_tracing
+from telemetry.tracing import (
+    configure_tracing,
+    enabled,
+    exporter_kind,
+    shutdown_tracing,
+    temporal_interceptors,
+)
 from tests.helpers import headers, make_user
 from tests.lifecycle_harness import running_stack
+from tests.proxy_harness import running_proxy
+
+ORIGINAL_AIOHTTP_APPLICATION = aiohttp.web.Application
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -132,5 +142,25 @@ async def test_off_by_default_installs_nothing(settings: Settings) -> None:
         resp = await api.get("/plans", headers=headers(uuid.uuid4()))
         assert resp.status_code == 200
         assert "traceparent" not in resp.headers
-    assert not any("opentelemetry" in type(m.cls).__module__ + getattr(m.cls, "__module__", "")
-                   for m in app.user_middleware)
+    assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
+    assert temporal_interceptors() == [] and aiohttp.web.Application is ORIGINAL_AIOHTTP_APPLICATION
+
+
+async def test_proxy_request_joins_the_callers_trace(spans: InMemorySpanExporter, settings: Settings,
+                                                     db: str) -> None:
+    """The proxy's requests are server spans that continue the caller's trace (`traceparent`, put
+    there by the instrumented httpx client); /healthz makes none."""
+    agent = uuid.uuid4()
+    async with running_proxy(settings) as proxy, httpx.AsyncClient(base_url=proxy.url) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        resp = await http.get(f"/agents/{agent}/gateway/")
+        assert resp.status_code in (401, 403, 404), resp.status_code  # no session cookie: refused
+    finished = spans.get_finished_spans()
+    server = [s for s in finished if s.kind == SpanKind.SERVER]
+    (span,) = [s for s in server if s.name == "GET /agents/{agent_id}/gateway/{tail}"]
+    (client,) = [s for s in finished if s.kind == SpanKind.CLIENT
+                 and str((s.attributes or {}).get("http.url", "")).endswith("/gateway/")]
+    assert span.context.trace_id == client.context.trace_id
+    assert span.parent is not None and span.parent.span_id == client.context.span_id
+    assert (span.attributes or {}).get("http.status_code") == resp.status_code
+    assert len(server) == 1, [s.name for s in server]  # nothing for /healthz
