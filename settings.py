@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     forward_proxy_max_connections: int = Field(default=1000, ge=1, description="open connections on the forward proxy")
     forward_proxy_max_connections_per_ip: int = Field(
         default=256, ge=1, description="open forward-proxy connections per source address (IPv6: per /64)")
+    proxy_processes: int = Field(
+        default=1, ge=1, le=64,
+        description="proxy worker processes sharing the listening ports (SO_REUSEPORT) under a supervisor "
+                    "that replaces any that die; >1 shares the per-user rate limits through PostgreSQL")
 
     # Providers
     hcloud_token: SecretStr | None = None

@@ -49,7 +49,7 @@ from proxy.headers import (
     upstream_request_headers,
     valid_host,
 )
-from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
+from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header
 from proxy.listener import client_key
 from proxy.metering import Meter
 from proxy.paths import BadPath, GatewayPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
@@ -98,9 +98,10 @@ class GatewayProxy:
 
     def __post_init__(self) -> None:
         cfg = self.config
-        self.http_limiter = RateLimiter(cfg.http_rate_per_s, cfg.http_burst)
-        self.frame_limiter = RateLimiter(cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
-        self.byte_limiter = RateLimiter(cfg.ws_byte_rate_per_s, max(cfg.ws_byte_burst, cfg.max_client_frame_bytes))
+        self.http_limiter: TokenBucket = RateLimiter(cfg.http_rate_per_s, cfg.http_burst)
+        self.frame_limiter: TokenBucket = RateLimiter(cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
+        self.byte_limiter: TokenBucket = RateLimiter(cfg.ws_byte_rate_per_s,
+                                                     max(cfg.ws_byte_burst, cfg.max_client_frame_bytes))
         self.ws_connections = ConnectionLimiter(cfg.ws_connections_per_user)
         self.preauth = PreAuthGuard(rate_per_s=cfg.preauth_rate_per_s, burst=cfg.preauth_burst,
                                     negative_ttl_s=cfg.negative_session_ttl_s, negative_max=cfg.negative_session_max,
@@ -228,7 +229,7 @@ class GatewayProxy:
             self.preauth.after_lookup(token, gpath.agent_id, denied.status)
             return problem(denied.status, denied.title, denied.detail, **denied.extra)
         self.preauth.after_lookup(token, gpath.agent_id, 200)
-        wait = self.http_limiter.acquire(target.user_id)
+        wait = await self.http_limiter.take(target.user_id)
         if wait > 0:
             return problem(429, "Too many requests", "Slow down and retry shortly.",
                            headers={"Retry-After": retry_after_header(wait)})
