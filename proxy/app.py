@@ -20,6 +20,7 @@ import signal
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from db.engine import make_engine
 from openclaw.relay import relay_origin
 from proxy.access import AccessResolver
+from proxy.asset_cache import AssetCache, TrustedManifest
 from proxy.config import ProxyConfig
 from proxy.denylist import VmAddressDenylist, control_plane_hosts, control_plane_networks
 from proxy.egress import EgressPolicy, system_resolver
@@ -101,6 +103,22 @@ def share_gateway_limits(gateway: GatewayProxy, engine: AsyncEngine, cfg: ProxyC
                                              max(cfg.ws_byte_burst, cfg.max_client_frame_bytes))
 
 
+def trusted_manifest(settings: Settings) -> TrustedManifest | None:
+    """The Control UI build whose assets may be shared across users (proxy.asset_cache)."""
+    path = settings.proxy_control_ui_manifest
+    if path is None and settings.openclaw_bin:  # scripts/install-openclaw.sh: .tools/bin -> .tools/openclaw
+        candidate = (Path(settings.openclaw_bin).resolve().parent.parent
+                     / "openclaw/node_modules/openclaw/dist/control-ui/asset-manifest.json")
+        path = str(candidate) if candidate.is_file() else None
+    if path is None:
+        return None
+    try:
+        return TrustedManifest.load(Path(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        log.error("Control UI asset manifest unreadable; assets are cached per user only", extra={"path": path})
+        return None
+
+
 @contextlib.asynccontextmanager
 async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy: EgressPolicy | None = None,
                 host: str | None = None, port: int | None = None, forward_port: int | None = None,
@@ -134,8 +152,10 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         metrics = await start_metrics_server(settings.metrics_host, metrics_port, service="proxy")
         meter.start()
         access = AccessResolver(engine, settings, ttl_s=cfg.auth_cache_ttl_s)
+        assets = AssetCache(max_bytes=settings.proxy_asset_cache_bytes, max_entry_bytes=cfg.max_cached_asset_bytes,
+                            manifest=trusted_manifest(settings)) if settings.proxy_asset_cache_bytes > 0 else None
         gateway = GatewayProxy(config=cfg, access=access, client=client, meter=meter,
-                               relay_origin=relay_origin(settings), sessions=SessionWatch(engine))
+                               relay_origin=relay_origin(settings), sessions=SessionWatch(engine), assets=assets)
         if shared:
             share_gateway_limits(gateway, engine, cfg)
         instrument_gateway(gateway)
