@@ -43,7 +43,7 @@ from db.models import Agent, Vps, VpsState
 from proxy.config import ProxyConfig
 from proxy.egress import EgressPolicy, EgressRefused, EgressTarget
 from proxy.enforcement import UsageEnforcer
-from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header
+from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header, take
 from proxy.listener import ConnectionGuard, start_stream_server
 from proxy.metering import Meter
 
@@ -291,7 +291,7 @@ class ForwardProxy:
             await _reply(writer, 429, "too many open connections", {"Retry-After": "5"})
             return
         try:
-            wait = await self.rate.take(ident.user_id)
+            wait = await take(self.rate, ident.user_id)
             if wait > 0:
                 raise _Refusal(429, "request rate limit exceeded", {"Retry-After": retry_after_header(wait)})
             verdict = await self.enforcer.check(ident.user_id)

@@ -50,7 +50,7 @@ from proxy.headers import (
     upstream_request_headers,
     valid_host,
 )
-from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header
+from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header, take
 from proxy.listener import client_key
 from proxy.metering import Meter
 from proxy.paths import BadPath, GatewayPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
@@ -232,7 +232,7 @@ class GatewayProxy:
             self.preauth.after_lookup(token, gpath.agent_id, denied.status)
             return problem(denied.status, denied.title, denied.detail, **denied.extra)
         self.preauth.after_lookup(token, gpath.agent_id, 200)
-        wait = await self.http_limiter.take(target.user_id)
+        wait = await take(self.http_limiter, target.user_id)
         if wait > 0:
             return problem(429, "Too many requests", "Slow down and retry shortly.",
                            headers={"Retry-After": retry_after_header(wait)})

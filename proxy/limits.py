@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["ConnectionLimiter", "RateLimiter", "TokenBucket", "pace", "retry_after_header"]
+__all__ = ["ConnectionLimiter", "RateLimiter", "TokenBucket", "pace", "retry_after_header", "take"]
 
 
 class TokenBucket(Protocol):
@@ -23,6 +23,10 @@ class TokenBucket(Protocol):
 
     rate: float
     burst: int
+
+    def acquire_now(self, key: Hashable, cost: float = 1.0) -> float | None:
+        """Decided from memory: 0.0 (allowed, charged) or the wait; None when only `take` can tell."""
+        ...
 
     async def take(self, key: Hashable, cost: float = 1.0) -> float: ...
 
@@ -58,6 +62,9 @@ class RateLimiter:
             bucket.tokens -= cost
             return 0.0
         return (cost - bucket.tokens) / self.rate if self.rate > 0 else math.inf
+
+    def acquire_now(self, key: Hashable, cost: float = 1.0) -> float | None:
+        return self.acquire(key, cost)
 
     async def take(self, key: Hashable, cost: float = 1.0) -> float:
         """`acquire` behind the shared limiter's interface (no await happens here)."""
@@ -95,6 +102,12 @@ class ConnectionLimiter:
         return self._open.get(key, 0)
 
 
+async def take(limiter: TokenBucket, key: Hashable, cost: float = 1.0) -> float:
+    """`limiter.take`, without a coroutine per call when memory decides (the per-frame path)."""
+    wait = limiter.acquire_now(key, cost)
+    return wait if wait is not None else await limiter.take(key, cost)
+
+
 def retry_after_header(seconds: float) -> str:
     """Retry-After is whole seconds, at least 1."""
     return str(max(1, math.ceil(seconds))) if math.isfinite(seconds) else "60"
@@ -108,7 +121,7 @@ async def pace(limiter: TokenBucket, key: Hashable, cost: float) -> float:
     """
     cost = min(cost, float(limiter.burst))
     waited = 0.0
-    while (wait := await limiter.take(key, cost)) > 0:
+    while (wait := await take(limiter, key, cost)) > 0:
         step = min(wait, 1.0)
         await asyncio.sleep(step)
         waited += step

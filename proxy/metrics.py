@@ -48,6 +48,12 @@ class CountingRateLimiter:
         self.burst = inner.burst
         self._refused = PROXY_LIMIT_REFUSALS.labels(limit=limit)
 
+    def acquire_now(self, key: Hashable, cost: float = 1.0) -> float | None:
+        wait = self.inner.acquire_now(key, cost)
+        if wait is not None and wait > 0:
+            self._refused.inc()
+        return wait
+
     async def take(self, key: Hashable, cost: float = 1.0) -> float:
         wait = await self.inner.take(key, cost)
         if wait > 0:

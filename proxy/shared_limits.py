@@ -65,12 +65,13 @@ class SharedRateLimiter:
     """The `RateLimiter` interface (`take`), with the bucket in PostgreSQL and slices leased locally."""
 
     def __init__(self, engine: AsyncEngine, kind: str, rate: float, burst: int, *, lease_s: float = 0.2,
-                 lease_ttl_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 lease_ttl_s: float = 1.0, lease: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = burst
         self.kind = kind
         self._engine = engine
-        self._lease = max(1.0, min(burst / 4, rate * lease_s))
+        self._lease = lease if lease is not None else max(1.0, min(burst / 4, rate * lease_s))
         self._lease_ttl = lease_ttl_s
         self._clock = clock
         self._local: dict[Hashable, _Lease] = {}
@@ -80,8 +81,8 @@ class SharedRateLimiter:
         self.statements = 0
         """Upserts sent (what the leases cost); read by the bench and tests."""
 
-    async def take(self, key: Hashable, cost: float = 1.0) -> float:
-        """0.0 when allowed (and charged); otherwise the seconds to wait before asking again."""
+    def acquire_now(self, key: Hashable, cost: float = 1.0) -> float | None:
+        """From this process's lease or a remembered refusal; None when PostgreSQL must be asked."""
         now = self._clock()
         lease = self._local.get(key)
         if lease is not None and lease.until > now and lease.tokens >= cost:
@@ -92,6 +93,13 @@ class SharedRateLimiter:
             if until > now:
                 return until - now
             del self._denied[key]
+        return None
+
+    async def take(self, key: Hashable, cost: float = 1.0) -> float:
+        """0.0 when allowed (and charged); otherwise the seconds to wait before asking again."""
+        decided = self.acquire_now(key, cost)
+        if decided is not None:
+            return decided
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()

@@ -46,7 +46,7 @@ from proxy.frames import (
     parse_json_object,
     rate_limited_response,
 )
-from proxy.limits import TokenBucket, pace
+from proxy.limits import TokenBucket, pace, take
 from proxy.metering import Meter
 from proxy.problems import problem
 
@@ -361,12 +361,14 @@ class Relay:
 
     async def browser_to_upstream(self) -> None:
         limiter = self.ctx.frame_limiter
+        bytes_limiter = self.ctx.byte_limiter
         user = self.target.user_id
         while True:
             msg = await self.browser.receive()
             if msg.type is WSMsgType.TEXT:
-                if self.ctx.byte_limiter is not None:  # charged by size before any parsing
-                    await pace(self.ctx.byte_limiter, user, len(msg.data))
+                # Charged by size before any parsing; waits (socket paused) only when over the budget.
+                if bytes_limiter is not None and bytes_limiter.acquire_now(user, len(msg.data)) != 0.0:
+                    await pace(bytes_limiter, user, len(msg.data))
                 try:
                     req = parse_client_frame(msg.data)
                     if req.method.lower() == "connect":
@@ -381,7 +383,7 @@ class Relay:
                                                       "method": req.method[:128], "rule": refusal.rule})
                     await self.to_browser(forbidden_response(req.id, req.method, refusal))
                     continue
-                wait = await limiter.take(user)
+                wait = await take(limiter, user)
                 if wait > 0:
                     await self.to_browser(rate_limited_response(req.id, req.method, max(1, int(wait * 1000))))
                     continue
