@@ -134,13 +134,16 @@ def run_upstream(port: int) -> None:
 
 
 def run_ours(port: int, forward_port: int, database_url: str, key: str, processes: int = 1) -> None:
-    from proxy.app import event_loop_factory, serve
+    from proxy.app import serve
     from proxy.config import ProxyConfig
-    from proxy.metrics import CountingRateLimiter
-    from proxy.shared_limits import SharedRateLimiter
-    from proxy.supervisor import supervise
     from settings import Settings
     from telemetry.logs import configure_logging
+
+    try:  # also runs against an older tree (before/after tables): plain asyncio there
+        from proxy.app import event_loop_factory
+    except ImportError:
+        def event_loop_factory() -> None:  # type: ignore[misc]
+            return None
 
     configure_logging("proxy", "WARNING")
     settings = Settings(database_url=database_url, control_plane_api_key=KEY, encryption_keys=[key],
@@ -154,9 +157,13 @@ def run_ours(port: int, forward_port: int, database_url: str, key: str, processe
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+        scale = {"shared_limits": True, "reuse_port": True} if processes > 1 else {}
         async with serve(settings, config=config, host="127.0.0.1", port=port, forward_port=forward_port,
-                         shared_limits=processes > 1, reuse_port=processes > 1) as running:
+                         **scale) as running:
             if processes > 1:  # production-sized leases, so the sharing costs what it would for real
+                from proxy.metrics import CountingRateLimiter
+                from proxy.shared_limits import SharedRateLimiter
+
                 gw = running.gateway
                 gw.http_limiter = CountingRateLimiter(SharedRateLimiter(running.engine, "http", 1e9, 10**9, lease=10),
                                                       "gateway_http_rate")
@@ -170,6 +177,8 @@ def run_ours(port: int, forward_port: int, database_url: str, key: str, processe
             runner.run(main())
 
     if processes > 1:
+        from proxy.supervisor import supervise
+
         supervise(settings, worker, processes=processes)
     elif os.environ.get("BENCH_PROFILE"):
         import cProfile
