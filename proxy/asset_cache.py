@@ -36,7 +36,7 @@ import logging
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,9 +147,9 @@ class AssetCache:
                 return entry
         return None
 
-    def cacheable(self, status: int, headers: CIMultiDict[str] | object, length: int | None) -> str | None:
+    def cacheable(self, status: int, headers: Mapping[str, str], length: int | None) -> str | None:
         """The coding to store this upstream answer under, or None when it must not be cached."""
-        get = headers.get  # type: ignore[attr-defined]
+        get = headers.get
         if status != 200 or length is None or length > self.max_entry_bytes or self.max_bytes <= 0:
             return None
         if "immutable" not in get("Cache-Control", "").lower() or get("Set-Cookie") is not None:

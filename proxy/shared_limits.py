@@ -103,12 +103,8 @@ class SharedRateLimiter:
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
-        try:
-            async with lock:  # one statement per key at a time; the others use what it leased
-                return await self._take_locked(key, cost)
-        finally:
-            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
-                self._locks.pop(key, None)
+        async with lock:  # one statement per key at a time; the others use what it leased
+            return await self._take_locked(key, cost)
 
     async def _take_locked(self, key: Hashable, cost: float) -> float:
         now = self._clock()
@@ -136,16 +132,17 @@ class SharedRateLimiter:
         if now - self._last_sweep > _SWEEP_EVERY_S:
             self._last_sweep = now
             self._sweep_soon()
+        if len(self._local) > 10_000 or len(self._locks) > 10_000:  # memory follows active users
+            live = self._clock()
+            self._local = {k: v for k, v in self._local.items() if v.until > live}
+            self._denied = {k: v for k, v in self._denied.items() if v > live}
+            self._locks = {k: v for k, v in self._locks.items() if v.locked()}
         if granted <= 0:
             wait = (need - left) / self.rate if self.rate > 0 else math.inf
             if math.isfinite(wait):
                 self._denied[key] = self._clock() + wait
             return wait
         self._local[key] = _Lease(held + granted - min(cost, float(self.burst)), self._clock() + self._lease_ttl)
-        if len(self._local) > 10_000:
-            live = self._clock()
-            self._local = {k: v for k, v in self._local.items() if v.until > live}
-            self._denied = {k: v for k, v in self._denied.items() if v > live}
         return 0.0
 
     def _sweep_soon(self) -> None:
