@@ -162,14 +162,15 @@ def run_ours(port: int, forward_port: int, database_url: str, key: str, processe
                          **scale) as running:
             if processes > 1:  # production-sized leases, so the sharing costs what it would for real
                 from proxy.metrics import CountingRateLimiter
-                from proxy.shared_limits import SharedRateLimiter
+                from proxy.shared_limits import BucketStore, SharedRateLimiter
 
                 gw = running.gateway
-                gw.http_limiter = CountingRateLimiter(SharedRateLimiter(running.engine, "http", 1e9, 10**9, lease=10),
+                store = BucketStore.for_engine(running.engine)
+                gw.http_limiter = CountingRateLimiter(SharedRateLimiter(store, "http", 1e9, 10**9, lease=10),
                                                       "gateway_http_rate")
                 gw.frame_limiter = CountingRateLimiter(
-                    SharedRateLimiter(running.engine, "ws_frame", 1e9, 10**9, lease=10), "gateway_ws_frame_rate")
-                gw.byte_limiter = SharedRateLimiter(running.engine, "ws_byte", 1e12, 10**12, lease=200 * 1024)
+                    SharedRateLimiter(store, "ws_frame", 1e9, 10**9, lease=10), "gateway_ws_frame_rate")
+                gw.byte_limiter = SharedRateLimiter(store, "ws_byte", 1e12, 10**12, lease=200 * 1024)
             await stop.wait()
 
     def worker(_settings: Settings, _index: int) -> None:

@@ -41,7 +41,7 @@ from proxy.log_limits import install_log_limits
 from proxy.metering import Meter
 from proxy.metrics import CountingMeter, instrument_forward, instrument_gateway
 from proxy.session_watch import SessionWatch
-from proxy.shared_limits import SharedRateLimiter
+from proxy.shared_limits import BucketStore, SharedRateLimiter
 from settings import Settings
 from telemetry.metrics import start_metrics_server
 
@@ -95,11 +95,11 @@ async def _resolved_control_plane(settings: Settings) -> list[ipaddress.IPv4Netw
     return networks
 
 
-def share_gateway_limits(gateway: GatewayProxy, engine: AsyncEngine, cfg: ProxyConfig) -> None:
+def share_gateway_limits(gateway: GatewayProxy, store: BucketStore, cfg: ProxyConfig) -> None:
     """The browser side's per-user token buckets in PostgreSQL, so they hold across processes."""
-    gateway.http_limiter = SharedRateLimiter(engine, "http", cfg.http_rate_per_s, cfg.http_burst)
-    gateway.frame_limiter = SharedRateLimiter(engine, "ws_frame", cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
-    gateway.byte_limiter = SharedRateLimiter(engine, "ws_byte", cfg.ws_byte_rate_per_s,
+    gateway.http_limiter = SharedRateLimiter(store, "http", cfg.http_rate_per_s, cfg.http_burst)
+    gateway.frame_limiter = SharedRateLimiter(store, "ws_frame", cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
+    gateway.byte_limiter = SharedRateLimiter(store, "ws_byte", cfg.ws_byte_rate_per_s,
                                              max(cfg.ws_byte_burst, cfg.max_client_frame_bytes))
 
 
@@ -135,6 +135,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
     port = port if port is not None else settings.proxy_port
     forward_port = forward_port if forward_port is not None else settings.forward_proxy_port
     engine = make_engine(settings)
+    store = BucketStore.for_engine(engine)
     meter = CountingMeter(engine, flush_interval_s=cfg.flush_interval_s)
     denylist = VmAddressDenylist(engine, cfg.denylist_refresh_s)
     client = aiohttp.ClientSession(
@@ -157,7 +158,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         gateway = GatewayProxy(config=cfg, access=access, client=client, meter=meter,
                                relay_origin=relay_origin(settings), sessions=SessionWatch(engine), assets=assets)
         if shared:
-            share_gateway_limits(gateway, engine, cfg)
+            share_gateway_limits(gateway, store, cfg)
         instrument_gateway(gateway)
         runner = web.AppRunner(create_app(gateway), access_log=None, shutdown_timeout=5.0,
                                keepalive_timeout=settings.proxy_keepalive_timeout_s)
@@ -176,7 +177,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
             enforcer=UsageEnforcer(engine, meter, ttl_s=cfg.enforcement_cache_ttl_s),
         )
         if shared:
-            forward.rate = SharedRateLimiter(engine, "forward", cfg.forward_rate_per_s, cfg.forward_burst)
+            forward.rate = SharedRateLimiter(store, "forward", cfg.forward_rate_per_s, cfg.forward_burst)
         instrument_forward(forward)
         forward_guard = ConnectionGuard("forward proxy", forward_limits)
         server = await forward.start(host, forward_port, guard=forward_guard, reuse_port=reuse_port)
@@ -207,6 +208,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         await client.close()
         await denylist.stop()
         await meter.close()
+        await store.close()
         await engine.dispose()
         if metrics is not None:
             await metrics.cleanup()

@@ -51,6 +51,8 @@ async def test_shared_bucket_holds_across_processes(settings: Settings, db: str)
         assert all(w > 0 for w in waits)
         assert shared[0].statements == before
     finally:
+        for limiter in shared:
+            await limiter.store.close()
         for e in engines:
             await e.dispose()
 
@@ -63,6 +65,7 @@ async def test_leases_spend_from_memory(settings: Settings, db: str) -> None:
         user = uuid.uuid4()
         assert all([await limiter.take(user) == 0.0 for _ in range(100)])
         assert limiter.statements == 10
+        await limiter.store.close()
     finally:
         await engine.dispose()
 
