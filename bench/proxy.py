@@ -6,6 +6,9 @@ One run on this machine measures, for each of the three paths to the same upstre
   WS        frames/s and p50/p99 round trip on one connection (request -> response, one at a time),
             frames/s over `--ws-parallel` connections, and the added p50 latency vs direct
   memory    RSS growth of the proxying process per open WebSocket (`--ws-conns` held open)
+  CPU       user + system CPU microseconds of the proxying process per HTTP request and per frame
+  asset     requests/s and CPU for a fingerprinted Control UI asset (`immutable`): our proxy
+            answers it from its asset cache (after the session and rate checks), nginx proxies it
 
 The upstream is a small aiohttp server in its own process that speaks the gateway's handshake
 (challenge, connect, hello-ok) and echoes every request frame as a response, so our proxy does
@@ -54,6 +57,8 @@ from cryptography.fernet import Fernet
 from openclaw.device import DeviceIdentity
 
 BODY = b"x" * 1024
+ASSET = "assets/index-Bench123.js"
+"""A fingerprinted Control UI asset (immutable): our proxy answers it from its asset cache."""
 KEY = "bench-key-" + "k" * 40
 
 
@@ -121,6 +126,9 @@ async def upstream_ws(request: web.Request) -> web.StreamResponse:
 async def upstream_http(request: web.Request) -> web.StreamResponse:
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await upstream_ws(request)
+    if request.path.endswith(ASSET):
+        return web.Response(body=BODY * 8, content_type="application/javascript",
+                            headers={"Cache-Control": "public, max-age=31536000, immutable"})
     return web.Response(body=BODY, content_type="application/octet-stream")
 
 
@@ -374,6 +382,10 @@ async def run_loads(targets: dict[str, tuple[str, str, dict[str, str], list[int]
                     (await http_load(http_url, headers, args.seconds, args.concurrency)).items()})
         cpu1 = sum(cpu_s(p) for p in procs)
         res["http_cpu_us"] = (cpu1 - cpu0) * 1e6 / max(1, res["http_requests"])
+        asset = await http_load(http_url.replace("assets/bench", ASSET), headers, args.seconds / 2, args.concurrency)
+        res["asset_rps"] = asset["rps"]
+        res["asset_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, asset["requests"])
+        res["http_requests"] += asset["requests"]  # the statements below count both loads
         after_http = shared_statements(database_url) if counted else 0
         cpu1 = sum(cpu_s(p) for p in procs)
         res.update(await ws_load(ws_url, headers, args.seconds, args.ws_parallel))
@@ -469,6 +481,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         (f"WS frames/s ({args.ws_parallel} conns)", par, "{:.0f}"), ("WS RTT p50 ms", "rtt_p50_ms", "{:.3f}"),
         ("WS RTT p99 ms", "rtt_p99_ms", "{:.3f}"), ("KiB per open WS", "ws_kib_per_conn", "{:.1f}"),
         ("CPU us per HTTP request", "http_cpu_us", "{:.0f}"), ("CPU us per WS frame", "ws_cpu_us", "{:.0f}"),
+        ("asset req/s (immutable)", "asset_rps", "{:.0f}"), ("CPU us per asset request", "asset_cpu_us", "{:.0f}"),
     ]
     head = f"\n{'':26}{'direct':>10}{'nginx':>10}" + "".join(f"{name:>12}" for name in ours)
     head += "".join(f"{name + '/direct':>20}{name + '/nginx':>19}" for name in ours)
