@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -105,6 +106,12 @@ class Journey:
             assert resp.status_code == 200, resp.text
             return resp.json()  # type: ignore[no-any-return]
 
+    async def gateway_has_soul(self, text: str) -> bool:
+        """Whether the agent's local VM (<data>/vms/<vps id>/, the real gateway's state) holds a SOUL.md
+        with `text`: what the gateway itself reads, not what the control plane saved."""
+        vm = self.stack.home / "data" / "vms" / str((await self.agent())["vps"]["id"])
+        return any(text in path.read_text(errors="replace") for path in vm.rglob("SOUL.md"))
+
 
 # -- the journey's steps, one per page ---------------------------------------------------------------------------
 
@@ -182,8 +189,6 @@ async def step_create_agent(page: Any, j: Journey) -> None:
     found = re.fullmatch(re.escape(j.stack.web_url) + r"/agents/([0-9a-f-]{36})", page.url)
     assert found, page.url
     j.agent_id = found.group(1)
-    agent = await j.agent()
-    assert agent["settings"]["saved_version"] >= 1, agent["settings"]  # the preset's SOUL.md was saved
 
 
 async def step_provisioning_to_running(page: Any, j: Journey) -> None:
@@ -199,6 +204,8 @@ async def step_provisioning_to_running(page: Any, j: Journey) -> None:
     await expect(page.locator("#last-error")).to_have_count(0)
     chat = page.get_by_role("link", name="Open chat")
     await expect(chat).to_have_attribute("href", j.chat_url)
+    # The personality picked in the form is the running gateway's SOUL.md.
+    assert await j.gateway_has_soul(PRESETS["friendly"][1]), "the chosen preset is not the gateway's SOUL.md"
     await j.shot(page, "agent-running")
 
 
@@ -242,9 +249,7 @@ async def step_change_personality(page: Any, j: Journey) -> None:
     await expect(page.locator("#operation")).to_have_count(0, timeout=LIFECYCLE_MS)
     after = (await j.agent())["settings"]
     assert after["saved_version"] == before["saved_version"] + 1 and after["in_sync"], (before, after)
-    vps_id = (await j.agent())["vps"]["id"]
-    written = [p for p in (j.stack.home / "data" / "vms" / vps_id).rglob("SOUL.md") if soul in p.read_text()]
-    assert written, f"no SOUL.md with the new text under the VM of {vps_id}"
+    assert await j.gateway_has_soul(soul), "the new SOUL.md did not reach the gateway's workspace"
     await expect(page.locator("#state")).to_have_text("running")
     await j.shot(page, "agent-personality-changed")
 
@@ -308,18 +313,22 @@ async def test_new_user_journey_from_landing_to_destroy(stack: DevStack, browser
     Control UI -> change personality -> stop -> start -> destroy, in one browser session."""
     journey = Journey(stack=stack, shots=Shots("web-journey"), email=f"journey-{uuid.uuid4().hex[:8]}@example.com")
     context, page = await new_page(browser)
+    took: list[str] = []
     try:
         for step in (step_landing, step_sign_up, step_verify_by_mail, step_log_in, step_create_agent,
                      step_provisioning_to_running, step_open_chat, step_change_personality, step_stop,
                      step_start, step_destroy, step_dashboard):
+            began = time.monotonic()
             try:
                 await step(page, journey)
+                took.append(f"{step.__name__} {time.monotonic() - began:.1f}s")
             except BaseException:
                 await journey.shot(page, f"FAILED-{step.__name__}")
                 raise
     finally:
+        print("journey steps:", ", ".join(took))  # noqa: T201  (where the minutes go, in -s / CI logs)
         await context.close()
-    assert journey.shots is not None and len(journey.shots.taken) >= 12
+    assert journey.shots is not None and len(journey.shots.taken) >= 16, journey.shots.taken
 
 
 # -- refusals, on the same stack ---------------------------------------------------------------------------------
@@ -356,9 +365,11 @@ async def stranger(stack: DevStack, browser: Any) -> Account:
     return await signed_up(stack, browser, "stranger")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
+@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
 async def demo_agent(stack: DevStack) -> dict[str, Any]:
-    """An agent of the demo admin that `slopbox dev` printed, provisioning on the real gateway."""
+    """An agent of the demo admin that `slopbox dev` printed, provisioning on the real gateway.
+
+    Autouse, so its gateway boots while the journey runs rather than on the clock of the test that needs it."""
     async with stack.api() as api:
         plans = (await api.get("/plans")).json()
         config = next(c["id"] for p in plans if p["name"] == "starter" for c in p["vps_configs"]

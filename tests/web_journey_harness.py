@@ -170,6 +170,8 @@ class Shots:
         self.count = 0
         self.taken: list[Path] = []
         ARTIFACTS.mkdir(exist_ok=True)
+        for old in ARTIFACTS.glob(f"{prefix}-[0-9][0-9]-*.png"):  # a failed earlier run's FAILED-* shots mislead
+            old.unlink()
 
     async def take(self, page: Any, name: str) -> Path:
         self.count += 1
