@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.real_gatewa
 
 PASSWORD = "correct horse battery staple"
 LOGIN_MAX_FAILURES = 5  # WEB_LOGIN_MAX_FAILURES given to the stack (its default, stated so the test can count)
+# Every browser here is 127.0.0.1, and the limiter also counts failures per address (4 x LOGIN_MAX_FAILURES
+# per window): the module makes 7 failed logins; a new refusal test must stay under 20 in all.
 STEP_MS = 60_000
 LIFECYCLE_MS = 180_000  # provisioning the real gateway on a busy 2-core machine
 SESSION_COOKIE = "authjs.session-token"  # Auth.js's name over http (the proxy accepts it)
@@ -60,12 +62,15 @@ async def browser() -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright, expect
 
     expect.set_options(timeout=STEP_MS)  # a loaded 2-core CI machine: 5 s is not enough for every page
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    try:
+        async with async_playwright() as pw:
+            chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                yield chromium
+            finally:
+                await chromium.close()
+    finally:
+        expect.set_options(timeout=5_000)  # playwright's default again, for the modules that run after this one
 
 
 async def new_page(browser: Any, storage_state: Any = None) -> tuple[Any, Any]:
