@@ -70,6 +70,19 @@ class Settings(BaseSettings):
     forward_proxy_max_connections: int = Field(default=1000, ge=1, description="open connections on the forward proxy")
     forward_proxy_max_connections_per_ip: int = Field(
         default=256, ge=1, description="open forward-proxy connections per source address (IPv6: per /64)")
+    proxy_asset_cache_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0,
+        description="memory per proxy process for the Control UI's fingerprinted assets (proxy/asset_cache.py); "
+                    "0 = off")
+    proxy_control_ui_manifest: str | None = Field(
+        default=None,
+        description="asset-manifest.json of the Control UI build the VMs run: assets whose SHA-256 matches are "
+                    "shared by all users' requests; unset = derived from OPENCLAW_BIN's install when present, "
+                    "else assets are cached per user only")
+    proxy_processes: int = Field(
+        default=1, ge=1, le=64,
+        description="proxy worker processes sharing the listening ports (SO_REUSEPORT) under a supervisor "
+                    "that replaces any that die; >1 shares the per-user rate limits through PostgreSQL")
 
     # Providers
     hcloud_token: SecretStr | None = None

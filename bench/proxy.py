@@ -6,6 +6,9 @@ One run on this machine measures, for each of the three paths to the same upstre
   WS        frames/s and p50/p99 round trip on one connection (request -> response, one at a time),
             frames/s over `--ws-parallel` connections, and the added p50 latency vs direct
   memory    RSS growth of the proxying process per open WebSocket (`--ws-conns` held open)
+  CPU       user + system CPU microseconds of the proxying process per HTTP request and per frame
+  asset     requests/s and CPU for a fingerprinted Control UI asset (`immutable`): our proxy
+            answers it from its asset cache (after the session and rate checks), nginx proxies it
 
 The upstream is a small aiohttp server in its own process that speaks the gateway's handshake
 (challenge, connect, hello-ok) and echoes every request frame as a response, so our proxy does
@@ -17,9 +20,14 @@ connections per address) are raised for the run (one bench user on one address w
 once); everything else is the production configuration. The load generator is Python
 (aiohttp) in this process: on a 2-core machine all parties share the CPUs, so compare ratios.
 
-Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300]`
+`--processes N` (N > 1) adds a fourth path in the same run: our proxy as N worker processes on
+one port (SO_REUSEPORT, `PROXY_PROCESSES=N`) with the per-user rate limits shared through
+PostgreSQL, leased in production-sized slices (10 requests, 10 frames, 200 KiB), and reports the
+statements that sharing cost per request and per frame (rows upserted in `proxy_rate_buckets`).
+
+Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300] [--processes 2]`
 (needs `nginx` on PATH: `apt-get install -y nginx`). `BENCH_PROFILE=/tmp/p.out` also writes a
-cProfile of our proxy process.
+cProfile of our (single-process) proxy.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from cryptography.fernet import Fernet
 from openclaw.device import DeviceIdentity
 
 BODY = b"x" * 1024
+ASSET = "assets/index-Bench123.js"
+"""A fingerprinted Control UI asset (immutable): our proxy answers it from its asset cache."""
 KEY = "bench-key-" + "k" * 40
 
 
@@ -73,6 +83,12 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (stable under load, unlike wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -110,6 +126,9 @@ async def upstream_ws(request: web.Request) -> web.StreamResponse:
 async def upstream_http(request: web.Request) -> web.StreamResponse:
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await upstream_ws(request)
+    if request.path.endswith(ASSET):
+        return web.Response(body=BODY * 8, content_type="application/javascript",
+                            headers={"Cache-Control": "public, max-age=31536000, immutable"})
     return web.Response(body=BODY, content_type="application/octet-stream")
 
 
@@ -122,11 +141,17 @@ def run_upstream(port: int) -> None:
 # -- our proxy, as `slopbox proxy` runs it, with the per-user limits raised ---------------------------
 
 
-def run_ours(port: int, forward_port: int, database_url: str, key: str) -> None:
+def run_ours(port: int, forward_port: int, database_url: str, key: str, processes: int = 1) -> None:
     from proxy.app import serve
     from proxy.config import ProxyConfig
     from settings import Settings
     from telemetry.logs import configure_logging
+
+    try:  # also runs against an older tree (before/after tables): plain asyncio there
+        from proxy.app import event_loop_factory
+    except ImportError:
+        def event_loop_factory() -> None:  # type: ignore[misc]
+            return None
 
     configure_logging("proxy", "WARNING")
     settings = Settings(database_url=database_url, control_plane_api_key=KEY, encryption_keys=[key],
@@ -140,15 +165,36 @@ def run_ours(port: int, forward_port: int, database_url: str, key: str) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        async with serve(settings, config=config, host="127.0.0.1", port=port, forward_port=forward_port):
+        scale = {"shared_limits": True, "reuse_port": True} if processes > 1 else {}
+        async with serve(settings, config=config, host="127.0.0.1", port=port, forward_port=forward_port,
+                         **scale) as running:
+            if processes > 1:  # production-sized leases, so the sharing costs what it would for real
+                from proxy.metrics import CountingRateLimiter
+                from proxy.shared_limits import BucketStore, SharedRateLimiter
+
+                gw = running.gateway
+                store = BucketStore.for_engine(running.engine)
+                gw.http_limiter = CountingRateLimiter(SharedRateLimiter(store, "http", 1e9, 10**9, lease=10),
+                                                      "gateway_http_rate")
+                gw.frame_limiter = CountingRateLimiter(
+                    SharedRateLimiter(store, "ws_frame", 1e9, 10**9, lease=10), "gateway_ws_frame_rate")
+                gw.byte_limiter = SharedRateLimiter(store, "ws_byte", 1e12, 10**12, lease=200 * 1024)
             await stop.wait()
 
-    if os.environ.get("BENCH_PROFILE"):
+    def worker(_settings: Settings, _index: int) -> None:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(main())
+
+    if processes > 1:
+        from proxy.supervisor import supervise
+
+        supervise(settings, worker, processes=processes)
+    elif os.environ.get("BENCH_PROFILE"):
         import cProfile
 
-        cProfile.runctx("asyncio.run(main())", globals(), locals(), os.environ["BENCH_PROFILE"])
+        cProfile.runctx("worker(settings, 0)", globals(), locals(), os.environ["BENCH_PROFILE"])
     else:
-        asyncio.run(main())
+        worker(settings, 0)
 
 
 NGINX_CONF = """
@@ -189,11 +235,13 @@ def pct(values: list[float], p: float) -> float:
 async def http_load(url: str, headers: dict[str, str], seconds: float, concurrency: int) -> dict[str, float]:
     latencies: list[float] = []
     errors = 0
+    total = 0
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         async def worker(deadline: float, record: bool) -> None:
-            nonlocal errors
+            nonlocal errors, total
             while time.perf_counter() < deadline:
+                total += 1
                 t0 = time.perf_counter()
                 async with session.get(url, headers=headers) as resp:
                     await resp.read()
@@ -208,7 +256,7 @@ async def http_load(url: str, headers: dict[str, str], seconds: float, concurren
         await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     return {"rps": len(latencies) / elapsed, "p50_ms": pct(latencies, 0.5) * 1000,
-            "p99_ms": pct(latencies, 0.99) * 1000, "errors": errors}
+            "p99_ms": pct(latencies, 0.99) * 1000, "errors": errors, "requests": total}
 
 
 class WsClient:
@@ -249,7 +297,8 @@ async def ws_load(url: str, headers: dict[str, str], seconds: float, parallel: i
     async with aiohttp.ClientSession() as session:
         client = WsClient(session, url, headers)
         ws = await client.open()
-        await ping_pong(ws, time.perf_counter() + 0.5, [])
+        warm: list[float] = []
+        await ping_pong(ws, time.perf_counter() + 0.5, warm)
         single: list[float] = []
         start = time.perf_counter()
         await ping_pong(ws, start + seconds, single)
@@ -264,7 +313,8 @@ async def ws_load(url: str, headers: dict[str, str], seconds: float, parallel: i
             await s.close()
     return {"frames_per_s_1conn": len(single) / single_elapsed, "rtt_p50_ms": pct(single, 0.5) * 1000,
             "rtt_p99_ms": pct(single, 0.99) * 1000,
-            f"frames_per_s_{parallel}conn": sum(len(r) for r in many) / many_elapsed}
+            f"frames_per_s_{parallel}conn": sum(len(r) for r in many) / many_elapsed,
+            "frames": len(warm) + len(single) + sum(len(r) for r in many)}
 
 
 async def ws_memory(url: str, headers: dict[str, str], pids: list[int], count: int) -> float:
@@ -309,16 +359,41 @@ def seed(url: str, key: str, upstream_port: int) -> tuple[str, str]:
     return str(agent), token
 
 
+def shared_statements(database_url: str) -> int:
+    """Rows upserted in proxy_rate_buckets so far (one per lease statement), after the stats flush."""
+    time.sleep(1.5)  # backends report table statistics about once a second
+    with psycopg.connect(database_url, autocommit=True) as sql:
+        row = sql.execute("SELECT n_tup_ins + n_tup_upd FROM pg_stat_user_tables "
+                          "WHERE relname = 'proxy_rate_buckets'").fetchone()
+    return int(row[0]) if row else 0
+
+
 async def run_loads(targets: dict[str, tuple[str, str, dict[str, str], list[int]]],
-                    args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+                    args: argparse.Namespace, database_url: str) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for name, (http_url, ws_url, headers, pids) in targets.items():
         print(f"-- {name}", flush=True)
         res: dict[str, Any] = {}
+        counted = name.startswith("slopbox x")
+        procs = [p for p in pids if p > 0] + [c for p in pids if p < 0 for c in children(-p)]
+        before = shared_statements(database_url) if counted else 0
+        cpu0 = sum(cpu_s(p) for p in procs)
         res.update({f"http_{k}": v for k, v in
                     (await http_load(http_url, headers, args.seconds, args.concurrency)).items()})
+        cpu1 = sum(cpu_s(p) for p in procs)
+        res["http_cpu_us"] = (cpu1 - cpu0) * 1e6 / max(1, res["http_requests"])
+        asset = await http_load(http_url.replace("assets/bench", ASSET), headers, args.seconds / 2, args.concurrency)
+        res["asset_rps"] = asset["rps"]
+        res["asset_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, asset["requests"])
+        res["http_requests"] += asset["requests"]  # the statements below count both loads
+        after_http = shared_statements(database_url) if counted else 0
+        cpu1 = sum(cpu_s(p) for p in procs)
         res.update(await ws_load(ws_url, headers, args.seconds, args.ws_parallel))
-        res["ws_kib_per_conn"] = await ws_memory(ws_url, headers, pids, args.ws_conns)
+        res["ws_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, res["frames"])
+        if counted:
+            res["stmts_per_request"] = (after_http - before) / max(1, res["http_requests"])
+            res["stmts_per_frame"] = (shared_statements(database_url) - after_http) / max(1, res["frames"])
+        res["ws_kib_per_conn"] = await ws_memory(ws_url, headers, procs, args.ws_conns)
         results[name] = res
         print("   " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
     return results
@@ -355,8 +430,19 @@ def measure(args: argparse.Namespace) -> None:
         ngx = subprocess.Popen([nginx, "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c",
                                 str(tmp / "nginx.conf"), "-g", "daemon off;"])
         procs.append(ngx)
-        for port in (up_port, ours_port, nginx_port):
+        many_port = free_port()
+        if args.processes > 1:
+            many = subprocess.Popen([*me, "ours", "--port", str(many_port), "--forward-port", str(free_port()),
+                                     "--database-url", url, "--processes", str(args.processes)],
+                                    env={**os.environ, "BENCH_KEY": key})
+            procs.append(many)
+        for port in (up_port, ours_port, nginx_port) + ((many_port,) if args.processes > 1 else ()):
             wait_port(port)
+        if args.processes > 1:
+            deadline = time.monotonic() + 30
+            while len(children(many.pid)) < args.processes and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2.0)  # every worker listening
         origin = f"http://127.0.0.1:{ours_port}"
         targets = {
             "direct": (f"http://127.0.0.1:{up_port}/openclaw/assets/bench", f"ws://127.0.0.1:{up_port}/openclaw", {},
@@ -366,7 +452,13 @@ def measure(args: argparse.Namespace) -> None:
             "slopbox": (f"{origin}/agents/{agent}/gateway/assets/bench", f"ws://127.0.0.1:{ours_port}/agents/{agent}/gateway",
                         {"Cookie": f"authjs.session-token={session}", "Origin": origin}, [ours.pid]),
         }
-        report(asyncio.run(run_loads(targets, args)), args)
+        if args.processes > 1:  # pids < 0: the supervisor's children (its workers) are measured too
+            many_origin = f"http://127.0.0.1:{many_port}"
+            targets[f"slopbox x{args.processes}"] = (
+                f"{many_origin}/agents/{agent}/gateway/assets/bench",
+                f"ws://127.0.0.1:{many_port}/agents/{agent}/gateway",
+                {"Cookie": f"authjs.session-token={session}", "Origin": many_origin}, [many.pid, -many.pid])
+        report(asyncio.run(run_loads(targets, args, url)), args)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -380,22 +472,36 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
-    d, n, s = results["direct"], results["nginx"], results["slopbox"]
+    d, n = results["direct"], results["nginx"]
+    ours = [name for name in results if name.startswith("slopbox")]
     par = f"frames_per_s_{args.ws_parallel}conn"
     rows = [
         ("HTTP req/s", "http_rps", "{:.0f}"), ("HTTP p50 ms", "http_p50_ms", "{:.2f}"),
         ("HTTP p99 ms", "http_p99_ms", "{:.2f}"), ("WS frames/s (1 conn)", "frames_per_s_1conn", "{:.0f}"),
         (f"WS frames/s ({args.ws_parallel} conns)", par, "{:.0f}"), ("WS RTT p50 ms", "rtt_p50_ms", "{:.3f}"),
         ("WS RTT p99 ms", "rtt_p99_ms", "{:.3f}"), ("KiB per open WS", "ws_kib_per_conn", "{:.1f}"),
+        ("CPU us per HTTP request", "http_cpu_us", "{:.0f}"), ("CPU us per WS frame", "ws_cpu_us", "{:.0f}"),
+        ("asset req/s (immutable)", "asset_rps", "{:.0f}"), ("CPU us per asset request", "asset_cpu_us", "{:.0f}"),
     ]
-    print(f"\n{'':26}{'direct':>10}{'nginx':>10}{'slopbox':>10}{'slopbox/direct':>16}{'slopbox/nginx':>15}")
+    head = f"\n{'':26}{'direct':>10}{'nginx':>10}" + "".join(f"{name:>12}" for name in ours)
+    head += "".join(f"{name + '/direct':>20}{name + '/nginx':>19}" for name in ours)
+    print(head)
     for label, key, fmt in rows:
-        ratio_d = s[key] / d[key] if d[key] else float("nan")
-        ratio_n = s[key] / n[key] if n[key] else float("nan")
-        print(f"{label:26}{fmt.format(d[key]):>10}{fmt.format(n[key]):>10}{fmt.format(s[key]):>10}"
-              f"{ratio_d:>15.2f}x{ratio_n:>14.2f}x")
-    for name, res in (("nginx", n), ("slopbox", s)):
+        line = f"{label:26}{fmt.format(d[key]):>10}{fmt.format(n[key]):>10}"
+        line += "".join(f"{fmt.format(results[name][key]):>12}" for name in ours)
+        for name in ours:
+            s = results[name]
+            ratio_d = s[key] / d[key] if d[key] else float("nan")
+            ratio_n = s[key] / n[key] if n[key] else float("nan")
+            line += f"{ratio_d:>19.2f}x{ratio_n:>18.2f}x"
+        print(line)
+    for name in ["nginx", *ours]:
+        res = results[name]
         print(f"added WS latency p50 ({name} - direct): {res['rtt_p50_ms'] - d['rtt_p50_ms']:.3f} ms")
+    for name in ours:
+        if "stmts_per_request" in results[name]:
+            print(f"{name}: shared rate limits cost {results[name]['stmts_per_request']:.3f} PostgreSQL statements "
+                  f"per HTTP request, {results[name]['stmts_per_frame']:.3f} per WebSocket frame")
     errors = {k: v["http_errors"] for k, v in results.items() if v["http_errors"]}
     if errors:
         print(f"HTTP errors: {errors}")
@@ -410,15 +516,18 @@ def main() -> None:
     ours.add_argument("--port", type=int, required=True)
     ours.add_argument("--forward-port", type=int, required=True)
     ours.add_argument("--database-url", required=True)
+    ours.add_argument("--processes", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--ws-parallel", type=int, default=16)
     parser.add_argument("--ws-conns", type=int, default=300)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="also measure our proxy as N worker processes with shared rate limits")
     args = parser.parse_args()
     if args.cmd == "upstream":
         run_upstream(args.port)
     elif args.cmd == "ours":
-        run_ours(args.port, args.forward_port, args.database_url, os.environ["BENCH_KEY"])
+        run_ours(args.port, args.forward_port, args.database_url, os.environ["BENCH_KEY"], args.processes)
     else:
         measure(args)
 

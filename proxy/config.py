@@ -63,6 +63,8 @@ class ProxyConfig:
 
     # HTTP
     max_rewritten_html_bytes: int = 4 * MIB
+    max_cached_asset_bytes: int = 4 * MIB
+    """Largest Control UI asset kept in the asset cache (2026.9.6's largest is 3.4 MiB uncompressed)."""
 
     # Per-user limits (per proxy process)
     http_rate_per_s: float = 50.0

@@ -43,7 +43,7 @@ from db.models import Agent, Vps, VpsState
 from proxy.config import ProxyConfig
 from proxy.egress import EgressPolicy, EgressRefused, EgressTarget
 from proxy.enforcement import UsageEnforcer
-from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
+from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header, take
 from proxy.listener import ConnectionGuard, start_stream_server
 from proxy.metering import Meter
 
@@ -225,19 +225,19 @@ class ForwardProxy:
         self.enforcer = enforcer
         self.policy = policy
         self.connections = ConnectionLimiter(config.forward_connections_per_user)
-        self.rate = RateLimiter(config.forward_rate_per_s, config.forward_burst)
+        self.rate: TokenBucket = RateLimiter(config.forward_rate_per_s, config.forward_burst)
         self._tasks: set[asyncio.Task[None]] = set()
         self._live: dict[uuid.UUID, set[_Tunnel]] = {}
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int, guard: ConnectionGuard | None = None, *,
-                    ssl: SSLContext | None = None) -> asyncio.Server:
+                    ssl: SSLContext | None = None, reuse_port: bool = False) -> asyncio.Server:
         """A listener; with `ssl`, the TLS one cloud VMs use (their credentials never cross in clear)."""
         handshake_s = TLS_HANDSHAKE_TIMEOUT_S if ssl is not None else None
         if guard is not None:  # its own connection budget (proxy.listener)
             return await start_stream_server(self._on_connection, host, port, guard,
                                              limit=self.config.max_forward_head_bytes, ssl=ssl,
-                                             ssl_handshake_timeout=handshake_s)
+                                             ssl_handshake_timeout=handshake_s, reuse_port=reuse_port)
         return await asyncio.start_server(self._on_connection, host, port, limit=self.config.max_forward_head_bytes,
                                           ssl=ssl, ssl_handshake_timeout=handshake_s)
 
@@ -291,7 +291,7 @@ class ForwardProxy:
             await _reply(writer, 429, "too many open connections", {"Retry-After": "5"})
             return
         try:
-            wait = self.rate.acquire(ident.user_id)
+            wait = await take(self.rate, ident.user_id)
             if wait > 0:
                 raise _Refusal(429, "request rate limit exceeded", {"Retry-After": retry_after_header(wait)})
             verdict = await self.enforcer.check(ident.user_id)

@@ -37,6 +37,7 @@ from yarl import URL
 
 from openclaw.render import CONTROL_UI_BASE_PATH
 from proxy.access import AccessDenied, AccessResolver, GatewayTarget, session_token
+from proxy.asset_cache import AssetCache, asset_name
 from proxy.config import ProxyConfig
 from proxy.headers import (
     RESOURCE_CSP,
@@ -49,7 +50,7 @@ from proxy.headers import (
     upstream_request_headers,
     valid_host,
 )
-from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
+from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header, take
 from proxy.listener import client_key
 from proxy.metering import Meter
 from proxy.paths import BadPath, GatewayPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
@@ -95,12 +96,15 @@ class GatewayProxy:
     upstream_base: str = CONTROL_UI_BASE_PATH
     sessions: SessionWatch | None = None
     """Closes sockets whose session ended within `session_sweep_s` (None: only the slow re-check)."""
+    assets: AssetCache | None = None
+    """The Control UI's fingerprinted assets from memory (proxy.asset_cache); None: always the VM."""
 
     def __post_init__(self) -> None:
         cfg = self.config
-        self.http_limiter = RateLimiter(cfg.http_rate_per_s, cfg.http_burst)
-        self.frame_limiter = RateLimiter(cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
-        self.byte_limiter = RateLimiter(cfg.ws_byte_rate_per_s, max(cfg.ws_byte_burst, cfg.max_client_frame_bytes))
+        self.http_limiter: TokenBucket = RateLimiter(cfg.http_rate_per_s, cfg.http_burst)
+        self.frame_limiter: TokenBucket = RateLimiter(cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
+        self.byte_limiter: TokenBucket = RateLimiter(cfg.ws_byte_rate_per_s,
+                                                     max(cfg.ws_byte_burst, cfg.max_client_frame_bytes))
         self.ws_connections = ConnectionLimiter(cfg.ws_connections_per_user)
         self.preauth = PreAuthGuard(rate_per_s=cfg.preauth_rate_per_s, burst=cfg.preauth_burst,
                                     negative_ttl_s=cfg.negative_session_ttl_s, negative_max=cfg.negative_session_max,
@@ -228,7 +232,7 @@ class GatewayProxy:
             self.preauth.after_lookup(token, gpath.agent_id, denied.status)
             return problem(denied.status, denied.title, denied.detail, **denied.extra)
         self.preauth.after_lookup(token, gpath.agent_id, 200)
-        wait = self.http_limiter.acquire(target.user_id)
+        wait = await take(self.http_limiter, target.user_id)
         if wait > 0:
             return problem(429, "Too many requests", "Slow down and retry shortly.",
                            headers={"Retry-After": retry_after_header(wait)})
@@ -281,6 +285,14 @@ class GatewayProxy:
 
     async def _forward(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget, route: RouteKind
                        ) -> web.StreamResponse:
+        cache_name = None
+        if self.assets is not None and route is RouteKind.RESOURCE:
+            cache_name = asset_name(gpath.tail, gpath.query, request.method)
+            if cache_name is not None:
+                hit = self.assets.lookup(target.user_id, target.vps_id, cache_name,
+                                         accepted_encodings(request.headers.get("Accept-Encoding")))
+                if hit is not None:  # after the session, ownership, VPS-state and rate checks, as always
+                    return hit.response()
         url = URL(target.base_url + gpath.upstream(self.upstream_base), encoded=True)
         headers = upstream_request_headers(request.headers, client_ip=request.remote, scheme=request.scheme,
                                            host=request.host, bearer=target.relay_device_token,
@@ -294,7 +306,7 @@ class GatewayProxy:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return problem(502, "Gateway unavailable", "The agent's gateway cannot be reached right now.")
         async with upstream:
-            return await self._respond(request, gpath, target, upstream, route)
+            return await self._respond(request, gpath, target, upstream, route, cache_name)
 
     async def _metered_body(self, request: web.Request, target: GatewayTarget):  # type: ignore[no-untyped-def]
         async for chunk in request.content.iter_chunked(_CHUNK):
@@ -302,7 +314,8 @@ class GatewayProxy:
             yield chunk
 
     async def _respond(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget,
-                       upstream: aiohttp.ClientResponse, route: RouteKind) -> web.StreamResponse:
+                       upstream: aiohttp.ClientResponse, route: RouteKind, cache_name: str | None = None
+                       ) -> web.StreamResponse:
         ctype = upstream.headers.get("Content-Type", "").lower()
         coding = upstream.headers.get("Content-Encoding", "").strip().lower()
         compressed = coding not in ("", "identity")
@@ -344,6 +357,8 @@ class GatewayProxy:
                 text = buffered.decode(charset)
             except (UnicodeDecodeError, LookupError):
                 return problem(502, "Gateway unavailable", "The Control UI document is not readable text.")
+            if self.assets is not None and upstream.status == 200:
+                self.assets.saw_document(target.vps_id, text)
             if rewrite:
                 text = rewrite_html(text, self.upstream_base, gpath.prefix)
             headers = response_headers(upstream.headers, csp=document_csp(text), drop_length=True)
@@ -355,12 +370,18 @@ class GatewayProxy:
         headers = response_headers(upstream.headers, csp=SCRIPT_CSP if script else RESOURCE_CSP)
         if mapped is not None:
             headers["Location"] = mapped
-        if upstream.content_length is not None and upstream.content_length <= _SMALL_BODY:
+        coding = None
+        if cache_name is not None and self.assets is not None:
+            coding = self.assets.cacheable(upstream.status, upstream.headers, upstream.content_length)
+        if coding is not None or (upstream.content_length is not None and upstream.content_length <= _SMALL_BODY):
             try:
                 body = await upstream.read()  # small and of known size: one write instead of three
             except (aiohttp.ClientError, OSError):
                 return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
             self.meter.add(target.vps_id, outbound=len(body))
+            if coding is not None and self.assets is not None and len(body) == upstream.content_length:
+                self.assets.store(target.user_id, target.vps_id, str(cache_name), coding, body,
+                                  upstream.headers.get("Content-Type", "application/octet-stream"))
             return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         try:

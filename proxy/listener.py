@@ -282,10 +282,11 @@ class GuardedSite(web.BaseSite):
     """An aiohttp TCP site whose connections pass a `ConnectionGuard` first."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *,
-                 ssl_context: Any = None, backlog: int = BACKLOG) -> None:
+                 ssl_context: Any = None, backlog: int = BACKLOG, reuse_port: bool = False) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
+        self._reuse_port = reuse_port
         self.guard = guard
 
     @property
@@ -298,12 +299,13 @@ class GuardedSite(web.BaseSite):
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
             self.guard.factory(server), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=True)
+            reuse_address=True, reuse_port=self._reuse_port or None)
 
 
 async def start_stream_server(client_connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
                               host: str, port: int, guard: ConnectionGuard, *, limit: int,
-                              ssl: Any = None, ssl_handshake_timeout: float | None = None) -> asyncio.Server:
+                              ssl: Any = None, ssl_handshake_timeout: float | None = None,
+                              reuse_port: bool = False) -> asyncio.Server:
     """`asyncio.start_server`, with each connection passing the guard before a reader is built.
 
     With `ssl` the guard sees a connection once its handshake is done: `ssl_handshake_timeout`
@@ -315,7 +317,8 @@ async def start_stream_server(client_connected: Callable[[asyncio.StreamReader, 
         return asyncio.StreamReaderProtocol(reader, client_connected, loop=loop)
 
     return await loop.create_server(guard.factory(protocol), host, port, ssl=ssl, backlog=BACKLOG,
-                                    reuse_address=True, ssl_handshake_timeout=ssl_handshake_timeout if ssl else None)
+                                    reuse_address=True, reuse_port=reuse_port or None,
+                                    ssl_handshake_timeout=ssl_handshake_timeout if ssl else None)
 
 
 def listener_limits(settings: Settings) -> tuple[ListenerLimits, ListenerLimits]:

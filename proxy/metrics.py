@@ -18,7 +18,7 @@ from collections.abc import Hashable
 
 from proxy.forward import ForwardProxy
 from proxy.gateway import GatewayProxy
-from proxy.limits import ConnectionLimiter, RateLimiter
+from proxy.limits import ConnectionLimiter, TokenBucket
 from proxy.metering import Meter
 from telemetry.metrics import PROXY_BYTES_RELAYED, PROXY_CONNECTIONS_OPEN, PROXY_LIMIT_REFUSALS
 
@@ -39,13 +39,23 @@ class CountingMeter(Meter):
             _OUTBOUND.inc(outbound)
 
 
-class CountingRateLimiter(RateLimiter):
-    def __init__(self, original: RateLimiter, limit: str) -> None:
-        super().__init__(original.rate, original.burst, original._clock)
+class CountingRateLimiter:
+    """Wraps an in-memory or shared bucket (`TokenBucket`); counts refusals."""
+
+    def __init__(self, inner: TokenBucket, limit: str) -> None:
+        self.inner = inner
+        self.rate = inner.rate
+        self.burst = inner.burst
         self._refused = PROXY_LIMIT_REFUSALS.labels(limit=limit)
 
-    def acquire(self, key: Hashable, cost: float = 1.0) -> float:
-        wait = super().acquire(key, cost)
+    def acquire_now(self, key: Hashable, cost: float = 1.0) -> float | None:
+        wait = self.inner.acquire_now(key, cost)
+        if wait is not None and wait > 0:
+            self._refused.inc()
+        return wait
+
+    async def take(self, key: Hashable, cost: float = 1.0) -> float:
+        wait = await self.inner.take(key, cost)
         if wait > 0:
             self._refused.inc()
         return wait

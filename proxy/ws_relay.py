@@ -46,7 +46,7 @@ from proxy.frames import (
     parse_json_object,
     rate_limited_response,
 )
-from proxy.limits import RateLimiter, pace
+from proxy.limits import TokenBucket, pace, take
 from proxy.metering import Meter
 from proxy.problems import problem
 
@@ -107,7 +107,7 @@ class RelayContext:
     client: aiohttp.ClientSession
     config: ProxyConfig
     meter: Meter
-    frame_limiter: RateLimiter
+    frame_limiter: TokenBucket
     relay_origin: str
     recheck: Callable[[], Awaitable[GatewayTarget]]
     """Re-runs the access check (session, ownership, VPS running) without the cache."""
@@ -115,7 +115,7 @@ class RelayContext:
     """Relays with the same key share one re-check (same session, same agent)."""
     open_relays: set[Relay]
     """Every open relay of this process: re-checked periodically, closed with 1001 at shutdown."""
-    byte_limiter: RateLimiter | None = None
+    byte_limiter: TokenBucket | None = None
     """Browser frame bytes per user, charged before a frame is parsed (the socket waits meanwhile)."""
 
 
@@ -361,12 +361,14 @@ class Relay:
 
     async def browser_to_upstream(self) -> None:
         limiter = self.ctx.frame_limiter
+        bytes_limiter = self.ctx.byte_limiter
         user = self.target.user_id
         while True:
             msg = await self.browser.receive()
             if msg.type is WSMsgType.TEXT:
-                if self.ctx.byte_limiter is not None:  # charged by size before any parsing
-                    await pace(self.ctx.byte_limiter, user, len(msg.data))
+                # Charged by size before any parsing; waits (socket paused) only when over the budget.
+                if bytes_limiter is not None and bytes_limiter.acquire_now(user, len(msg.data)) != 0.0:
+                    await pace(bytes_limiter, user, len(msg.data))
                 try:
                     req = parse_client_frame(msg.data)
                     if req.method.lower() == "connect":
@@ -381,7 +383,7 @@ class Relay:
                                                       "method": req.method[:128], "rule": refusal.rule})
                     await self.to_browser(forbidden_response(req.id, req.method, refusal))
                     continue
-                wait = limiter.acquire(user)
+                wait = await take(limiter, user)
                 if wait > 0:
                     await self.to_browser(rate_limited_response(req.id, req.method, max(1, int(wait * 1000))))
                     continue
