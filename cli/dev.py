@@ -35,7 +35,7 @@ from db.migrate import migrate_and_seed
 from devstack import postgres
 from devstack.postgres import EmbeddedPostgres
 from devstack.processes import spawn, terminate
-from devstack.temporal import dev_server_command, wait_port
+from devstack.temporal import dev_server_command, wait_port, wait_serving
 from providers.base import ProviderError
 from providers.local import LocalProvider, reap_children
 from settings import Settings
@@ -170,7 +170,7 @@ def run_dev(settings: Settings) -> int:
                                              namespace=settings.temporal_namespace, db_file=data / "temporal.db"),
                           log_path=logs / "temporal.log")
             infra.append(("Temporal", tproc, logs / "temporal.log"))
-            wait_port("127.0.0.1", settings.temporal_port, tproc)
+            wait_serving("127.0.0.1", settings.temporal_port, tproc)
             wait_port("127.0.0.1", settings.temporal_ui_port, tproc)
 
         user_id = create_user(settings.sqlalchemy_url, email=DEMO_EMAIL, plan="starter", admin=True,

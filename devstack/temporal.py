@@ -47,3 +47,19 @@ def wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None, timeou
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def wait_serving(host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
+    """Until the frontend answers its health check: a listening port can still refuse calls with
+    "Frontend is not healthy yet" (a client connecting then fails at once)."""
+    deadline = time.monotonic() + timeout
+    wait_port(host, port, proc, timeout)
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the Temporal server exited with {proc.returncode} before serving")
+        health = subprocess.run([temporal_cli(), "operator", "cluster", "health", "--address", f"{host}:{port}"],
+                                capture_output=True, text=True, timeout=10, check=False)
+        if health.returncode == 0 and "SERVING" in health.stdout:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the Temporal server on {host}:{port} was not serving after {timeout}s")

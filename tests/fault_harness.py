@@ -29,7 +29,7 @@ import psycopg
 from pydantic import SecretStr
 from temporalio.client import Client
 
-from devstack.temporal import dev_server_command, wait_port
+from devstack.temporal import dev_server_command, wait_serving
 from gateway_simulator.server import run_simulator
 from openclaw.pairing import approve_device_keys
 from openclaw.tls import CertificatePinError, check_peer, pinned_context
@@ -138,7 +138,7 @@ class TemporalDevServer:
                                  db_file=self.db_file)
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_port("127.0.0.1", self.port, self.proc)
+        wait_serving("127.0.0.1", self.port, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
