@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -105,12 +106,16 @@ class Journey:
 
     async def agent(self) -> dict[str, Any]:
         """GET /agents/{id} as its owner, with the printed API key."""
+        return await self.api_get(f"/agents/{self.agent_id}")  # type: ignore[no-any-return]
+
+    async def api_get(self, path: str) -> Any:
+        """GET `path` of the control-plane API as this user, with the printed API key."""
         if not self.user_id:
             self.user_id = await self.stack.user_id(self.email)
         async with self.stack.api(self.user_id) as api:
-            resp = await api.get(f"/agents/{self.agent_id}")
+            resp = await api.get(path)
             assert resp.status_code == 200, resp.text
-            return resp.json()  # type: ignore[no-any-return]
+            return resp.json()
 
     async def gateway_has_soul(self, text: str) -> bool:
         """Whether the agent's local VM (<data>/vms/<vps id>/, the real gateway's state) holds a SOUL.md
@@ -277,6 +282,44 @@ async def step_open_chat(page: Any, j: Journey) -> None:
         await chat.close()
 
 
+async def step_usage(page: Any, j: Journey) -> None:
+    """The Usage tab of the running agent: this month against the plan's limits, and a chart per resource
+    (the figures of a minutes-old agent may be zero; the limits are the plan's)."""
+    from playwright.async_api import expect
+
+    await page.get_by_role("navigation", name="Agent").get_by_role("link", name="Usage").click()
+    assert page.url == j.agent_url + "/usage", page.url
+    await expect(page.get_by_role("heading", name="Usage this month")).to_be_visible()
+    await expect(page.locator("#overage")).to_contain_text("your overage budget")
+    usage = await j.api_get(f"/agents/{j.agent_id}/usage")
+    print("usage:", usage)  # noqa: T201
+    print("usage page:", await page.locator("main").inner_text())  # noqa: T201
+    await j.shot(page, "usage")
+
+
+def telegram_token() -> str:
+    """A token of @BotFather's shape (bot id, colon, 35 characters); no network reaches Telegram here."""
+    return f"{secrets.randbelow(9 * 10**9) + 10**9}:AA{secrets.token_urlsafe(32)[:33]}"
+
+
+async def step_channels(page: Any, j: Journey) -> None:
+    """The Channels tab against the real gateway: a Telegram bot token is connected, and then removed."""
+    from playwright.async_api import expect
+
+    await page.get_by_role("navigation", name="Agent").get_by_role("link", name="Channels").click()
+    assert page.url == j.agent_url + "/channels", page.url
+    await expect(page.locator("#no-channels")).to_be_visible()
+    token = telegram_token()
+    await page.locator("#add-telegram summary").click()
+    await page.get_by_label("Bot token (from @BotFather)").fill(token)
+    await page.get_by_role("button", name="Connect Telegram").click()
+    await expect(page.locator("#live")).to_have_attribute("data-busy", "0", timeout=LIFECYCLE_MS)
+    print("channels live:", await page.locator("#live").inner_text())  # noqa: T201
+    print("channels api:", await j.api_get(f"/agents/{j.agent_id}/channels"))  # noqa: T201
+    assert token not in await page.content()
+    await j.shot(page, "channels-telegram")
+
+
 async def step_change_personality(page: Any, j: Journey) -> None:
     """The Settings tab: a new SOUL.md, saved and pushed to the running gateway (PushConfig), followed live."""
     from playwright.async_api import expect
@@ -324,6 +367,75 @@ async def step_start(page: Any, j: Journey) -> None:
     await j.shot(page, "agent-started")
 
 
+async def step_admin_force_stop(page: Any, j: Journey) -> None:
+    """An operator's admin: signed up through the web like anyone, made admin with `slopbox user admin`
+    (the same environment as `slopbox dev`), logged in in a browser of their own. They see the journey user
+    in Users, force-stop the running agent's VPS from VMs (confirmation -> operation page -> stopped), and
+    find it in the audit log."""
+    from playwright.async_api import expect
+
+    admin = await signed_up(j.stack, page.context.browser, "admin")
+    said = await j.stack.cli("user", "admin", "--email", admin.email)
+    assert f"made admin: {admin.email}" in said, said
+    vps_id = str((await j.agent())["vps"]["id"])
+    context, adm = await new_page(page.context.browser)  # a fresh browser: the admin logs in with the password
+    try:
+        await adm.goto(j.stack.web_url + "/login")
+        await adm.get_by_label("Email").fill(admin.email)
+        await adm.get_by_label("Password").fill(PASSWORD)
+        await adm.get_by_role("button", name="Log in").click()
+        await expect(adm.get_by_role("heading", name="Set up your agent")).to_be_visible()  # no agent of their own
+        await adm.goto(j.stack.web_url + "/admin")
+        await expect(adm.get_by_role("heading", name="Admin: users")).to_be_visible()
+        users = adm.locator("#users")
+        await expect(users.get_by_role("row").filter(has=adm.get_by_role("link", name=admin.email))).to_contain_text(
+            "admin")
+        await adm.get_by_role("searchbox", name="Search by email").fill(j.email)
+        await adm.get_by_role("button", name="Search").click()
+        row = users.get_by_role("row").filter(has=adm.get_by_role("link", name=j.email))
+        await expect(row).to_have_count(1)
+        await expect(users.get_by_role("row")).to_have_count(2)  # the header and the journey user only
+        await expect(row.get_by_role("cell").nth(2)).to_have_text("1")  # one agent
+        await j.shot(adm, "admin-users")
+        await adm.get_by_role("navigation", name="Admin sections").get_by_role("link", name="VMs").click()
+        await expect(adm.get_by_role("heading", name="Admin: VMs")).to_be_visible()
+        vm = adm.locator(f"#vps-{vps_id}")
+        await expect(vm).to_contain_text(j.email)
+        await expect(vm.locator(".state")).to_have_text("running")
+        await j.shot(adm, "admin-vms")
+        await vm.get_by_role("link", name="Force stop…").click()
+        await expect(adm.get_by_role("heading", name="Force stop this VPS?")).to_be_visible()
+        await expect(adm.locator(".card")).to_contain_text(f"VPS {vps_id} of {j.email}: running on local")
+        await j.shot(adm, "admin-force-stop-confirm")
+        await adm.get_by_role("button", name="Yes, force stop").click()
+        assert re.fullmatch(re.escape(j.stack.web_url) + r"/admin/operations/\S+", adm.url), adm.url
+        await expect(adm.locator("#op-status")).to_have_text("succeeded", timeout=LIFECYCLE_MS)
+        await j.shot(adm, "admin-operation")
+        await adm.get_by_role("link", name="Back to VMs").click()
+        await expect(adm.locator(f"#vps-{vps_id} .state")).to_have_text("stopped")
+        await expect(adm.locator(f"#vps-{vps_id}").get_by_role("link", name="Force stop…")).to_have_count(0)
+        await adm.get_by_role("navigation", name="Admin sections").get_by_role("link", name="Audit log").click()
+        await expect(adm.get_by_role("heading", name="Admin: audit log")).to_be_visible()
+        entry = adm.locator("#audit tbody tr").filter(has_text=vps_id)
+        await expect(entry).to_have_count(1)
+        await expect(entry.locator(".action")).to_have_text("vps.stop")
+        await expect(entry).to_contain_text(admin.email)
+        await j.shot(adm, "admin-audit")
+    finally:
+        await context.close()
+
+
+async def step_sees_force_stop(page: Any, j: Journey) -> None:
+    """The journey user's Overview, reloaded: stopped by the admin, with Start offered again."""
+    from playwright.async_api import expect
+
+    await page.reload()
+    await expect(page.locator("#state")).to_have_text("stopped")
+    await expect(page.get_by_role("link", name="Open chat")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Start")).to_be_visible()
+    await j.shot(page, "agent-force-stopped")
+
+
 async def step_destroy(page: Any, j: Journey) -> None:
     """Destroy asks first (its own page), then the VPS goes; the agent stays, ready for a new VPS."""
     from playwright.async_api import expect
@@ -342,7 +454,6 @@ async def step_destroy(page: Any, j: Journey) -> None:
 
 
 async def step_dashboard(page: Any, j: Journey) -> None:
-    """TODO(notifications page): open the bell and see the list."""
     from playwright.async_api import expect
 
     await page.get_by_role("link", name="Dashboard", exact=True).click()
@@ -350,6 +461,19 @@ async def step_dashboard(page: Any, j: Journey) -> None:
     await expect(row).to_contain_text("destroyed")
     await expect(page.locator("#unread")).to_be_visible()
     await j.shot(page, "dashboard-destroyed")
+
+
+async def step_notifications(page: Any, j: Journey) -> None:
+    """The header's bell opens the notifications page."""
+    from playwright.async_api import expect
+
+    listed = await j.api_get("/users/me/notifications")
+    print("notifications:", listed)  # noqa: T201
+    await page.locator("#unread").click()
+    assert page.url == j.stack.web_url + "/notifications", page.url
+    await expect(page.get_by_role("heading", name="Notifications")).to_be_visible()
+    print("notifications page:", await page.locator("main").inner_text())  # noqa: T201
+    await j.shot(page, "notifications")
 
 
 async def test_new_user_journey_from_landing_to_destroy(stack: DevStack, browser: Any) -> None:
@@ -361,8 +485,9 @@ async def test_new_user_journey_from_landing_to_destroy(stack: DevStack, browser
     try:
         for step in (step_landing, step_sign_up, step_verify_by_mail, step_log_in, step_onboarding_name,
                      step_onboarding_plan, step_onboarding_progress, step_onboarding_channels_and_done,
-                     step_dashboard_to_agent, step_open_chat, step_change_personality, step_stop, step_start,
-                     step_destroy, step_dashboard):
+                     step_dashboard_to_agent, step_open_chat, step_usage, step_channels, step_change_personality,
+                     step_stop, step_start, step_admin_force_stop, step_sees_force_stop, step_start, step_destroy,
+                     step_dashboard, step_notifications):
             began = time.monotonic()
             try:
                 await step(page, journey)
