@@ -117,6 +117,11 @@ class Journey:
             assert resp.status_code == 200, resp.text
             return resp.json()
 
+    async def gateway_config_has(self, text: str) -> bool:
+        """Whether the real gateway's own config file (openclaw.json in the agent's local VM) holds `text`."""
+        vm = self.stack.home / "data" / "vms" / str((await self.agent())["vps"]["id"])
+        return any(text in path.read_text(errors="replace") for path in vm.rglob("openclaw.json"))
+
     async def gateway_has_soul(self, text: str) -> bool:
         """Whether the agent's local VM (<data>/vms/<vps id>/, the real gateway's state) holds a SOUL.md
         with `text`: what the gateway itself reads, not what the control plane saved."""
@@ -283,17 +288,33 @@ async def step_open_chat(page: Any, j: Journey) -> None:
 
 
 async def step_usage(page: Any, j: Journey) -> None:
-    """The Usage tab of the running agent: this month against the plan's limits, and a chart per resource
-    (the figures of a minutes-old agent may be zero; the limits are the plan's)."""
+    """The Usage tab of the running agent: this month against the plan's limits (the API's own figures,
+    formatted here independently of the web app), a meter and an SVG chart per resource. A minutes-old
+    agent's figures may be zero; its limits are the plan's."""
     from playwright.async_api import expect
 
     await page.get_by_role("navigation", name="Agent").get_by_role("link", name="Usage").click()
     assert page.url == j.agent_url + "/usage", page.url
     await expect(page.get_by_role("heading", name="Usage this month")).to_be_visible()
-    await expect(page.locator("#overage")).to_contain_text("your overage budget")
     usage = await j.api_get(f"/agents/{j.agent_id}/usage")
-    print("usage:", usage)  # noqa: T201
-    print("usage page:", await page.locator("main").inner_text())  # noqa: T201
+    await expect(page.get_by_text(f"From {usage['period_start']} to the end of the month.")).to_be_visible()
+    await expect(page.locator("#overage")).to_contain_text(
+        f"your overage budget: ${usage['budget_cents'] / 100:,.2f}")
+    limits = {key: int(figures["limit"]) for key, figures in usage["resources"].items()}
+    expected = {  # label -> (limit as shown, the chart's unit)
+        "Bandwidth (in + out)": (f"{limits['bandwidth_bytes'] / 2**30:.1f} GB", "MB"),
+        "CPU time": (f"{limits['cpu_ms'] / 3_600_000:,.1f} h", "CPU s"),
+        "Memory": (f"{limits['memory_mb_seconds'] / 1024 / 3600:,.2f} GB·h", "MB·h"),
+        "Storage": (f"{limits['storage_bytes'] / 2**30:.1f} GB", "MB"),
+    }
+    summary = page.locator("#usage-summary")
+    for label, (limit, unit) in expected.items():
+        row = summary.get_by_role("row").filter(has=page.get_by_role("rowheader", name=label, exact=True))
+        await expect(row.get_by_role("cell").nth(1)).to_have_text(limit)  # Used | Limit | This agent | Projected
+        await expect(row.locator("meter")).to_have_attribute("aria-label", re.compile(r"% of the limit$"))
+        chart = page.get_by_role("img", name=f"{label} per day this month, in {unit}", exact=True)
+        await expect(chart).to_have_count(1)
+    await expect(page.locator("svg[role=img]")).to_have_count(len(expected))
     await j.shot(page, "usage")
 
 
@@ -303,7 +324,10 @@ def telegram_token() -> str:
 
 
 async def step_channels(page: Any, j: Journey) -> None:
-    """The Channels tab against the real gateway: a Telegram bot token is connected, and then removed."""
+    """The Channels tab against the real gateway. A well-formed Telegram bot token is accepted by the
+    gateway (written into its config), but with no network to Telegram the bot never runs: after the
+    operation's wait for the channel (30 s) the page says "configured ... not yet connected". The token is
+    never written back into a page (only its last 4 characters, masked). Then the channel is removed."""
     from playwright.async_api import expect
 
     await page.get_by_role("navigation", name="Agent").get_by_role("link", name="Channels").click()
@@ -313,11 +337,29 @@ async def step_channels(page: Any, j: Journey) -> None:
     await page.locator("#add-telegram summary").click()
     await page.get_by_label("Bot token (from @BotFather)").fill(token)
     await page.get_by_role("button", name="Connect Telegram").click()
-    await expect(page.locator("#live")).to_have_attribute("data-busy", "0", timeout=LIFECYCLE_MS)
-    print("channels live:", await page.locator("#live").inner_text())  # noqa: T201
-    print("channels api:", await j.api_get(f"/agents/{j.agent_id}/channels"))  # noqa: T201
+    assert re.fullmatch(re.escape(j.agent_url) + r"/channels\?op=\S+", page.url), page.url
+    await expect(page.locator("#operation")).to_contain_text("In progress: ConnectChannel")
     assert token not in await page.content()
+    await j.shot(page, "channels-connecting")
+    await expect(page.locator("#operation")).to_have_text("Done: ConnectChannel succeeded.", timeout=LIFECYCLE_MS)
+    row = page.locator('#channels tr[data-kind="telegram"]')
+    await expect(row.get_by_role("cell").nth(1)).to_have_text("configured (the gateway accepted it; not yet connected)")
+    await expect(row.locator(".reason")).to_have_count(0)
+    await expect(row.get_by_role("cell").nth(2)).to_have_text("…" + token[-4:])
+    await expect(page.locator("#telegram-bot_token")).to_have_value("")
+    await page.reload()  # the whole page as served, not only the live fragment
+    await expect(row).to_be_visible()
+    assert token not in await page.content() and token[:-4] not in await page.content()
+    assert await j.gateway_config_has(token), "the token did not reach the gateway's config"
     await j.shot(page, "channels-telegram")
+    await row.get_by_role("link", name="Remove…").click()
+    await expect(page.get_by_role("heading", name=f"Remove Telegram from {j.name}?")).to_be_visible()
+    await page.get_by_role("button", name="Yes, remove Telegram").click()
+    await expect(page.locator("#operation")).to_have_text("Done: DisconnectChannel succeeded.",
+                                                          timeout=LIFECYCLE_MS)
+    await expect(page.locator("#no-channels")).to_be_visible()
+    assert not await j.gateway_config_has(token), "the removed token is still in the gateway's config"
+    await j.shot(page, "channels-removed")
 
 
 async def step_change_personality(page: Any, j: Journey) -> None:
@@ -464,15 +506,22 @@ async def step_dashboard(page: Any, j: Journey) -> None:
 
 
 async def step_notifications(page: Any, j: Journey) -> None:
-    """The header's bell opens the notifications page."""
+    """The header's bell opens the notifications page. Nothing in this journey writes one (they come from
+    the hourly metering cycle: usage warnings, overage stops, delayed figures; an admin's force stop sends
+    none), so the honest page is the empty one: no count, no "Mark all as read"."""
     from playwright.async_api import expect
 
-    listed = await j.api_get("/users/me/notifications")
-    print("notifications:", listed)  # noqa: T201
-    await page.locator("#unread").click()
+    bell = page.get_by_role("link", name="Notifications: 0 unread")
+    await expect(bell).to_have_text("0")
+    await bell.click()
     assert page.url == j.stack.web_url + "/notifications", page.url
     await expect(page.get_by_role("heading", name="Notifications")).to_be_visible()
-    print("notifications page:", await page.locator("main").inner_text())  # noqa: T201
+    await expect(page.locator("#unread-count")).to_contain_text("0 unread of 0.")
+    await expect(page.locator("#no-notifications")).to_have_text(
+        "No notifications yet. Usage warnings and automatic stops will show up here and by email.")
+    await expect(page.get_by_role("button", name="Mark all as read")).to_have_count(0)
+    await page.get_by_role("link", name="Show only unread").click()
+    await expect(page.locator("#no-notifications")).to_have_text("No unread notifications.")
     await j.shot(page, "notifications")
 
 
@@ -486,7 +535,7 @@ async def test_new_user_journey_from_landing_to_destroy(stack: DevStack, browser
         for step in (step_landing, step_sign_up, step_verify_by_mail, step_log_in, step_onboarding_name,
                      step_onboarding_plan, step_onboarding_progress, step_onboarding_channels_and_done,
                      step_dashboard_to_agent, step_open_chat, step_usage, step_channels, step_change_personality,
-                     step_stop, step_start, step_admin_force_stop, step_sees_force_stop, step_start, step_destroy,
+                     step_stop, step_start, step_admin_force_stop, step_sees_force_stop, step_destroy,
                      step_dashboard, step_notifications):
             began = time.monotonic()
             try:
