@@ -5,9 +5,10 @@ OpenClaw gateway from OPENCLAW_BIN, the real SMTP sink whose `mail.log` holds th
 and one headless Debian Chromium. The journey runs in ONE browser context: the session cookie the
 web app sets is what the proxy accepts for the real Control UI (no `slopbox session create`).
 
-Each page of the journey is one `step_*` function taking the page and the `Journey` state, so the
-pages not walked yet (Usage and Channels tabs, notifications, the admin panel as an admin) slot in as
-new steps; the places they go are marked `TODO(<page>)`.
+Each page of the journey is one `step_*` function taking the page and the `Journey` state: besides the
+lifecycle, the Usage and Channels tabs (a Telegram token against the real gateway), the notifications
+page from the bell, and the admin panel as an admin made with `slopbox user admin` (force stop from VMs,
+then the audit log) in a browser of its own.
 
 Screenshots of every main page: artifacts/web-journey-NN-<page>.png (ignored by git, kept by CI).
 """
@@ -91,6 +92,10 @@ class Journey:
     agent_id: str = ""
     user_id: str = ""
     wire: Wire = field(default_factory=Wire)
+    channel_token: str = ""
+    channel_op_url: str = ""  # the Channels tab following the ConnectChannel operation
+    admin_email: str = ""
+    admin_page: Any = None  # the admin's own browser (a context of its own), closed by the test
 
     async def shot(self, page: Any, name: str) -> None:
         if self.shots is not None:
@@ -230,8 +235,8 @@ async def step_onboarding_progress(page: Any, j: Journey) -> None:
 
 
 async def step_onboarding_channels_and_done(page: Any, j: Journey) -> None:
-    """Wizard steps 4 and 5: channels skipped; done offers "Open chat" and the dashboard.
-    TODO(channels): connect a Telegram token here and see it on the Channels tab."""
+    """Wizard steps 4 and 5: channels skipped (the Channels tab is walked later); done offers "Open chat"
+    and the dashboard."""
     from playwright.async_api import expect
 
     await j.shot(page, "onboarding-channels")
@@ -323,31 +328,41 @@ def telegram_token() -> str:
     return f"{secrets.randbelow(9 * 10**9) + 10**9}:AA{secrets.token_urlsafe(32)[:33]}"
 
 
-async def step_channels(page: Any, j: Journey) -> None:
-    """The Channels tab against the real gateway. A well-formed Telegram bot token is accepted by the
-    gateway (written into its config), but with no network to Telegram the bot never runs: after the
-    operation's wait for the channel (30 s) the page says "configured ... not yet connected". The token is
-    never written back into a page (only its last 4 characters, masked). Then the channel is removed."""
+async def step_channels_connect(page: Any, j: Journey) -> None:
+    """The Channels tab against the real gateway: a well-formed Telegram bot token is submitted. The
+    operation then waits up to 30 s for the bot to run (it never does: no network to Telegram here), so the
+    journey walks other pages meanwhile and `step_channels_outcome` comes back for the result."""
     from playwright.async_api import expect
 
     await page.get_by_role("navigation", name="Agent").get_by_role("link", name="Channels").click()
     assert page.url == j.agent_url + "/channels", page.url
     await expect(page.locator("#no-channels")).to_be_visible()
-    token = telegram_token()
+    j.channel_token = token = telegram_token()
     await page.locator("#add-telegram summary").click()
     await page.get_by_label("Bot token (from @BotFather)").fill(token)
     await page.get_by_role("button", name="Connect Telegram").click()
     assert re.fullmatch(re.escape(j.agent_url) + r"/channels\?op=\S+", page.url), page.url
+    j.channel_op_url = page.url
     await expect(page.locator("#operation")).to_contain_text("In progress: ConnectChannel")
+    await expect(page.locator("#telegram-bot_token")).to_have_value("")
     assert token not in await page.content()
     await j.shot(page, "channels-connecting")
+
+
+async def step_channels_outcome(page: Any, j: Journey) -> None:
+    """What the real gateway makes of it: it accepts the token (written into its config), but the bot never
+    runs, so after the operation's wait the page says "configured ... not yet connected", with no reason.
+    The token is never written back into a page (only its last 4 characters, masked). Then it is removed."""
+    from playwright.async_api import expect
+
+    token = j.channel_token
+    await page.goto(j.channel_op_url)
     await expect(page.locator("#operation")).to_have_text("Done: ConnectChannel succeeded.", timeout=LIFECYCLE_MS)
     row = page.locator('#channels tr[data-kind="telegram"]')
     await expect(row.get_by_role("cell").nth(1)).to_have_text("configured (the gateway accepted it; not yet connected)")
     await expect(row.locator(".reason")).to_have_count(0)
     await expect(row.get_by_role("cell").nth(2)).to_have_text("…" + token[-4:])
-    await expect(page.locator("#telegram-bot_token")).to_have_value("")
-    await page.reload()  # the whole page as served, not only the live fragment
+    await page.reload()  # the whole page as served once the operation ended, not only the live fragment
     await expect(row).to_be_visible()
     assert token not in await page.content() and token[:-4] not in await page.content()
     assert await j.gateway_config_has(token), "the token did not reach the gateway's config"
@@ -409,62 +424,68 @@ async def step_start(page: Any, j: Journey) -> None:
     await j.shot(page, "agent-started")
 
 
-async def step_admin_force_stop(page: Any, j: Journey) -> None:
+async def step_admin_log_in(page: Any, j: Journey) -> None:
     """An operator's admin: signed up through the web like anyone, made admin with `slopbox user admin`
-    (the same environment as `slopbox dev`), logged in in a browser of their own. They see the journey user
-    in Users, force-stop the running agent's VPS from VMs (confirmation -> operation page -> stopped), and
-    find it in the audit log."""
+    (the same environment as `slopbox dev`), logged in in a browser of their own; Users lists them as
+    admin and finds the journey user with their one agent."""
     from playwright.async_api import expect
 
-    admin = await signed_up(j.stack, page.context.browser, "admin")
+    browser = page.context.browser
+    j.admin_email = (admin := await signed_up(j.stack, browser, "admin")).email
     said = await j.stack.cli("user", "admin", "--email", admin.email)
     assert f"made admin: {admin.email}" in said, said
+    _context, adm = await new_page(browser)  # a fresh browser: the admin logs in with the password
+    j.admin_page = adm
+    await adm.goto(j.stack.web_url + "/login")
+    await adm.get_by_label("Email").fill(admin.email)
+    await adm.get_by_label("Password").fill(PASSWORD)
+    await adm.get_by_role("button", name="Log in").click()
+    await expect(adm.get_by_role("heading", name="Set up your agent")).to_be_visible()  # no agent of their own
+    await adm.goto(j.stack.web_url + "/admin")
+    await expect(adm.get_by_role("heading", name="Admin: users")).to_be_visible()
+    users = adm.locator("#users")
+    await expect(users.get_by_role("row").filter(has=adm.get_by_role("link", name=admin.email))).to_contain_text(
+        "admin")
+    await adm.get_by_role("searchbox", name="Search by email").fill(j.email)
+    await adm.get_by_role("button", name="Search").click()
+    row = users.get_by_role("row").filter(has=adm.get_by_role("link", name=j.email))
+    await expect(row).to_have_count(1)
+    await expect(users.get_by_role("row")).to_have_count(2)  # the header and the journey user only
+    await expect(row.get_by_role("cell").nth(2)).to_have_text("1")  # Email | Plan | Agents: one agent
+    await j.shot(adm, "admin-users")
+
+
+async def step_admin_force_stop(page: Any, j: Journey) -> None:
+    """The admin force-stops the journey user's running VPS from VMs (confirmation -> operation page ->
+    stopped) and finds it in the audit log."""
+    from playwright.async_api import expect
+
+    adm = j.admin_page
     vps_id = str((await j.agent())["vps"]["id"])
-    context, adm = await new_page(page.context.browser)  # a fresh browser: the admin logs in with the password
-    try:
-        await adm.goto(j.stack.web_url + "/login")
-        await adm.get_by_label("Email").fill(admin.email)
-        await adm.get_by_label("Password").fill(PASSWORD)
-        await adm.get_by_role("button", name="Log in").click()
-        await expect(adm.get_by_role("heading", name="Set up your agent")).to_be_visible()  # no agent of their own
-        await adm.goto(j.stack.web_url + "/admin")
-        await expect(adm.get_by_role("heading", name="Admin: users")).to_be_visible()
-        users = adm.locator("#users")
-        await expect(users.get_by_role("row").filter(has=adm.get_by_role("link", name=admin.email))).to_contain_text(
-            "admin")
-        await adm.get_by_role("searchbox", name="Search by email").fill(j.email)
-        await adm.get_by_role("button", name="Search").click()
-        row = users.get_by_role("row").filter(has=adm.get_by_role("link", name=j.email))
-        await expect(row).to_have_count(1)
-        await expect(users.get_by_role("row")).to_have_count(2)  # the header and the journey user only
-        await expect(row.get_by_role("cell").nth(2)).to_have_text("1")  # one agent
-        await j.shot(adm, "admin-users")
-        await adm.get_by_role("navigation", name="Admin sections").get_by_role("link", name="VMs").click()
-        await expect(adm.get_by_role("heading", name="Admin: VMs")).to_be_visible()
-        vm = adm.locator(f"#vps-{vps_id}")
-        await expect(vm).to_contain_text(j.email)
-        await expect(vm.locator(".state")).to_have_text("running")
-        await j.shot(adm, "admin-vms")
-        await vm.get_by_role("link", name="Force stop…").click()
-        await expect(adm.get_by_role("heading", name="Force stop this VPS?")).to_be_visible()
-        await expect(adm.locator(".card")).to_contain_text(f"VPS {vps_id} of {j.email}: running on local")
-        await j.shot(adm, "admin-force-stop-confirm")
-        await adm.get_by_role("button", name="Yes, force stop").click()
-        assert re.fullmatch(re.escape(j.stack.web_url) + r"/admin/operations/\S+", adm.url), adm.url
-        await expect(adm.locator("#op-status")).to_have_text("succeeded", timeout=LIFECYCLE_MS)
-        await j.shot(adm, "admin-operation")
-        await adm.get_by_role("link", name="Back to VMs").click()
-        await expect(adm.locator(f"#vps-{vps_id} .state")).to_have_text("stopped")
-        await expect(adm.locator(f"#vps-{vps_id}").get_by_role("link", name="Force stop…")).to_have_count(0)
-        await adm.get_by_role("navigation", name="Admin sections").get_by_role("link", name="Audit log").click()
-        await expect(adm.get_by_role("heading", name="Admin: audit log")).to_be_visible()
-        entry = adm.locator("#audit tbody tr").filter(has_text=vps_id)
-        await expect(entry).to_have_count(1)
-        await expect(entry.locator(".action")).to_have_text("vps.stop")
-        await expect(entry).to_contain_text(admin.email)
-        await j.shot(adm, "admin-audit")
-    finally:
-        await context.close()
+    await adm.get_by_role("navigation", name="Admin sections").get_by_role("link", name="VMs").click()
+    await expect(adm.get_by_role("heading", name="Admin: VMs")).to_be_visible()
+    vm = adm.locator(f"#vps-{vps_id}")
+    await expect(vm).to_contain_text(j.email)
+    await expect(vm.locator(".state")).to_have_text("running")
+    await j.shot(adm, "admin-vms")
+    await vm.get_by_role("link", name="Force stop…").click()
+    await expect(adm.get_by_role("heading", name="Force stop this VPS?")).to_be_visible()
+    await expect(adm.locator(".card")).to_contain_text(f"VPS {vps_id} of {j.email}: running on local")
+    await j.shot(adm, "admin-force-stop-confirm")
+    await adm.get_by_role("button", name="Yes, force stop").click()
+    assert re.fullmatch(re.escape(j.stack.web_url) + r"/admin/operations/\S+", adm.url), adm.url
+    await expect(adm.locator("#op-status")).to_have_text("succeeded", timeout=LIFECYCLE_MS)
+    await j.shot(adm, "admin-operation")
+    await adm.get_by_role("link", name="Back to VMs").click()
+    await expect(adm.locator(f"#vps-{vps_id} .state")).to_have_text("stopped")
+    await expect(adm.locator(f"#vps-{vps_id}").get_by_role("link", name="Force stop…")).to_have_count(0)
+    await adm.get_by_role("navigation", name="Admin sections").get_by_role("link", name="Audit log").click()
+    await expect(adm.get_by_role("heading", name="Admin: audit log")).to_be_visible()
+    entry = adm.locator("#audit tbody tr").filter(has_text=vps_id)
+    await expect(entry).to_have_count(1)
+    await expect(entry.locator(".action")).to_have_text("vps.stop")
+    await expect(entry).to_contain_text(j.admin_email)
+    await j.shot(adm, "admin-audit")
 
 
 async def step_sees_force_stop(page: Any, j: Journey) -> None:
@@ -507,8 +528,8 @@ async def step_dashboard(page: Any, j: Journey) -> None:
 
 async def step_notifications(page: Any, j: Journey) -> None:
     """The header's bell opens the notifications page. Nothing in this journey writes one (they come from
-    the hourly metering cycle: usage warnings, overage stops, delayed figures; an admin's force stop sends
-    none), so the honest page is the empty one: no count, no "Mark all as read"."""
+    the hourly metering cycle: usage warnings, overage stops, delayed figures), so the honest page is the
+    empty one: no count, no "Mark all as read"."""
     from playwright.async_api import expect
 
     bell = page.get_by_role("link", name="Notifications: 0 unread")
@@ -534,9 +555,11 @@ async def test_new_user_journey_from_landing_to_destroy(stack: DevStack, browser
     try:
         for step in (step_landing, step_sign_up, step_verify_by_mail, step_log_in, step_onboarding_name,
                      step_onboarding_plan, step_onboarding_progress, step_onboarding_channels_and_done,
-                     step_dashboard_to_agent, step_open_chat, step_usage, step_channels, step_change_personality,
-                     step_stop, step_start, step_admin_force_stop, step_sees_force_stop, step_destroy,
-                     step_dashboard, step_notifications):
+                     step_dashboard_to_agent, step_open_chat,
+                     # the other pages while ConnectChannel waits out the bot that cannot reach Telegram
+                     step_channels_connect, step_usage, step_notifications, step_admin_log_in,
+                     step_channels_outcome, step_change_personality, step_stop, step_start,
+                     step_admin_force_stop, step_sees_force_stop, step_destroy, step_dashboard):
             began = time.monotonic()
             try:
                 await step(page, journey)
@@ -547,6 +570,8 @@ async def test_new_user_journey_from_landing_to_destroy(stack: DevStack, browser
     finally:
         print("journey steps:", ", ".join(took))  # noqa: T201  (where the minutes go, in -s / CI logs)
         await context.close()
+        if journey.admin_page is not None:
+            await journey.admin_page.context.close()
     assert journey.shots is not None and len(journey.shots.taken) >= 20, journey.shots.taken
 
 
@@ -718,8 +743,8 @@ async def test_another_users_agent_is_not_found_in_the_web_app_nor_through_the_p
 
 async def test_admin_pages_are_refused_to_a_non_admin(stack: DevStack, browser: Any, stranger: Account,
                                                       demo_agent: dict[str, Any], refused_shots: Shots) -> None:
-    """The admin panel's pages and forms answer a signed-in non-admin with the 403 page.
-    TODO(admin journey): the demo admin printed by `slopbox dev` has no password; an admin step needs one."""
+    """The admin panel's pages and forms answer a signed-in non-admin with the 403 page (an admin's own walk
+    through them is in the journey: `step_admin_log_in`, `step_admin_force_stop`)."""
     from playwright.async_api import expect
 
     context, page = await new_page(browser, stranger.storage_state)
