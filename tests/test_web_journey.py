@@ -5,9 +5,10 @@ OpenClaw gateway from OPENCLAW_BIN, the real SMTP sink whose `mail.log` holds th
 and one headless Debian Chromium. The journey runs in ONE browser context: the session cookie the
 web app sets is what the proxy accepts for the real Control UI (no `slopbox session create`).
 
-Each page of the journey is one `step_*` function taking the page and the `Journey` state, so the
-pages not walked yet (Usage and Channels tabs, notifications, the admin panel as an admin) slot in as
-new steps; the places they go are marked `TODO(<page>)`.
+Each page of the journey is one `step_*` function taking the page and the `Journey` state: besides the
+lifecycle, the Usage and Channels tabs (a Telegram token against the real gateway), the notifications
+page from the bell, and the admin panel as an admin made with `slopbox user admin` (force stop from VMs,
+then the audit log) in a browser of its own.
 
 Screenshots of every main page: artifacts/web-journey-NN-<page>.png (ignored by git, kept by CI).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -90,6 +92,10 @@ class Journey:
     agent_id: str = ""
     user_id: str = ""
     wire: Wire = field(default_factory=Wire)
+    channel_token: str = ""
+    channel_op_url: str = ""  # the Channels tab following the ConnectChannel operation
+    admin_email: str = ""
+    admin_page: Any = None  # the admin's own browser (a context of its own), closed by the test
 
     async def shot(self, page: Any, name: str) -> None:
         if self.shots is not None:
@@ -105,12 +111,21 @@ class Journey:
 
     async def agent(self) -> dict[str, Any]:
         """GET /agents/{id} as its owner, with the printed API key."""
+        return await self.api_get(f"/agents/{self.agent_id}")  # type: ignore[no-any-return]
+
+    async def api_get(self, path: str) -> Any:
+        """GET `path` of the control-plane API as this user, with the printed API key."""
         if not self.user_id:
             self.user_id = await self.stack.user_id(self.email)
         async with self.stack.api(self.user_id) as api:
-            resp = await api.get(f"/agents/{self.agent_id}")
+            resp = await api.get(path)
             assert resp.status_code == 200, resp.text
-            return resp.json()  # type: ignore[no-any-return]
+            return resp.json()
+
+    async def gateway_config_has(self, text: str) -> bool:
+        """Whether the real gateway's own config file (openclaw.json in the agent's local VM) holds `text`."""
+        vm = self.stack.home / "data" / "vms" / str((await self.agent())["vps"]["id"])
+        return any(text in path.read_text(errors="replace") for path in vm.rglob("openclaw.json"))
 
     async def gateway_has_soul(self, text: str) -> bool:
         """Whether the agent's local VM (<data>/vms/<vps id>/, the real gateway's state) holds a SOUL.md
@@ -220,8 +235,8 @@ async def step_onboarding_progress(page: Any, j: Journey) -> None:
 
 
 async def step_onboarding_channels_and_done(page: Any, j: Journey) -> None:
-    """Wizard steps 4 and 5: channels skipped; done offers "Open chat" and the dashboard.
-    TODO(channels): connect a Telegram token here and see it on the Channels tab."""
+    """Wizard steps 4 and 5: channels skipped (the Channels tab is walked later); done offers "Open chat"
+    and the dashboard."""
     from playwright.async_api import expect
 
     await j.shot(page, "onboarding-channels")
@@ -277,6 +292,91 @@ async def step_open_chat(page: Any, j: Journey) -> None:
         await chat.close()
 
 
+async def step_usage(page: Any, j: Journey) -> None:
+    """The Usage tab of the running agent: this month against the plan's limits (the API's own figures,
+    formatted here independently of the web app), a meter and an SVG chart per resource. A minutes-old
+    agent's figures may be zero; its limits are the plan's."""
+    from playwright.async_api import expect
+
+    await page.get_by_role("navigation", name="Agent").get_by_role("link", name="Usage").click()
+    assert page.url == j.agent_url + "/usage", page.url
+    await expect(page.get_by_role("heading", name="Usage this month")).to_be_visible()
+    usage = await j.api_get(f"/agents/{j.agent_id}/usage")
+    await expect(page.get_by_text(f"From {usage['period_start']} to the end of the month.")).to_be_visible()
+    await expect(page.locator("#overage")).to_contain_text(
+        f"your overage budget: ${usage['budget_cents'] / 100:,.2f}")
+    limits = {key: int(figures["limit"]) for key, figures in usage["resources"].items()}
+    expected = {  # label -> (limit as shown, the chart's unit)
+        "Bandwidth (in + out)": (f"{limits['bandwidth_bytes'] / 2**30:.1f} GB", "MB"),
+        "CPU time": (f"{limits['cpu_ms'] / 3_600_000:,.1f} h", "CPU s"),
+        "Memory": (f"{limits['memory_mb_seconds'] / 1024 / 3600:,.2f} GB·h", "MB·h"),
+        "Storage": (f"{limits['storage_bytes'] / 2**30:.1f} GB", "MB"),
+    }
+    summary = page.locator("#usage-summary")
+    for label, (limit, unit) in expected.items():
+        row = summary.get_by_role("row").filter(has=page.get_by_role("rowheader", name=label, exact=True))
+        await expect(row.get_by_role("cell").nth(1)).to_have_text(limit)  # Used | Limit | This agent | Projected
+        await expect(row.locator("meter")).to_have_attribute("aria-label", re.compile(r"% of the limit$"))
+        chart = page.get_by_role("img", name=f"{label} per day this month, in {unit}", exact=True)
+        await expect(chart).to_have_count(1)
+    await expect(page.locator("svg[role=img]")).to_have_count(len(expected))
+    await j.shot(page, "usage")
+
+
+def telegram_token() -> str:
+    """A token of @BotFather's shape (bot id, colon, 35 characters); no network reaches Telegram here."""
+    return f"{secrets.randbelow(9 * 10**9) + 10**9}:AA{secrets.token_urlsafe(32)[:33]}"
+
+
+async def step_channels_connect(page: Any, j: Journey) -> None:
+    """The Channels tab against the real gateway: a well-formed Telegram bot token is submitted. The
+    operation then waits up to 30 s for the bot to run (it never does: no network to Telegram here), so the
+    journey walks other pages meanwhile and `step_channels_outcome` comes back for the result."""
+    from playwright.async_api import expect
+
+    await page.get_by_role("navigation", name="Agent").get_by_role("link", name="Channels").click()
+    assert page.url == j.agent_url + "/channels", page.url
+    await expect(page.locator("#no-channels")).to_be_visible()
+    j.channel_token = token = telegram_token()
+    await page.locator("#add-telegram summary").click()
+    await page.get_by_label("Bot token (from @BotFather)").fill(token)
+    await page.get_by_role("button", name="Connect Telegram").click()
+    assert re.fullmatch(re.escape(j.agent_url) + r"/channels\?op=\S+", page.url), page.url
+    j.channel_op_url = page.url
+    await expect(page.locator("#operation")).to_contain_text("In progress: ConnectChannel")
+    await expect(page.locator("#telegram-bot_token")).to_have_value("")
+    assert token not in await page.content()
+    await j.shot(page, "channels-connecting")
+
+
+async def step_channels_outcome(page: Any, j: Journey) -> None:
+    """What the real gateway makes of it: it accepts the token (written into its config), but the bot never
+    runs, so after the operation's wait the page says "configured ... not yet connected", with no reason.
+    The token is never written back into a page (only its last 4 characters, masked). Then it is removed."""
+    from playwright.async_api import expect
+
+    token = j.channel_token
+    await page.goto(j.channel_op_url)
+    await expect(page.locator("#operation")).to_have_text("Done: ConnectChannel succeeded.", timeout=LIFECYCLE_MS)
+    row = page.locator('#channels tr[data-kind="telegram"]')
+    await expect(row.get_by_role("cell").nth(1)).to_have_text("configured (the gateway accepted it; not yet connected)")
+    await expect(row.locator(".reason")).to_have_count(0)
+    await expect(row.get_by_role("cell").nth(2)).to_have_text("…" + token[-4:])
+    await page.reload()  # the whole page as served once the operation ended, not only the live fragment
+    await expect(row).to_be_visible()
+    assert token not in await page.content() and token[:-4] not in await page.content()
+    assert await j.gateway_config_has(token), "the token did not reach the gateway's config"
+    await j.shot(page, "channels-telegram")
+    await row.get_by_role("link", name="Remove…").click()
+    await expect(page.get_by_role("heading", name=f"Remove Telegram from {j.name}?")).to_be_visible()
+    await page.get_by_role("button", name="Yes, remove Telegram").click()
+    await expect(page.locator("#operation")).to_have_text("Done: DisconnectChannel succeeded.",
+                                                          timeout=LIFECYCLE_MS)
+    await expect(page.locator("#no-channels")).to_be_visible()
+    assert not await j.gateway_config_has(token), "the removed token is still in the gateway's config"
+    await j.shot(page, "channels-removed")
+
+
 async def step_change_personality(page: Any, j: Journey) -> None:
     """The Settings tab: a new SOUL.md, saved and pushed to the running gateway (PushConfig), followed live."""
     from playwright.async_api import expect
@@ -324,6 +424,81 @@ async def step_start(page: Any, j: Journey) -> None:
     await j.shot(page, "agent-started")
 
 
+async def step_admin_log_in(page: Any, j: Journey) -> None:
+    """An operator's admin: signed up through the web like anyone, made admin with `slopbox user admin`
+    (the same environment as `slopbox dev`), logged in in a browser of their own; Users lists them as
+    admin and finds the journey user with their one agent."""
+    from playwright.async_api import expect
+
+    browser = page.context.browser
+    j.admin_email = (admin := await signed_up(j.stack, browser, "admin")).email
+    said = await j.stack.cli("user", "admin", "--email", admin.email)
+    assert f"made admin: {admin.email}" in said, said
+    _context, adm = await new_page(browser)  # a fresh browser: the admin logs in with the password
+    j.admin_page = adm
+    await adm.goto(j.stack.web_url + "/login")
+    await adm.get_by_label("Email").fill(admin.email)
+    await adm.get_by_label("Password").fill(PASSWORD)
+    await adm.get_by_role("button", name="Log in").click()
+    await expect(adm.get_by_role("heading", name="Set up your agent")).to_be_visible()  # no agent of their own
+    await adm.goto(j.stack.web_url + "/admin")
+    await expect(adm.get_by_role("heading", name="Admin: users")).to_be_visible()
+    users = adm.locator("#users")
+    await expect(users.get_by_role("row").filter(has=adm.get_by_role("link", name=admin.email))).to_contain_text(
+        "admin")
+    await adm.get_by_role("searchbox", name="Search by email").fill(j.email)
+    await adm.get_by_role("button", name="Search").click()
+    row = users.get_by_role("row").filter(has=adm.get_by_role("link", name=j.email))
+    await expect(row).to_have_count(1)
+    await expect(users.get_by_role("row")).to_have_count(2)  # the header and the journey user only
+    await expect(row.get_by_role("cell").nth(2)).to_have_text("1")  # Email | Plan | Agents: one agent
+    await j.shot(adm, "admin-users")
+
+
+async def step_admin_force_stop(page: Any, j: Journey) -> None:
+    """The admin force-stops the journey user's running VPS from VMs (confirmation -> operation page ->
+    stopped) and finds it in the audit log."""
+    from playwright.async_api import expect
+
+    adm = j.admin_page
+    vps_id = str((await j.agent())["vps"]["id"])
+    await adm.get_by_role("navigation", name="Admin sections").get_by_role("link", name="VMs").click()
+    await expect(adm.get_by_role("heading", name="Admin: VMs")).to_be_visible()
+    vm = adm.locator(f"#vps-{vps_id}")
+    await expect(vm).to_contain_text(j.email)
+    await expect(vm.locator(".state")).to_have_text("running")
+    await j.shot(adm, "admin-vms")
+    await vm.get_by_role("link", name="Force stop…").click()
+    await expect(adm.get_by_role("heading", name="Force stop this VPS?")).to_be_visible()
+    await expect(adm.locator(".card")).to_contain_text(f"VPS {vps_id} of {j.email}: running on local")
+    await j.shot(adm, "admin-force-stop-confirm")
+    await adm.get_by_role("button", name="Yes, force stop").click()
+    assert re.fullmatch(re.escape(j.stack.web_url) + r"/admin/operations/\S+", adm.url), adm.url
+    await expect(adm.locator("#op-status")).to_have_text("succeeded", timeout=LIFECYCLE_MS)
+    await j.shot(adm, "admin-operation")
+    await adm.get_by_role("link", name="Back to VMs").click()
+    await expect(adm.locator(f"#vps-{vps_id} .state")).to_have_text("stopped")
+    await expect(adm.locator(f"#vps-{vps_id}").get_by_role("link", name="Force stop…")).to_have_count(0)
+    await adm.get_by_role("navigation", name="Admin sections").get_by_role("link", name="Audit log").click()
+    await expect(adm.get_by_role("heading", name="Admin: audit log")).to_be_visible()
+    entry = adm.locator("#audit tbody tr").filter(has_text=vps_id)
+    await expect(entry).to_have_count(1)
+    await expect(entry.locator(".action")).to_have_text("vps.stop")
+    await expect(entry).to_contain_text(j.admin_email)
+    await j.shot(adm, "admin-audit")
+
+
+async def step_sees_force_stop(page: Any, j: Journey) -> None:
+    """The journey user's Overview, reloaded: stopped by the admin, with Start offered again."""
+    from playwright.async_api import expect
+
+    await page.reload()
+    await expect(page.locator("#state")).to_have_text("stopped")
+    await expect(page.get_by_role("link", name="Open chat")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Start")).to_be_visible()
+    await j.shot(page, "agent-force-stopped")
+
+
 async def step_destroy(page: Any, j: Journey) -> None:
     """Destroy asks first (its own page), then the VPS goes; the agent stays, ready for a new VPS."""
     from playwright.async_api import expect
@@ -342,7 +517,6 @@ async def step_destroy(page: Any, j: Journey) -> None:
 
 
 async def step_dashboard(page: Any, j: Journey) -> None:
-    """TODO(notifications page): open the bell and see the list."""
     from playwright.async_api import expect
 
     await page.get_by_role("link", name="Dashboard", exact=True).click()
@@ -350,6 +524,26 @@ async def step_dashboard(page: Any, j: Journey) -> None:
     await expect(row).to_contain_text("destroyed")
     await expect(page.locator("#unread")).to_be_visible()
     await j.shot(page, "dashboard-destroyed")
+
+
+async def step_notifications(page: Any, j: Journey) -> None:
+    """The header's bell opens the notifications page. Nothing in this journey writes one (they come from
+    the hourly metering cycle: usage warnings, overage stops, delayed figures), so the honest page is the
+    empty one: no count, no "Mark all as read"."""
+    from playwright.async_api import expect
+
+    bell = page.get_by_role("link", name="Notifications: 0 unread")
+    await expect(bell).to_have_text("0")
+    await bell.click()
+    assert page.url == j.stack.web_url + "/notifications", page.url
+    await expect(page.get_by_role("heading", name="Notifications")).to_be_visible()
+    await expect(page.locator("#unread-count")).to_contain_text("0 unread of 0.")
+    await expect(page.locator("#no-notifications")).to_have_text(
+        "No notifications yet. Usage warnings and automatic stops will show up here and by email.")
+    await expect(page.get_by_role("button", name="Mark all as read")).to_have_count(0)
+    await page.get_by_role("link", name="Show only unread").click()
+    await expect(page.locator("#no-notifications")).to_have_text("No unread notifications.")
+    await j.shot(page, "notifications")
 
 
 async def test_new_user_journey_from_landing_to_destroy(stack: DevStack, browser: Any) -> None:
@@ -361,8 +555,11 @@ async def test_new_user_journey_from_landing_to_destroy(stack: DevStack, browser
     try:
         for step in (step_landing, step_sign_up, step_verify_by_mail, step_log_in, step_onboarding_name,
                      step_onboarding_plan, step_onboarding_progress, step_onboarding_channels_and_done,
-                     step_dashboard_to_agent, step_open_chat, step_change_personality, step_stop, step_start,
-                     step_destroy, step_dashboard):
+                     step_dashboard_to_agent, step_open_chat,
+                     # the other pages while ConnectChannel waits out the bot that cannot reach Telegram
+                     step_channels_connect, step_usage, step_notifications, step_admin_log_in,
+                     step_channels_outcome, step_change_personality, step_stop, step_start,
+                     step_admin_force_stop, step_sees_force_stop, step_destroy, step_dashboard):
             began = time.monotonic()
             try:
                 await step(page, journey)
@@ -373,6 +570,8 @@ async def test_new_user_journey_from_landing_to_destroy(stack: DevStack, browser
     finally:
         print("journey steps:", ", ".join(took))  # noqa: T201  (where the minutes go, in -s / CI logs)
         await context.close()
+        if journey.admin_page is not None:
+            await journey.admin_page.context.close()
     assert journey.shots is not None and len(journey.shots.taken) >= 20, journey.shots.taken
 
 
@@ -544,8 +743,8 @@ async def test_another_users_agent_is_not_found_in_the_web_app_nor_through_the_p
 
 async def test_admin_pages_are_refused_to_a_non_admin(stack: DevStack, browser: Any, stranger: Account,
                                                       demo_agent: dict[str, Any], refused_shots: Shots) -> None:
-    """The admin panel's pages and forms answer a signed-in non-admin with the 403 page.
-    TODO(admin journey): the demo admin printed by `slopbox dev` has no password; an admin step needs one."""
+    """The admin panel's pages and forms answer a signed-in non-admin with the 403 page (an admin's own walk
+    through them is in the journey: `step_admin_log_in`, `step_admin_force_stop`)."""
     from playwright.async_api import expect
 
     context, page = await new_page(browser, stranger.storage_state)

@@ -6,6 +6,8 @@ reads every URL and secret from what it printed, exactly as a person would: the 
 the proxy, the demo admin's id, the API key and the mail sink's log. The local VPSes run the real
 OpenClaw gateway (OPENCLAW_BIN).
 
+`DevStack.cli` runs other `slopbox` commands (e.g. `user admin`) with the same environment.
+
 Also here: `verification_link`, which reads the sign-up mail from the sink's `mail.log`, and
 `Shots`, the numbered screenshots (artifacts/web-journey-NN-<page>.png, kept by CI).
 """
@@ -60,6 +62,7 @@ class DevStack:
     demo_user_id: str = ""
     api_key: str = ""
     mail_log: Path = field(default_factory=Path)
+    env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     async def start(cls, extra_env: dict[str, str] | None = None) -> DevStack:
@@ -71,7 +74,7 @@ class DevStack:
         with out_path.open("w") as out_file:
             proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", "dev", cwd=ROOT, env=env,
                                                         stdout=out_file, stderr=asyncio.subprocess.STDOUT)
-        stack = cls(proc=proc, home=home, out_path=out_path, ports=ports)
+        stack = cls(proc=proc, home=home, out_path=out_path, ports=ports, env=env)
         try:
             out = await stack.wait_printed("Slopbox is up.", START_TIMEOUT_S)
             stack.web_url = _printed(out, "Web app")
@@ -94,6 +97,16 @@ class DevStack:
             assert time.monotonic() < deadline, f"`slopbox dev` did not print {text!r} in {timeout:g} s:\n{out}"
             await asyncio.sleep(0.3)
         return out
+
+    async def cli(self, *args: str) -> str:
+        """`slopbox <args>` as an operator runs it beside `make run`: the same environment as `slopbox dev`
+        (so the same embedded PostgreSQL); its output, asserted to exit 0."""
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", *args, cwd=ROOT, env=self.env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        text = out.decode(errors="replace")
+        assert proc.returncode == 0, f"`slopbox {' '.join(args)}` exited with {proc.returncode}:\n{text}"
+        return text
 
     def output(self) -> str:
         return self.out_path.read_text()
