@@ -7,7 +7,6 @@ every form is sent as a browser would, with the CSRF token of the page that show
 # ruff: noqa: F811  (the `web` and `cleanup_plans` fixtures are imported, then named as parameters)
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -16,15 +15,12 @@ from contextlib import asynccontextmanager
 import httpx
 import psycopg
 import pytest
-import uvicorn
 
-from tests.conftest import free_port
 from tests.helpers import headers, make_user
 from tests.test_admin_api import add_usage, cleanup_plans, make_admin  # noqa: F401  (the fixture)
 from tests.test_web_app import Web, csrf_of, post_form, wait_for, web  # noqa: F401  (the fixture)
-from tests.test_web_browser import _MISSING, ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, STEP_MS
+from tests.web_browser_harness import ARTIFACTS, MISSING, STEP_MS, chromium_on_web
 from web import auth
-from web.app import create_app as create_web
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -355,10 +351,10 @@ async def test_admin_forms_need_the_csrf_token(web: Web, sql: psycopg.Connection
     assert plan_row(sql, "team") is None
 
 
-@pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 async def test_admin_pages_in_the_browser(web: Web, sql: psycopg.Connection, cleanup_plans: None) -> None:
     """An admin in Chromium: users (exempting one), VMs, a plan created through its form, usage, audit log."""
-    from playwright.async_api import async_playwright, expect
+    from playwright.async_api import expect
 
     owner = make_user(sql, plan="starter", email=f"heavy-{uuid.uuid4().hex[:6]}@example.com")
     add_usage(sql, owner, "local", (3 * 2**30, 2**30, 7_200_000, 3_600_000, 5 * 2**30))
@@ -367,55 +363,40 @@ async def test_admin_pages_in_the_browser(web: Web, sql: psycopg.Connection, cle
     token = str(uuid.uuid4())
     sql.execute('INSERT INTO sessions ("sessionToken", "userId", expires) VALUES (%s, %s, now() + interval \'1 day\')',
                 (token, admin))
-    port = free_port()
-    settings = web.settings.model_copy(update={"web_port": port, "web_public_url": f"http://127.0.0.1:{port}"})
-    app = create_web(settings, api_transport=httpx.ASGITransport(app=web.api))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
-    serving = asyncio.create_task(server.serve())
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        await wait_for("the web app to listen", lambda: asyncio.sleep(0, server.started), 60)
-        async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                context = await browser.new_context()
-                await context.add_cookies([{"name": auth.PLAIN_COOKIE, "value": token, "url": settings.web_url}])
-                page = await context.new_page()
-                page.set_default_timeout(STEP_MS)
-                await page.goto(settings.web_url + "/dashboard")
-                await page.get_by_role("link", name="Admin", exact=True).click()
-                await expect(page.get_by_role("heading", name="Admin: users")).to_be_visible()
-                await page.get_by_label("Search by email").fill("heavy-")
-                await page.get_by_role("button", name="Search").click()
-                await expect(page.locator("#users tbody tr")).to_have_count(1)
-                await page.screenshot(path=ARTIFACTS / "web-admin-users.png", full_page=True)
-                await page.locator("#users").get_by_role("link").first.click()
-                await page.get_by_role("button", name="Exempt from overage enforcement").click()
-                await expect(page.locator("#exempt")).to_have_text("exempt")
-                await page.screenshot(path=ARTIFACTS / "web-admin-user.png", full_page=True)
+    async with chromium_on_web(web) as (settings, browser):
+        context = await browser.new_context()
+        await context.add_cookies([{"name": auth.PLAIN_COOKIE, "value": token, "url": settings.web_url}])
+        page = await context.new_page()
+        page.set_default_timeout(STEP_MS)
+        await page.goto(settings.web_url + "/dashboard")
+        await page.get_by_role("link", name="Admin", exact=True).click()
+        await expect(page.get_by_role("heading", name="Admin: users")).to_be_visible()
+        await page.get_by_label("Search by email").fill("heavy-")
+        await page.get_by_role("button", name="Search").click()
+        await expect(page.locator("#users tbody tr")).to_have_count(1)
+        await page.screenshot(path=ARTIFACTS / "web-admin-users.png", full_page=True)
+        await page.locator("#users").get_by_role("link").first.click()
+        await page.get_by_role("button", name="Exempt from overage enforcement").click()
+        await expect(page.locator("#exempt")).to_have_text("exempt")
+        await page.screenshot(path=ARTIFACTS / "web-admin-user.png", full_page=True)
 
-                await page.get_by_role("link", name="VMs").click()
-                await expect(page.locator("#vms tbody tr")).to_have_count(2)
-                await page.screenshot(path=ARTIFACTS / "web-admin-vms.png", full_page=True)
+        await page.get_by_role("link", name="VMs").click()
+        await expect(page.locator("#vms tbody tr")).to_have_count(2)
+        await page.screenshot(path=ARTIFACTS / "web-admin-vms.png", full_page=True)
 
-                await page.get_by_role("link", name="Plans and VPS configs").click()
-                await page.get_by_role("link", name="New plan").click()
-                for field, value in PLAN_FORM.items():
-                    await page.locator(f"#{field}").fill(value)
-                await page.get_by_label("local-small (local)").check()
-                await page.get_by_role("button", name="Create plan").click()
-                await expect(page.locator("#plan-team")).to_contain_text("$49.00/mo")
-                await page.screenshot(path=ARTIFACTS / "web-admin-plans.png", full_page=True)
+        await page.get_by_role("link", name="Plans and VPS configs").click()
+        await page.get_by_role("link", name="New plan").click()
+        for field, value in PLAN_FORM.items():
+            await page.locator(f"#{field}").fill(value)
+        await page.get_by_label("local-small (local)").check()
+        await page.get_by_role("button", name="Create plan").click()
+        await expect(page.locator("#plan-team")).to_contain_text("$49.00/mo")
+        await page.screenshot(path=ARTIFACTS / "web-admin-plans.png", full_page=True)
 
-                await page.get_by_role("link", name="Usage").click()
-                await expect(page.locator("#usage-vpses")).to_have_text("2")
-                await page.screenshot(path=ARTIFACTS / "web-admin-usage.png", full_page=True)
+        await page.get_by_role("link", name="Usage").click()
+        await expect(page.locator("#usage-vpses")).to_have_text("2")
+        await page.screenshot(path=ARTIFACTS / "web-admin-usage.png", full_page=True)
 
-                await page.get_by_role("link", name="Audit log").click()
-                await expect(page.locator("#audit td.action")).to_have_text(["plan.create", "user.usage_exempt"])
-                await page.screenshot(path=ARTIFACTS / "web-admin-audit.png", full_page=True)
-            finally:
-                await browser.close()
-    finally:
-        server.should_exit = True
-        await serving
+        await page.get_by_role("link", name="Audit log").click()
+        await expect(page.locator("#audit td.action")).to_have_text(["plan.create", "user.usage_exempt"])
+        await page.screenshot(path=ARTIFACTS / "web-admin-audit.png", full_page=True)

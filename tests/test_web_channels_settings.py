@@ -4,7 +4,6 @@ keeps screenshots of both tabs in artifacts/."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import struct
@@ -16,16 +15,13 @@ import httpx
 import psycopg
 import pytest
 import pytest_asyncio
-import uvicorn
 
 from db.encryption import keyring
 from gateway_simulator.qr import _modules, qr_data_url
-from tests.conftest import free_port
 from tests.helpers import headers, make_user
 from tests.test_web_app import PASSWORD, Web, csrf_of, log_in, post_form, wait_for, web  # noqa: F401  (its fixture)
-from tests.test_web_browser import _MISSING, ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, STEP_MS
+from tests.web_browser_harness import ARTIFACTS, MISSING, STEP_MS, chromium_on_web
 from web import auth
-from web.app import create_app as create_web
 from web.qr_svg import dark_pixels, modules, png_bytes, qr_svg
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -359,60 +355,45 @@ async def test_qr_png_is_redrawn_module_for_module() -> None:
 
 # --- in Chromium -------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 async def test_channels_and_settings_tabs_in_the_browser(site: Web, sql: psycopg.Connection,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from playwright.async_api import async_playwright, expect
+    from playwright.async_api import expect
 
     monkeypatch.setenv("SLOPBOX_SIM_WHATSAPP", "1")
     user, email = web_user(sql)
     agent = await running_agent(site, user)
-    port = free_port()
-    settings = site.settings.model_copy(update={"web_port": port, "web_public_url": f"http://127.0.0.1:{port}"})
-    app = create_web(settings, api_transport=httpx.ASGITransport(app=site.api))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
-    serving = asyncio.create_task(server.serve())
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        await wait_for("the web app to listen", lambda: asyncio.sleep(0, server.started), 60)
-        async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = await (await browser.new_context()).new_page()
-                page.set_default_timeout(STEP_MS)
-                await page.goto(settings.web_url + "/login")
-                await page.get_by_label("Email").fill(email)
-                await page.get_by_label("Password").fill(PASSWORD)
-                await page.get_by_role("button", name="Log in").click()
-                await page.goto(f"{settings.web_url}/agents/{agent}/channels")
+    async with chromium_on_web(site) as (settings, browser):
+        page = await (await browser.new_context()).new_page()
+        page.set_default_timeout(STEP_MS)
+        await page.goto(settings.web_url + "/login")
+        await page.get_by_label("Email").fill(email)
+        await page.get_by_label("Password").fill(PASSWORD)
+        await page.get_by_role("button", name="Log in").click()
+        await page.goto(f"{settings.web_url}/agents/{agent}/channels")
 
-                await page.get_by_text("Telegram", exact=True).click()
-                await page.get_by_label("Bot token (from @BotFather)").fill(TELEGRAM)
-                await page.get_by_role("button", name="Connect Telegram").click()
-                await expect(page.locator("#operation")).to_contain_text("ConnectChannel succeeded", timeout=STEP_MS)
-                await expect(page.locator("#channels")).to_contain_text("configured", timeout=STEP_MS)
-                await page.screenshot(path=ARTIFACTS / "web-channels.png", full_page=True)
+        await page.get_by_text("Telegram", exact=True).click()
+        await page.get_by_label("Bot token (from @BotFather)").fill(TELEGRAM)
+        await page.get_by_role("button", name="Connect Telegram").click()
+        await expect(page.locator("#operation")).to_contain_text("ConnectChannel succeeded", timeout=STEP_MS)
+        await expect(page.locator("#channels")).to_contain_text("configured", timeout=STEP_MS)
+        await page.screenshot(path=ARTIFACTS / "web-channels.png", full_page=True)
 
-                await page.get_by_role("button", name="Start WhatsApp pairing").click()
-                qr = page.locator("#wa-qr svg")
-                await expect(qr).to_be_visible(timeout=STEP_MS)  # arrived through the page's polling, not a reload
-                await page.screenshot(path=ARTIFACTS / "web-whatsapp-qr.png", full_page=True)
-                await scan(sql, agent)
-                await expect(page.locator("#wa-state")).to_contain_text("WhatsApp is paired.", timeout=STEP_MS)
+        await page.get_by_role("button", name="Start WhatsApp pairing").click()
+        qr = page.locator("#wa-qr svg")
+        await expect(qr).to_be_visible(timeout=STEP_MS)  # arrived through the page's polling, not a reload
+        await page.screenshot(path=ARTIFACTS / "web-whatsapp-qr.png", full_page=True)
+        await scan(sql, agent)
+        await expect(page.locator("#wa-state")).to_contain_text("WhatsApp is paired.", timeout=STEP_MS)
 
-                await page.get_by_role("link", name="Settings").click()
-                await page.get_by_label("SOUL.md").fill("Answer like a pirate.")
-                await page.get_by_role("button", name="Save personality and model").click()
-                await expect(page.locator("#operation")).to_contain_text("the agent now runs with these settings",
-                                                                         timeout=STEP_MS)
-                await page.get_by_label("Monthly overage budget in US dollars").fill("7.5")
-                await page.get_by_role("button", name="Save budget").click()
-                await expect(page.locator("#notice")).to_contain_text("Overage budget saved.", timeout=STEP_MS)
-                await page.screenshot(path=ARTIFACTS / "web-settings.png", full_page=True)
-            finally:
-                await browser.close()
-    finally:
-        server.should_exit = True
-        await serving
+        await page.get_by_role("link", name="Settings").click()
+        await page.get_by_label("SOUL.md").fill("Answer like a pirate.")
+        await page.get_by_role("button", name="Save personality and model").click()
+        await expect(page.locator("#operation")).to_contain_text("the agent now runs with these settings",
+                                                                 timeout=STEP_MS)
+        await page.get_by_label("Monthly overage budget in US dollars").fill("7.5")
+        await page.get_by_role("button", name="Save budget").click()
+        await expect(page.locator("#notice")).to_contain_text("Overage budget saved.", timeout=STEP_MS)
+        await page.screenshot(path=ARTIFACTS / "web-settings.png", full_page=True)
     saved = (await site.stack.api.get(f"/agents/{agent}/settings", headers=headers(user))).json()
     assert saved["files"]["SOUL.md"] == "Answer like a pirate."

@@ -14,7 +14,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from web.api_client import ApiError, ControlPlane
 from web.charts import bar_chart
-from web.pages import PageError, ctx, form, human_bytes, log, readable, render, require_user, unread
+from web.operations import agent_or_404
+from web.pages import ctx, form, human_bytes, log, readable, render, require_user, unread
 from web.presets import PRESETS
 
 router = APIRouter()
@@ -62,13 +63,6 @@ async def provision(api: ControlPlane, agent_id: str) -> str | None:
         return readable(err)
     return None
 
-async def agent_or_404(api: ControlPlane, agent_id: uuid.UUID) -> dict[str, Any]:
-    try:
-        return await api.get(f"/agents/{agent_id}")  # type: ignore[no-any-return]
-    except ApiError as err:
-        if err.status == 404:
-            raise PageError(404, "Agent not found", "There is no such agent in your account.") from None
-        raise
 
 @router.get("/agents/{agent_id}", response_class=HTMLResponse)
 async def agent_page(request: Request, agent_id: uuid.UUID, notice: str = "") -> Response:
