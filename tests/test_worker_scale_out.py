@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import psycopg
 import pytest
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
 from settings import Settings
@@ -40,6 +43,16 @@ async def _activity_workers(client: Client, workflow_id: str) -> set[str]:
     return seen
 
 
+async def _wait_pollers(client: Client, task_queue: str, count: int) -> None:
+    """Until `count` workers poll the queue for activities: a worker still starting takes no work."""
+    request = DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=task_queue),
+                                       task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY)
+    deadline = time.monotonic() + 60
+    while len((await client.workflow_service.describe_task_queue(request)).pollers) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} workers poll {task_queue}"
+        await asyncio.sleep(0.2)
+
+
 async def test_two_workers_share_provisions_and_survive_losing_one(settings: Settings, temporal_client: Client,
                                                                    db: str, sql: psycopg.Connection,
                                                                    tmp_path: Path) -> None:
@@ -51,6 +64,7 @@ async def test_two_workers_share_provisions_and_survive_losing_one(settings: Set
             stack = await exits.enter_async_context(running_stack(s, temporal_client, timeouts=TIMEOUTS,
                                                                   worker=False))
             workers = [start_worker(s, tmp_path / f"worker{i}.log") for i in (1, 2)]
+            await _wait_pollers(temporal_client, s.temporal_task_queue, 2)
             users = [make_user(sql) for _ in range(AGENTS)]
             agents = [await stack.new_agent(u, f"scale-{i}") for i, u in enumerate(users)]
             accepted = [await stack.provision(u, a) for u, a in zip(users, agents, strict=True)]
