@@ -126,6 +126,10 @@ async def test_admin_force_stops_and_destroys_another_users_vps(stack: Stack, sq
     assert followed["status"] == "succeeded" and followed["kind"] == "stop"
     owners_view = await stack.api.get(f"/agents/{agent}/operations/{stop['operation_id']}", headers=headers(owner))
     assert owners_view.status_code == 200
+    # The owner is told, once, in the app (and by email through the outbox).
+    told = (await stack.api.get("/users/me/notifications", headers=headers(owner))).json()
+    assert [n["title"] for n in told["items"]] == ["An administrator stopped your agent molty"], told
+    assert told["unread_count"] == 1
 
     # Metrics: the submit is counted by the API, the outcome by the worker's finish activity.
     after = await scrape(stack)
@@ -144,6 +148,9 @@ async def test_admin_force_stops_and_destroys_another_users_vps(stack: Stack, sq
     destroy = resp.json()
     assert destroy["operation"] == "DestroyVps"
     assert (await stack.wait_vps(owner, agent, "destroyed"))["state"] == "destroyed"
+    told = (await stack.api.get("/users/me/notifications", headers=headers(owner))).json()
+    assert [n["title"] for n in told["items"]][0] == "An administrator destroyed your agent molty", told
+    assert told["unread_count"] == 2
     assert [(r[0], r[2]) for r in audit_rows(sql, vps_id)] == [("vps.stop", stop["operation_id"]),
                                                                ("vps.destroy", destroy["operation_id"])]
     done = await stack.api.delete(f"/admin/vpses/{vps_id}", headers=headers(admin))

@@ -64,6 +64,7 @@ from db.models import (
     VpsState,
     VpsUsagePeriod,
 )
+from notifications.store import notify_user
 from workflows.contracts import OperationKind
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -248,6 +249,17 @@ async def _force(request: Request, session: AsyncSession, admin: User, vps_id: u
                   state=vps.state)
     operation_id = operation_id_for(kind.value, vps.id, admin, None)
     done = await submit(request, session, owner, agent, vps, kind, operation_id, audit=entry)
+    if done.new:  # the owner is told, in the app and by email: an agent that stops by itself is a support ticket
+        stopped = kind == OperationKind.stop
+        await notify_user(
+            session, owner.id, kind="info", severity="warning",  # type: ignore[arg-type]
+            title=f"An administrator {'stopped' if stopped else 'destroyed'} your agent {agent.name}",
+            body=("You can start it again from its page." if stopped else
+                  "Its VM and the data on it are deleted; the agent itself is kept, and you can create a new VPS "
+                  "for it from its page."),
+            dedupe_key=f"admin-{kind.value}:{done.operation_id}",
+            data={"agent_id": str(agent.id), "vps_id": str(vps.id), "operation_id": done.operation_id})
+        await session.commit()
     url = f"/admin/operations/{done.operation_id}"
     name = WORKFLOW_NAME[OperationKind(done.operation)]
     body = AdminOperationAccepted(operation_id=done.operation_id, operation=name,
