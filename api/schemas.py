@@ -584,6 +584,8 @@ class ResourceUsage(BaseModel):
     projected: int = Field(description="`used` extrapolated linearly to the end of the month")
     over_limit: bool
     agent_used: int = Field(description="This agent's VPS's share of `used`")
+    used_in: int | None = Field(default=None, description="Bandwidth only: the inbound part of `used`")
+    used_out: int | None = Field(default=None, description="Bandwidth only: the outbound part of `used`")
 
 
 class UsageResources(BaseModel):

@@ -71,6 +71,7 @@ async def test_usage_against_the_plan(api: httpx.AsyncClient, temporal_client: C
     assert cpu["limit"] == 600_000 and cpu["over_limit"] is True and cpu["projected"] >= cpu["used"]
     bw = body["resources"]["bandwidth_bytes"]
     assert bw["used"] == 2 * 3000 * 3600 and bw["over_limit"] is False
+    assert bw["used_in"] + bw["used_out"] == bw["used"] and body["resources"]["cpu_ms"]["used_in"] is None
     assert body["resources"]["memory_mb_seconds"]["used"] == 2 * 4096 * 3600
     assert body["budget_cents"] == 500 and body["period_start"] == month_of(now).isoformat()
     plan = Plan(name="t", display_name="t", max_agents=3, max_vpses=3, max_bandwidth_bytes=GIB,

@@ -242,7 +242,9 @@ async def test_usage_tab(web: Web, sql: psycopg.Connection) -> None:
                     (vps, period, 2 * gib, gib, 7_200_000, 1024 * 3600 * 5, 3 * gib))
         sql.execute("INSERT INTO vps_usage_daily (vps_id, day, bandwidth_in_bytes, bandwidth_out_bytes, cpu_ms,"
                     " memory_mb_seconds, storage_bytes) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    (vps, now.date(), 2 * gib, gib, 7_200_000, 1024 * 3600 * 5, 3 * gib))
+                    # The proxy's bytes are in the month's totals, not in the daily series: the page's
+                    # in/out split is the month's, not the days' sum.
+                    (vps, now.date(), gib, gib, 7_200_000, 1024 * 3600 * 5, 3 * gib))
         page = await b.get(f"/agents/{agent_id}/usage")
     assert page.status_code == 200 and 'id="usage-empty"' not in page.text
     text = page.text

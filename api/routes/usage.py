@@ -18,7 +18,8 @@ from metering.periods import epoch, month_of, next_month
 router = APIRouter(prefix="/agents/{agent_id}", tags=["agents"])
 
 _TOTALS = text("""
-    SELECT u.vps_id, u.bandwidth_in_bytes + u.bandwidth_out_bytes, u.cpu_ms, u.memory_mb_seconds, u.storage_bytes
+    SELECT u.vps_id, u.bandwidth_in_bytes + u.bandwidth_out_bytes, u.cpu_ms, u.memory_mb_seconds, u.storage_bytes,
+           u.bandwidth_in_bytes, u.bandwidth_out_bytes
     FROM vps_usage_periods u JOIN vpses v ON v.id = u.vps_id
     WHERE v.user_id = :user AND u.period_start = :period
 """)
@@ -49,7 +50,7 @@ async def agent_usage(agent_id: uuid.UUID, session: SessionDep, user: CurrentUse
     end = next_month(period)
     params = {"user": user.id, "period": period}
     rows = (await session.exec(_TOTALS, params=params)).all()  # type: ignore[call-overload]
-    used = [sum(int(r[i]) for r in rows) for i in range(1, 5)]
+    used = [sum(int(r[i]) for r in rows) for i in range(1, 7)]
     mine = [sum(int(r[i]) for r in rows if r[0] == agent.vps_id) for i in range(1, 5)]
     budget = (await session.exec(_BUDGET, params=params)).first()  # type: ignore[call-overload]
     budget_cents = int(budget[0]) if budget else 0
@@ -70,7 +71,9 @@ async def agent_usage(agent_id: uuid.UUID, session: SessionDep, user: CurrentUse
     return UsageOut(
         period_start=period, period_end=end, as_of=now,
         collected_until=marks[0] if marks else None, stale=bool(marks[1]) if marks else False,
-        resources=UsageResources(bandwidth_bytes=resource(0), cpu_ms=resource(1), memory_mb_seconds=resource(2),
+        resources=UsageResources(bandwidth_bytes=resource(0).model_copy(update={"used_in": used[4],
+                                                                                 "used_out": used[5]}),
+                                 cpu_ms=resource(1), memory_mb_seconds=resource(2),
                                  storage_bytes=resource(3)),
         overage_cost_cents=cost(used), projected_overage_cost_cents=cost(projected), budget_cents=budget_cents,
         daily=[UsageDay(day=d[0], bandwidth_bytes=int(d[1]), cpu_ms=int(d[2]), memory_mb_seconds=int(d[3]),

@@ -148,8 +148,9 @@ async def usage_page(request: Request, agent_id: uuid.UUID) -> Response:
                                f"{label} per day this month, in {unit}", unit),
             "columns": [label], "table": [(d["day"], [fmt(int(d[key]))]) for d in days], "split": None,
         })
-        if key == "bandwidth_bytes":  # in and out apart, from the daily series (it adds up to the month)
-            ins, outs = (sum(int(d.get(k, 0)) for d in days) for k in ("bandwidth_in_bytes", "bandwidth_out_bytes"))
+        if key == "bandwidth_bytes":  # in and out apart: the month's from its totals (the proxy's bytes are
+            # counted there as it carries them), each day's from the daily series
+            ins, outs = int(figures.get("used_in") or 0), int(figures.get("used_out") or 0)
             rows[-1].update(split=(fmt(ins), fmt(outs)), columns=["In", "Out", "In + out"], table=[
                 (d["day"], [fmt(int(d.get("bandwidth_in_bytes", 0))), fmt(int(d.get("bandwidth_out_bytes", 0))),
                             fmt(int(d[key]))]) for d in days])
