@@ -110,6 +110,14 @@ def _two_free_ports() -> int:
     raise AssertionError("no two adjacent free ports")
 
 
+def _gone(pid: int) -> bool:
+    """Dead: reaped, or a zombie (its sockets are closed either way)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def _children(pid: int) -> set[int]:
     out: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -189,11 +197,18 @@ async def test_two_processes_share_the_limit_and_a_dead_worker_is_replaced(
             before = _children(proc.pid)
             victim = min(before)
             os.kill(victim, signal.SIGKILL)
+            # Connections the victim held or had queued die with it (reset): that is what losing a
+            # process means. New connections, once it is gone, all land on a live worker.
+            for _ in range(100):
+                if _gone(victim):
+                    break
+                await asyncio.sleep(0.1)
             for _ in range(200):
                 now = _children(proc.pid)
                 if len(now) == 2 and victim not in now:
                     break
-                async with http.get(f"http://127.0.0.1:{port}/healthz") as health:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh_http, \
+                        fresh_http.get(f"http://127.0.0.1:{port}/healthz") as health:
                     assert health.status == 200
                 await asyncio.sleep(0.1)
             else:
