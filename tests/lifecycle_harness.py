@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities.agent_ops import AgentActivities as VpsActivities
@@ -66,6 +67,27 @@ class Stack:
                 return vps
             await asyncio.sleep(0.1)
         raise AssertionError(f"VPS never reached {states}; last seen {vps}")
+
+
+async def operation_handle(client: Client, operation_id: str, timeout: float = 60) -> WorkflowHandle[Any, Any]:
+    """The operation's run, once it exists: a 202 means the VPS's entity accepted the operation, and
+    the entity starts the operation's child run a moment later (until then Temporal says NOT_FOUND)."""
+    handle = client.get_workflow_handle(operation_id)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await handle.describe()
+            return handle
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def operation_outcome(client: Client, operation_id: str) -> dict[str, Any]:
+    """The operation's result (its status and error), as a dict."""
+    result = await (await operation_handle(client, operation_id)).result()
+    return result if isinstance(result, dict) else result.model_dump()  # type: ignore[no-any-return]
 
 
 @asynccontextmanager

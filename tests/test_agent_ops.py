@@ -16,7 +16,7 @@ from temporalio.client import Client
 
 from settings import Settings
 from tests.helpers import headers, make_user
-from tests.lifecycle_harness import Stack, running_stack
+from tests.lifecycle_harness import Stack, operation_outcome, running_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 TELEGRAM = "123456789:AAH" + "x" * 32
@@ -42,8 +42,7 @@ def state_dir(stack: Stack, vps: dict[str, Any]) -> Any:
 
 
 async def operation_result(stack: Stack, operation_id: str) -> dict[str, Any]:
-    result = await stack.client.get_workflow_handle(operation_id).result()
-    return result if isinstance(result, dict) else result.model_dump()  # type: ignore[no-any-return]
+    return await operation_outcome(stack.client, operation_id)
 
 
 async def test_settings_are_pushed_to_the_running_gateway(stack: Stack, sql: psycopg.Connection) -> None:

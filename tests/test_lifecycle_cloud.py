@@ -22,7 +22,7 @@ from tests.conftest import free_port
 from tests.fakes.fly_api import FakeFly
 from tests.fakes.hetzner_api import FakeHetzner
 from tests.helpers import headers, make_user
-from tests.lifecycle_harness import FAST, running_stack
+from tests.lifecycle_harness import FAST, operation_handle, running_stack
 from tests.proxy_harness import add_session, running_proxy
 from workflows.contracts import LifecycleTimeouts
 
@@ -344,7 +344,7 @@ async def test_a_certificate_other_than_the_pin_fails_gateway_operations_without
                     ("POST", "restart", None, "agent.restart_gateway")):
                 resp = await stack.api.request(method, f"/agents/{agent}/{path}", json=body, headers=headers(user))
                 assert resp.status_code == 202, resp.text
-                handle = temporal_client.get_workflow_handle(resp.json()["operation_id"])
+                handle = await operation_handle(temporal_client, resp.json()["operation_id"])
                 result = await handle.result()
                 assert result["status"] == "failed" and "certificate" in result["error"], result
                 if activity_type == "vps.push_config":  # named as the readiness poll names it

@@ -13,7 +13,7 @@ from temporalio.client import Client
 from openclaw.render import check_locked
 from settings import Settings
 from tests.helpers import headers, make_user
-from tests.lifecycle_harness import FAST, running_stack
+from tests.lifecycle_harness import FAST, operation_outcome, running_stack
 from workflows.contracts import LifecycleTimeouts
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.real_gateway]
@@ -22,8 +22,7 @@ OPENCLAW_BIN = os.environ.get("OPENCLAW_BIN")
 
 
 async def result(stack: Any, operation_id: str) -> dict[str, Any]:
-    outcome = await stack.client.get_workflow_handle(operation_id).result()
-    return outcome if isinstance(outcome, dict) else outcome.model_dump()  # type: ignore[no-any-return]
+    return await operation_outcome(stack.client, operation_id)
 
 
 @pytest.mark.skipif(not OPENCLAW_BIN, reason="OPENCLAW_BIN not set (real gateway tier)")
