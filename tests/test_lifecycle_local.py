@@ -17,7 +17,7 @@ from temporalio.client import Client
 from orchestration.search_attributes import VPS_ID
 from settings import Settings
 from tests.helpers import headers, make_user
-from tests.lifecycle_harness import FAST, Stack, running_stack
+from tests.lifecycle_harness import FAST, Stack, operation_outcome, running_stack
 from workflows.contracts import LifecycleTimeouts, ReconcileInput, ReconcileReport
 from workflows.lifecycle import Reconcile
 
@@ -360,6 +360,9 @@ async def test_a_settings_push_that_cannot_hold_the_lockdown_powers_the_agent_of
     resp = await stack.api.patch(f"/agents/{agent}/settings", json={"model": "openai/gpt-6-astra"},
                                  headers=headers(user))
     assert resp.status_code == 202, resp.text
+    # The push's own outcome first (CI once saw the VPS read `running` with no operation before it ended).
+    outcome = await operation_outcome(stack.client, resp.json()["operation_id"])
+    assert outcome["status"] == "failed", outcome
     vps = await stack.wait_vps(user, agent, "error", "running", "stopped")
     assert vps["state"] == "error" and vps["last_operation"]["operation"] == "PushConfig", vps
     assert "plugins.entries.evil.enabled" in vps["last_error"] and "the VM was stopped" in vps["last_error"]
