@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import pytest_asyncio
@@ -145,3 +146,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if any(item.get_closest_marker("real_gateway") for item in items):
             raise pytest.UsageError("CI is set but OPENCLAW_BIN is not: run scripts/install-openclaw.sh "
                                     "(the real-gateway tier must run in CI)")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def api(settings: Settings, db: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process over ASGI, on the test database (no worker: tests that need one bring it)."""
+    from api.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+        yield client

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 import httpx
 import psycopg
 import pytest
-import pytest_asyncio
 from pydantic import SecretStr
 
 from api.app import create_app
@@ -19,14 +18,6 @@ from tests.helpers import headers, make_user
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def api(settings: Settings, db: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            yield client
 
 
 def assert_problem(resp: httpx.Response, status: int) -> dict:  # type: ignore[type-arg]

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-import pytest_asyncio
 
 from api.app import create_app
 from db.migrate import migrate_and_seed
@@ -25,13 +24,6 @@ from tests.helpers import headers, make_user
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def api(settings: Settings, db: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
-            yield client
 
 
 def assert_problem(resp: httpx.Response, status: int) -> dict:  # type: ignore[type-arg]

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import psycopg
 import pytest
-import pytest_asyncio
 
-from api.app import create_app
-from settings import Settings
 from tests.helpers import headers, make_user
 from tests.metering_harness import make_vps
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def api(settings: Settings, db: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
-            yield client
 
 
 def plan_id(sql: psycopg.Connection, name: str) -> str:

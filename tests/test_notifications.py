@@ -4,12 +4,10 @@ the outbox to a real SMTP server in-process: exactly once under retries, retried
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import psycopg
 import pytest
-import pytest_asyncio
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
@@ -33,13 +31,6 @@ from tests.helpers import headers, make_user
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def api(settings: Settings, db: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
-        yield client
 
 
 async def _notify(settings: Settings, user: uuid.UUID, n: int, **kw: object) -> list[uuid.UUID | None]:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import psycopg
 import pytest
-import pytest_asyncio
 from temporalio.client import Client
 
-from api.app import create_app
 from billing.overage import GIB, UsageSnapshot, overage_cost_cents
 from db.models import Plan
 from metering.periods import epoch, month_of
@@ -24,13 +21,6 @@ from workflows.metering import MeteringCycle, MeteringCycleInput
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def api(settings: Settings, db: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
-            yield client
 
 
 def tiny_plan(sql: psycopg.Connection) -> None:
