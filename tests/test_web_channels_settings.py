@@ -20,7 +20,7 @@ from db.encryption import keyring
 from gateway_simulator.qr import _modules, qr_data_url
 from tests.helpers import headers, make_user
 from tests.test_web_app import PASSWORD, Web, csrf_of, log_in, post_form, wait_for, web  # noqa: F401  (its fixture)
-from tests.web_browser_harness import ARTIFACTS, MISSING, STEP_MS, chromium_on_web
+from tests.web_browser_harness import ARTIFACTS, MISSING, STEP_MS, chromium_on_web, logged_in_page
 from web import auth
 from web.qr_svg import dark_pixels, modules, png_bytes, qr_svg
 
@@ -364,12 +364,7 @@ async def test_channels_and_settings_tabs_in_the_browser(site: Web, sql: psycopg
     user, email = web_user(sql)
     agent = await running_agent(site, user)
     async with chromium_on_web(site) as (settings, browser):
-        page = await (await browser.new_context()).new_page()
-        page.set_default_timeout(STEP_MS)
-        await page.goto(settings.web_url + "/login")
-        await page.get_by_label("Email").fill(email)
-        await page.get_by_label("Password").fill(PASSWORD)
-        await page.get_by_role("button", name="Log in").click()
+        page = await logged_in_page(browser, settings, email, PASSWORD)
         await page.goto(f"{settings.web_url}/agents/{agent}/channels")
 
         await page.get_by_text("Telegram", exact=True).click()

@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from tests.test_web_app import PASSWORD, Web
 from tests.test_web_app import web as web_stack  # noqa: F401  (the `web` fixture)
-from tests.web_browser_harness import ARTIFACTS, MISSING, STEP_MS, chromium_on_web
+from tests.web_browser_harness import ARTIFACTS, MISSING, STEP_MS, chromium_on_web, logged_in_page
 from web import auth
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -35,12 +35,7 @@ async def test_onboarding_in_the_browser(web: Web, sql: psycopg.Connection) -> N
     assert row is not None
     user_id = row[0]
     async with chromium_on_web(web) as (settings, browser):
-        page = await (await browser.new_context()).new_page()
-        page.set_default_timeout(STEP_MS)
-        await page.goto(settings.web_url + "/login")
-        await page.get_by_label("Email").fill(email)
-        await page.get_by_label("Password").fill(PASSWORD)
-        await page.get_by_role("button", name="Log in").click()
+        page = await logged_in_page(browser, settings, email, PASSWORD)
         # No agent yet: the dashboard hands over to the wizard, the name field focused.
         await expect(page.get_by_role("heading", name="Set up your agent")).to_be_visible()
         assert await page.evaluate("document.activeElement.id") == "name"

@@ -20,7 +20,7 @@ from tests.test_web_app import Web, wait_for
 from web.app import create_app as create_web
 
 if TYPE_CHECKING:
-    from playwright.async_api import Browser
+    from playwright.async_api import Browser, Page
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 STEP_MS = 120_000
@@ -66,3 +66,14 @@ async def chromium_on_web(web: Web) -> AsyncIterator[tuple[Settings, Browser]]:
     finally:
         server.should_exit = True
         await serving
+
+
+async def logged_in_page(browser: Browser, settings: Settings, email: str, password: str) -> Page:
+    """A new browser context logged in through the log-in form, as a person does."""
+    page = await (await browser.new_context()).new_page()
+    page.set_default_timeout(STEP_MS)
+    await page.goto(settings.web_url + "/login")
+    await page.get_by_label("Email").fill(email)
+    await page.get_by_label("Password").fill(password)
+    await page.get_by_role("button", name="Log in").click()
+    return page
