@@ -142,6 +142,21 @@ async def activity_seconds(client, workflow_id: str) -> dict[str, float]:  # typ
     return spent
 
 
+async def temporal_work(client, operation_id: str, vps_id: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """What the Temporal server persisted for one provision: history events of the operation's run and
+    of the VPS's entity run (up to now), and the workflow and activity tasks among them."""
+    counts = {"events": 0, "workflow_tasks": 0, "activity_tasks": 0}
+    for workflow_id in (operation_id, f"vps-{vps_id}"):
+        history = await client.get_workflow_handle(workflow_id).fetch_history()
+        counts["events"] += len(history.events)
+        for event in history.events:
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+                counts["workflow_tasks"] += 1
+            elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+                counts["activity_tasks"] += 1
+    return counts
+
+
 Row = tuple[float, float, float]  # total, provider, gateway RPC (pairing + config push)
 CpuSample = dict[str, float]
 
@@ -208,8 +223,15 @@ def cpu_per_provision(before: CpuSample, after: CpuSample, n: int) -> CpuSample:
 
 
 def print_cpu(label: str, per: CpuSample) -> None:
-    parts = "  ".join(f"{k} {v * 1000:.0f}" for k, v in per.items() if k != "control plane")
+    parts = "  ".join(f"{k} {v * 1000:.0f}" for k, v in per.items()
+                      if k != "control plane" and not k.endswith(" per provision"))
     print(f"{label:>14}: CPU ms per provision: control plane {per['control plane'] * 1000:.0f} = {parts}")
+    events = per.get("temporal events per provision")
+    if events:
+        print(f"{label:>14}: Temporal per provision: {events:.0f} history events (operation + entity), "
+              f"{per['temporal workflow_tasks per provision']:.1f} workflow tasks, "
+              f"{per['temporal activity_tasks per provision']:.1f} activity tasks; server CPU "
+              f"{per['temporal server'] * 1e6 / events:.0f} µs per event")
 
 
 async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, user: str, n: int,  # type: ignore[no-untyped-def]
@@ -220,7 +242,7 @@ async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, use
         resp = await api.post("/agents", json={"name": f"b-{uuid.uuid4().hex[:8]}"}, headers=hdrs)
         agents.append(resp.json()["id"])
 
-    async def one(agent: str) -> tuple[float, str]:
+    async def one(agent: str) -> tuple[float, str, str]:
         sent = time.time()
         resp = await api.post(f"/agents/{agent}/vps", json={"vps_config_id": config_id}, headers=hdrs)
         assert resp.status_code == 202, resp.text
@@ -240,7 +262,7 @@ async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, use
                 break
             await asyncio.sleep(0.25)
         assert row[0] == "running", row[3]
-        return float(row[1]) - sent, op["operation_id"]
+        return float(row[1]) - sent, op["operation_id"], op["vps_id"]
 
     meter = cpu or CpuMeter(0)
     poll_lock = asyncio.Lock()
@@ -255,12 +277,16 @@ async def run_round(api: httpx.AsyncClient, client, sql: psycopg.Connection, use
             profile.dump_stats(os.environ["BENCH_PROFILE"])
         per = cpu_per_provision(before, meter.sample(), n)
     results: list[Row] = []
-    for total, operation_id in done:  # the histories are read after the CPU window closed
+    work: dict[str, int] = {}
+    for total, operation_id, vps_id in done:  # the histories are read after the CPU window closed
+        for key, value in (await temporal_work(client, operation_id, vps_id)).items():
+            work[key] = work.get(key, 0) + value
         spent = await activity_seconds(client, operation_id)
         provider = sum(v for k, v in spent.items() if k in PROVIDER_ACTIVITIES)
         results.append((total, provider, sum(v for k, v in spent.items() if k in GATEWAY_RPC_ACTIVITIES)))
     for agent in agents:
         await api.delete(f"/agents/{agent}/vps", headers=hdrs)
+    per.update({f"temporal {k} per provision": v / n for k, v in work.items()})
     return results, per
 
 
