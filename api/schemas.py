@@ -234,11 +234,14 @@ class VpsDestroyed(BaseModel):
 
 
 class SettingsSaved(BaseModel):
-    """Settings saved while the agent is not running; they are pushed when it next starts."""
+    """Settings saved while the agent is not running (pushed when it next starts), or a save that changed
+    nothing (`unchanged`: no new version, no push while the gateway already holds them)."""
 
     saved: bool
     applied: str
     settings_version: int
+    unchanged: bool = False
+    """True when the request changed nothing (no new version, nothing pushed)."""
 
 
 class AgentSettingsOut(BaseModel):

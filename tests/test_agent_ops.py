@@ -61,6 +61,36 @@ async def test_settings_are_pushed_to_the_running_gateway(stack: Stack, sql: psy
     assert (await stack.agent(user, agent))["model"] == "openai/gpt-6-astra"
 
 
+async def test_saving_unchanged_settings_pushes_nothing_unless_the_gateway_lacks_them(
+        stack: Stack, sql: psycopg.Connection) -> None:
+    user, agent, vps = await running_agent(stack, sql)
+    body = {"files": {"SOUL.md": "# Soul\nTerse.\n"}, "model": "openai/gpt-6-astra"}
+    first = await stack.api.patch(f"/agents/{agent}/settings", json=body, headers=headers(user))
+    assert first.status_code == 202, first.text
+    assert (await operation_result(stack, first.json()["operation_id"]))["error"] is None
+    version = (await stack.agent(user, agent))["settings"]["saved_version"]
+    pushes = "SELECT count(*) FROM vps_operations WHERE vps_id = %s AND kind = 'settings'"
+    assert sql.execute(pushes, (vps["id"],)).fetchone() == (1,)
+
+    # The same form saved again (the model alone, or everything): no new version, no restart of the agent.
+    for again in (body, {"model": "openai/gpt-6-astra"}, {"files": {"SOUL.md": "# Soul\nTerse.\n"}}):
+        resp = await stack.api.patch(f"/agents/{agent}/settings", json=again, headers=headers(user))
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"saved": True, "unchanged": True, "applied": "nothing changed",
+                               "settings_version": version}
+    assert sql.execute(pushes, (vps["id"],)).fetchone() == (1,)
+    assert (await stack.agent(user, agent))["settings"] == {"saved_version": version, "applied_version": version,
+                                                            "in_sync": True}
+
+    # A gateway that does not hold the saved version (its last push failed): the same save pushes again.
+    sql.execute("UPDATE vpses SET applied_settings_version = %s WHERE id = %s", (version - 1, vps["id"]))
+    retry = await stack.api.patch(f"/agents/{agent}/settings", json=body, headers=headers(user))
+    assert retry.status_code == 202, retry.text
+    assert (await operation_result(stack, retry.json()["operation_id"]))["error"] is None
+    assert (await stack.agent(user, agent))["settings"] == {"saved_version": version, "applied_version": version,
+                                                            "in_sync": True}
+
+
 @pytest.mark.parametrize("body", [{}, {"files": {"TOOLS.md": "x"}}, {"sandbox": {"mode": "off"}},
                                   {"files": {"SOUL.md": "x" * 70_000}}, {"model": "not a model"},
                                   {"files": {"SOUL.md": "a\x00b"}}])

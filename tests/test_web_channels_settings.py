@@ -245,6 +245,13 @@ async def test_settings_edit_persists_and_bad_input_is_kept(site: Web, sql: psyc
         fragment = await b.get(f"{url}/operation?" + resp.headers["location"].split("?", 1)[1])
         assert fragment.status_code == 200 and "PushConfig succeeded" in fragment.text
 
+        # Saved again as loaded: nothing is pushed (no restart of the agent), and the page says so.
+        again = await post_form(b, url, url, {"SOUL.md": soul.replace("\n", "\r\n"), "AGENTS.md": "Be brief.",
+                                              "IDENTITY.md": "name: Nova", "model": "openai/gpt-6-astra"})
+        assert again.status_code == 303 and again.headers["location"] == f"{url}?saved=unchanged"
+        page = await b.get(again.headers["location"])
+        assert "Nothing changed: the agent already has these settings." in page.text
+
     saved = (await site.stack.api.get(f"/agents/{agent}/settings", headers=headers(user))).json()
     assert saved["files"] == {"SOUL.md": soul, "AGENTS.md": "Be brief.", "IDENTITY.md": "name: Nova"}
     assert saved["model"] == "openai/gpt-6-astra" and saved["default_model"] == "anthropic/claude-sonnet-5"

@@ -74,17 +74,26 @@ async def update_settings(agent_id: uuid.UUID, body: SettingsIn, request: Reques
         earlier = await replayed(session, user, idempotency_key, operation_id)
         if earlier is not None:
             return accepted(agent_id, vps.id, operation_id, OperationKind.settings, earlier.status)
-    if body.files:
-        agent.personality = {**(agent.personality or {}), **body.files}
-    if body.model:
-        agent.model = body.model
-    agent.settings_version += 1
-    agent.updated_at = datetime.now(UTC)
-    session.add(agent)
-    await session.commit()
+    personality = {**(agent.personality or {}), **(body.files or {})}
+    model = body.model or agent.model
+    in_sync = vps is not None and vps.applied_settings_version == agent.settings_version
+    if personality == (agent.personality or {}) and model == agent.model:
+        # A form saved as it was loaded: no new version, and no push (a gateway restart) unless the
+        # gateway does not hold these settings yet (a push that failed is retried this way).
+        if in_sync or vps is None or vps.state not in (VpsState.running, VpsState.provisioning):
+            return JSONResponse({"saved": True, "unchanged": True, "settings_version": agent.settings_version,
+                                 "applied": "nothing changed" if in_sync else "on the next start of the agent's VPS"},
+                                status_code=200)
+    else:
+        agent.personality = personality
+        agent.model = model
+        agent.settings_version += 1
+        agent.updated_at = datetime.now(UTC)
+        session.add(agent)
+        await session.commit()
     if vps is None or operation_id is None or vps.state not in (VpsState.running, VpsState.provisioning):
         return JSONResponse({"saved": True, "applied": "on the next start of the agent's VPS",
-                             "settings_version": agent.settings_version}, status_code=200)
+                             "settings_version": agent.settings_version, "unchanged": False}, status_code=200)
     try:
         done = await submit(request, session, user, agent, vps, OperationKind.settings, operation_id, idempotency_key)
     except Problem as problem:

@@ -62,6 +62,7 @@ async def show(request: Request, api: ControlPlane, agent_id: uuid.UUID, status:
 async def settings_page(request: Request, agent_id: uuid.UUID, op: str = "", saved: str = "") -> Response:
     _user, api = await require_user(request)
     notice = {"later": "Saved. The agent is not running: it gets these settings when it next starts.",
+              "unchanged": "Nothing changed: the agent already has these settings.",
               "budget": "Overage budget saved."}.get(saved)
     return await show(request, api, agent_id, op=op or None, notice=notice)
 
@@ -113,7 +114,9 @@ async def save_settings(request: Request, agent_id: uuid.UUID) -> Response:
     if answer and answer.get("operation_id"):
         return RedirectResponse(f"/agents/{agent_id}/settings?{urlencode({'op': answer['operation_id']})}",
                                 status_code=303)
-    return RedirectResponse(f"/agents/{agent_id}/settings?saved=later", status_code=303)
+    outcome = "unchanged" if answer and answer.get("unchanged") and answer.get("applied") == "nothing changed" \
+        else "later"
+    return RedirectResponse(f"/agents/{agent_id}/settings?saved={outcome}", status_code=303)
 
 
 def cents(text: str) -> int | str:
