@@ -133,6 +133,9 @@ class OverageBudgetIn(BaseModel):
 class PlanChoiceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     plan_id: uuid.UUID = Field(description="One of the plans GET /plans lists")
+    accept_overage_stop: bool = Field(
+        default=False, description="Move even though this month's usage is over the new plan and the overage "
+        "budget: enforcement then stops the user's VMs at its next check")
 
 
 class OverageBudgetOut(BaseModel):

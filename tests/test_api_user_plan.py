@@ -9,6 +9,7 @@ import httpx
 import psycopg
 import pytest
 
+from billing.plans import month_start
 from tests.helpers import headers, make_user
 from tests.metering_harness import make_vps
 
@@ -91,3 +92,39 @@ async def test_unknown_inactive_and_bad_input(api: httpx.AsyncClient, sql: psyco
                               headers={"Authorization": headers(user)["Authorization"]})
     assert anonymous.status_code == 401
     assert await current_plan(api, user) == "starter"
+
+
+async def test_a_plan_this_months_usage_does_not_fit_is_refused_until_accepted(
+        api: httpx.AsyncClient, sql: psycopg.Connection) -> None:
+    user = make_user(sql, plan="pro")  # 1000 GB included
+    vps = make_vps(sql, user, "local-small", ref=None, created=int(time.time()), state="running")
+    sql.execute("INSERT INTO vps_usage_periods (vps_id, period_start, bandwidth_out_bytes) VALUES (%s, %s, %s)",
+                (vps, month_start(), 200 * 1024**3))
+
+    # Starter includes 100 GB at 2 cents per GB over: 200 cents of overage, and the budget is 0.
+    resp = await api.put("/users/me/plan", json={"plan_id": plan_id(sql, "starter")}, headers=headers(user))
+    assert resp.status_code == 409, resp.text
+    body = resp.json()
+    assert body["type"].endswith("/usage-exceeds-plan") and body["over"] == ["bandwidth"]
+    assert body["required_budget_cents"] == body["overage_cents"] == 200 and body["budget_cents"] == 0
+    assert "Raise your overage budget to at least $2.00" in body["detail"]
+    assert await current_plan(api, user) == "pro"
+
+    # Free has no overage for bandwidth: no budget helps, and the answer says so.
+    resp = await api.put("/users/me/plan", json={"plan_id": plan_id(sql, "free")}, headers=headers(user))
+    assert resp.status_code == 409 and resp.json()["required_budget_cents"] is None
+    assert "No overage budget covers that" in resp.json()["detail"]
+
+    # With a budget that covers it the move goes through; so does an explicit acceptance of the stop.
+    assert (await api.put("/users/me/overage-budget", json={"budget_cents": 200},
+                          headers=headers(user))).status_code == 200
+    resp = await api.put("/users/me/plan", json={"plan_id": plan_id(sql, "starter")}, headers=headers(user))
+    assert resp.status_code == 200, resp.text
+    resp = await api.put("/users/me/plan", json={"plan_id": plan_id(sql, "free"), "accept_overage_stop": True},
+                         headers=headers(user))
+    assert resp.status_code == 200 and resp.json()["plan"]["name"] == "free"
+    # Already over (on free): moving between plans that are both exceeded is not what causes a stop.
+    assert (await api.put("/users/me/overage-budget", json={"budget_cents": 0},
+                          headers=headers(user))).status_code == 200
+    resp = await api.put("/users/me/plan", json={"plan_id": plan_id(sql, "starter")}, headers=headers(user))
+    assert resp.status_code == 200, resp.text

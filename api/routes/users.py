@@ -11,6 +11,8 @@ lets their tunnels through on its next check.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import APIRouter, Request
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
@@ -20,7 +22,9 @@ from api.deps import CurrentUser, SessionDep
 from api.problems import Problem
 from api.routes.plans import load_plan
 from api.schemas import OverageBudgetIn, OverageBudgetOut, PlanChoiceIn, UserOut, problem_responses
+from billing.overage import overage_verdict
 from billing.plans import effective_plan, month_start
+from billing.usage import load_snapshot
 from db.models import Agent, OverageBudget, Plan, User, Vps, VpsState
 
 router = APIRouter(prefix="/users/me", tags=["users"])
@@ -37,7 +41,9 @@ async def me(request: Request, session: SessionDep, user: CurrentUser) -> UserOu
 @router.put("/plan", response_model=UserOut, responses=problem_responses(404, 409))
 async def choose_plan(body: PlanChoiceIn, request: Request, session: SessionDep, user: CurrentUser) -> UserOut:
     """Move to another active plan. 409 when the user's agents or VPSes (every VPS not destroyed, `error`
-    included, as for provisioning) exceed its `max_agents` / `max_vpses`: delete or destroy some first."""
+    included, as for provisioning) exceed its `max_agents` / `max_vpses`: delete or destroy some first.
+    409 `usage-exceeds-plan` when this month's usage fits the current plan (and budget) but not the new
+    one, so the move would get the user's VMs stopped by enforcement, unless `accept_overage_stop`."""
     # The same lock agent creation and provisioning take: no new agent or VPS slips past this check.
     await session.exec(select(User).where(User.id == user.id).with_for_update())
     plan = (await session.exec(select(Plan).where(Plan.id == body.plan_id,
@@ -56,6 +62,18 @@ async def choose_plan(body: PlanChoiceIn, request: Request, session: SessionDep,
                       f"You cannot move to plan '{plan.name}': you have {'; and '.join(excess)}. "
                       "Delete agents or destroy VPSes first.", type_="conflict", plan_id=str(plan.id),
                       agents=agents, vpses=vpses, max_agents=plan.max_agents, max_vpses=plan.max_vpses)
+    usage = await load_snapshot(session, user.id, user=user)
+    after = overage_verdict(replace(usage, plan=plan))
+    if not after.allowed and overage_verdict(usage).allowed and not body.accept_overage_stop:
+        needed = after.required_budget_cents
+        fix = (f"Raise your overage budget to at least ${needed / 100:,.2f} first, or" if needed is not None
+               else "No overage budget covers that on this plan;")
+        raise Problem(409, "Usage exceeds the new plan",
+                      f"This month's usage is over plan '{plan.name}' ({after.reason}). Moving now would get "
+                      f"your agents stopped. {fix} move at the start of next month.",
+                      type_="usage-exceeds-plan", plan_id=str(plan.id), over=list(after.over),
+                      overage_cents=after.overage_cents, budget_cents=after.budget_cents,
+                      required_budget_cents=needed)
     user.plan_id = plan.id
     session.add(user)
     await session.commit()
