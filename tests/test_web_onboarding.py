@@ -206,13 +206,25 @@ async def test_failed_provision_then_try_again(web: Web, sql: psycopg.Connection
         no_token = await b.post(f"/onboarding/{agent_id}/retry")
         assert no_token.status_code == 403  # CSRF
 
-        # The cause goes away; "Try again" destroys the failed VPS and provisions a new one.
+        # The cause goes away; "Try again" destroys the failed VPS (answering at once, not when the VM
+        # is gone), the progress page follows the destroy and then posts once more for a new VPS.
         monkeypatch.delenv("SLOPBOX_SIM_NEVER_READY")
         web.api.state.lifecycle_timeouts = FAST
         old_vps = sql.execute("SELECT vps_id FROM agents WHERE id = %s", (agent_id,)).fetchone()
         again = await b.post(f"/onboarding/{agent_id}/retry", data={"csrf_token": csrf_of(failed.text)})
-        assert again.status_code == 303 and again.headers["location"] == f"/onboarding/{agent_id}/provision", \
-            again.text
+        following = f"/onboarding/{agent_id}/provision?again=1"
+        assert again.status_code == 303 and again.headers["location"] == following, again.text
+        async def destroyed() -> bool:
+            got = (await b.get(f"/onboarding/{agent_id}/status?again=1")).json()
+            assert got["phase"] in ("failed", "working", "none"), got
+            return bool(got["phase"] == "none" and got["next"] == following)
+
+        await wait_for("the failed VPS destroyed", destroyed)
+        page = await b.get(following)
+        assert page.status_code == 200 and "The failed machine was removed." in page.text
+        assert 'id="again-form"' in page.text and 'getElementById("again-form").submit()' in page.text
+        new = await b.post(f"/onboarding/{agent_id}/retry", data={"csrf_token": csrf_of(page.text)})
+        assert new.status_code == 303 and new.headers["location"] == f"/onboarding/{agent_id}/provision", new.text
         await until_phase(b, agent_id, "ready", [])
         rows = sql.execute("SELECT id, state FROM vpses WHERE user_id = (SELECT user_id FROM agents WHERE id = %s)",
                            (agent_id,)).fetchall()

@@ -12,10 +12,12 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from tests.lifecycle_harness import FAST
 from tests.test_web_app import PASSWORD, Web
 from tests.test_web_app import web as web_stack  # noqa: F401  (the `web` fixture)
 from tests.web_browser_harness import ARTIFACTS, MISSING, STEP_MS, chromium_on_web, logged_in_page
 from web import auth
+from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -112,3 +114,32 @@ async def test_onboarding_in_the_browser(web: Web, sql: psycopg.Connection) -> N
         await expect(page.get_by_role("link", name="Notifications: 1 unread")).to_be_visible()
         await page.get_by_role("button", name="Mark all as read").click()
         await expect(page.get_by_role("link", name="Notifications: 0 unread")).to_be_visible()
+
+
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+async def test_try_again_in_the_browser_follows_the_destroy_and_provisions_anew(
+        web: Web, sql: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from playwright.async_api import expect
+
+    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
+    monkeypatch.setattr(web.api.state, "lifecycle_timeouts",
+                        LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 3}))
+    email = f"again-{uuid.uuid4().hex[:8]}@example.com"
+    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
+                (email, auth.hash_password(PASSWORD)))
+    async with chromium_on_web(web) as (settings, browser):
+        page = await logged_in_page(browser, settings, email, PASSWORD)
+        await page.get_by_label("Name").fill("Phoenix")
+        await page.get_by_role("button", name="Next: choose a plan").click()
+        await page.get_by_role("button", name="Next: start the agent").click()
+        await expect(page.get_by_role("alert")).to_contain_text("gateway did not become ready", timeout=STEP_MS)
+
+        # The cause goes away. One click: the page follows the destroy, then sets up a new VPS by itself.
+        monkeypatch.delenv("SLOPBOX_SIM_NEVER_READY")
+        web.api.state.lifecycle_timeouts = FAST
+        await page.get_by_role("button", name="Try again").click()
+        await expect(page.get_by_role("heading", name="Phoenix is running")).to_be_visible(timeout=STEP_MS)
+        await page.screenshot(path=ARTIFACTS / "web-onboarding-try-again.png", full_page=True)
+    states = sql.execute("SELECT v.state FROM vpses v JOIN users u ON u.id = v.user_id WHERE u.email = %s "
+                         "ORDER BY v.created_at", (email,)).fetchall()
+    assert [s[0] for s in states] == ["destroyed", "running"]

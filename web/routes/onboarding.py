@@ -12,8 +12,6 @@ lines of vanilla JavaScript; without JavaScript the page refreshes itself every 
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from typing import Any
 
@@ -39,7 +37,6 @@ PROVISION_STEPS: tuple[tuple[str, str], ...] = (
 OTHER_STEPS = {"compensate_destroy_vm": "Cleaning up after a failure", "destroy_vm": "Removing the failed machine",
                "wait_vm_gone": "Removing the failed machine", "record_storage_usage": "Removing the failed machine"}
 MAX_CUSTOM = 8000
-RETRY_WAIT_S = 60.0  # how long "Try again" waits for the failed VPS's destroy before provisioning anew
 
 
 def progress(agent: dict[str, Any]) -> dict[str, Any]:
@@ -83,10 +80,15 @@ def progress(agent: dict[str, Any]) -> dict[str, Any]:
             "other_step": extra, "steps": steps}
 
 
-def target(agent_id: str, phase: str) -> str:
-    """The step of the wizard an agent in this phase belongs on."""
+def target(agent_id: str, phase: str, *, again: bool = False) -> str:
+    """The step of the wizard an agent in this phase belongs on. `again`: a "Try again" is under way
+    (the failed VPS is being destroyed), so an agent without a VPS stays on the progress page, which
+    provisions the new one."""
+    provision = f"/onboarding/{agent_id}/provision"
+    if again and phase in ("working", "none"):
+        return provision + "?again=1"
     return {"none": f"/onboarding/{agent_id}/plan", "ready": f"/onboarding/{agent_id}/channels",
-            "other": f"/agents/{agent_id}"}.get(phase, f"/onboarding/{agent_id}/provision")
+            "other": f"/agents/{agent_id}"}.get(phase, provision)
 
 
 @router.get("", response_class=HTMLResponse)
@@ -208,57 +210,50 @@ async def choose_plan(request: Request, agent_id: uuid.UUID) -> Response:
 
 
 @router.get("/{agent_id}/provision", response_class=HTMLResponse)
-async def step_provision(request: Request, agent_id: uuid.UUID, notice: str = "") -> Response:
+async def step_provision(request: Request, agent_id: uuid.UUID, notice: str = "", again: str = "") -> Response:
     """Step 3: live progress; a failure with its reason and "Try again"."""
     _user, api = await require_user(request)
     agent = await agent_or_404(api, agent_id)
     now = progress(agent)
     if now["phase"] in ("ready", "other"):
         return RedirectResponse(target(str(agent_id), now["phase"]), status_code=303)
+    again_on = bool(again) and now["phase"] in ("working", "none")
+    if again_on and not notice:
+        notice = ("The failed machine is being removed; a new one is set up right after." if now["phase"] == "working"
+                  else "The failed machine was removed. Setting up a new one…")
     return render(request, "onboarding_progress.html", agent=agent, progress=now, notice=notice[:500] or None,
-                  unread=await unread(api))
+                  again=again_on, unread=await unread(api))
 
 
 @router.get("/{agent_id}/status")
-async def status(request: Request, agent_id: uuid.UUID) -> Response:
+async def status(request: Request, agent_id: uuid.UUID, again: str = "") -> Response:
     """The progress page's poll: phase, step and the step list as JSON (no secrets: the user's own agent)."""
     _user, api = await require_user(request)
     agent = await agent_or_404(api, agent_id)
     now = progress(agent)
-    return JSONResponse({**now, "next": target(str(agent_id), now["phase"])},
+    return JSONResponse({**now, "next": target(str(agent_id), now["phase"], again=bool(again))},
                         headers={"Cache-Control": "no-store"})
-
-
-async def wait_destroyed(api: ControlPlane, agent_id: uuid.UUID) -> bool:
-    deadline = time.monotonic() + RETRY_WAIT_S
-    while time.monotonic() < deadline:
-        vps = (await agent_or_404(api, agent_id)).get("vps")
-        if vps is None or (vps.get("state") == "destroyed" and not vps.get("operation_id")):
-            return True
-        await asyncio.sleep(0.5)
-    return False
 
 
 @router.post("/{agent_id}/retry")
 async def retry(request: Request, agent_id: uuid.UUID) -> Response:
     """"Try again": a failed VPS (state `error`) is destroyed first, since the API allows one VPS per
-    agent and its VM may linger; then a new one is provisioned, as step 2 did."""
+    agent and its VM may linger; the progress page follows the destroy (`again`) and, once the VPS is
+    gone, posts here once more, which provisions a new one as step 2 did. No request waits on a VM."""
     _user, api = await require_user(request)
     await form(request)
     agent = await agent_or_404(api, agent_id)
     page = f"/onboarding/{agent_id}/provision"
     phase = progress(agent)["phase"]
     if phase in ("working", "ready", "other"):  # nothing to retry (a double click, another tab)
-        return RedirectResponse(target(str(agent_id), phase), status_code=303)
-    try:
-        if phase == "failed":
+        return RedirectResponse(target(str(agent_id), phase, again=phase == "working"), status_code=303)
+    if phase == "failed":
+        try:
             await api.call("DELETE", f"/agents/{agent_id}/vps")
-            if not await wait_destroyed(api, agent_id):
-                return RedirectResponse(f"{page}?notice=The+failed+machine+is+still+being+removed%3B+"
-                                        "try+again+in+a+moment.", status_code=303)
-    except ApiError as err:
-        return render(request, "onboarding_progress.html", err.status if err.status >= 400 else 400, agent=agent,
-                      progress=progress(agent), notice=readable(err), unread=await unread(api))
+        except ApiError as err:
+            return render(request, "onboarding_progress.html", err.status if err.status >= 400 else 400,
+                          agent=agent, progress=progress(agent), notice=readable(err), unread=await unread(api))
+        return RedirectResponse(f"{page}?again=1", status_code=303)
     reason = await provision(api, str(agent_id))
     if reason:
         agent = await agent_or_404(api, agent_id)
