@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -359,3 +360,38 @@ async def test_progress_reads_the_api_state() -> None:
     assert uptime({"state": "running", "state_changed_at": "2026-12-02T11:58:30+00:00"}, now) == "1 min 30 s"
     assert uptime({"state": "running", "state_changed_at": "2026-11-30T09:00:00+00:00"}, now) == "2 d 3 h"
     assert uptime({"state": "stopped", "state_changed_at": "2026-12-02T11:00:00+00:00"}, now) is None
+
+
+async def test_pages_run_only_their_own_nonced_scripts(web: Web, sql: psycopg.Connection) -> None:
+    email, _user = verified_user(sql, "csp")
+    async with web.browser() as b:
+        assert (await log_in(b, email)).status_code == 303
+        made = await name_step(b, {"name": "Nonce", "preset": "friendly"})
+        agent_id = made.headers["location"].split("/")[2]
+        plan_page = await b.get(f"/onboarding/{agent_id}/plan")
+        free = re.search(r'id="plan-free" name="plan_id" value="([^"]+)" checked', plan_page.text)
+        assert free
+        await post_form(b, f"/onboarding/{agent_id}/plan", f"/onboarding/{agent_id}/plan", {"plan_id": free.group(1)})
+        nonces = []
+        for _ in range(2):
+            page = await b.get(f"/onboarding/{agent_id}/provision")
+            csp = page.headers["content-security-policy"]
+            nonce = re.search(r"script-src 'nonce-([\w-]+)'", csp)
+            assert nonce, csp
+            assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp and "unsafe-inline'" not in \
+                csp.split("script-src", 1)[1].split(";", 1)[0]
+            scripts = re.findall(r"<script[^>]*>", page.text)
+            if "phase\":\"working" in page.text or 'data-phase="working"' in page.text:
+                assert scripts and all(f'nonce="{nonce.group(1)}"' in s for s in scripts), scripts
+            nonces.append(nonce.group(1))
+        assert nonces[0] != nonces[1]  # one per response
+        landing = await b.get("/")
+        assert "script-src 'nonce-" in landing.headers["content-security-policy"]
+
+
+async def test_every_inline_script_in_the_templates_carries_the_nonce() -> None:
+    """A script without the response's nonce would not run under the pages' CSP."""
+    templates = Path(__file__).resolve().parent.parent / "web" / "templates"  # noqa: ASYNC240 (a test reading files)
+    for template in templates.glob("*.html"):
+        for tag in re.findall(r"<script[^>]*>", template.read_text()):
+            assert 'nonce="{{ csp_nonce }}"' in tag, (template.name, tag)

@@ -22,7 +22,7 @@ from db.engine import make_engine, session_factory
 from settings import Settings
 from web import auth
 from web.api_client import ApiError
-from web.pages import CSRF_COOKIE, PageError, WebContext, log, readable, render
+from web.pages import CSRF_COOKIE, PageError, WebContext, log, page_csp, readable, render
 from web.routes import account, admin, agent_settings, agents, channels, notifications, oauth, onboarding, public
 
 
@@ -56,6 +56,7 @@ def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | 
         token = request.cookies.get(CSRF_COOKIE)
         fresh = not token or len(token) != 43
         request.state.csrf = secrets.token_urlsafe(32) if fresh else token
+        request.state.csp_nonce = secrets.token_urlsafe(16)
         response = await call_next(request)
         if fresh:
             response.set_cookie(CSRF_COOKIE, request.state.csrf, httponly=True, samesite="lax",
@@ -63,6 +64,7 @@ def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | 
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("Content-Security-Policy", page_csp(request.state.csp_nonce))
         return response
 
     @app.exception_handler(PageError)

@@ -77,9 +77,17 @@ def ctx(request: Request) -> WebContext:
     return request.app.state.web  # type: ignore[no-any-return]
 
 
+def page_csp(nonce: str) -> str:
+    """Only our own scripts run: the inline ones carry this response's nonce, nothing else may load or
+    frame the pages. Styles may be inline (the templates' small <style> blocks and SVG attributes)."""
+    return (f"default-src 'self'; script-src 'nonce-{nonce}'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
 def render(request: Request, name: str, status: int = 200, **values: Any) -> HTMLResponse:
     html = ctx(request).templates.get_template(name).render(
-        csrf=request.state.csrf, user=getattr(request.state, "user", None), **values)
+        csrf=request.state.csrf, csp_nonce=getattr(request.state, "csp_nonce", ""),
+        user=getattr(request.state, "user", None), **values)
     return HTMLResponse(html, status_code=status)
 
 
