@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from api.deps import CurrentAdmin, SessionDep
+from api.deps import CurrentAdmin, SessionDep, one_snapshot
 from api.operations import WORKFLOW_NAME, active_operations, operation_id_for, operation_out, submit
 from api.problems import Problem
 from api.schemas import (
@@ -199,6 +199,7 @@ async def list_vpses(session: SessionDep, _admin: CurrentAdmin, limit: Limit = 5
                      state: VpsStateName | None = None, provider: ProviderName | None = None,
                      user_id: uuid.UUID | None = None) -> Page[AdminVpsOut]:
     """Every user's VPSes, newest first, optionally filtered."""
+    await one_snapshot(session)  # each VPS's state and its operation in flight as of one moment
     where = []
     if state is not None:
         where.append(Vps.state == state)
