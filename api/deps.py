@@ -27,6 +27,17 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
+async def one_snapshot(session: AsyncSession) -> None:
+    """Make every later read of this request see the database at one moment (REPEATABLE READ).
+
+    A worker ends an operation by writing the VPS's state and the operation's row in one transaction;
+    read in separate READ COMMITTED statements, a page could take the state from before that commit
+    and the operations from after it (`running`, nothing in flight, while a push was powering off
+    a weakened gateway). Ends the request's transaction so far (nothing is written by then)."""
+    await session.commit()
+    await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+
+
 def _unauthorized(detail: str) -> Problem:
     return Problem(401, "Unauthorized", detail, type_="unauthorized",
                    headers={"WWW-Authenticate": 'Bearer realm="slopbox"'})

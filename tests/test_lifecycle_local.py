@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -360,8 +361,16 @@ async def test_a_settings_push_that_cannot_hold_the_lockdown_powers_the_agent_of
     resp = await stack.api.patch(f"/agents/{agent}/settings", json={"model": "openai/gpt-6-astra"},
                                  headers=headers(user))
     assert resp.status_code == 202, resp.text
-    # The push's own outcome first (CI once saw the VPS read `running` with no operation before it ended).
-    outcome = await operation_outcome(stack.client, resp.json()["operation_id"])
+    push = resp.json()["operation_id"]
+    # Polled like the dashboard from the 202 on: the push is in flight until the VPS shows how it ended
+    # (CI once read `running` with nothing in flight: the state from before the push's end, its row from after).
+    deadline = time.monotonic() + 60
+    while (vps := (await stack.agent(user, agent))["vps"])["operation_id"] is not None:
+        assert vps["operation_id"] == push and vps["state"] == "running", vps
+        assert time.monotonic() < deadline, vps
+        await asyncio.sleep(0.01)
+    assert vps["state"] == "error" and vps["last_operation"]["id"] == push, vps
+    outcome = await operation_outcome(stack.client, push)
     assert outcome["status"] == "failed", outcome
     vps = await stack.wait_vps(user, agent, "error", "running", "stopped")
     assert vps["state"] == "error" and vps["last_operation"]["operation"] == "PushConfig", vps

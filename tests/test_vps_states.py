@@ -11,17 +11,31 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
+from activities.vps import VpsActivities
+from db.encryption import configure_keys
+from db.engine import make_engine
 from db.models import Vps
 from settings import Settings
 from tests.helpers import headers, make_user
 from tests.lifecycle_harness import FAST, Stack, running_stack
-from workflows.contracts import LifecycleTimeouts, ReconcileInput, ReconcileReport
+from workflows.contracts import (
+    FinishInput,
+    LifecycleTimeouts,
+    OperationKind,
+    OperationStatus,
+    ReconcileInput,
+    ReconcileReport,
+)
 from workflows.lifecycle import Reconcile
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -207,3 +221,53 @@ async def test_deterministic_failures_are_not_retried_and_every_run_has_a_timeou
         entity = await stack.client.get_workflow_handle(f"vps-{vps['id']}").describe()
         assert entity.workflow_type == "Vps"
         assert entity.raw_description.execution_config.workflow_run_timeout.seconds == 7 * 24 * 3600
+
+
+async def test_a_page_never_shows_a_vps_between_its_state_and_its_operation(
+        api: httpx.AsyncClient, settings: Settings, sql: psycopg.Connection) -> None:
+    """An operation's end writes the VPS's state and the operation's row in one transaction; a read of
+    the agent must see both before it or both after it. CI once read a push that was powering off a
+    weakened gateway as `running` with no operation in flight: the VPS row read before the push's end
+    committed, its operations read after."""
+    user, admin = make_user(sql), make_user(sql)
+    sql.execute("UPDATE users SET is_admin = true WHERE id = %s", (admin,))
+    config = sql.execute("SELECT id FROM vps_configs WHERE name = 'local-small'").fetchone()[0]  # type: ignore[index]
+    vps = sql.execute("INSERT INTO vpses (user_id, vps_config_id, provider, state) VALUES (%s, %s, 'local', "
+                      "'running') RETURNING id", (user, config)).fetchone()[0]  # type: ignore[index]
+    agent = sql.execute("INSERT INTO agents (user_id, name, gateway_token, gateway_token_last4, vps_id) VALUES "
+                        "(%s, 'molty', %s, 'abcd', %s) RETURNING id",
+                        (user, configure_keys(settings.secret_keys()).encrypt("t"), vps)).fetchone()[0]  # type: ignore[index]
+    push = f"settings-{vps}-race"
+    sql.execute("INSERT INTO vps_operations (id, vps_id, user_id, kind, status, step) "
+                "VALUES (%s, %s, %s, 'settings', 'running', 'stop_vm_weakened')", (push, vps, user))
+    engine = make_engine(settings)
+    try:
+        async with engine.connect() as worker_db:
+            # Hold the operations table, so each read below stops after it has read the VPS row ...
+            await worker_db.execute(text("LOCK TABLE vps_operations IN ACCESS EXCLUSIVE MODE"))
+            one = asyncio.create_task(api.get(f"/agents/{agent}", headers=headers(user)))
+            page = asyncio.create_task(api.get("/agents", headers=headers(user)))
+            listing = asyncio.create_task(api.get("/admin/vpses", headers=headers(admin)))
+            deadline = time.monotonic() + 10
+            while sql.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                              "AND datname = current_database()").fetchone()[0] < 3:  # type: ignore[index]
+                assert time.monotonic() < deadline and not any(t.done() for t in (one, page, listing)), "no wait"
+                await asyncio.sleep(0.02)
+            # ... and the push ends meanwhile, through the worker's own bookkeeping (committed with the unlock).
+            sessions = async_sessionmaker(bind=worker_db, class_=AsyncSession, expire_on_commit=False,
+                                          join_transaction_mode="create_savepoint")
+            await VpsActivities(settings, sessions).finish_operation(FinishInput(
+                vps_id=str(vps), user_id=str(user), operation=OperationKind.settings, operation_id=push,
+                status=OperationStatus.failed, error="settings not applied: lockdown; the VM was stopped",
+                state="error", expect=["running"], last_error="settings not applied: lockdown; the VM was stopped"))
+            await worker_db.commit()
+            seen = [(await one).json()["vps"], (await page).json()["items"][0]["vps"]]
+            admin_view = (await listing).json()["items"][0]
+    finally:
+        await engine.dispose()
+    for view in seen:
+        before = view["state"] == "running" and view["operation_id"] == push and view["last_operation"] is None
+        after = (view["state"] == "error" and view["operation_id"] is None
+                 and view["last_operation"]["id"] == push and view["last_operation"]["status"] == "failed")
+        assert before or after, (view["state"], view["operation_id"], view["last_operation"])
+    assert (admin_view["state"], admin_view["operation_id"]) in (("running", push), ("error", None)), admin_view

@@ -129,6 +129,22 @@ async def log_in(b: httpx.AsyncClient, email: str, password: str = PASSWORD) -> 
     return await post_form(b, "/login", "/login", {"email": email, "password": password})
 
 
+async def new_agent(b: httpx.AsyncClient, name: str, preset: str) -> str:
+    """The onboarding wizard's first two steps, as a person takes them: name and personality, then the
+    plan already chosen (preselected); its VPS is on its way. The new agent's id."""
+    made = await post_form(b, "/onboarding", "/onboarding", {"name": name, "preset": preset})
+    assert made.status_code == 303, made.text
+    agent_id = made.headers["location"].split("/")[2]
+    plans = await b.get(f"/onboarding/{agent_id}/plan")
+    current = re.search(r'name="plan_id" value="([^"]+)" checked', plans.text)
+    assert plans.status_code == 200 and current, plans.text
+    chosen = await post_form(b, f"/onboarding/{agent_id}/plan", f"/onboarding/{agent_id}/plan",
+                             {"plan_id": current.group(1)})
+    assert chosen.status_code == 303 and chosen.headers["location"] == f"/onboarding/{agent_id}/provision", \
+        chosen.text
+    return agent_id
+
+
 async def test_signup_to_destroy(web: Web, sql: psycopg.Connection) -> None:
     email = f"web-{uuid.uuid4().hex[:8]}@example.com"
     async with web.browser() as b:
@@ -149,10 +165,7 @@ async def test_signup_to_destroy(web: Web, sql: psycopg.Connection) -> None:
         assert token and uuid.UUID(token)
         assert sql.execute('SELECT "userId" FROM sessions WHERE "sessionToken" = %s', (token,)).fetchone() == (user_id,)
 
-        resp = await post_form(b, "/dashboard", "/agents", {"name": "Webby", "preset": "friendly"})
-        assert resp.status_code == 303, resp.text
-        agent_id = resp.headers["location"].split("/agents/")[1].split("?")[0]
-        assert "notice" not in resp.headers["location"], resp.headers["location"]
+        agent_id = await new_agent(b, "Webby", "friendly")
 
         async def state(expected: str) -> str | None:
             page = await b.get(f"/agents/{agent_id}")
@@ -286,9 +299,7 @@ async def test_failed_provision_shows_its_reason(web: Web, sql: psycopg.Connecti
                 (email, auth.hash_password(PASSWORD)))
     async with web.browser() as b:
         assert (await log_in(b, email)).status_code == 303
-        resp = await post_form(b, "/dashboard", "/agents", {"name": "Doomed", "preset": "helpful"})
-        assert resp.status_code == 303, resp.text
-        agent_page = resp.headers["location"].split("?")[0]
+        agent_page = f"/agents/{await new_agent(b, 'Doomed', 'helpful')}"
 
         async def failed() -> str | None:
             page = await b.get(agent_page)

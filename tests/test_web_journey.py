@@ -696,7 +696,7 @@ async def test_forms_without_the_right_csrf_token_get_the_403_page(stack: DevSta
             await expect(page.get_by_role("heading", name="Form expired")).to_be_visible()
             await expect(page.get_by_role("alert")).to_contain_text("was not sent from this site")
         await refused_shots.take(page, "csrf-refused")
-        for action in ("/onboarding", "/agents"):
+        for action in ("/onboarding", "/onboarding/plan"):
             bare = await context.request.post(stack.web_url + action, form={"name": "Forged"}, max_redirects=0)
             assert bare.status == 403 and "Form expired" in await bare.text(), (action, bare.status)
         # Nothing was created (the dashboard still sends this user to the wizard), and the session still works.

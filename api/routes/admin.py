@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from api.deps import CurrentAdmin, SessionDep
+from api.deps import CurrentAdmin, SessionDep, one_snapshot
 from api.operations import WORKFLOW_NAME, active_operations, operation_id_for, operation_out, submit
 from api.problems import Problem
 from api.schemas import (
@@ -199,6 +199,7 @@ async def list_vpses(session: SessionDep, _admin: CurrentAdmin, limit: Limit = 5
                      state: VpsStateName | None = None, provider: ProviderName | None = None,
                      user_id: uuid.UUID | None = None) -> Page[AdminVpsOut]:
     """Every user's VPSes, newest first, optionally filtered."""
+    await one_snapshot(session)  # each VPS's state and its operation in flight as of one moment
     where = []
     if state is not None:
         where.append(Vps.state == state)
@@ -298,6 +299,64 @@ async def read_operation(operation_id: Annotated[str, Path(max_length=255)], ses
     return OperationOut.model_validate(operation_out(row))
 
 
+# --- what plans and VPS configs share ---------------------------------------------------------------------
+
+Catalogue = Plan | VpsConfig
+
+
+async def locked(session: AsyncSession, model: type[Catalogue], ident: uuid.UUID, kind: str) -> Any:
+    """The plan or config, locked for the change at hand; 404 when there is none."""
+    row = (await session.exec(select(model).where(model.id == ident).with_for_update())).first()  # type: ignore[arg-type]
+    if row is None:
+        raise not_found(kind, ident)
+    return row
+
+
+async def found(session: AsyncSession, model: type[Catalogue], ident: uuid.UUID, kind: str) -> Any:
+    row = await session.get(model, ident)
+    if row is None:
+        raise not_found(kind, ident)
+    return row
+
+
+def name_taken(kind: str, name: str) -> Problem:
+    return Problem(409, "Name taken", f"A {kind} named '{name}' already exists.", type_="conflict", name=name)
+
+
+async def add_named(session: AsyncSession, row: Catalogue, kind: str) -> None:
+    """Insert a plan or config under a name no other has: 409 when taken (looked up first for the usual
+    case; the unique index decides a race)."""
+    model = type(row)
+    if (await session.exec(select(model.id).where(model.name == row.name))).first() is not None:
+        raise name_taken(kind, row.name)
+    session.add(row)
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise name_taken(kind, row.name) from None
+
+
+def audit_changes(session: AsyncSession, admin: User, row: Catalogue, target_type: str,
+                  changes: dict[str, Any]) -> None:
+    """An edit that changed something: the row and its `<target_type>.update` audit entry."""
+    if changes:
+        session.add(row)
+        session.add(audit(admin, f"{target_type}.update", target_type, row.id, name=row.name, changes=changes))
+
+
+async def delete_audited(session: AsyncSession, admin: User, row: Catalogue, target_type: str,
+                         in_use: str, detail: str) -> Response:
+    """Delete with its audit entry; a reference that appeared since the caller's check (the foreign
+    key refuses) is the same 409 `in_use` the check gives."""
+    session.add(audit(admin, f"{target_type}.delete", target_type, row.id, name=row.name))
+    await session.delete(row)
+    try:
+        await session.commit()
+    except IntegrityError:
+        raise Problem(409, in_use, detail, type_="in-use") from None
+    return Response(status_code=204)
+
+
 # --- plans ------------------------------------------------------------------------------------------------
 
 
@@ -317,13 +376,6 @@ async def plans_out(session: AsyncSession, plans: list[Plan]) -> list[AdminPlanO
                                                       "created_at", *PLAN_COUNTERS)},
                          active=p.deactivated_at is None, vps_config_ids=sorted(links.get(p.id, []), key=str),
                          user_count=users.get(p.id, 0)) for p in plans]
-
-
-async def get_plan(session: AsyncSession, plan_id: uuid.UUID) -> Plan:
-    plan = (await session.exec(select(Plan).where(Plan.id == plan_id).with_for_update())).first()
-    if plan is None:
-        raise not_found("plan", plan_id)
-    return plan
 
 
 async def lock_default(session: AsyncSession) -> None:
@@ -348,10 +400,6 @@ async def set_links(session: AsyncSession, plan_id: uuid.UUID, config_ids: list[
             [{"plan_id": plan_id, "vps_config_id": c} for c in config_ids]))
 
 
-def name_taken(kind: str, name: str) -> Problem:
-    return Problem(409, "Name taken", f"A {kind} named '{name}' already exists.", type_="conflict", name=name)
-
-
 @router.get("/plans", response_model=list[AdminPlanOut])
 async def list_plans(session: SessionDep, _admin: CurrentAdmin) -> list[AdminPlanOut]:
     """Every plan, deactivated ones included, with every config it allows."""
@@ -361,18 +409,14 @@ async def list_plans(session: SessionDep, _admin: CurrentAdmin) -> list[AdminPla
 
 @router.post("/plans", status_code=201, response_model=AdminPlanOut, responses=problem_responses(409))
 async def create_plan(body: PlanIn, session: SessionDep, admin: CurrentAdmin) -> AdminPlanOut:
-    if (await session.exec(select(Plan.id).where(Plan.name == body.name))).first() is not None:
-        raise name_taken("plan", body.name)
-    configs = await check_configs(session, body.vps_config_ids)
     if body.is_default:
         await lock_default(session)
-        await session.exec(update(Plan).where(col(Plan.is_default)).values(is_default=False))  # type: ignore[call-overload]
     plan = Plan(**body.model_dump(exclude={"vps_config_ids"}))
-    session.add(plan)
-    try:
-        await session.flush()
-    except IntegrityError:
-        raise name_taken("plan", body.name) from None
+    await add_named(session, plan, "plan")
+    configs = await check_configs(session, body.vps_config_ids)
+    if body.is_default:
+        await session.exec(update(Plan).where(col(Plan.is_default), col(Plan.id) != plan.id)  # type: ignore[call-overload]
+                           .values(is_default=False))
     await set_links(session, plan.id, configs)  # type: ignore[arg-type]
     session.add(audit(admin, "plan.create", "plan", plan.id, **body.model_dump(mode="json")))
     await session.commit()
@@ -381,17 +425,14 @@ async def create_plan(body: PlanIn, session: SessionDep, admin: CurrentAdmin) ->
 
 @router.get("/plans/{plan_id}", response_model=AdminPlanOut, responses=problem_responses(404))
 async def read_plan(plan_id: uuid.UUID, session: SessionDep, _admin: CurrentAdmin) -> AdminPlanOut:
-    plan = await session.get(Plan, plan_id)
-    if plan is None:
-        raise not_found("plan", plan_id)
-    return (await plans_out(session, [plan]))[0]
+    return (await plans_out(session, [await found(session, Plan, plan_id, "plan")]))[0]
 
 
 @router.patch("/plans/{plan_id}", response_model=AdminPlanOut, responses=problem_responses(404, 409))
 async def update_plan(plan_id: uuid.UUID, body: PlanPatch, session: SessionDep, admin: CurrentAdmin) -> AdminPlanOut:
     """Change limits and rates (they apply from now on), the allowed configs, default, active."""
     await lock_default(session)
-    plan = await get_plan(session, plan_id)
+    plan: Plan = await locked(session, Plan, plan_id, "plan")
     changes = {k: v for k, v in body.model_dump(mode="json").items() if v is not None}
     active = plan.deactivated_at is None if body.active is None else body.active
     default = plan.is_default if body.is_default is None else body.is_default
@@ -415,9 +456,7 @@ async def update_plan(plan_id: uuid.UUID, body: PlanPatch, session: SessionDep, 
         value = getattr(body, field)
         if value is not None:
             setattr(plan, field, value)
-    if changes:
-        session.add(plan)
-        session.add(audit(admin, "plan.update", "plan", plan.id, name=plan.name, changes=changes))
+    audit_changes(session, admin, plan, "plan", changes)
     await session.commit()
     return (await plans_out(session, [plan]))[0]
 
@@ -426,7 +465,7 @@ async def update_plan(plan_id: uuid.UUID, body: PlanPatch, session: SessionDep, 
 async def delete_plan(plan_id: uuid.UUID, session: SessionDep, admin: CurrentAdmin) -> Response:
     """Only a plan no user is on and that is not the default; a plan in use is deactivated instead."""
     await lock_default(session)
-    plan = await get_plan(session, plan_id)
+    plan: Plan = await locked(session, Plan, plan_id, "plan")
     await session.exec(select(User.id).where(User.plan_id == plan.id).with_for_update())  # no user joins meanwhile
     users = (await plan_users(session, [plan.id])).get(plan.id, 0)
     if plan.is_default or users:
@@ -435,14 +474,8 @@ async def delete_plan(plan_id: uuid.UUID, session: SessionDep, admin: CurrentAdm
         raise Problem(409, "Plan in use", f"Plan '{plan.name}' cannot be deleted: {why}. Deactivate it instead "
                       f"(PATCH /admin/plans/{plan.id} with active: false): it is no longer offered and its users "
                       "keep it.", type_="in-use", users=users, is_default=plan.is_default)
-    session.add(audit(admin, "plan.delete", "plan", plan.id, name=plan.name))
-    await session.delete(plan)
-    try:
-        await session.commit()
-    except IntegrityError:
-        raise Problem(409, "Plan in use", f"Plan '{plan.name}' is still referenced; deactivate it instead.",
-                      type_="in-use") from None
-    return Response(status_code=204)
+    return await delete_audited(session, admin, plan, "plan", "Plan in use",
+                                f"Plan '{plan.name}' is still referenced; deactivate it instead.")
 
 
 # --- VPS configs ------------------------------------------------------------------------------------------
@@ -463,13 +496,6 @@ async def configs_out(session: AsyncSession, configs: list[VpsConfig]) -> list[A
                               plan_ids=sorted(links.get(c.id, []), key=str)) for c in configs]
 
 
-async def get_config(session: AsyncSession, config_id: uuid.UUID) -> VpsConfig:
-    config = (await session.exec(select(VpsConfig).where(VpsConfig.id == config_id).with_for_update())).first()
-    if config is None:
-        raise not_found("VPS config", config_id)
-    return config
-
-
 @router.get("/vps-configs", response_model=list[AdminVpsConfigOut])
 async def list_configs(session: SessionDep, _admin: CurrentAdmin) -> list[AdminVpsConfigOut]:
     configs = list((await session.exec(select(VpsConfig).order_by(VpsConfig.provider, VpsConfig.name))).all())
@@ -479,14 +505,8 @@ async def list_configs(session: SessionDep, _admin: CurrentAdmin) -> list[AdminV
 @router.post("/vps-configs", status_code=201, response_model=AdminVpsConfigOut, responses=problem_responses(409))
 async def create_config(body: VpsConfigIn, session: SessionDep, admin: CurrentAdmin) -> AdminVpsConfigOut:
     """A new VM tier; allow it on plans with PATCH /admin/plans/{id} (vps_config_ids)."""
-    if (await session.exec(select(VpsConfig.id).where(VpsConfig.name == body.name))).first() is not None:
-        raise name_taken("VPS config", body.name)
     config = VpsConfig(**body.model_dump())
-    session.add(config)
-    try:
-        await session.flush()
-    except IntegrityError:
-        raise name_taken("VPS config", body.name) from None
+    await add_named(session, config, "VPS config")
     session.add(audit(admin, "vps_config.create", "vps_config", config.id, **body.model_dump(mode="json")))
     await session.commit()
     return (await configs_out(session, [config]))[0]
@@ -494,10 +514,7 @@ async def create_config(body: VpsConfigIn, session: SessionDep, admin: CurrentAd
 
 @router.get("/vps-configs/{config_id}", response_model=AdminVpsConfigOut, responses=problem_responses(404))
 async def read_config(config_id: uuid.UUID, session: SessionDep, _admin: CurrentAdmin) -> AdminVpsConfigOut:
-    config = await session.get(VpsConfig, config_id)
-    if config is None:
-        raise not_found("VPS config", config_id)
-    return (await configs_out(session, [config]))[0]
+    return (await configs_out(session, [await found(session, VpsConfig, config_id, "VPS config")]))[0]
 
 
 async def vps_count(session: AsyncSession, config_id: Any, live_only: bool) -> int:
@@ -512,7 +529,7 @@ async def update_config(config_id: uuid.UUID, body: VpsConfigPatch, session: Ses
                         admin: CurrentAdmin) -> AdminVpsConfigOut:
     """Image, server type, locations and active always; sizes only while no live VPS uses it (storage is
     metered from the config's allocation, so a live VPS's config must keep saying what it has)."""
-    config = await get_config(session, config_id)
+    config: VpsConfig = await locked(session, VpsConfig, config_id, "VPS config")
     changes = {k: v for k, v in body.model_dump(mode="json").items() if v is not None}
     resized = [f for f in CONFIG_SIZES if f in changes and changes[f] != getattr(config, f)]
     if resized:
@@ -527,9 +544,7 @@ async def update_config(config_id: uuid.UUID, body: VpsConfigPatch, session: Ses
             setattr(config, field, value)
     if body.active is not None and body.active != (config.deactivated_at is None):
         config.deactivated_at = None if body.active else datetime.now(UTC)
-    if changes:
-        session.add(config)
-        session.add(audit(admin, "vps_config.update", "vps_config", config.id, name=config.name, changes=changes))
+    audit_changes(session, admin, config, "vps_config", changes)
     await session.commit()
     return (await configs_out(session, [config]))[0]
 
@@ -537,20 +552,14 @@ async def update_config(config_id: uuid.UUID, body: VpsConfigPatch, session: Ses
 @router.delete("/vps-configs/{config_id}", status_code=204, responses=problem_responses(404, 409))
 async def delete_config(config_id: uuid.UUID, session: SessionDep, admin: CurrentAdmin) -> Response:
     """Only a config no VPS row refers to (destroyed ones included: they keep their history)."""
-    config = await get_config(session, config_id)
+    config: VpsConfig = await locked(session, VpsConfig, config_id, "VPS config")
     used = await vps_count(session, config.id, live_only=False)
     if used:
         raise Problem(409, "Config in use", f"'{config.name}' is used by {used} VPS row(s) (destroyed ones keep their "
                       f"history); deactivate it instead (PATCH /admin/vps-configs/{config.id} with active: false).",
                       type_="in-use", vpses=used)
-    session.add(audit(admin, "vps_config.delete", "vps_config", config.id, name=config.name))
-    await session.delete(config)
-    try:
-        await session.commit()
-    except IntegrityError:  # a VPS was created with it in the meantime
-        raise Problem(409, "Config in use", f"'{config.name}' is now in use; deactivate it instead.",
-                      type_="in-use") from None
-    return Response(status_code=204)
+    return await delete_audited(session, admin, config, "vps_config", "Config in use",
+                                f"'{config.name}' is now in use; deactivate it instead.")
 
 
 # --- usage and the audit log ---------------------------------------------------------------------------

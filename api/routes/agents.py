@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from api.deps import CurrentUser, SessionDep
+from api.deps import CurrentUser, SessionDep, one_snapshot
 from api.operations import active_operations, last_operations, operation_out
 from api.problems import Problem
 from api.schemas import AgentCreate, AgentOut, OperationOut, Page, SettingsSync, VpsOut, problem_responses
@@ -98,6 +98,7 @@ async def list_agents(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> Page[AgentOut]:
+    await one_snapshot(session)
     total = (await session.exec(select(func.count()).select_from(Agent).where(Agent.user_id == user.id))).one()
     rows = (
         await session.exec(
@@ -114,6 +115,7 @@ async def list_agents(
 
 @router.get("/{agent_id}", response_model=AgentOut, responses=problem_responses(404))
 async def get_agent(agent_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> AgentOut:
+    await one_snapshot(session)
     agent = await owned_agent(session, user, agent_id)
     return (await agents_out(session, [(agent, await agent_vps(session, agent))]))[0]
 

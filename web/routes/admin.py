@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -240,6 +241,40 @@ async def show_plans(request: Request, api: ControlPlane, status: int = 200, err
                   configs=configs, names={c["id"]: c["name"] for c in configs}, error=error, notice=notice)
 
 
+async def saved(api: ControlPlane, method: str, path: str, body: dict[str, Any], errors: list[str],
+                again: Callable[[int, str], Response], notice: Callable[[dict[str, Any]], str]) -> Response:
+    """The end of a plan or VPS config form: what is wrong with it (400) or the API's refusal shows the form
+    again with what was typed (`again`); once saved, the plans page says `notice` of the saved row."""
+    if errors:
+        return again(400, " ".join(errors))
+    try:
+        row = await api.call(method, path, body)
+    except ApiError as err:
+        return again(err.status, problem(err))
+    return RedirectResponse(f"/admin/plans?{urlencode({'notice': notice(row)})}", status_code=303)
+
+
+async def confirm_delete(request: Request, path: str, kind: str, title: str, name: str) -> Response:
+    """The confirmation page before deleting the plan or VPS config at `path` (the API's and this app's)."""
+    _admin, api = await require_admin(request)
+    row = await api_or_404(api, path, title)
+    return render(request, "admin_delete.html", section="plans", kind=kind, target_name=row[name],
+                  action=f"{path}/delete")
+
+
+async def delete(request: Request, path: str, kind: str, title: str) -> Response:
+    """Delete the plan or VPS config at `path`; the API's refusal (in use) is said on the plans page."""
+    _admin, api = await require_admin(request)
+    await form(request)
+    try:
+        await api.call("DELETE", path)
+    except ApiError as err:
+        if err.status == 404:
+            raise PageError(404, f"{title} not found", f"There is no such {kind}.") from None
+        return await show_plans(request, api, err.status, error=problem(err))
+    return RedirectResponse(f"/admin/plans?{urlencode({'notice': f'{title} deleted.'})}", status_code=303)
+
+
 def plan_body(fields: dict[str, str], configs: list[dict[str, Any]], new: bool) -> tuple[dict[str, Any], list[str]]:
     """The API body from the form, and what is wrong with it (checked here so the reasons name the labels)."""
     body: dict[str, Any] = {}
@@ -287,14 +322,9 @@ async def create_plan(request: Request) -> Response:
     configs = await api.get("/admin/vps-configs")
     body, errors = plan_body(fields, configs, new=True)
     typed = {**fields, "vps_config_ids": body["vps_config_ids"], "is_default": "is_default" in body}
-    if errors:
-        return plan_form(request, 400, None, typed, configs, " ".join(errors))
-    try:
-        plan = await api.post("/admin/plans", body)
-    except ApiError as err:
-        return plan_form(request, err.status, None, typed, configs, problem(err))
-    notice = f"Plan '{plan['name']}' created."
-    return RedirectResponse(f"/admin/plans?{urlencode({'notice': notice})}", status_code=303)
+    return await saved(api, "POST", "/admin/plans", body, errors,
+                       lambda status, error: plan_form(request, status, None, typed, configs, error),
+                       lambda plan: f"Plan '{plan['name']}' created.")
 
 
 @router.get("/plans/{plan_id}/edit", response_class=HTMLResponse)
@@ -313,35 +343,19 @@ async def update_plan(request: Request, plan_id: uuid.UUID) -> Response:
     body, errors = plan_body(fields, configs, new=False)
     typed = {**fields, "vps_config_ids": body["vps_config_ids"], "is_default": "is_default" in body,
              "active": body["active"]}
-    if errors:
-        return plan_form(request, 400, plan, typed, configs, " ".join(errors))
-    try:
-        await api.call("PATCH", f"/admin/plans/{plan_id}", body)
-    except ApiError as err:
-        return plan_form(request, err.status, plan, typed, configs, problem(err))
-    notice = f"Plan '{plan['name']}' saved."
-    return RedirectResponse(f"/admin/plans?{urlencode({'notice': notice})}", status_code=303)
+    return await saved(api, "PATCH", f"/admin/plans/{plan_id}", body, errors,
+                       lambda status, error: plan_form(request, status, plan, typed, configs, error),
+                       lambda _: f"Plan '{plan['name']}' saved.")
 
 
 @router.get("/plans/{plan_id}/delete", response_class=HTMLResponse)
 async def confirm_delete_plan(request: Request, plan_id: uuid.UUID) -> Response:
-    _admin, api = await require_admin(request)
-    plan = await api_or_404(api, f"/admin/plans/{plan_id}", "Plan")
-    return render(request, "admin_delete.html", section="plans", kind="plan", target_name=plan["display_name"],
-                  action=f"/admin/plans/{plan_id}/delete")
+    return await confirm_delete(request, f"/admin/plans/{plan_id}", "plan", "Plan", "display_name")
 
 
 @router.post("/plans/{plan_id}/delete", response_class=HTMLResponse)
 async def delete_plan(request: Request, plan_id: uuid.UUID) -> Response:
-    _admin, api = await require_admin(request)
-    await form(request)
-    try:
-        await api.call("DELETE", f"/admin/plans/{plan_id}")
-    except ApiError as err:
-        if err.status == 404:
-            raise PageError(404, "Plan not found", "There is no such plan.") from None
-        return await show_plans(request, api, err.status, error=problem(err))
-    return RedirectResponse("/admin/plans?notice=Plan+deleted.", status_code=303)
+    return await delete(request, f"/admin/plans/{plan_id}", "plan", "Plan")
 
 
 def config_body(fields: dict[str, str], new: bool) -> tuple[dict[str, Any], list[str]]:
@@ -398,14 +412,9 @@ async def create_config(request: Request) -> Response:
     _admin, api = await require_admin(request)
     fields = await form(request)
     body, errors = config_body(fields, new=True)
-    if errors:
-        return config_form(request, 400, None, fields, " ".join(errors))
-    try:
-        config = await api.post("/admin/vps-configs", body)
-    except ApiError as err:
-        return config_form(request, err.status, None, fields, problem(err))
-    notice = f"VPS config '{config['name']}' created; allow it on plans by editing them."
-    return RedirectResponse(f"/admin/plans?{urlencode({'notice': notice})}", status_code=303)
+    return await saved(api, "POST", "/admin/vps-configs", body, errors,
+                       lambda status, error: config_form(request, status, None, fields, error),
+                       lambda config: f"VPS config '{config['name']}' created; allow it on plans by editing them.")
 
 
 @router.get("/vps-configs/{config_id}/edit", response_class=HTMLResponse)
@@ -422,35 +431,19 @@ async def update_config(request: Request, config_id: uuid.UUID) -> Response:
     config = await api_or_404(api, f"/admin/vps-configs/{config_id}", "VPS config")
     body, errors = config_body(fields, new=False)
     typed = {**fields, "active": body["active"]}
-    if errors:
-        return config_form(request, 400, config, typed, " ".join(errors))
-    try:
-        await api.call("PATCH", f"/admin/vps-configs/{config_id}", body)
-    except ApiError as err:
-        return config_form(request, err.status, config, typed, problem(err))
-    notice = f"VPS config '{config['name']}' saved."
-    return RedirectResponse(f"/admin/plans?{urlencode({'notice': notice})}", status_code=303)
+    return await saved(api, "PATCH", f"/admin/vps-configs/{config_id}", body, errors,
+                       lambda status, error: config_form(request, status, config, typed, error),
+                       lambda _: f"VPS config '{config['name']}' saved.")
 
 
 @router.get("/vps-configs/{config_id}/delete", response_class=HTMLResponse)
 async def confirm_delete_config(request: Request, config_id: uuid.UUID) -> Response:
-    _admin, api = await require_admin(request)
-    config = await api_or_404(api, f"/admin/vps-configs/{config_id}", "VPS config")
-    return render(request, "admin_delete.html", section="plans", kind="VPS config", target_name=config["name"],
-                  action=f"/admin/vps-configs/{config_id}/delete")
+    return await confirm_delete(request, f"/admin/vps-configs/{config_id}", "VPS config", "VPS config", "name")
 
 
 @router.post("/vps-configs/{config_id}/delete", response_class=HTMLResponse)
 async def delete_config(request: Request, config_id: uuid.UUID) -> Response:
-    _admin, api = await require_admin(request)
-    await form(request)
-    try:
-        await api.call("DELETE", f"/admin/vps-configs/{config_id}")
-    except ApiError as err:
-        if err.status == 404:
-            raise PageError(404, "VPS config not found", "There is no such VPS config.") from None
-        return await show_plans(request, api, err.status, error=problem(err))
-    return RedirectResponse("/admin/plans?notice=VPS+config+deleted.", status_code=303)
+    return await delete(request, f"/admin/vps-configs/{config_id}", "VPS config", "VPS config")
 
 
 # --- usage and the audit log ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The signed-in user's agents: dashboard, new agent, the agent page (Overview and Usage tabs) and its
+"""The signed-in user's agents: dashboard, the agent page (Overview and Usage tabs) and its
 lifecycle buttons. A user with no agent is sent to the onboarding wizard (web/routes/onboarding.py)."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -15,8 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from web.api_client import ApiError, ControlPlane
 from web.charts import bar_chart
 from web.operations import agent_or_404
-from web.pages import ctx, form, human_bytes, log, readable, render, require_user, unread
-from web.presets import PRESETS
+from web.pages import ctx, form, human_bytes, readable, render, require_user, unread
 
 router = APIRouter()
 
@@ -27,28 +25,8 @@ async def dashboard(request: Request) -> Response:
     page = await api.get("/agents?limit=100")
     if not page["items"]:
         return RedirectResponse("/onboarding", status_code=303)
-    return render(request, "dashboard.html", agents=page["items"], unread=await unread(api), presets=PRESETS)
+    return render(request, "dashboard.html", agents=page["items"], unread=await unread(api))
 
-@router.post("/agents")
-async def new_agent(request: Request) -> Response:
-    _user, api = await require_user(request)
-    fields = await form(request)
-    preset = fields.get("preset", "helpful")
-    if preset not in PRESETS:
-        preset = "helpful"
-    try:
-        agent = await api.post("/agents", {"name": fields.get("name", "")})
-    except ApiError as err:
-        page = await api.get("/agents?limit=100")
-        return render(request, "dashboard.html", 400 if err.status == 422 else err.status, agents=page["items"],
-                      unread=await unread(api), presets=PRESETS, error=readable(err))
-    try:
-        await api.call("PATCH", f"/agents/{agent['id']}/settings", {"files": {"SOUL.md": PRESETS[preset][1]}})
-    except ApiError as err:  # the agent exists: say why its personality is not set, and go on
-        log.warning("personality not saved for a new agent: %s", err)
-    notice = await provision(api, agent["id"])
-    target = f"/agents/{agent['id']}" + (f"?{urlencode({'notice': notice})}" if notice else "")
-    return RedirectResponse(target, status_code=303)
 
 async def provision(api: ControlPlane, agent_id: str) -> str | None:
     """Start ProvisionVps on the plan's first local config (else its first); a reason when refused."""
