@@ -42,6 +42,50 @@ def channel_config(kind: str, credentials: dict[str, str]) -> dict[str, Any]:
     raise fail(f"{kind} is not a token channel")
 
 
+def channel_report(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """One channel in a `channels.status` answer, or None when the gateway does not list it.
+
+    The channel summary lacks `connected`, `lifecycle`, `tokenStatus` and `stateReason`: only the
+    default account's snapshot carries them, so the two are merged; the channel's `statusIssues`
+    ride along as `issues`.
+    """
+    summary = (status.get("channels") or {}).get(kind)
+    accounts = [a for a in (status.get("channelAccounts") or {}).get(kind) or [] if isinstance(a, dict)]
+    if not isinstance(summary, dict) and not accounts:
+        return None
+    default = (status.get("channelDefaultAccountId") or {}).get(kind) or "default"
+    account = next((a for a in accounts if a.get("accountId") == default), accounts[0] if accounts else {})
+    summary = summary if isinstance(summary, dict) else {}
+    report: dict[str, Any] = {**summary, **account}
+    report["lastError"] = account.get("lastError") or summary.get("lastError")
+    issues = [i for i in status.get("statusIssues") or [] if isinstance(i, dict) and i.get("channel") == kind]
+    if issues:
+        report["issues"] = issues
+    return report
+
+
+def channel_verdict(kind: str, report: dict[str, Any] | None, *, final: bool) -> tuple[str, str | None] | None:
+    """(status, reason) once the gateway's report settles the channel; None to keep waiting (unless `final`)."""
+    if report is not None and report.get("connected") is True:
+        return "connected", None
+    error = str(report["lastError"]) if report is not None and report.get("lastError") else None
+    # A bad token blocks the channel for good; an error while it still runs is retried by the gateway.
+    if error and report is not None and (report.get("lifecycle") == "blocked" or report.get("running") is not True):
+        return "error", error
+    if not final:
+        return None
+    if report is None:
+        return "error", (f"the gateway does not run a {kind} channel: its {kind} plugin is not installed "
+                         "or not loaded on this gateway")
+    if report.get("configured") is False:
+        why = [str(i.get("message")) for i in report.get("issues") or [] if i.get("message")]
+        why = why or [str(v) for v in (report.get("stateReason"),
+                                       f"token {report['tokenStatus']}" if report.get("tokenStatus") else None) if v]
+        return "error", f"the gateway reports {kind} as not configured" + (f" ({'; '.join(why)})" if why else "")
+    # Accepted and (maybe) started, not connected yet: no network, or the service is slow to answer.
+    return "configured", error
+
+
 class AgentActivities(VpsActivities):
     def all(self) -> list[Any]:
         return [*super().all(), self.restart_gateway, self.configure_channel, self.await_channel,
@@ -97,28 +141,29 @@ class AgentActivities(VpsActivities):
 
     @activity.defn(name=Act.await_channel)
     async def await_channel(self, inp: ChannelInput) -> None:
-        """Wait for the channel to run; report what the gateway says when it does not (yet)."""
+        """Wait for the channel to connect; store what the gateway says about it when it does not (yet).
+
+        Ends `connected` when the gateway says so, `error` (the operation fails with the gateway's
+        reason) when the channel is blocked, not configured in the gateway's eyes or not run by it at
+        all, and `configured` (accepted and started, waiting to connect: e.g. no network) otherwise.
+        """
         async with heartbeating():
             vps, agent = await self._gateway_for(inp)
             deadline = time.monotonic() + inp.timeouts.channel_status_s
-            live: dict[str, Any] = {}
+            report: dict[str, Any] | None = None
             async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
-                while time.monotonic() < deadline:
+                while True:
                     activity.heartbeat()
                     # Unfiltered: a gateway answers `unknown channel` for a plugin it has not loaded yet.
-                    status = await gw.channels_status()
-                    live = (status.get("channels") or {}).get(inp.kind) or {}
-                    if live.get("running") or live.get("connected"):
-                        await self._set_channel(inp.vps.agent_id, inp.kind, status="connected", live_status=live,
-                                                last_error=None)
-                        return
-                    if live.get("lastError"):
-                        await self._set_channel(inp.vps.agent_id, inp.kind, status="error", live_status=live,
-                                                last_error=str(live["lastError"]))
-                        raise fail(f"{inp.kind}: {live['lastError']}", "ChannelError")
+                    report = channel_report(await gw.channels_status(), inp.kind)
+                    verdict = channel_verdict(inp.kind, report, final=time.monotonic() >= deadline)
+                    if verdict is not None:
+                        break
                     await asyncio.sleep(1.0)
-            # Accepted by the gateway, not running yet (no network, or channels paused on this gateway).
-            await self._set_channel(inp.vps.agent_id, inp.kind, status="configured", live_status=live, last_error=None)
+            status, reason = verdict
+            await self._set_channel(inp.vps.agent_id, inp.kind, status=status, live_status=report, last_error=reason)
+            if status == "error":
+                raise fail(f"{inp.kind}: {reason}", "ChannelError")
 
     @activity.defn(name=Act.whatsapp_login)
     async def whatsapp_login(self, inp: ChannelInput) -> None:

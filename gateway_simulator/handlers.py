@@ -1,6 +1,7 @@
 """RPC methods the simulator implements, with the real gateway's params, payloads and errors.
 
-Shapes were captured from a live openclaw 2026.9.6 gateway (channels skipped, no LLM key). Where the
+Shapes were captured from a live openclaw 2026.9.6 gateway (channels skipped, no LLM key; `channels.status`
+re-captured with channels on and no network). Where the
 real gateway runs an agent, the simulator echoes: `chat.send` answers `echo: <message>`.
 """
 
@@ -92,6 +93,7 @@ class WebLogin:
 class Handlers:
     def __init__(self, sim: GatewaySimulator) -> None:
         self.sim = sim
+        self._telegram_started: int | None = None  # when the (simulated) Telegram bot last started
         self._table: dict[str, Handler] = {
             "health": self.health,
             "status": self.status,
@@ -530,13 +532,50 @@ class Handlers:
     # -- channels / WhatsApp QR --------------------------------------------------------------------
 
     def _channel_summaries(self) -> dict[str, dict[str, Any]]:
+        return {k: v[0] for k, v in self._channels().items()}
+
+    def _telegram(self, telegram: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(channel summary, default account) as 2026.9.6 reports a bot that cannot reach Telegram.
+
+        Channels on: a token makes it configured and started (`lifecycle: starting`), never
+        connected. `OPENCLAW_SKIP_CHANNELS=1`: the gateway leaves `channels` out of its runtime
+        config, so even a stored token reads as missing and nothing starts.
+        """
+        skipped = self.sim.options.env.get("OPENCLAW_SKIP_CHANNELS", "").strip().lower() in ("1", "true", "yes", "on")
+        token = None if skipped else telegram.get("botToken") or telegram.get("tokenFile")
+        enabled = telegram.get("enabled") is not False
+        running = bool(token) and enabled
+        if running and self._telegram_started is None:
+            self._telegram_started = now_ms()
+        elif not running:
+            self._telegram_started = None
+        source = "none" if not token else "tokenFile" if telegram.get("tokenFile") else "config"
+        summary = {"configured": bool(token), "running": running, "lastStartAt": self._telegram_started,
+                   "lastStopAt": None, "lastError": None, "tokenSource": source, "lastProbeAt": None,
+                   "mode": "polling"}
+        account: dict[str, Any] = {
+            "accountId": "default", "enabled": enabled, "lastStartAt": self._telegram_started, "lastStopAt": None,
+            "lastInboundAt": None, "lastOutboundAt": None, "tokenSource": source,
+            "tokenStatus": "available" if token else "missing", "mode": "polling",
+            "allowUnmentionedGroups": False, "configured": bool(token), "running": running, "lastError": None}
+        if running:
+            account.update(restartPending=False, reconnectAttempts=0, lifecycle="starting", connected=False)
+        elif not token:
+            account["stateReason"] = "not configured"
+        return summary, account
+
+    def _channels(self) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+        """kind -> (summary with its label, default account snapshot), for the channels this gateway runs."""
         channels_cfg = self.sim.config.read().resolved.get("channels")
         channels_cfg = channels_cfg if isinstance(channels_cfg, dict) else {}
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        # Discord and Slack are not bundled with 2026.9.6: their config is accepted, nothing runs them.
         telegram = channels_cfg.get("telegram")
         if isinstance(telegram, dict):
-            configured = bool(telegram.get("botToken") or telegram.get("tokenFile"))
-            out["telegram"] = {"label": "Telegram", "configured": configured, "running": False}
+            summary, account = self._telegram(telegram)
+            out["telegram"] = ({"label": "Telegram", **summary}, account)
+        else:
+            self._telegram_started = None
         if self.sim.options.whatsapp_plugin:
             linked = self._linked("default")
             entry: dict[str, Any] = {
@@ -548,25 +587,25 @@ class Handlers:
             }
             if linked:
                 entry["self"] = linked
-            out["whatsapp"] = entry
+            out["whatsapp"] = (entry, {"accountId": "default", **{k: v for k, v in entry.items() if k != "label"}})
         return out
 
     async def channels_status(self, conn: Connection, params: Any) -> Any:
         p = check_params("channels.status", params, {"probe", "timeoutMs", "channel"})
-        summaries = self._channel_summaries()
+        listed = self._channels()
         if p.get("channel") is not None:
-            summaries = {k: v for k, v in summaries.items() if k == p["channel"]}
-        channels = {k: {kk: vv for kk, vv in v.items() if kk != "label"} for k, v in summaries.items()}
+            listed = {k: v for k, v in listed.items() if k == p["channel"]}
+        channels = {k: {kk: vv for kk, vv in v[0].items() if kk != "label"} for k, v in listed.items()}
         return {
             "ts": now_ms(),
-            "channelOrder": list(summaries),
-            "channelLabels": {k: v["label"] for k, v in summaries.items()},
+            "channelOrder": list(listed),
+            "channelLabels": {k: v[0]["label"] for k, v in listed.items()},
             "channelDetailLabels": {},
             "channelSystemImages": {},
             "channelMeta": [],
             "eventLoop": EVENT_LOOP,
             "channels": channels,
-            "channelAccounts": {k: [{"accountId": "default", **v}] for k, v in channels.items()},
+            "channelAccounts": {k: [v[1]] for k, v in listed.items()},
             "channelDefaultAccountId": dict.fromkeys(channels, "default"),
             "statusIssues": [],
         }

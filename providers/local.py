@@ -78,8 +78,10 @@ INHERITED_ENV = (
     "NODE_OPTIONS",
     "VIRTUAL_ENV",
 )
+# No OPENCLAW_SKIP_CHANNELS (a VM's gateway does not set it either): with it the gateway leaves
+# `channels` out of its resolved runtime config, so a Telegram token in openclaw.json reads as
+# missing (`configured: false`) and no channel ever starts.
 DEFAULT_ENV = {
-    "OPENCLAW_SKIP_CHANNELS": "1",
     "OPENCLAW_DISABLE_BONJOUR": "1",
     "OPENCLAW_NO_AUTO_UPDATE": "1",
     "OPENCLAW_NO_RESPAWN": "1",

@@ -157,6 +157,10 @@ async def test_telegram_connect_and_disconnect(stack: Stack, sql: psycopg.Connec
     assert listed[0]["kind"] == "telegram"
     # No network here: the gateway accepts the bot but cannot reach Telegram, so it is configured, not connected.
     assert listed[0]["status"] == "configured" and listed[0]["live_status"]["configured"] is True
+    assert listed[0]["last_error"] is None
+    # What the gateway's default account says (the channel summary has no `connected`).
+    assert listed[0]["live_status"]["tokenStatus"] == "available"
+    assert listed[0]["live_status"]["running"] is True and listed[0]["live_status"]["connected"] is False
     assert listed[0]["credentials"] == {"bot_token": "…" + TELEGRAM[-4:]}
     assert TELEGRAM not in json.dumps(listed)
     stored = sql.execute("SELECT credentials FROM agent_channels").fetchone()[0]  # type: ignore[index]
@@ -176,6 +180,25 @@ async def test_telegram_connect_and_disconnect(stack: Stack, sql: psycopg.Connec
     assert "telegram" not in (config.get("channels") or {})
     missing = await stack.api.delete(f"/agents/{agent}/channels/telegram", headers=headers(user))
     assert missing.status_code == 404
+
+
+async def test_a_channel_the_gateway_does_not_run_is_an_error_not_configured(stack: Stack,
+                                                                             sql: psycopg.Connection) -> None:
+    """Discord is not bundled with the gateway: its config is written, but nothing runs it, and that is said."""
+    user, agent, vps = await running_agent(stack, sql)
+    token = "M" * 24 + "." + "G" * 6 + "." + "z" * 27
+    resp = await stack.api.post(f"/agents/{agent}/channels", headers=headers(user),
+                                json={"kind": "discord", "credentials": {"bot_token": token}})
+    assert resp.status_code == 202, resp.text
+    result = await operation_result(stack, resp.json()["operation_id"])
+    assert result["status"] == "failed" and "discord plugin is not installed" in result["error"], result
+    listed = (await stack.api.get(f"/agents/{agent}/channels", headers=headers(user))).json()["items"]
+    assert listed[0]["status"] == "error" and "discord plugin is not installed" in listed[0]["last_error"]
+    assert listed[0]["live_status"] is None  # the gateway said nothing about it
+    # Removable like any other.
+    resp = await stack.api.delete(f"/agents/{agent}/channels/discord", headers=headers(user))
+    assert (await operation_result(stack, resp.json()["operation_id"]))["error"] is None
+    assert "discord" not in (json.loads((state_dir(stack, vps) / "openclaw.json").read_text()).get("channels") or {})
 
 
 async def test_whatsapp_without_the_plugin_is_a_clear_error(stack: Stack, sql: psycopg.Connection) -> None:

@@ -139,8 +139,9 @@ async def test_happy_path_lifecycle(make_provider: Factory, tmp_path: Path, monk
     assert env["HOME"] == str(vm / "home")
     assert env["OPENCLAW_GATEWAY_TOKEN"] == "gw-token-123"
     assert env["OPENCLAW_LOG_LEVEL"] == "debug"
-    for key in ("OPENCLAW_SKIP_CHANNELS", "OPENCLAW_DISABLE_BONJOUR", "OPENCLAW_NO_AUTO_UPDATE", "OPENCLAW_NO_RESPAWN"):
+    for key in ("OPENCLAW_DISABLE_BONJOUR", "OPENCLAW_NO_AUTO_UPDATE", "OPENCLAW_NO_RESPAWN"):
         assert env[key] == "1"
+    assert "OPENCLAW_SKIP_CHANNELS" not in env  # channels run as on a VM (with it, a token reads as missing)
     assert "HCLOUD_TOKEN" not in env  # the worker's secrets stay in the worker
     assert (vm / "env.json").stat().st_mode & 0o077 == 0
     assert "gw-token-123" not in (vm / "vm.json").read_text()

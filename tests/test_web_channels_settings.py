@@ -106,6 +106,7 @@ async def test_telegram_channel_add_list_remove(site: Web, sql: psycopg.Connecti
         done = await settled(b, resp.headers["location"], "ConnectChannel succeeded")
         # No network here: the gateway holds the bot but cannot reach Telegram.
         assert "configured (the gateway accepted it" in done and "Telegram" in done
+        assert "The gateway started it; it has not connected to Telegram yet." in done
         assert TELEGRAM not in done and "…" + TELEGRAM[-4:] in done
         listed = await channels_api(site, user, agent)
         assert [c["kind"] for c in listed] == ["telegram"] and listed[0]["status"] == "configured"

@@ -350,8 +350,9 @@ async def step_channels_connect(page: Any, j: Journey) -> None:
 
 
 async def step_channels_outcome(page: Any, j: Journey) -> None:
-    """What the real gateway makes of it: it accepts the token (written into its config), but the bot never
-    runs, so after the operation's wait the page says "configured ... not yet connected", with no reason.
+    """What the real gateway makes of it: it accepts the token (written into its config) and starts the bot,
+    which never connects, so after the operation's wait the page says "configured ... not yet connected",
+    with the gateway's state and no reason.
     The token is never written back into a page (only its last 4 characters, masked). Then it is removed."""
     from playwright.async_api import expect
 
@@ -359,7 +360,10 @@ async def step_channels_outcome(page: Any, j: Journey) -> None:
     await page.goto(j.channel_op_url)
     await expect(page.locator("#operation")).to_have_text("Done: ConnectChannel succeeded.", timeout=LIFECYCLE_MS)
     row = page.locator('#channels tr[data-kind="telegram"]')
-    await expect(row.get_by_role("cell").nth(1)).to_have_text("configured (the gateway accepted it; not yet connected)")
+    await expect(row.locator("strong")).to_have_text("configured (the gateway accepted it; not yet connected)")
+    # What the gateway itself says: the bot is configured and started, it just cannot reach Telegram.
+    await expect(row.locator(".gateway-state")).to_have_text(
+        "The gateway started it; it has not connected to Telegram yet.")
     await expect(row.locator(".reason")).to_have_count(0)
     await expect(row.get_by_role("cell").nth(2)).to_have_text("…" + token[-4:])
     await page.reload()  # the whole page as served once the operation ended, not only the live fragment
