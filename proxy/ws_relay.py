@@ -35,8 +35,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -53,6 +51,7 @@ from yarl import URL
 
 from openclaw.device import DeviceIdentity, DeviceProofError, signature_token, verify_device_proof
 from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, control_ui_build_id
+from openclaw.tls import CertificatePinError, check_peer, pinned_context
 from proxy.access import GatewayTarget
 from proxy.config import ProxyConfig, attachment_limit
 from proxy.frames import (
@@ -427,13 +426,13 @@ class _Upstream(_Socket):
         end = self.head.find(b"\r\n\r\n")
         if end < 0:
             if len(self.head) > _HEAD_LIMIT:
-                self.upgraded.set_exception(_UpgradeRefused(0, "response head too large"))
+                self._fail(_UpgradeRefused(0, "response head too large"))
                 self.abort()
             return
         try:
             status = _check_upgrade(bytes(self.head[:end]), self.key)
         except _UpgradeRefused as exc:
-            self.upgraded.set_exception(exc)
+            self._fail(exc)
             self.abort()
             return
         rest = bytes(self.head[end + 4:])
@@ -442,9 +441,13 @@ class _Upstream(_Socket):
         if rest:
             super().data_received(rest)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _fail(self, exc: Exception) -> None:
         if not self.upgraded.done():
-            self.upgraded.set_exception(ConnectionResetError("gateway closed during the upgrade"))
+            self.upgraded.set_exception(exc)
+            self.upgraded.exception()  # retrieved: nobody awaits it when the pin check already failed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionResetError("gateway closed during the upgrade"))
         super().connection_lost(exc)
 
 
@@ -481,18 +484,14 @@ def _check_upgrade(head: bytes, key: str) -> int:
 
 
 def _upstream_ssl() -> ssl.SSLContext:
-    """TLS to a pinned gateway: no CA trust and no host name (the pin is checked instead), as
-    aiohttp.Fingerprint does."""
+    """TLS to a pinned gateway: no CA trust and no host name, the pin checked instead (`check_peer`)."""
     global _UPSTREAM_SSL
     if _UPSTREAM_SSL is None:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        _UPSTREAM_SSL = context
+        _UPSTREAM_SSL = pinned_context()
     return _UPSTREAM_SSL
 
 
-async def _open_upstream(url: URL, headers: dict[str, str], origin: str, pin: bytes | None,
+async def _open_upstream(url: URL, headers: dict[str, str], origin: str, pin: str | None,
                          cfg: ProxyConfig) -> _Upstream:
     """TCP (and TLS, pin checked before any byte is sent), the upgrade, the 101 checked."""
     loop = asyncio.get_running_loop()
@@ -507,11 +506,11 @@ async def _open_upstream(url: URL, headers: dict[str, str], origin: str, pin: by
         lambda: _Upstream(asm, key, cfg.max_upstream_frame_bytes), host, port,
         ssl=_upstream_ssl() if secure else None, server_hostname=host if secure else None)
     try:
-        if secure:
-            sslobj = transport.get_extra_info("ssl_object")
-            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-            if der is None or not hmac.compare_digest(hashlib.sha256(der).digest(), pin or b""):
-                raise _UpgradeRefused(0, "gateway certificate does not match its pin")
+        if secure:  # the pin, before a single byte goes out (what aiohttp.Fingerprint guaranteed)
+            try:
+                check_peer(transport.get_extra_info("ssl_object"), pin or "")
+            except CertificatePinError as exc:
+                raise _UpgradeRefused(0, str(exc)) from None
         lines = [f"GET {url.raw_path_qs or '/'} HTTP/1.1", f"Host: {headers.get('Host') or url.raw_authority}",
                  "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
                  "Sec-WebSocket-Version: 13", f"Origin: {origin}"]
@@ -989,8 +988,7 @@ async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, 
         response_head = _browser_101(request)
         if response_head is None:
             return problem(400, "Bad WebSocket upgrade", "Sec-WebSocket-Key or -Version is invalid.")
-        ssl_pin = target.upstream_ssl
-        pin = ssl_pin.fingerprint if isinstance(ssl_pin, aiohttp.Fingerprint) else None
+        pin = target.cert_sha256 if target.base_url.startswith("https://") else None
         try:
             upstream = await asyncio.wait_for(_open_upstream(URL(upstream_url, encoded=True), upstream_headers,
                                                              ctx.relay_origin, pin, cfg),
