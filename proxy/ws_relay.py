@@ -574,6 +574,9 @@ class _Upgraded(web.StreamResponse):
 
 
 def _browser_101(request: web.Request) -> bytes | None:
+    """Our 101 for a valid RFC 6455 upgrade (no extension, no subprotocol), None for an invalid one."""
+    if request.method != "GET" or request.version < (1, 1):
+        return None
     key = request.headers.get("Sec-WebSocket-Key", "")
     try:
         if len(base64.b64decode(key, validate=True)) != 16:
@@ -1019,11 +1022,18 @@ async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, 
             upstream.abort()
             return problem(502, "Gateway unavailable", "The browser went away.")
         relay_conn = Relay(ctx, target, browser, upstream, on_done)
-        _take_over(request, browser, response_head)
+        try:
+            _take_over(request, browser, response_head)
+        except Exception:
+            upstream.abort()
+            raise
         started = True
         ctx.open_relays.add(relay_conn)
         try:
             await relay_conn.handshake(challenge)
+        except asyncio.CancelledError:  # the server is shutting down mid-handshake
+            relay_conn.close_both(WSCloseCode.GOING_AWAY, "proxy closing", upstream_code=WSCloseCode.GOING_AWAY)
+            raise
         except Exception:
             log.warning("relay handshake failed", exc_info=True)
             relay_conn.close_both(WSCloseCode.INTERNAL_ERROR, "proxy error")
