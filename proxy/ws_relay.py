@@ -710,7 +710,7 @@ class Relay:
         for side in (self.browser, self.upstream):
             if side.lost:
                 continue
-            if side.rx:
+            if side.rx or side.paused:  # a side we stopped reading cannot show it is alive: not judged
                 side.rx = False
                 side.idle = 0
                 continue
