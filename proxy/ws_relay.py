@@ -830,8 +830,12 @@ class Relay:
 
     # -- steady state: callbacks from data_received ----------------------------------------------
 
-    def start(self) -> None:
-        """hello-ok is out: from now on both sockets call the relay directly."""
+    def start(self, *, authenticated: bool) -> None:
+        """The handshake is over: from now on both sockets call the relay directly. Only after
+        hello-ok may browser messages be as large as `max_client_frame_bytes`."""
+        if authenticated:
+            self.browser.asm.max_message = self.ctx.config.max_client_frame_bytes
+            self.browser.asm.too_large = (WSCloseCode.POLICY_VIOLATION, "frame too large")
         self.relaying = True
         rest = self.upstream.asm.rest()
         self.browser.resume(_HANDSHAKE)
@@ -1016,8 +1020,10 @@ async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, 
         except (TimeoutError, ValueError, WireError):
             upstream.abort()
             return problem(502, "Gateway unavailable", "The agent's gateway did not start the handshake.")
-        browser = _Socket(Assembler(require_mask=True, max_message=cfg.max_client_frame_bytes,
-                                    too_large=(WSCloseCode.POLICY_VIOLATION, "frame too large")), browser_side=True)
+        # Before hello-ok a browser may send no more than the connect frame's cap (as on the gateway).
+        browser = _Socket(Assembler(require_mask=True, max_message=cfg.max_connect_frame_bytes,
+                                    too_large=(WSCloseCode.POLICY_VIOLATION, "preauth payload too large")),
+                          browser_side=True)
         if request.transport is None or request.protocol is None:
             upstream.abort()
             return problem(502, "Gateway unavailable", "The browser went away.")
@@ -1029,8 +1035,9 @@ async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, 
             raise
         started = True
         ctx.open_relays.add(relay_conn)
+        authenticated = False
         try:
-            await relay_conn.handshake(challenge)
+            authenticated = await relay_conn.handshake(challenge)
         except asyncio.CancelledError:  # the server is shutting down mid-handshake
             relay_conn.close_both(WSCloseCode.GOING_AWAY, "proxy closing", upstream_code=WSCloseCode.GOING_AWAY)
             raise
@@ -1039,7 +1046,7 @@ async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, 
             relay_conn.close_both(WSCloseCode.INTERNAL_ERROR, "proxy error")
         # Relaying or closing: either way the sockets are read from callbacks now (a failed
         # handshake has sent its close frames; only the peers' answers are still looked for).
-        relay_conn.start()
+        relay_conn.start(authenticated=authenticated)
         if browser.lost and upstream.lost:
             relay_conn.lost(upstream)  # both already gone (e.g. during the handshake): finish now
         return _Upgraded()

@@ -197,6 +197,25 @@ async def test_oversized_fragmented_message_closes_with_1008(settings: Settings,
 
 
 @ASYNC
+async def test_oversized_connect_is_refused_from_its_header(settings: Settings, sql: psycopg.Connection) -> None:
+    """Before hello-ok a browser gets the connect frame's 64 KiB, not the 8 MiB of a signed-in socket."""
+    async with FakeGateway() as fake:
+        seeded = seed_gateway_user(sql, settings, port=fake.port)
+        async with running_proxy(settings) as proxy:
+            browser = Browser(proxy.url, seeded.session)
+            raw = await RawSocket.open(proxy, browser, seeded)
+            try:
+                assert (await raw.read())[0] == TEXT  # our challenge
+                header = frame(TEXT, b"x" * (1024 * 1024))[:14]  # announces 1 MiB; the body never comes
+                await raw.send(header)
+                assert await raw.close_code() == (1008, b"preauth payload too large")
+            finally:
+                raw.close()
+                await browser.close()
+        assert fake.frames == []
+
+
+@ASYNC
 @pytest.mark.parametrize("payload", [b"\x03", (999).to_bytes(2, "big"), (1005).to_bytes(2, "big"),
                                      (1000).to_bytes(2, "big") + b"\xff\xfe"])
 async def test_malformed_close_frame_is_refused(settings: Settings, sql: psycopg.Connection, payload: bytes) -> None:
