@@ -278,7 +278,7 @@ class GatewayProxy:
             async def recheck() -> GatewayTarget:
                 return await self.access.resolve(token, gpath.agent_id, fresh=True)
 
-            ctx = RelayContext(client=self.client, config=self.config, meter=self.meter,
+            ctx = RelayContext(config=self.config, meter=self.meter,
                                frame_limiter=self.frame_limiter, relay_origin=self.relay_origin, recheck=recheck,
                                access_key=(session, gpath.agent_id), open_relays=self.open_relays,
                                byte_limiter=self.byte_limiter)

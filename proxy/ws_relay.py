@@ -45,7 +45,6 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import WSCloseCode, web
 from yarl import URL
 
@@ -124,7 +123,6 @@ def _reason(text: str | None) -> bytes:
 class RelayContext:
     """What one relayed connection needs from the process."""
 
-    client: aiohttp.ClientSession
     config: ProxyConfig
     meter: Meter
     frame_limiter: TokenBucket
