@@ -412,3 +412,40 @@ def test_parse_close() -> None:
         with pytest.raises(WireError) as err:
             parse_close(bad)
         assert err.value.code == code
+
+
+@ASYNC
+async def test_closed_relays_leave_nothing_behind(settings: Settings, sql: psycopg.Connection) -> None:
+    """Taking sockets over from aiohttp must not leak its handlers or our sockets: after 16 relays
+    opened and closed, none of either is left (what the memory per socket would otherwise grow by)."""
+    import gc
+
+    from aiohttp.web_protocol import RequestHandler
+
+    from proxy.ws_relay import Relay
+
+    def alive(kind: type) -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, kind))
+
+    async with FakeGateway() as fake:
+        seeded = seed_gateway_user(sql, settings, port=fake.port)
+        async with running_proxy(settings) as proxy:
+            browser = Browser(proxy.url, seeded.session)
+            try:
+                handlers_before = alive(RequestHandler)
+                for _ in range(2):  # 2 x 8: the per-user cap is 10, so the slots must come back too
+                    sockets = [(await browser.handshake(seeded.agent_id))[0] for _ in range(8)]
+                    assert len(proxy.gateway.open_relays) == 8
+                    for ws in sockets:
+                        await ws.close()
+                    for _ in range(100):
+                        if not proxy.gateway.open_relays:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert not proxy.gateway.open_relays
+                assert proxy.gateway.ws_connections.open_count(seeded.user_id) == 0
+                assert alive(Relay) == 0
+                assert alive(RequestHandler) <= handlers_before
+            finally:
+                await browser.close()
