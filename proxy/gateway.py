@@ -132,29 +132,36 @@ class GatewayProxy:
         """One timer for every open relay: idle sockets are pinged, dead ones closed (Relay.heartbeat)."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s / 2)
-            for relay_conn in list(self.open_relays):
-                relay_conn.heartbeat()
+            self._beat()
+
+    def _beat(self) -> None:
+        for relay_conn in list(self.open_relays):  # in its own frame: nothing kept alive while we sleep
+            relay_conn.heartbeat()
 
     async def _sweep(self) -> None:
         """Re-check every open relay's access periodically: one lookup per (session, agent), one task."""
         while True:
             await asyncio.sleep(self.config.session_recheck_s)
-            verdicts: dict[object, int | None] = {}
-            for relay_conn in list(self.open_relays):
-                key = relay_conn.ctx.access_key
-                if key not in verdicts:
-                    try:
-                        await relay_conn.ctx.recheck()
-                        verdicts[key] = None
-                    except AccessDenied as denied:
-                        verdicts[key] = denied.status
-                    except Exception:
-                        log.warning("access re-check failed; keeping the connection", exc_info=True)
-                        verdicts[key] = None
-                status = verdicts[key]
-                if status is not None and relay_conn not in self._ended:
-                    self._ended.add(relay_conn)
-                    relay_conn.end_access(status)
+            await self._recheck_relays()  # its own frame: no closed relay stays referenced while we sleep
+
+    async def _recheck_relays(self) -> None:
+        """One re-check round: a closed session, lost ownership or stopped VM ends the relay (1008)."""
+        verdicts: dict[object, int | None] = {}
+        for relay_conn in list(self.open_relays):
+            key = relay_conn.ctx.access_key
+            if key not in verdicts:
+                try:
+                    await relay_conn.ctx.recheck()
+                    verdicts[key] = None
+                except AccessDenied as denied:
+                    verdicts[key] = denied.status
+                except Exception:
+                    log.warning("access re-check failed; keeping the connection", exc_info=True)
+                    verdicts[key] = None
+            status = verdicts[key]
+            if status is not None and relay_conn not in self._ended:
+                self._ended.add(relay_conn)
+                relay_conn.end_access(status)
 
     async def _sweep_sessions(self) -> None:
         """Every `session_sweep_s`: close the sockets whose session was deleted or expired.
