@@ -112,41 +112,56 @@ class GatewayProxy:
         self.open_relays: set[Relay] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._session_sweeper: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._watched: dict[bytes, tuple[str, int]] = {}
         """session hash -> (token, open sockets): what the session sweep asks about."""
         self._ended: weakref.WeakSet[Relay] = weakref.WeakSet()
-        self._closing: set[asyncio.Task[None]] = set()
 
     async def close_sockets(self) -> None:
         """At shutdown: every open Control UI socket gets 1001 (going away) and reconnects elsewhere."""
-        for sweeper in (self._sweeper, self._session_sweeper):
+        for sweeper in (self._sweeper, self._session_sweeper, self._heartbeat):
             if sweeper is not None:
                 sweeper.cancel()
-        await asyncio.gather(*(r.browser.close(code=WSCloseCode.GOING_AWAY, message=b"proxy restarting")
-                               for r in list(self.open_relays)), return_exceptions=True)
+        relays = list(self.open_relays)
+        for relay_conn in relays:
+            relay_conn.close_both(WSCloseCode.GOING_AWAY, "proxy restarting", upstream_code=WSCloseCode.GOING_AWAY)
+        if relays:  # each waits close_timeout_s at most for its peers' answers
+            await asyncio.wait([r.done for r in relays], timeout=self.config.close_timeout_s + 1.0)
+
+    async def _heartbeats(self) -> None:
+        """One timer for every open relay: idle sockets are pinged, dead ones closed (Relay.heartbeat)."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s / 2)
+            self._beat()
+
+    def _beat(self) -> None:
+        for relay_conn in list(self.open_relays):  # in its own frame: nothing kept alive while we sleep
+            relay_conn.heartbeat()
 
     async def _sweep(self) -> None:
         """Re-check every open relay's access periodically: one lookup per (session, agent), one task."""
         while True:
             await asyncio.sleep(self.config.session_recheck_s)
-            verdicts: dict[object, int | None] = {}
-            for relay_conn in list(self.open_relays):
-                key = relay_conn.ctx.access_key
-                if key not in verdicts:
-                    try:
-                        await relay_conn.ctx.recheck()
-                        verdicts[key] = None
-                    except AccessDenied as denied:
-                        verdicts[key] = denied.status
-                    except Exception:
-                        log.warning("access re-check failed; keeping the connection", exc_info=True)
-                        verdicts[key] = None
-                status = verdicts[key]
-                if status is not None and relay_conn not in self._ended:
-                    self._ended.add(relay_conn)
-                    task = asyncio.create_task(relay_conn.end_access(status))
-                    self._closing.add(task)
-                    task.add_done_callback(self._closing.discard)
+            await self._recheck_relays()  # its own frame: no closed relay stays referenced while we sleep
+
+    async def _recheck_relays(self) -> None:
+        """One re-check round: a closed session, lost ownership or stopped VM ends the relay (1008)."""
+        verdicts: dict[object, int | None] = {}
+        for relay_conn in list(self.open_relays):
+            key = relay_conn.ctx.access_key
+            if key not in verdicts:
+                try:
+                    await relay_conn.ctx.recheck()
+                    verdicts[key] = None
+                except AccessDenied as denied:
+                    verdicts[key] = denied.status
+                except Exception:
+                    log.warning("access re-check failed; keeping the connection", exc_info=True)
+                    verdicts[key] = None
+            status = verdicts[key]
+            if status is not None and relay_conn not in self._ended:
+                self._ended.add(relay_conn)
+                relay_conn.end_access(status)
 
     async def _sweep_sessions(self) -> None:
         """Every `session_sweep_s`: close the sockets whose session was deleted or expired.
@@ -173,10 +188,8 @@ class GatewayProxy:
                     continue
                 self._ended.add(relay_conn)
                 log.info("closing relay: session ended", extra={"agent_id": str(relay_conn.target.agent_id)})
-                task = asyncio.create_task(relay_conn.close_both(
-                    WSCloseCode.POLICY_VIOLATION, "session ended: sign in again", upstream_code=WSCloseCode.GOING_AWAY))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                relay_conn.close_both(WSCloseCode.POLICY_VIOLATION, "session ended: sign in again",
+                                      upstream_code=WSCloseCode.GOING_AWAY)
 
     def _watch(self, session: bytes, token: str) -> None:
         _, count = self._watched.get(session, (token, 0))
@@ -250,6 +263,16 @@ class GatewayProxy:
         if not self.ws_connections.try_acquire(target.user_id):
             return problem(429, "Too many connections", "Close another Control UI tab and retry.",
                            headers={"Retry-After": "5"})
+        session = hashlib.sha256((session_token(request.cookies) or "").encode()).digest()
+        watched = False
+
+        def done() -> None:
+            """When the relay is over (it outlives this handler once the socket is taken over)."""
+            if watched:
+                self._unwatch(session)
+            self.ws_connections.release(target.user_id)
+            log.info("relay closed", extra={"agent_id": str(target.agent_id)})
+
         try:
             headers = {"Host": request.host}
             xff = forwarded_for(request.remote)
@@ -262,8 +285,7 @@ class GatewayProxy:
             async def recheck() -> GatewayTarget:
                 return await self.access.resolve(token, gpath.agent_id, fresh=True)
 
-            session = hashlib.sha256((token or "").encode()).digest()
-            ctx = RelayContext(client=self.client, config=self.config, meter=self.meter,
+            ctx = RelayContext(config=self.config, meter=self.meter,
                                frame_limiter=self.frame_limiter, relay_origin=self.relay_origin, recheck=recheck,
                                access_key=(session, gpath.agent_id), open_relays=self.open_relays,
                                byte_limiter=self.byte_limiter)
@@ -271,15 +293,15 @@ class GatewayProxy:
                 self._sweeper = asyncio.create_task(self._sweep(), name="relay-access-sweep")
             if self.sessions is not None and (self._session_sweeper is None or self._session_sweeper.done()):
                 self._session_sweeper = asyncio.create_task(self._sweep_sessions(), name="relay-session-sweep")
+            if self._heartbeat is None or self._heartbeat.done():
+                self._heartbeat = asyncio.create_task(self._heartbeats(), name="relay-heartbeat")
             log.info("relay open", extra={"agent_id": str(target.agent_id), "vps_id": str(target.vps_id)})
             self._watch(session, token or "")
-            try:
-                return await relay(request, ctx, target, str(URL(url, encoded=True)), headers)
-            finally:
-                self._unwatch(session)
-        finally:
-            self.ws_connections.release(target.user_id)
-            log.info("relay closed", extra={"agent_id": str(target.agent_id)})
+            watched = True
+        except BaseException:
+            done()
+            raise
+        return await relay(request, ctx, target, str(URL(url, encoded=True)), headers, on_done=done)
 
     # -- plain HTTP --------------------------------------------------------------------------------
 

@@ -233,6 +233,14 @@ class GuardedProtocol(asyncio.Protocol):
         if self._inner is not None:
             self._inner.resume_writing()
 
+    def hand_over(self, protocol: asyncio.Protocol) -> None:
+        """The connection now belongs to `protocol` (a WebSocket relay took it over from aiohttp):
+        it gets every later event, stays counted until it closes, and has no header timer again."""
+        self._inner = protocol
+        self._busy += 1  # never decremented: a relayed socket is a request that lasts
+        self._pending = False
+        self._disarm()
+
     # -- request boundaries (browser listener) --------------------------------------------------
 
     def request_started(self) -> None:

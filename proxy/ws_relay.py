@@ -15,42 +15,74 @@ Handshake (reference §6.6, verified live with the real Control UI):
 
 Then every browser frame is checked (`proxy.frames`): blocked methods get a synthetic FORBIDDEN
 and never reach the VM; protocol violations close with 1008. Gateway frames pass unparsed.
-Close codes pass through both ways. Each pump does receive-one/send-one, so a slow reader
-stalls its writer through TCP flow control instead of filling a buffer.
+Close codes, pings and pongs pass through both ways.
+
+Transport (below aiohttp, for memory and speed): aiohttp parses and routes the upgrade request
+and `proxy.gateway` runs every check; the upstream is a plain `loop.create_connection` with the
+upgrade written by hand (a pinned gateway's certificate checked before the first byte), and the
+browser's connection is taken over from aiohttp after our 101 (`_take_over`). The handshake
+awaits messages one at a time; after hello-ok both sockets call the relay from `data_received`:
+no task and no await per frame. Gateway bytes are forwarded as they arrive (frame boundaries
+tracked only for metering and close frames, `proxy.ws_wire.PassThrough`); each browser message
+is assembled (bounded), checked, and sent up as the browser's own masked bytes. A full write
+buffer on one side pauses reading on the other (flow control), so a slow reader stalls its
+writer through TCP instead of filling memory. One timer per process pings idle sockets
+(`heartbeat`); closes wait `close_timeout_s` for the peer's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import os
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
+from yarl import URL
 
 from openclaw.device import DeviceIdentity, DeviceProofError, signature_token, verify_device_proof
 from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, control_ui_build_id
+from openclaw.tls import CertificatePinError, check_peer, pinned_context
 from proxy.access import GatewayTarget
 from proxy.config import ProxyConfig, attachment_limit
 from proxy.frames import (
     FrameViolation,
+    Request,
     blocked,
     forbidden_response,
     parse_client_frame,
     parse_json_object,
     rate_limited_response,
 )
-from proxy.limits import TokenBucket, pace, take
+from proxy.limits import TokenBucket, pace
 from proxy.metering import Meter
 from proxy.problems import problem
+from proxy.ws_wire import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    Assembler,
+    Control,
+    Message,
+    PassThrough,
+    WireError,
+    accept_key,
+    close_payload,
+    encode,
+    parse_close,
+)
 
-__all__ = ["KNOWN_CAPS", "BrowserSocket", "Relay", "RelayContext", "relay"]
+__all__ = ["KNOWN_CAPS", "Relay", "RelayContext", "relay"]
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +119,10 @@ def _reason(text: str | None) -> bytes:
     return raw.decode(errors="ignore").encode()
 
 
-class BrowserSocket(web.WebSocketResponse):
-    """The browser side: an oversized message is a policy violation (1008), not aiohttp's 1009."""
-
-    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
-        if code == WSCloseCode.MESSAGE_TOO_BIG:
-            code, message = WSCloseCode.POLICY_VIOLATION, b"frame too large"
-        return await super().close(code=code, message=message, drain=drain)
-
-    async def relay_close(self, code: int, message: bytes) -> None:
-        """Pass a close code from the gateway through unchanged (1009 included)."""
-        await web.WebSocketResponse.close(self, code=code, message=message)
-
-
 @dataclass
 class RelayContext:
     """What one relayed connection needs from the process."""
 
-    client: aiohttp.ClientSession
     config: ProxyConfig
     meter: Meter
     frame_limiter: TokenBucket
@@ -245,243 +263,791 @@ def _check_browser_connect(frame: dict[str, Any], nonce: str) -> tuple[str, dict
     return rid, params
 
 
+
+# -- the two sockets ---------------------------------------------------------------------------------
+
+_HEARTBEAT = b"slopbox-heartbeat"
+"""Payload of our own pings: the pong that answers one is ours and goes no further."""
+_FLOW, _HOLD, _HANDSHAKE = 1, 2, 4
+"""Why a socket's reading is paused: the other side's write buffer is full, a frame waits for a
+limiter, the handshake has not consumed what is buffered."""
+_HEAD_LIMIT = 16 * 1024
+_UPSTREAM_SSL: ssl.SSLContext | None = None
+
+
+class _Socket(asyncio.Protocol):
+    """One side of a relay: a raw transport, a frame reader, closing-handshake state.
+
+    During the handshake `receive()` hands out messages one at a time (parsing only what is asked
+    for, so what follows hello-ok stays unparsed for the relay). After it, `data_received` calls
+    the relay directly: no task and no await per frame.
+    """
+
+    __slots__ = ("asm", "browser_side", "got_close", "idle", "lost", "paused", "relay", "rx", "sent_close",
+                 "transport", "waiter")
+
+    def __init__(self, asm: Assembler, *, browser_side: bool) -> None:
+        self.asm = asm
+        self.browser_side = browser_side
+        self.transport: asyncio.Transport | None = None
+        self.relay: Relay | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.lost = False
+        self.sent_close = False
+        self.got_close = False
+        self.paused = 0
+        self.rx = True
+        self.idle = 0
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.rx = True
+        relay_conn = self.relay
+        if relay_conn is not None and relay_conn.relaying:
+            if self.browser_side:
+                self.asm.feed(data)
+                relay_conn.pump_browser()
+            else:
+                relay_conn.from_gateway(data)
+            return
+        self.asm.feed(data)
+        if len(self.asm.buf) > self.asm.max_message + 65536:
+            self.pause(_HANDSHAKE)
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.transport = None
+        self._wake()
+        if self.relay is not None:
+            self.relay.lost(self)
+
+    def pause_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.other(self).pause(_FLOW)
+
+    def resume_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.other(self).resume(_FLOW)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and self.transport is not None:
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.sent_close and not transport.is_closing():
+            transport.write(data)
+
+    def frame(self, opcode: int, payload: bytes) -> bytes:
+        """A frame from us to this peer: masked towards the gateway, plain towards the browser."""
+        return encode(opcode, payload, masked=not self.browser_side)
+
+    def send_close(self, code: int | None, reason: bytes = b"") -> None:
+        """Our close frame (once); the transport closes when the peer's close has also been seen."""
+        if self.sent_close or self.transport is None:
+            return
+        self.write(self.frame(CLOSE, close_payload(code, reason)))
+        self.sent_close = True
+        if self.got_close:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def receive(self, within_s: float) -> Message | None:
+        """The next message during the handshake; None when the socket is gone or being closed.
+        Pings are answered here, pongs skipped. Raises WireError and TimeoutError."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
+            msg = self.asm.next()
+            if msg is not None:
+                if msg.opcode == PING:
+                    self.write(self.frame(PONG, msg.payload))
+                    continue
+                if msg.opcode == PONG:
+                    continue
+                return msg
+            self.resume(_HANDSHAKE)
+            if self.lost or self.sent_close:
+                return None
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(self.waiter, left)
+            finally:
+                self.waiter = None
+
+
+class _Upstream(_Socket):
+    """The gateway side: the HTTP/1.1 upgrade by hand, then frames."""
+
+    __slots__ = ("head", "key", "upgraded", "stream")
+
+    def __init__(self, asm: Assembler, key: str, max_message: int) -> None:
+        super().__init__(asm, browser_side=False)
+        self.key = key
+        self.head = bytearray()
+        self.upgraded: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.stream = PassThrough(max_message=max_message)
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgraded.done():
+            super().data_received(data)
+            return
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.head) > _HEAD_LIMIT:
+                self._fail(_UpgradeRefused(0, "response head too large"))
+                self.abort()
+            return
+        try:
+            status = _check_upgrade(bytes(self.head[:end]), self.key)
+        except _UpgradeRefused as exc:
+            self._fail(exc)
+            self.abort()
+            return
+        rest = bytes(self.head[end + 4:])
+        self.head = bytearray()
+        self.upgraded.set_result(status)
+        if rest:
+            super().data_received(rest)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.upgraded.done():
+            self.upgraded.set_exception(exc)
+            self.upgraded.exception()  # retrieved: nobody awaits it when the pin check already failed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionResetError("gateway closed during the upgrade"))
+        super().connection_lost(exc)
+
+
+class _UpgradeRefused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _check_upgrade(head: bytes, key: str) -> int:
+    """The gateway's answer to our upgrade: 101, websocket, the right accept, no extension."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise _UpgradeRefused(0, "not an HTTP response")
+    status = int(parts[1])
+    if status != 101:
+        raise _UpgradeRefused(status, "upgrade refused")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise _UpgradeRefused(status, "malformed header")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("upgrade", "").lower() != "websocket":
+        raise _UpgradeRefused(status, "no websocket upgrade")
+    if "upgrade" not in [t.strip().lower() for t in headers.get("connection", "").split(",")]:
+        raise _UpgradeRefused(status, "no connection upgrade")
+    if headers.get("sec-websocket-accept") != accept_key(key):
+        raise _UpgradeRefused(status, "wrong Sec-WebSocket-Accept")
+    if headers.get("sec-websocket-extensions") or headers.get("sec-websocket-protocol"):
+        raise _UpgradeRefused(status, "extension or subprotocol not asked for")
+    return status
+
+
+def _upstream_ssl() -> ssl.SSLContext:
+    """TLS to a pinned gateway: no CA trust and no host name, the pin checked instead (`check_peer`)."""
+    global _UPSTREAM_SSL
+    if _UPSTREAM_SSL is None:
+        _UPSTREAM_SSL = pinned_context()
+    return _UPSTREAM_SSL
+
+
+async def _open_upstream(url: URL, headers: dict[str, str], origin: str, pin: str | None,
+                         cfg: ProxyConfig) -> _Upstream:
+    """TCP (and TLS, pin checked before any byte is sent), the upgrade, the 101 checked."""
+    loop = asyncio.get_running_loop()
+    key = base64.b64encode(os.urandom(16)).decode()
+    asm = Assembler(require_mask=False, max_message=cfg.max_upstream_frame_bytes, too_large=(1009, "message too big"))
+    secure = url.scheme in ("wss", "https")
+    if secure and pin is None:
+        raise _UpgradeRefused(0, "https gateway without a pinned certificate")
+    host = url.raw_host or ""
+    port = url.port or (443 if secure else 80)
+    transport, conn = await loop.create_connection(
+        lambda: _Upstream(asm, key, cfg.max_upstream_frame_bytes), host, port,
+        ssl=_upstream_ssl() if secure else None, server_hostname=host if secure else None)
+    try:
+        if secure:  # the pin, before a single byte goes out (what aiohttp.Fingerprint guaranteed)
+            try:
+                check_peer(transport.get_extra_info("ssl_object"), pin or "")
+            except CertificatePinError as exc:
+                raise _UpgradeRefused(0, str(exc)) from None
+        lines = [f"GET {url.raw_path_qs or '/'} HTTP/1.1", f"Host: {headers.get('Host') or url.raw_authority}",
+                 "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
+                 "Sec-WebSocket-Version: 13", f"Origin: {origin}"]
+        lines += [f"{name}: {value}" for name, value in headers.items() if name.lower() != "host"]
+        request = "\r\n".join(lines) + "\r\n\r\n"
+        if "\n" in request[:-4].replace("\r\n", "") or "\r" in request[:-4].replace("\r\n", ""):
+            raise _UpgradeRefused(0, "header value with a line break")
+        transport.write(request.encode("latin-1"))
+        await conn.upgraded
+    except BaseException:
+        transport.abort()
+        raise
+    return conn
+
+
+def _take_over(request: web.Request, browser: _Socket, response_head: bytes) -> None:
+    """Write our 101 and take the connection's bytes from aiohttp.
+
+    aiohttp parsed and routed the upgrade request; from here `browser` is the transport's
+    protocol (inside the listener's `GuardedProtocol` when there is one, so the connection stays
+    counted and no header timer runs, else by `transport.set_protocol`). aiohttp's own handler
+    is detached: its `transport` is cleared, so when our handler returns it writes nothing (the
+    response we return is already "sent") and closes nothing (the socket is ours now), and once
+    its task has ended we tell it the connection is gone (`connection_lost`), which drops it from
+    the server's connection list and cancels its keep-alive timer. Nothing of the request stays
+    referenced after that. Bytes aiohttp already read behind the upgrade request (a browser sends
+    none before the 101) are handed over too.
+    """
+    handler = request.protocol
+    transport = request.transport
+    assert transport is not None and handler is not None
+    transport.write(response_head)
+    outer = transport.get_protocol()
+    hand_over = getattr(outer, "hand_over", None)
+    if hand_over is not None:
+        hand_over(browser)
+    else:
+        transport.set_protocol(browser)
+    browser.connection_made(transport)
+    tail = getattr(handler, "_message_tail", b"")
+    handler.transport = None
+    task = request.task
+    task.add_done_callback(lambda _: handler.connection_lost(None))
+    with contextlib.suppress(Exception):
+        transport.resume_reading()  # aiohttp pauses reading when its buffers fill; our socket decides now
+    if tail:
+        browser.data_received(bytes(tail))
+
+
+class _Upgraded(web.StreamResponse):
+    """What the handler returns once the connection is ours: aiohttp has nothing left to send."""
+
+    def __init__(self) -> None:
+        super().__init__(status=101)
+
+    async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def _browser_101(request: web.Request) -> bytes | None:
+    """Our 101 for a valid RFC 6455 upgrade (no extension, no subprotocol), None for an invalid one."""
+    if request.method != "GET" or request.version < (1, 1):
+        return None
+    key = request.headers.get("Sec-WebSocket-Key", "")
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            return None
+    except ValueError:
+        return None
+    if request.headers.get("Sec-WebSocket-Version", "") != "13":
+        return None
+    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode()
+
+
+# -- the relay ---------------------------------------------------------------------------------------
+
+
 class Relay:
-    def __init__(self, ctx: RelayContext, target: GatewayTarget, browser: BrowserSocket,
-                 upstream: aiohttp.ClientWebSocketResponse) -> None:
+    """Both sockets of one Control UI connection: handshake, then callbacks only."""
+
+    __slots__ = ("__weakref__", "_close_timer", "_held", "_on_done", "browser", "ctx", "done", "relaying", "target",
+                 "upstream", "vps_id")
+
+    def __init__(self, ctx: RelayContext, target: GatewayTarget, browser: _Socket, upstream: _Upstream,
+                 on_done: Callable[[], None]) -> None:
         self.ctx = ctx
         self.target = target
         self.browser = browser
         self.upstream = upstream
         self.vps_id = target.vps_id
+        self.relaying = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._on_done = on_done
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._held: asyncio.TimerHandle | asyncio.Task[Any] | None = None
+        browser.relay = self
+        upstream.relay = self
 
-    # -- byte-counted sends --------------------------------------------------------------------
+    def other(self, side: _Socket) -> _Socket:
+        return self.upstream if side is self.browser else self.browser
 
-    async def to_upstream(self, data: bytes) -> None:
-        await self.upstream.send_frame(data, WSMsgType.TEXT)
+    # -- sends -----------------------------------------------------------------------------------
+
+    def to_upstream(self, data: bytes) -> None:
+        self.upstream.write(encode(TEXT, data, masked=True))
         self.ctx.meter.add(self.vps_id, inbound=len(data))
 
-    async def to_browser(self, frame: dict[str, Any]) -> None:
-        await self.browser.send_frame(_dumps(frame), WSMsgType.TEXT)
+    def to_browser(self, frame: dict[str, Any]) -> None:
+        self.browser.write(encode(TEXT, _dumps(frame)))
 
-    async def from_upstream(self, within_s: float) -> aiohttp.WSMessage:
-        msg = await asyncio.wait_for(self.upstream.receive(), within_s)
-        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            self.ctx.meter.add(self.vps_id, outbound=len(msg.data))
+    async def from_upstream(self, within_s: float) -> Message | None:
+        msg = await self.upstream.receive(within_s)
+        if msg is not None and msg.opcode in (TEXT, BINARY):
+            self.ctx.meter.add(self.vps_id, outbound=len(msg.payload))
         return msg
 
-    async def close_both(self, code: int, reason: str, *, upstream_code: int = WSCloseCode.OK) -> None:
-        with contextlib.suppress(Exception):
-            await self.browser.close(code=code, message=_reason(reason))
-        with contextlib.suppress(Exception):
-            await self.upstream.close(code=upstream_code)
+    # -- closing ---------------------------------------------------------------------------------
 
-    # -- handshake -----------------------------------------------------------------------------
+    def close_both(self, code: int, reason: str, *, upstream_code: int = WSCloseCode.OK) -> None:
+        """Close frames to both sides; each transport closes when its peer answered (or at the timeout)."""
+        self._close(self.browser, code, _reason(reason))
+        self._close(self.upstream, upstream_code, b"")
+
+    def end_access(self, status: int) -> None:
+        """The session ended, the VM stopped or the agent changed hands: close both sides."""
+        log.info("closing relay: access ended", extra={"agent_id": str(self.target.agent_id), "status": status})
+        self.close_both(WSCloseCode.POLICY_VIOLATION, "session or VM no longer valid",
+                        upstream_code=WSCloseCode.GOING_AWAY)
+
+    def _close(self, side: _Socket, code: int | None, reason: bytes) -> None:
+        if side.lost or side.sent_close:
+            return
+        side.send_close(code, reason)
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(self.ctx.config.close_timeout_s,
+                                                                      self._close_timeout)
+
+    def _close_timeout(self) -> None:
+        """The peers had close_timeout_s to answer our close frames: whatever is left is cut."""
+        self.browser.abort()
+        self.upstream.abort()
+
+    def _peer_closed(self, side: _Socket, code: int | None, reason: bytes) -> None:
+        """A close frame from `side`: pass its code on; its answer is the other side's close."""
+        side.got_close = True
+        other = self.other(side)
+        if not other.sent_close and not other.lost:
+            self._close(other, _wire_code(code), _reason(reason.decode(errors="ignore")))
+            if not side.sent_close and self.relaying:
+                return  # the other side's answering close frame answers this one
+        if side.sent_close:
+            if side.transport is not None:
+                side.transport.close()
+        else:
+            self._close(side, code if code is not None and code in _SENDABLE else None, b"")
+
+    def _broken(self, side: _Socket, exc: WireError) -> None:
+        """`side` broke the protocol: fail it (close frame, then the socket), end the other side."""
+        log.info("closing relay: %s", exc.reason, extra={"agent_id": str(self.target.agent_id)})
+        if not side.sent_close:
+            side.send_close(exc.code, exc.reason.encode())
+        if side.transport is not None:
+            side.transport.close()
+        self._close(self.other(side), WSCloseCode.INTERNAL_ERROR, b"")
+
+    def lost(self, side: _Socket) -> None:
+        """A transport closed (either way): end the other side if it still runs; done when both are gone."""
+        if self.done.done():
+            return
+        other = self.other(side)
+        if not other.lost:
+            if not side.got_close:  # vanished without a close frame
+                self._close(other, WSCloseCode.GOING_AWAY if side is self.browser else WSCloseCode.INTERNAL_ERROR,
+                            b"")
+            elif not other.sent_close:
+                self._close(other, WSCloseCode.OK, b"")
+            return
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
+        self.ctx.open_relays.discard(self)
+        self.browser.relay = self.upstream.relay = None
+        if not self.done.done():
+            self.done.set_result(None)
+        self._on_done()
+
+    def heartbeat(self) -> None:
+        """Called every heartbeat_s / 2 by the process's one timer: a side silent for a whole
+        period gets a ping, one still silent half a period later is dead (as aiohttp's heartbeat)."""
+        for side in (self.browser, self.upstream):
+            if side.lost:
+                continue
+            if side.rx or side.paused:  # a side we stopped reading cannot show it is alive: not judged
+                side.rx = False
+                side.idle = 0
+                continue
+            side.idle += 1
+            if side.idle == 2:
+                side.write(side.frame(PING, _HEARTBEAT))
+            elif side.idle > 2:
+                log.info("closing relay: peer stopped answering", extra={"agent_id": str(self.target.agent_id),
+                                                                          "side": "browser" if side.browser_side
+                                                                          else "gateway"})
+                side.got_close = False
+                side.abort()
+
+    # -- handshake -------------------------------------------------------------------------------
 
     async def handshake(self, challenge: dict[str, Any]) -> bool:
-        """True when hello-ok reached the browser; otherwise both sides are closed."""
+        """True when hello-ok reached the browser; otherwise both sides are being closed."""
         cfg = self.ctx.config
         nonce = str(uuid.uuid4())
         caps = [c for c in challenge.get("capabilities") or [] if isinstance(c, str)]
-        await self.to_browser({"type": "event", "event": "connect.challenge",
-                               "payload": {"nonce": nonce, "ts": _now_ms(), "capabilities": caps}})
+        self.to_browser({"type": "event", "event": "connect.challenge",
+                         "payload": {"nonce": nonce, "ts": _now_ms(), "capabilities": caps}})
         try:
-            msg = await asyncio.wait_for(self.browser.receive(), cfg.handshake_timeout_s)
+            msg = await self.browser.receive(cfg.handshake_timeout_s)
         except TimeoutError:
-            await self.close_both(WSCloseCode.POLICY_VIOLATION, "connect challenge timeout")
+            self.close_both(WSCloseCode.POLICY_VIOLATION, "connect challenge timeout")
             return False
-        if msg.type is WSMsgType.CLOSE:
-            await self.upstream.close(code=_wire_code(msg.data))
+        except WireError as exc:
+            self._broken(self.browser, exc)
             return False
-        if msg.type is not WSMsgType.TEXT:
-            await self.close_both(WSCloseCode.POLICY_VIOLATION, "invalid request frame")
+        if msg is None:
+            self.close_both(WSCloseCode.GOING_AWAY, "")
             return False
-        if len(msg.data) > cfg.max_connect_frame_bytes:
-            await self.close_both(WSCloseCode.POLICY_VIOLATION, "preauth payload too large")
+        if msg.opcode == CLOSE:
+            try:
+                code, reason = parse_close(msg.payload)
+            except WireError as exc:
+                self._broken(self.browser, exc)
+                return False
+            self._peer_closed(self.browser, code, reason)
+            return False
+        if msg.opcode != TEXT:
+            self.close_both(WSCloseCode.POLICY_VIOLATION, "invalid request frame")
+            return False
+        if len(msg.payload) > cfg.max_connect_frame_bytes:
+            self.close_both(WSCloseCode.POLICY_VIOLATION, "preauth payload too large")
             return False
         rid: str | None = None
         try:
-            frame = parse_json_object(msg.data)
+            frame = parse_json_object(msg.payload)
             rid = frame.get("id") if isinstance(frame.get("id"), str) else None
             rid, params = _check_browser_connect(frame, nonce)
         except FrameViolation as exc:
-            await self.close_both(WSCloseCode.POLICY_VIOLATION, str(exc))
+            self.close_both(WSCloseCode.POLICY_VIOLATION, str(exc))
             return False
         except _HandshakeFailed as exc:
             if rid:
-                await self.to_browser(_error(rid, "INVALID_REQUEST", exc.reason))
-            await self.close_both(exc.code, exc.reason)
+                self.to_browser(_error(rid, "INVALID_REQUEST", exc.reason))
+            self.close_both(exc.code, exc.reason)
             return False
         except DeviceProofError as exc:
-            await self.to_browser(_error(rid or "connect", "INVALID_REQUEST", exc.message,
-                                         {"code": exc.code, "reason": exc.reason}))
-            await self.close_both(WSCloseCode.POLICY_VIOLATION, exc.message)
+            self.to_browser(_error(rid or "connect", "INVALID_REQUEST", exc.message,
+                                   {"code": exc.code, "reason": exc.reason}))
+            self.close_both(WSCloseCode.POLICY_VIOLATION, exc.message)
             return False
 
         relay_key = DeviceIdentity.from_pem(str(self.target.relay_key_pem))
         relay_id = f"relay-connect-{uuid.uuid4().hex[:12]}"
         params_up = relay_connect_params(params, relay_key, challenge, self.target.gateway_token)
-        await self.to_upstream(_dumps({"type": "req", "id": relay_id, "method": "connect", "params": params_up}))
+        self.to_upstream(_dumps({"type": "req", "id": relay_id, "method": "connect", "params": params_up}))
         deadline = time.monotonic() + cfg.handshake_timeout_s
         while True:
             try:
                 reply = await self.from_upstream(max(0.1, deadline - time.monotonic()))
             except TimeoutError:
-                await self.to_browser(_error(rid, "UNAVAILABLE", "gateway did not answer the handshake"))
-                await self.close_both(WSCloseCode.TRY_AGAIN_LATER, "gateway did not answer")
+                self.to_browser(_error(rid, "UNAVAILABLE", "gateway did not answer the handshake"))
+                self.close_both(WSCloseCode.TRY_AGAIN_LATER, "gateway did not answer")
                 return False
-            if reply.type is WSMsgType.CLOSE:
-                await self.browser.relay_close(_wire_code(reply.data), _reason(reply.extra))
+            except WireError as exc:
+                self._broken(self.upstream, exc)
                 return False
-            if reply.type is not WSMsgType.TEXT:
-                await self.close_both(WSCloseCode.INTERNAL_ERROR, "gateway closed during the handshake")
+            if reply is not None and reply.opcode == CLOSE:
+                self._upstream_close(reply.payload)
+                return False
+            if reply is None or reply.opcode != TEXT:
+                self.close_both(WSCloseCode.INTERNAL_ERROR, "gateway closed during the handshake")
                 return False
             try:
-                res = json.loads(reply.data)
+                res = json.loads(reply.payload)
             except ValueError:
                 continue
             if isinstance(res, dict) and res.get("type") == "res" and res.get("id") == relay_id:
                 break
         if res.get("ok") is True:
-            await self.to_browser(sanitize_hello(res, rid, cfg.max_client_frame_bytes))
+            self.to_browser(sanitize_hello(res, rid, cfg.max_client_frame_bytes))
             return True
         res["id"] = rid
-        await self.to_browser(res)
+        self.to_browser(res)
         # The gateway closes after a refused connect; pass its code on (1008 if it does not).
         try:
             closing = await self.from_upstream(2.0)
-            if closing.type is WSMsgType.CLOSE:
-                await self.browser.relay_close(_wire_code(closing.data), _reason(closing.extra))
+            if closing is not None and closing.opcode == CLOSE:
+                self._upstream_close(closing.payload)
                 return False
-        except TimeoutError:
+        except (TimeoutError, WireError):
             pass
-        await self.close_both(WSCloseCode.POLICY_VIOLATION, "gateway refused the connection")
+        self.close_both(WSCloseCode.POLICY_VIOLATION, "gateway refused the connection")
         return False
 
-    # -- pumps ---------------------------------------------------------------------------------
-
-    async def browser_to_upstream(self) -> None:
-        limiter = self.ctx.frame_limiter
-        bytes_limiter = self.ctx.byte_limiter
-        user = self.target.user_id
-        while True:
-            msg = await self.browser.receive()
-            if msg.type is WSMsgType.TEXT:
-                # Charged by size before any parsing; waits (socket paused) only when over the budget.
-                if bytes_limiter is not None and bytes_limiter.acquire_now(user, len(msg.data)) != 0.0:
-                    await pace(bytes_limiter, user, len(msg.data))
-                try:
-                    req = parse_client_frame(msg.data)
-                    if req.method.lower() == "connect":
-                        raise FrameViolation("connect was already completed")
-                except FrameViolation as exc:
-                    log.info("closing relay: %s", exc, extra={"agent_id": str(self.target.agent_id)})
-                    await self.close_both(WSCloseCode.POLICY_VIOLATION, str(exc))
-                    return
-                refusal = blocked(req)
-                if refusal is not None:
-                    log.info("blocked method", extra={"agent_id": str(self.target.agent_id),
-                                                      "method": req.method[:128], "rule": refusal.rule})
-                    await self.to_browser(forbidden_response(req.id, req.method, refusal))
-                    continue
-                wait = await take(limiter, user)
-                if wait > 0:
-                    await self.to_browser(rate_limited_response(req.id, req.method, max(1, int(wait * 1000))))
-                    continue
-                await self.to_upstream(msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                await self.close_both(WSCloseCode.POLICY_VIOLATION, "binary frames are not accepted")
-                return
-            elif msg.type is WSMsgType.CLOSE:
-                await self.upstream.close(code=_wire_code(msg.data), message=_reason(msg.extra))
-                return
-            else:  # CLOSING (we are closing it), CLOSED, ERROR (e.g. too large: already closed 1008)
-                with contextlib.suppress(Exception):
-                    await self.upstream.close(
-                        code=WSCloseCode.INTERNAL_ERROR if msg.type is WSMsgType.ERROR else WSCloseCode.OK)
-                return
-
-    async def upstream_to_browser(self) -> None:
-        while True:
-            msg = await self.upstream.receive()
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                self.ctx.meter.add(self.vps_id, outbound=len(msg.data))
-                await self.browser.send_frame(msg.data, msg.type)
-            elif msg.type is WSMsgType.CLOSE:
-                await self.browser.relay_close(_wire_code(msg.data), _reason(msg.extra))
-                return
-            else:
-                with contextlib.suppress(Exception):
-                    await self.browser.relay_close(
-                        WSCloseCode.INTERNAL_ERROR if msg.type is WSMsgType.ERROR else WSCloseCode.OK, b"")
-                return
-
-    async def end_access(self, status: int) -> None:
-        """The session ended, the VM stopped or the agent changed hands: close both sides."""
-        log.info("closing relay: access ended", extra={"agent_id": str(self.target.agent_id), "status": status})
-        await self.close_both(WSCloseCode.POLICY_VIOLATION, "session or VM no longer valid",
-                              upstream_code=WSCloseCode.GOING_AWAY)
-
-    async def run(self) -> None:
-        tasks = [asyncio.create_task(self.browser_to_upstream()), asyncio.create_task(self.upstream_to_browser())]
+    def _upstream_close(self, payload: bytes) -> None:
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            # The first pump to finish has closed the other side; let the second one drain briefly.
-            _, still = await asyncio.wait(pending, timeout=5.0)
-            for task in still:
-                task.cancel()
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    log.warning("relay pump failed", exc_info=task.exception())
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.close_both(WSCloseCode.GOING_AWAY, "proxy closing")
+            code, reason = parse_close(payload)
+        except WireError as exc:
+            self._broken(self.upstream, exc)
+            return
+        self._peer_closed(self.upstream, code, reason)
+
+    # -- steady state: callbacks from data_received ----------------------------------------------
+
+    def start(self, *, authenticated: bool) -> None:
+        """The handshake is over: from now on both sockets call the relay directly. Only after
+        hello-ok may browser messages be as large as `max_client_frame_bytes`."""
+        if authenticated:
+            self.browser.asm.max_message = self.ctx.config.max_client_frame_bytes
+            self.browser.asm.too_large = (WSCloseCode.POLICY_VIOLATION, "frame too large")
+        self.relaying = True
+        rest = self.upstream.asm.rest()
+        self.browser.resume(_HANDSHAKE)
+        self.upstream.resume(_HANDSHAKE)
+        if rest:
+            self.from_gateway(rest)
+        self.pump_browser()
+
+    def from_gateway(self, data: bytes) -> None:
+        """Gateway bytes to the browser as they come: only frame boundaries are tracked."""
+        out: list[bytes] = []
+        controls: list[Control] = []
+        upstream = self.upstream
+        if upstream.got_close:
+            return
+        try:
+            payload = upstream.stream.feed(data, out, controls)
+        except WireError as exc:
+            self._broken(upstream, exc)
+            return
+        if payload:
+            self.ctx.meter.add(self.vps_id, outbound=payload)
+        browser = self.browser
+        if out and browser.transport is not None and not browser.sent_close:
+            if len(out) == 1:
+                browser.transport.write(out[0])
+            else:
+                browser.transport.writelines(out)
+        for control in controls:
+            if control.opcode == CLOSE:
+                self._upstream_close(control.payload)
+            elif control.opcode == PING:
+                browser.write(encode(PING, control.payload))
+            elif control.payload != _HEARTBEAT:
+                browser.write(encode(PONG, control.payload))
+
+    def pump_browser(self) -> None:
+        """Every complete browser message, checked and passed on in order; stops while one is held."""
+        browser = self.browser
+        asm = browser.asm
+        while self._held is None and self.relaying and not browser.got_close:
+            try:
+                msg = asm.next()
+            except WireError as exc:
+                self._broken(browser, exc)
+                return
+            if msg is None:
+                return
+            op = msg.opcode
+            if op == CLOSE:
+                try:
+                    code, reason = parse_close(msg.payload)
+                except WireError as exc:
+                    self._broken(browser, exc)
+                    return
+                self._peer_closed(browser, code, reason)
+                return
+            if browser.sent_close:
+                continue  # we are closing it: only its close frame matters now
+            if op == TEXT:
+                self._browser_text(msg, 0)
+            elif op == PING:
+                self.upstream.write(msg.raw or b"")
+            elif op == PONG:
+                if msg.payload != _HEARTBEAT:
+                    self.upstream.write(msg.raw or b"")
+            else:
+                self.close_both(WSCloseCode.POLICY_VIOLATION, "binary frames are not accepted")
+                return
+
+    def _browser_text(self, msg: Message, stage: int) -> None:
+        """One browser message: byte budget (stage 0), strict parse and method check, frame rate."""
+        data = msg.payload
+        user = self.target.user_id
+        bytes_limiter = self.ctx.byte_limiter
+        if stage == 0 and bytes_limiter is not None:
+            cost = min(float(len(data)), float(bytes_limiter.burst))
+            wait = bytes_limiter.acquire_now(user, cost)
+            if wait is None:  # only the shared limiter can tell: wait for it with reading paused
+                self._hold_task(pace(bytes_limiter, user, cost), lambda _: self._browser_text(msg, 1))
+                return
+            if wait > 0:  # over the budget: stop reading this socket and try again (TCP pushes back)
+                self._hold_timer(min(wait, 1.0), lambda: self._browser_text(msg, 0))
+                return
+        try:
+            req = parse_client_frame(data)
+            if req.method.lower() == "connect":
+                raise FrameViolation("connect was already completed")
+        except FrameViolation as exc:
+            log.info("closing relay: %s", exc, extra={"agent_id": str(self.target.agent_id)})
+            self.close_both(WSCloseCode.POLICY_VIOLATION, str(exc))
+            return
+        refusal = blocked(req)
+        if refusal is not None:
+            log.info("blocked method", extra={"agent_id": str(self.target.agent_id),
+                                              "method": req.method[:128], "rule": refusal.rule})
+            self.to_browser(forbidden_response(req.id, req.method, refusal))
+            return
+        limiter = self.ctx.frame_limiter
+        wait = limiter.acquire_now(user)
+        if wait is None:
+            self._hold_task(limiter.take(user), lambda w: self._rated(msg, req, w))
+            return
+        self._rated(msg, req, wait)
+
+    def _rated(self, msg: Message, req: Request, wait: float) -> None:
+        if wait > 0:
+            self.to_browser(rate_limited_response(req.id, req.method, max(1, int(wait * 1000))))
+            return
+        # One frame: the browser's own masked bytes go up unchanged; a fragmented one is re-framed.
+        self.upstream.write(msg.raw if msg.raw is not None else encode(TEXT, msg.payload, masked=True))
+        self.ctx.meter.add(self.vps_id, inbound=len(msg.payload))
+
+    def _hold_timer(self, delay: float, then: Callable[[], None]) -> None:
+        self.browser.pause(_HOLD)
+        self._held = asyncio.get_running_loop().call_later(delay, self._release, then)
+
+    def _hold_task(self, awaitable: Awaitable[Any], then: Callable[[Any], None]) -> None:
+        """A limiter that must ask PostgreSQL: one task for this frame, reading paused meanwhile."""
+        self.browser.pause(_HOLD)
+
+        task = asyncio.ensure_future(awaitable)
+        self._held = task
+
+        def finished(t: asyncio.Task[Any]) -> None:
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is not None:
+                log.warning("relay limiter failed", exc_info=exc)
+                self._held = None
+                self.close_both(WSCloseCode.INTERNAL_ERROR, "proxy error")
+                return
+            self._release(lambda: then(t.result()))
+
+        task.add_done_callback(finished)
+
+    def _release(self, then: Callable[[], None]) -> None:
+        self._held = None
+        if self.browser.lost:
+            return
+        then()
+        if self._held is None:
+            self.browser.resume(_HOLD)
+            self.pump_browser()
 
 
 async def relay(request: web.Request, ctx: RelayContext, target: GatewayTarget, upstream_url: str,
-                upstream_headers: dict[str, str]) -> web.StreamResponse:
-    """Open the upstream, upgrade the browser, terminate the handshake, pump until either side closes."""
+                upstream_headers: dict[str, str], on_done: Callable[[], None]) -> web.StreamResponse:
+    """Open the upstream, upgrade the browser, terminate the handshake, then relay until either
+    side closes. `on_done` runs once, when the relay is over (or at once if it never started)."""
     cfg = ctx.config
-    if not target.relay_key_pem:
-        return problem(503, "Gateway not paired", "The agent's VM is not ready for the Control UI yet.")
+    started = False
     try:
-        upstream = await asyncio.wait_for(ctx.client.ws_connect(
-            upstream_url, origin=ctx.relay_origin, headers=upstream_headers, ssl=target.upstream_ssl,
-            autoclose=False, autoping=True,
-            heartbeat=cfg.heartbeat_s, max_msg_size=cfg.max_upstream_frame_bytes, decode_text=False,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=cfg.close_timeout_s), compress=0,
-        ), cfg.upstream_connect_timeout_s)
-    except aiohttp.WSServerHandshakeError as exc:
-        log.warning("gateway refused the websocket upgrade", extra={"agent_id": str(target.agent_id),
-                                                                    "status": exc.status})
-        return problem(502, "Gateway unavailable", "The agent's gateway refused the connection.")
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        return problem(502, "Gateway unavailable", "The agent's gateway cannot be reached right now.")
-    browser = BrowserSocket(timeout=cfg.close_timeout_s, autoclose=False, autoping=True, heartbeat=cfg.heartbeat_s,
-                            max_msg_size=cfg.max_client_frame_bytes, compress=False, decode_text=False)
-    relay_conn = Relay(ctx, target, browser, upstream)
-    try:
+        if not target.relay_key_pem:
+            return problem(503, "Gateway not paired", "The agent's VM is not ready for the Control UI yet.")
+        response_head = _browser_101(request)
+        if response_head is None:
+            return problem(400, "Bad WebSocket upgrade", "Sec-WebSocket-Key or -Version is invalid.")
+        pin = target.cert_sha256 if target.base_url.startswith("https://") else None
         try:
-            first = await relay_conn.from_upstream(cfg.upstream_connect_timeout_s)
-            challenge_frame = json.loads(first.data) if first.type is WSMsgType.TEXT else None
+            upstream = await asyncio.wait_for(_open_upstream(URL(upstream_url, encoded=True), upstream_headers,
+                                                             ctx.relay_origin, pin, cfg),
+                                              cfg.upstream_connect_timeout_s)
+        except _UpgradeRefused as exc:
+            log.warning("gateway refused the websocket upgrade", extra={"agent_id": str(target.agent_id),
+                                                                        "status": exc.status, "reason": str(exc)})
+            return problem(502, "Gateway unavailable", "The agent's gateway refused the connection.")
+        except (OSError, TimeoutError, ssl.SSLError):
+            return problem(502, "Gateway unavailable", "The agent's gateway cannot be reached right now.")
+        try:
+            first = await upstream.receive(cfg.upstream_connect_timeout_s)
+            if first is None or first.opcode != TEXT:
+                raise ValueError("no connect.challenge")
+            ctx.meter.add(target.vps_id, outbound=len(first.payload))
+            challenge_frame = json.loads(first.payload)
             challenge = challenge_frame.get("payload") if isinstance(challenge_frame, dict) else None
             if (not isinstance(challenge_frame, dict) or challenge_frame.get("event") != "connect.challenge"
                     or not isinstance(challenge, dict) or not isinstance(challenge.get("nonce"), str)
                     or not isinstance(challenge.get("ts"), int)):
                 raise ValueError("no connect.challenge")
-        except (TimeoutError, ValueError):
-            await upstream.close()
+        except (TimeoutError, ValueError, WireError):
+            upstream.abort()
             return problem(502, "Gateway unavailable", "The agent's gateway did not start the handshake.")
-        await browser.prepare(request)
-        ctx.open_relays.add(relay_conn)
+        # Before hello-ok a browser may send no more than the connect frame's cap (as on the gateway).
+        browser = _Socket(Assembler(require_mask=True, max_message=cfg.max_connect_frame_bytes,
+                                    too_large=(WSCloseCode.POLICY_VIOLATION, "preauth payload too large")),
+                          browser_side=True)
+        if request.transport is None or request.protocol is None:
+            upstream.abort()
+            return problem(502, "Gateway unavailable", "The browser went away.")
+        relay_conn = Relay(ctx, target, browser, upstream, on_done)
         try:
-            if await relay_conn.handshake(challenge):
-                await relay_conn.run()
-        finally:
-            ctx.open_relays.discard(relay_conn)
+            _take_over(request, browser, response_head)
+        except Exception:
+            upstream.abort()
+            raise
+        started = True
+        ctx.open_relays.add(relay_conn)
+        authenticated = False
+        try:
+            authenticated = await relay_conn.handshake(challenge)
+        except asyncio.CancelledError:  # the server is shutting down mid-handshake
+            relay_conn.close_both(WSCloseCode.GOING_AWAY, "proxy closing", upstream_code=WSCloseCode.GOING_AWAY)
+            raise
+        except Exception:
+            log.warning("relay handshake failed", exc_info=True)
+            relay_conn.close_both(WSCloseCode.INTERNAL_ERROR, "proxy error")
+        # Relaying or closing: either way the sockets are read from callbacks now (a failed
+        # handshake has sent its close frames; only the peers' answers are still looked for).
+        relay_conn.start(authenticated=authenticated)
+        if browser.lost and upstream.lost:
+            relay_conn.lost(upstream)  # both already gone (e.g. during the handshake): finish now
+        return _Upgraded()
     finally:
-        if not upstream.closed:
-            with contextlib.suppress(Exception):
-                await upstream.close()
-    return browser
+        if not started:
+            on_done()
