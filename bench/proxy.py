@@ -20,7 +20,13 @@ connections per address) are raised for the run (one bench user on one address w
 once); everything else is the production configuration. The load generator is Python
 (aiohttp) in this process: on a 2-core machine all parties share the CPUs, so compare ratios.
 
-`--processes N` (N > 1) adds a fourth path in the same run: our proxy as N worker processes on
+The **python floor** (bench/proxy_floor.py) is one more path, always measured: a minimal relay in
+its own process (uvloop, raw asyncio protocols, httptools finding message boundaries, bytes
+forwarded verbatim over kept-alive upstream connections, WebSocket bytes piped after the 101),
+doing nothing else. It is the upper bound any Python proxy reaches on this machine: the report
+prints its ratios against nginx next to ours, and our cost above it. `--no-floor` skips it.
+
+`--processes N` (N > 1) adds another path in the same run: our proxy as N worker processes on
 one port (SO_REUSEPORT, `PROXY_PROCESSES=N`) with the per-user rate limits shared through
 PostgreSQL, leased in production-sized slices (10 requests, 10 frames, 200 KiB), and reports the
 statements that sharing cost per request and per frame (rows upserted in `proxy_rate_buckets`).
@@ -423,6 +429,10 @@ def measure(args: argparse.Namespace) -> None:
         me = [sys.executable, "-m", "bench.proxy"]
         upstream = subprocess.Popen([*me, "upstream", "--port", str(up_port)])
         procs.append(upstream)
+        floor_port = free_port()
+        if not args.no_floor:
+            procs.append(floor := subprocess.Popen([*me, "floor", "--port", str(floor_port),
+                                                    "--upstream-port", str(up_port)]))
         ours = subprocess.Popen([*me, "ours", "--port", str(ours_port), "--forward-port", str(free_port()),
                                  "--database-url", url], env={**os.environ, "BENCH_KEY": key})
         procs.append(ours)
@@ -436,7 +446,8 @@ def measure(args: argparse.Namespace) -> None:
                                      "--database-url", url, "--processes", str(args.processes)],
                                     env={**os.environ, "BENCH_KEY": key})
             procs.append(many)
-        for port in (up_port, ours_port, nginx_port) + ((many_port,) if args.processes > 1 else ()):
+        ports = (up_port, ours_port, nginx_port) + ((many_port,) if args.processes > 1 else ())
+        for port in ports + (() if args.no_floor else (floor_port,)):
             wait_port(port)
         if args.processes > 1:
             deadline = time.monotonic() + 30
@@ -452,6 +463,9 @@ def measure(args: argparse.Namespace) -> None:
             "slopbox": (f"{origin}/agents/{agent}/gateway/assets/bench", f"ws://127.0.0.1:{ours_port}/agents/{agent}/gateway",
                         {"Cookie": f"authjs.session-token={session}", "Origin": origin}, [ours.pid]),
         }
+        if not args.no_floor:
+            targets["python floor"] = (f"http://127.0.0.1:{floor_port}/openclaw/assets/bench",
+                                       f"ws://127.0.0.1:{floor_port}/openclaw", {}, [floor.pid])
         if args.processes > 1:  # pids < 0: the supervisor's children (its workers) are measured too
             many_origin = f"http://127.0.0.1:{many_port}"
             targets[f"slopbox x{args.processes}"] = (
@@ -473,7 +487,7 @@ def measure(args: argparse.Namespace) -> None:
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     d, n = results["direct"], results["nginx"]
-    ours = [name for name in results if name.startswith("slopbox")]
+    ours = [name for name in results if name not in ("direct", "nginx")]
     par = f"frames_per_s_{args.ws_parallel}conn"
     rows = [
         ("HTTP req/s", "http_rps", "{:.0f}"), ("HTTP p50 ms", "http_p50_ms", "{:.2f}"),
@@ -502,6 +516,12 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         if "stmts_per_request" in results[name]:
             print(f"{name}: shared rate limits cost {results[name]['stmts_per_request']:.3f} PostgreSQL statements "
                   f"per HTTP request, {results[name]['stmts_per_frame']:.3f} per WebSocket frame")
+    if "python floor" in results:
+        f, s = results["python floor"], results["slopbox"]
+        print(f"slopbox above the python floor: HTTP req/s {s['http_rps'] / f['http_rps']:.2f}x of the floor's, "
+              f"CPU per HTTP request +{s['http_cpu_us'] - f['http_cpu_us']:.0f} us "
+              f"(floor {f['http_cpu_us']:.0f}, nginx {n['http_cpu_us']:.0f}), CPU per WS frame "
+              f"+{s['ws_cpu_us'] - f['ws_cpu_us']:.0f} us (floor {f['ws_cpu_us']:.0f}, nginx {n['ws_cpu_us']:.0f})")
     errors = {k: v["http_errors"] for k, v in results.items() if v["http_errors"]}
     if errors:
         print(f"HTTP errors: {errors}")
@@ -517,14 +537,22 @@ def main() -> None:
     ours.add_argument("--forward-port", type=int, required=True)
     ours.add_argument("--database-url", required=True)
     ours.add_argument("--processes", type=int, default=1)
+    floor = sub.add_parser("floor")
+    floor.add_argument("--port", type=int, required=True)
+    floor.add_argument("--upstream-port", type=int, required=True)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--ws-parallel", type=int, default=16)
     parser.add_argument("--ws-conns", type=int, default=300)
     parser.add_argument("--processes", type=int, default=1,
                         help="also measure our proxy as N worker processes with shared rate limits")
+    parser.add_argument("--no-floor", action="store_true", help="skip the python floor path")
     args = parser.parse_args()
-    if args.cmd == "upstream":
+    if args.cmd == "floor":
+        from bench.proxy_floor import run_floor
+
+        run_floor(args.port, args.upstream_port)
+    elif args.cmd == "upstream":
         run_upstream(args.port)
     elif args.cmd == "ours":
         run_ours(args.port, args.forward_port, args.database_url, os.environ["BENCH_KEY"], args.processes)
