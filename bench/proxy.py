@@ -31,7 +31,7 @@ one port (SO_REUSEPORT, `PROXY_PROCESSES=N`) with the per-user rate limits share
 PostgreSQL, leased in production-sized slices (10 requests, 10 frames, 200 KiB), and reports the
 statements that sharing cost per request and per frame (rows upserted in `proxy_rate_buckets`).
 
-Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300] [--processes 2]`
+Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300] [--processes 2] [--no-floor] [--http-only]`
 (needs `nginx` on PATH: `apt-get install -y nginx`). `BENCH_PROFILE=/tmp/p.out` also writes a
 cProfile of our (single-process) proxy.
 """
@@ -91,10 +91,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int, system_only: bool = False) -> float:
     """User + system CPU seconds of one process so far (stable under load, unlike wall time)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[12]) + (0 if system_only else int(fields[11]))) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -384,15 +384,25 @@ async def run_loads(targets: dict[str, tuple[str, str, dict[str, str], list[int]
         procs = [p for p in pids if p > 0] + [c for p in pids if p < 0 for c in children(-p)]
         before = shared_statements(database_url) if counted else 0
         cpu0 = sum(cpu_s(p) for p in procs)
+        sys0 = sum(cpu_s(p, system_only=True) for p in procs)
         res.update({f"http_{k}": v for k, v in
                     (await http_load(http_url, headers, args.seconds, args.concurrency)).items()})
         cpu1 = sum(cpu_s(p) for p in procs)
         res["http_cpu_us"] = (cpu1 - cpu0) * 1e6 / max(1, res["http_requests"])
+        sys1 = sum(cpu_s(p, system_only=True) for p in procs)
+        res["http_sys_us"] = (sys1 - sys0) * 1e6 / max(1, res["http_requests"])
         asset = await http_load(http_url.replace("assets/bench", ASSET), headers, args.seconds / 2, args.concurrency)
         res["asset_rps"] = asset["rps"]
         res["asset_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, asset["requests"])
         res["http_requests"] += asset["requests"]  # the statements below count both loads
         after_http = shared_statements(database_url) if counted else 0
+        if args.http_only:
+            nan = float("nan")
+            res.update({"frames_per_s_1conn": nan, "rtt_p50_ms": nan, "rtt_p99_ms": nan, "ws_cpu_us": nan,
+                        f"frames_per_s_{args.ws_parallel}conn": nan, "ws_kib_per_conn": nan})
+            results[name] = res
+            print("   " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
+            continue
         cpu1 = sum(cpu_s(p) for p in procs)
         res.update(await ws_load(ws_url, headers, args.seconds, args.ws_parallel))
         res["ws_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, res["frames"])
@@ -494,20 +504,21 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         ("HTTP p99 ms", "http_p99_ms", "{:.2f}"), ("WS frames/s (1 conn)", "frames_per_s_1conn", "{:.0f}"),
         (f"WS frames/s ({args.ws_parallel} conns)", par, "{:.0f}"), ("WS RTT p50 ms", "rtt_p50_ms", "{:.3f}"),
         ("WS RTT p99 ms", "rtt_p99_ms", "{:.3f}"), ("KiB per open WS", "ws_kib_per_conn", "{:.1f}"),
-        ("CPU us per HTTP request", "http_cpu_us", "{:.0f}"), ("CPU us per WS frame", "ws_cpu_us", "{:.0f}"),
+        ("CPU us per HTTP request", "http_cpu_us", "{:.0f}"), ("  of which system (kernel)", "http_sys_us", "{:.0f}"),
+        ("CPU us per WS frame", "ws_cpu_us", "{:.0f}"),
         ("asset req/s (immutable)", "asset_rps", "{:.0f}"), ("CPU us per asset request", "asset_cpu_us", "{:.0f}"),
     ]
-    head = f"\n{'':26}{'direct':>10}{'nginx':>10}" + "".join(f"{name:>12}" for name in ours)
-    head += "".join(f"{name + '/direct':>20}{name + '/nginx':>19}" for name in ours)
+    head = f"\n{'':26}{'direct':>10}{'nginx':>10}" + "".join(f"{name:>14}" for name in ours)
+    head += "".join(f"{name + '/direct':>22}{name + '/nginx':>21}" for name in ours)
     print(head)
     for label, key, fmt in rows:
         line = f"{label:26}{fmt.format(d[key]):>10}{fmt.format(n[key]):>10}"
-        line += "".join(f"{fmt.format(results[name][key]):>12}" for name in ours)
+        line += "".join(f"{fmt.format(results[name][key]):>14}" for name in ours)
         for name in ours:
             s = results[name]
             ratio_d = s[key] / d[key] if d[key] else float("nan")
             ratio_n = s[key] / n[key] if n[key] else float("nan")
-            line += f"{ratio_d:>19.2f}x{ratio_n:>18.2f}x"
+            line += f"{ratio_d:>21.2f}x{ratio_n:>20.2f}x"
         print(line)
     for name in ["nginx", *ours]:
         res = results[name]
@@ -516,7 +527,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         if "stmts_per_request" in results[name]:
             print(f"{name}: shared rate limits cost {results[name]['stmts_per_request']:.3f} PostgreSQL statements "
                   f"per HTTP request, {results[name]['stmts_per_frame']:.3f} per WebSocket frame")
-    if "python floor" in results:
+    if "python floor" in results and not args.http_only:
         f, s = results["python floor"], results["slopbox"]
         print(f"slopbox above the python floor: HTTP req/s {s['http_rps'] / f['http_rps']:.2f}x of the floor's, "
               f"CPU per HTTP request +{s['http_cpu_us'] - f['http_cpu_us']:.0f} us "
@@ -547,6 +558,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1,
                         help="also measure our proxy as N worker processes with shared rate limits")
     parser.add_argument("--no-floor", action="store_true", help="skip the python floor path")
+    parser.add_argument("--http-only", action="store_true", help="skip the WebSocket loads (quicker repeats)")
     args = parser.parse_args()
     if args.cmd == "floor":
         from bench.proxy_floor import run_floor
