@@ -31,7 +31,8 @@ one port (SO_REUSEPORT, `PROXY_PROCESSES=N`) with the per-user rate limits share
 PostgreSQL, leased in production-sized slices (10 requests, 10 frames, 200 KiB), and reports the
 statements that sharing cost per request and per frame (rows upserted in `proxy_rate_buckets`).
 
-Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300] [--processes 2] [--no-floor] [--http-only]`
+Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300] [--processes 2]
+[--no-floor] [--http-only]`
 (needs `nginx` on PATH: `apt-get install -y nginx`). `BENCH_PROFILE=/tmp/p.out` also writes a
 cProfile of our (single-process) proxy.
 """
