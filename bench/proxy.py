@@ -20,12 +20,19 @@ connections per address) are raised for the run (one bench user on one address w
 once); everything else is the production configuration. The load generator is Python
 (aiohttp) in this process: on a 2-core machine all parties share the CPUs, so compare ratios.
 
-`--processes N` (N > 1) adds a fourth path in the same run: our proxy as N worker processes on
+The **python floor** (bench/proxy_floor.py) is one more path, always measured: a minimal relay in
+its own process (uvloop, raw asyncio protocols, httptools finding message boundaries, bytes
+forwarded verbatim over kept-alive upstream connections, WebSocket bytes piped after the 101),
+doing nothing else. It is the upper bound any Python proxy reaches on this machine: the report
+prints its ratios against nginx next to ours, and our cost above it. `--no-floor` skips it.
+
+`--processes N` (N > 1) adds another path in the same run: our proxy as N worker processes on
 one port (SO_REUSEPORT, `PROXY_PROCESSES=N`) with the per-user rate limits shared through
 PostgreSQL, leased in production-sized slices (10 requests, 10 frames, 200 KiB), and reports the
 statements that sharing cost per request and per frame (rows upserted in `proxy_rate_buckets`).
 
-Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300] [--processes 2]`
+Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300] [--processes 2]
+[--no-floor] [--http-only]`
 (needs `nginx` on PATH: `apt-get install -y nginx`). `BENCH_PROFILE=/tmp/p.out` also writes a
 cProfile of our (single-process) proxy.
 """
@@ -85,10 +92,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int, system_only: bool = False) -> float:
     """User + system CPU seconds of one process so far (stable under load, unlike wall time)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[12]) + (0 if system_only else int(fields[11]))) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -378,15 +385,25 @@ async def run_loads(targets: dict[str, tuple[str, str, dict[str, str], list[int]
         procs = [p for p in pids if p > 0] + [c for p in pids if p < 0 for c in children(-p)]
         before = shared_statements(database_url) if counted else 0
         cpu0 = sum(cpu_s(p) for p in procs)
+        sys0 = sum(cpu_s(p, system_only=True) for p in procs)
         res.update({f"http_{k}": v for k, v in
                     (await http_load(http_url, headers, args.seconds, args.concurrency)).items()})
         cpu1 = sum(cpu_s(p) for p in procs)
         res["http_cpu_us"] = (cpu1 - cpu0) * 1e6 / max(1, res["http_requests"])
+        sys1 = sum(cpu_s(p, system_only=True) for p in procs)
+        res["http_sys_us"] = (sys1 - sys0) * 1e6 / max(1, res["http_requests"])
         asset = await http_load(http_url.replace("assets/bench", ASSET), headers, args.seconds / 2, args.concurrency)
         res["asset_rps"] = asset["rps"]
         res["asset_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, asset["requests"])
         res["http_requests"] += asset["requests"]  # the statements below count both loads
         after_http = shared_statements(database_url) if counted else 0
+        if args.http_only:
+            nan = float("nan")
+            res.update({"frames_per_s_1conn": nan, "rtt_p50_ms": nan, "rtt_p99_ms": nan, "ws_cpu_us": nan,
+                        f"frames_per_s_{args.ws_parallel}conn": nan, "ws_kib_per_conn": nan})
+            results[name] = res
+            print("   " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
+            continue
         cpu1 = sum(cpu_s(p) for p in procs)
         res.update(await ws_load(ws_url, headers, args.seconds, args.ws_parallel))
         res["ws_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, res["frames"])
@@ -423,6 +440,10 @@ def measure(args: argparse.Namespace) -> None:
         me = [sys.executable, "-m", "bench.proxy"]
         upstream = subprocess.Popen([*me, "upstream", "--port", str(up_port)])
         procs.append(upstream)
+        floor_port = free_port()
+        if not args.no_floor:
+            procs.append(floor := subprocess.Popen([*me, "floor", "--port", str(floor_port),
+                                                    "--upstream-port", str(up_port)]))
         ours = subprocess.Popen([*me, "ours", "--port", str(ours_port), "--forward-port", str(free_port()),
                                  "--database-url", url], env={**os.environ, "BENCH_KEY": key})
         procs.append(ours)
@@ -436,7 +457,8 @@ def measure(args: argparse.Namespace) -> None:
                                      "--database-url", url, "--processes", str(args.processes)],
                                     env={**os.environ, "BENCH_KEY": key})
             procs.append(many)
-        for port in (up_port, ours_port, nginx_port) + ((many_port,) if args.processes > 1 else ()):
+        ports = (up_port, ours_port, nginx_port) + ((many_port,) if args.processes > 1 else ())
+        for port in ports + (() if args.no_floor else (floor_port,)):
             wait_port(port)
         if args.processes > 1:
             deadline = time.monotonic() + 30
@@ -452,6 +474,9 @@ def measure(args: argparse.Namespace) -> None:
             "slopbox": (f"{origin}/agents/{agent}/gateway/assets/bench", f"ws://127.0.0.1:{ours_port}/agents/{agent}/gateway",
                         {"Cookie": f"authjs.session-token={session}", "Origin": origin}, [ours.pid]),
         }
+        if not args.no_floor:
+            targets["python floor"] = (f"http://127.0.0.1:{floor_port}/openclaw/assets/bench",
+                                       f"ws://127.0.0.1:{floor_port}/openclaw", {}, [floor.pid])
         if args.processes > 1:  # pids < 0: the supervisor's children (its workers) are measured too
             many_origin = f"http://127.0.0.1:{many_port}"
             targets[f"slopbox x{args.processes}"] = (
@@ -473,27 +498,28 @@ def measure(args: argparse.Namespace) -> None:
 
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     d, n = results["direct"], results["nginx"]
-    ours = [name for name in results if name.startswith("slopbox")]
+    ours = [name for name in results if name not in ("direct", "nginx")]
     par = f"frames_per_s_{args.ws_parallel}conn"
     rows = [
         ("HTTP req/s", "http_rps", "{:.0f}"), ("HTTP p50 ms", "http_p50_ms", "{:.2f}"),
         ("HTTP p99 ms", "http_p99_ms", "{:.2f}"), ("WS frames/s (1 conn)", "frames_per_s_1conn", "{:.0f}"),
         (f"WS frames/s ({args.ws_parallel} conns)", par, "{:.0f}"), ("WS RTT p50 ms", "rtt_p50_ms", "{:.3f}"),
         ("WS RTT p99 ms", "rtt_p99_ms", "{:.3f}"), ("KiB per open WS", "ws_kib_per_conn", "{:.1f}"),
-        ("CPU us per HTTP request", "http_cpu_us", "{:.0f}"), ("CPU us per WS frame", "ws_cpu_us", "{:.0f}"),
+        ("CPU us per HTTP request", "http_cpu_us", "{:.0f}"), ("  of which system (kernel)", "http_sys_us", "{:.0f}"),
+        ("CPU us per WS frame", "ws_cpu_us", "{:.0f}"),
         ("asset req/s (immutable)", "asset_rps", "{:.0f}"), ("CPU us per asset request", "asset_cpu_us", "{:.0f}"),
     ]
-    head = f"\n{'':26}{'direct':>10}{'nginx':>10}" + "".join(f"{name:>12}" for name in ours)
-    head += "".join(f"{name + '/direct':>20}{name + '/nginx':>19}" for name in ours)
+    head = f"\n{'':26}{'direct':>10}{'nginx':>10}" + "".join(f"{name:>14}" for name in ours)
+    head += "".join(f"{name + '/direct':>22}{name + '/nginx':>21}" for name in ours)
     print(head)
     for label, key, fmt in rows:
         line = f"{label:26}{fmt.format(d[key]):>10}{fmt.format(n[key]):>10}"
-        line += "".join(f"{fmt.format(results[name][key]):>12}" for name in ours)
+        line += "".join(f"{fmt.format(results[name][key]):>14}" for name in ours)
         for name in ours:
             s = results[name]
             ratio_d = s[key] / d[key] if d[key] else float("nan")
             ratio_n = s[key] / n[key] if n[key] else float("nan")
-            line += f"{ratio_d:>19.2f}x{ratio_n:>18.2f}x"
+            line += f"{ratio_d:>21.2f}x{ratio_n:>20.2f}x"
         print(line)
     for name in ["nginx", *ours]:
         res = results[name]
@@ -502,6 +528,12 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         if "stmts_per_request" in results[name]:
             print(f"{name}: shared rate limits cost {results[name]['stmts_per_request']:.3f} PostgreSQL statements "
                   f"per HTTP request, {results[name]['stmts_per_frame']:.3f} per WebSocket frame")
+    if "python floor" in results and not args.http_only:
+        f, s = results["python floor"], results["slopbox"]
+        print(f"slopbox above the python floor: HTTP req/s {s['http_rps'] / f['http_rps']:.2f}x of the floor's, "
+              f"CPU per HTTP request +{s['http_cpu_us'] - f['http_cpu_us']:.0f} us "
+              f"(floor {f['http_cpu_us']:.0f}, nginx {n['http_cpu_us']:.0f}), CPU per WS frame "
+              f"+{s['ws_cpu_us'] - f['ws_cpu_us']:.0f} us (floor {f['ws_cpu_us']:.0f}, nginx {n['ws_cpu_us']:.0f})")
     errors = {k: v["http_errors"] for k, v in results.items() if v["http_errors"]}
     if errors:
         print(f"HTTP errors: {errors}")
@@ -517,14 +549,23 @@ def main() -> None:
     ours.add_argument("--forward-port", type=int, required=True)
     ours.add_argument("--database-url", required=True)
     ours.add_argument("--processes", type=int, default=1)
+    floor = sub.add_parser("floor")
+    floor.add_argument("--port", type=int, required=True)
+    floor.add_argument("--upstream-port", type=int, required=True)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--ws-parallel", type=int, default=16)
     parser.add_argument("--ws-conns", type=int, default=300)
     parser.add_argument("--processes", type=int, default=1,
                         help="also measure our proxy as N worker processes with shared rate limits")
+    parser.add_argument("--no-floor", action="store_true", help="skip the python floor path")
+    parser.add_argument("--http-only", action="store_true", help="skip the WebSocket loads (quicker repeats)")
     args = parser.parse_args()
-    if args.cmd == "upstream":
+    if args.cmd == "floor":
+        from bench.proxy_floor import run_floor
+
+        run_floor(args.port, args.upstream_port)
+    elif args.cmd == "upstream":
         run_upstream(args.port)
     elif args.cmd == "ours":
         run_ours(args.port, args.forward_port, args.database_url, os.environ["BENCH_KEY"], args.processes)

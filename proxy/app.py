@@ -147,6 +147,7 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
     tls_server: asyncio.Server | None = None
     forward: ForwardProxy | None = None
     metrics: web.AppRunner | None = None
+    gateway: GatewayProxy | None = None
     remove_log_limits = install_log_limits()
     browser_limits, forward_limits = listener_limits(settings)
     try:
@@ -205,6 +206,8 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
             await forward.close()
         if runner is not None:
             await runner.cleanup()
+        if gateway is not None and gateway.upstream is not None:
+            await gateway.upstream.close()
         await client.close()
         await denylist.stop()
         await meter.close()

@@ -65,6 +65,11 @@ class ProxyConfig:
     max_rewritten_html_bytes: int = 4 * MIB
     max_cached_asset_bytes: int = 4 * MIB
     """Largest Control UI asset kept in the asset cache (2026.9.6's largest is 3.4 MiB uncompressed)."""
+    upstream_max_connections: int = 128
+    """Open HTTP connections to one gateway at most (proxy.upstream_http); more requests wait."""
+    upstream_max_idle: int = 32
+    """Kept-alive idle HTTP connections to one gateway at most."""
+    upstream_idle_s: float = 30.0
 
     # Per-user limits (per proxy process)
     http_rate_per_s: float = 50.0

@@ -57,6 +57,7 @@ from proxy.paths import BadPath, GatewayPath, RouteKind, control_ui_route, parse
 from proxy.preauth import PreAuthGuard
 from proxy.problems import problem
 from proxy.session_watch import SessionWatch
+from proxy.upstream_http import UpstreamError, UpstreamPool, UpstreamResponse
 from proxy.ws_relay import Relay, RelayContext, relay
 
 __all__ = ["GatewayProxy", "rewrite_html"]
@@ -98,9 +99,15 @@ class GatewayProxy:
     """Closes sockets whose session ended within `session_sweep_s` (None: only the slow re-check)."""
     assets: AssetCache | None = None
     """The Control UI's fingerprinted assets from memory (proxy.asset_cache); None: always the VM."""
+    upstream: UpstreamPool | None = None
+    """Plain HTTP to the gateways (proxy.upstream_http); None: one is made from `config`.
+    `client` (aiohttp) is only for the WebSocket relay."""
 
     def __post_init__(self) -> None:
         cfg = self.config
+        if self.upstream is None:
+            self.upstream = UpstreamPool(max_connections=cfg.upstream_max_connections,
+                                         max_idle=cfg.upstream_max_idle, idle_s=cfg.upstream_idle_s)
         self.http_limiter: TokenBucket = RateLimiter(cfg.http_rate_per_s, cfg.http_burst)
         self.frame_limiter: TokenBucket = RateLimiter(cfg.ws_frame_rate_per_s, cfg.ws_frame_burst)
         self.byte_limiter: TokenBucket = RateLimiter(cfg.ws_byte_rate_per_s,
@@ -315,17 +322,16 @@ class GatewayProxy:
                                          accepted_encodings(request.headers.get("Accept-Encoding")))
                 if hit is not None:  # after the session, ownership, VPS-state and rate checks, as always
                     return hit.response()
-        url = URL(target.base_url + gpath.upstream(self.upstream_base), encoded=True)
         headers = upstream_request_headers(request.headers, client_ip=request.remote, scheme=request.scheme,
                                            host=request.host, bearer=target.relay_device_token,
                                            identity_only=route is RouteKind.DOCUMENT)
         data = self._metered_body(request, target) if request.body_exists else None
+        assert self.upstream is not None
         try:
-            upstream = await self.client.request(
-                request.method, url, headers=headers, data=data, allow_redirects=False, ssl=target.upstream_ssl,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.upstream_connect_timeout_s),
-            )
-        except (aiohttp.ClientError, OSError, TimeoutError):
+            upstream = await self.upstream.request(
+                request.method, target.base_url, gpath.upstream(self.upstream_base), headers, data,
+                ssl=target.upstream_ssl, connect_timeout=self.config.upstream_connect_timeout_s)
+        except (UpstreamError, OSError, TimeoutError):
             return problem(502, "Gateway unavailable", "The agent's gateway cannot be reached right now.")
         async with upstream:
             return await self._respond(request, gpath, target, upstream, route, cache_name)
@@ -336,7 +342,7 @@ class GatewayProxy:
             yield chunk
 
     async def _respond(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget,
-                       upstream: aiohttp.ClientResponse, route: RouteKind, cache_name: str | None = None
+                       upstream: UpstreamResponse, route: RouteKind, cache_name: str | None = None
                        ) -> web.StreamResponse:
         ctype = upstream.headers.get("Content-Type", "").lower()
         coding = upstream.headers.get("Content-Encoding", "").strip().lower()
@@ -354,7 +360,7 @@ class GatewayProxy:
             size = 0
             try:
                 while size <= limit:
-                    chunk = await upstream.content.readany()
+                    chunk = await upstream.readany()
                     if not chunk:
                         complete = True
                         break
@@ -408,7 +414,7 @@ class GatewayProxy:
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         try:
             await out.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_any():
                 self.meter.add(target.vps_id, outbound=len(chunk))
                 await out.write(chunk)
             await out.write_eof()

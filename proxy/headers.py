@@ -19,6 +19,7 @@ for everything else, so HTML or SVG a VM serves at any other path cannot run scr
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 import re
@@ -97,6 +98,7 @@ def document_csp(html: str) -> str:
 _ENCODINGS = frozenset({"gzip", "br", "deflate", "zstd", "identity"})
 
 
+@functools.lru_cache(maxsize=512)  # per request; browsers send a handful of distinct values
 def accepted_encodings(header: str | None) -> frozenset[str]:
     """Content codings the client accepts (q > 0), lower case; `identity` unless refused."""
     out: set[str] = set()
@@ -135,6 +137,7 @@ def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
     return headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection
 
 
+@functools.lru_cache(maxsize=4096)  # per request; addresses repeat
 def forwarded_for(client_ip: str | None) -> str | None:
     """The XFF value for this client, or None to send no forwarded headers at all.
 

@@ -21,6 +21,7 @@ never fails for lack of them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import math
@@ -59,6 +60,7 @@ legitimate ones out of the kernel queue before we get to abort them."""
 _REPORT_EVERY_S = 60.0
 
 
+@functools.lru_cache(maxsize=4096)  # per request and per connection; addresses repeat
 def client_key(host: str | None) -> str:
     """What the per-address cap counts: the IPv4 address, or the IPv6 /64 (a host's usual share)."""
     if not host:

@@ -21,6 +21,7 @@ HEAD) is refused with 403 before a byte reaches the VM.
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass
@@ -108,8 +109,27 @@ def _blocked(tail: tuple[str, ...]) -> bool:
     return False
 
 
+_CACHED_TARGET_MAX = 512
+"""Longer targets are parsed every time (the memo's size stays bounded whatever clients send)."""
+
+
 def parse_gateway_path(raw_target: str) -> GatewayPath:
-    """Parse `request.raw_path` (path + query as received). Raises BadPath."""
+    """Parse `request.raw_path` (path + query as received). Raises BadPath.
+
+    Memoised: a page load asks for the same few paths again and again, and parsing one (UUID,
+    per-segment decoding, dot segments) was the largest of our per-request checks. Refusals are
+    not memoised (an exception is never cached)."""
+    if len(raw_target) <= _CACHED_TARGET_MAX:
+        return _parse_cached(raw_target)
+    return _parse(raw_target)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(raw_target: str) -> GatewayPath:
+    return _parse(raw_target)
+
+
+def _parse(raw_target: str) -> GatewayPath:
     path, _, query = raw_target.partition("?")
     if not path.startswith("/") or "\\" in path:
         raise BadPath(400, "malformed path")
