@@ -27,6 +27,16 @@ async def result(stack: Any, operation_id: str) -> dict[str, Any]:
     return await operation_outcome(stack.client, operation_id)
 
 
+async def running_agent(stack: Any, sql: psycopg.Connection) -> tuple[Any, str, dict[str, Any]]:
+    """A new user's agent, provisioned on the real gateway and running: (user, agent id, its VPS)."""
+    user = make_user(sql, plan="starter")
+    agent = await stack.new_agent(user)
+    assert (await stack.provision(user, agent)).status_code == 202
+    vps = await stack.wait_vps(user, agent, "running", "error", timeout=180)
+    assert vps["state"] == "running", vps["last_error"]
+    return user, agent, vps
+
+
 @pytest.mark.skipif(not OPENCLAW_BIN, reason="OPENCLAW_BIN not set (real gateway tier)")
 async def test_real_gateway_provision_stop_start_destroy(settings: Settings, temporal_client: Client, db: str,
                                                          sql: psycopg.Connection) -> None:
@@ -34,11 +44,7 @@ async def test_real_gateway_provision_stop_start_destroy(settings: Settings, tem
     # The real gateway needs ~10-13 s to be ready on a 2-core machine (reference §5).
     slow = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 90, "poll_interval_s": 0.5})
     async with running_stack(real, temporal_client, timeouts=slow) as stack:
-        user = make_user(sql, plan="starter")
-        agent = await stack.new_agent(user)
-        assert (await stack.provision(user, agent)).status_code == 202
-        vps = await stack.wait_vps(user, agent, "running", "error", timeout=180)
-        assert vps["state"] == "running", vps["last_error"]
+        user, agent, vps = await running_agent(stack, sql)
         # Running means both identities connected with their scopes and the config push went through.
         # Over loopback the real gateway authenticates the device by token and issues no device token.
         row = sql.execute("SELECT admin_device_key IS NOT NULL, relay_device_key IS NOT NULL FROM vpses "
@@ -138,11 +144,7 @@ async def test_real_gateway_telegram_is_configured_and_reported_as_the_gateway_s
     slow = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 90, "poll_interval_s": 0.5,
                                 "channel_status_s": 8})
     async with running_stack(real, temporal_client, timeouts=slow) as stack:
-        user = make_user(sql, plan="starter")
-        agent = await stack.new_agent(user)
-        assert (await stack.provision(user, agent)).status_code == 202
-        vps = await stack.wait_vps(user, agent, "running", "error", timeout=180)
-        assert vps["state"] == "running", vps["last_error"]
+        user, agent, vps = await running_agent(stack, sql)
 
         resp = await stack.api.post(f"/agents/{agent}/channels", headers=headers(user),
                                     json={"kind": "telegram", "credentials": {"bot_token": "123456789:AAH" + "x" * 32}})
