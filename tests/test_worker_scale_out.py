@@ -21,6 +21,7 @@ from temporalio.api.enums.v1 import EventType, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from settings import Settings
 from tests.fault_harness import gateway_processes, start_worker, stop_process
@@ -41,6 +42,23 @@ async def _activity_workers(client: Client, workflow_id: str) -> set[str]:
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             seen.add(event.activity_task_started_event_attributes.identity)
     return seen
+
+
+async def _first_at_work(client: Client, operation_ids: list[str],
+                         workers: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """The first of `workers` seen starting an activity of these operations (read from their histories)."""
+    deadline = time.monotonic() + 120
+    while True:
+        for operation_id in operation_ids:
+            try:
+                identities = await _activity_workers(client, operation_id)
+            except RPCError:  # the entity starts the operation's run a moment after accepting it
+                continue
+            for w in workers:
+                if any(i.startswith(f"{w.pid}@") for i in identities):
+                    return w
+        assert time.monotonic() < deadline, "no worker started an activity"
+        await asyncio.sleep(0.1)
 
 
 async def _wait_pollers(client: Client, task_queue: str, count: int) -> None:
@@ -70,15 +88,17 @@ async def test_two_workers_share_provisions_and_survive_losing_one(settings: Set
             accepted = [await stack.provision(u, a) for u, a in zip(users, agents, strict=True)]
             assert [r.status_code for r in accepted] == [202] * AGENTS, [r.text for r in accepted]
 
-            # Once the first VPS is running the others are mid-flight: kill one worker without warning.
-            await stack.wait_vps(users[0], agents[0], "running", "error", timeout=120)
-            workers[0].send_signal(signal.SIGKILL)
-            workers[0].wait(10)
+            # As soon as a worker has started an activity the provisions are mid-flight: kill that worker
+            # without warning (whichever it is: which poller gets a task is the server's choice).
+            victim = await _first_at_work(temporal_client, [r.json()["operation_id"] for r in accepted], workers)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            survivor = next(w for w in workers if w is not victim)
 
             finals = await asyncio.gather(*(stack.wait_vps(u, a, "running", "error", timeout=240)
                                             for u, a in zip(users, agents, strict=True)))
             assert [v["state"] for v in finals] == ["running"] * AGENTS, [v["last_error"] for v in finals]
-            assert workers[1].poll() is None, (tmp_path / "worker2.log").read_text()[-3000:]
+            assert survivor.poll() is None, (tmp_path / f"worker{workers.index(survivor) + 1}.log").read_text()[-3000:]
 
             # Both workers did activity work (the queue is shared, not owned).
             identities: set[str] = set()
