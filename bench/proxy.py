@@ -32,7 +32,7 @@ PostgreSQL, leased in production-sized slices (10 requests, 10 frames, 200 KiB),
 statements that sharing cost per request and per frame (rows upserted in `proxy_rate_buckets`).
 
 Usage: `.venv/bin/python -m bench.proxy [--seconds 4] [--concurrency 32] [--ws-conns 300] [--processes 2]
-[--no-floor] [--http-only]`
+[--no-floor] [--http-only | --ws-only]`
 (needs `nginx` on PATH: `apt-get install -y nginx`). `BENCH_PROFILE=/tmp/p.out` also writes a
 cProfile of our (single-process) proxy.
 """
@@ -384,29 +384,39 @@ async def run_loads(targets: dict[str, tuple[str, str, dict[str, str], list[int]
         counted = name.startswith("slopbox x")
         procs = [p for p in pids if p > 0] + [c for p in pids if p < 0 for c in children(-p)]
         before = shared_statements(database_url) if counted else 0
-        cpu0 = sum(cpu_s(p) for p in procs)
-        sys0 = sum(cpu_s(p, system_only=True) for p in procs)
-        res.update({f"http_{k}": v for k, v in
-                    (await http_load(http_url, headers, args.seconds, args.concurrency)).items()})
-        cpu1 = sum(cpu_s(p) for p in procs)
-        res["http_cpu_us"] = (cpu1 - cpu0) * 1e6 / max(1, res["http_requests"])
-        sys1 = sum(cpu_s(p, system_only=True) for p in procs)
-        res["http_sys_us"] = (sys1 - sys0) * 1e6 / max(1, res["http_requests"])
-        asset = await http_load(http_url.replace("assets/bench", ASSET), headers, args.seconds / 2, args.concurrency)
-        res["asset_rps"] = asset["rps"]
-        res["asset_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, asset["requests"])
-        res["http_requests"] += asset["requests"]  # the statements below count both loads
+        if args.ws_only:
+            nan = float("nan")
+            res.update({"http_rps": nan, "http_p50_ms": nan, "http_p99_ms": nan, "http_errors": 0,
+                        "http_requests": 0, "http_cpu_us": nan, "http_sys_us": nan, "asset_rps": nan,
+                        "asset_cpu_us": nan})
+        else:
+            cpu0 = sum(cpu_s(p) for p in procs)
+            sys0 = sum(cpu_s(p, system_only=True) for p in procs)
+            res.update({f"http_{k}": v for k, v in
+                        (await http_load(http_url, headers, args.seconds, args.concurrency)).items()})
+            cpu1 = sum(cpu_s(p) for p in procs)
+            res["http_cpu_us"] = (cpu1 - cpu0) * 1e6 / max(1, res["http_requests"])
+            sys1 = sum(cpu_s(p, system_only=True) for p in procs)
+            res["http_sys_us"] = (sys1 - sys0) * 1e6 / max(1, res["http_requests"])
+            asset = await http_load(http_url.replace("assets/bench", ASSET), headers, args.seconds / 2,
+                                    args.concurrency)
+            res["asset_rps"] = asset["rps"]
+            res["asset_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, asset["requests"])
+            res["http_requests"] += asset["requests"]  # the statements below count both loads
         after_http = shared_statements(database_url) if counted else 0
         if args.http_only:
             nan = float("nan")
             res.update({"frames_per_s_1conn": nan, "rtt_p50_ms": nan, "rtt_p99_ms": nan, "ws_cpu_us": nan,
+                        "ws_sys_us": nan,
                         f"frames_per_s_{args.ws_parallel}conn": nan, "ws_kib_per_conn": nan})
             results[name] = res
             print("   " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
             continue
         cpu1 = sum(cpu_s(p) for p in procs)
+        sys1 = sum(cpu_s(p, system_only=True) for p in procs)
         res.update(await ws_load(ws_url, headers, args.seconds, args.ws_parallel))
         res["ws_cpu_us"] = (sum(cpu_s(p) for p in procs) - cpu1) * 1e6 / max(1, res["frames"])
+        res["ws_sys_us"] = (sum(cpu_s(p, system_only=True) for p in procs) - sys1) * 1e6 / max(1, res["frames"])
         if counted:
             res["stmts_per_request"] = (after_http - before) / max(1, res["http_requests"])
             res["stmts_per_frame"] = (shared_statements(database_url) - after_http) / max(1, res["frames"])
@@ -506,7 +516,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         (f"WS frames/s ({args.ws_parallel} conns)", par, "{:.0f}"), ("WS RTT p50 ms", "rtt_p50_ms", "{:.3f}"),
         ("WS RTT p99 ms", "rtt_p99_ms", "{:.3f}"), ("KiB per open WS", "ws_kib_per_conn", "{:.1f}"),
         ("CPU us per HTTP request", "http_cpu_us", "{:.0f}"), ("  of which system (kernel)", "http_sys_us", "{:.0f}"),
-        ("CPU us per WS frame", "ws_cpu_us", "{:.0f}"),
+        ("CPU us per WS frame", "ws_cpu_us", "{:.1f}"), ("  of which system (kernel)", "ws_sys_us", "{:.1f}"),
         ("asset req/s (immutable)", "asset_rps", "{:.0f}"), ("CPU us per asset request", "asset_cpu_us", "{:.0f}"),
     ]
     head = f"\n{'':26}{'direct':>10}{'nginx':>10}" + "".join(f"{name:>14}" for name in ours)
@@ -528,7 +538,11 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         if "stmts_per_request" in results[name]:
             print(f"{name}: shared rate limits cost {results[name]['stmts_per_request']:.3f} PostgreSQL statements "
                   f"per HTTP request, {results[name]['stmts_per_frame']:.3f} per WebSocket frame")
-    if "python floor" in results and not args.http_only:
+    if "python floor" in results and args.ws_only:
+        f, s = results["python floor"], results["slopbox"]
+        print(f"slopbox above the python floor: CPU per WS frame +{s['ws_cpu_us'] - f['ws_cpu_us']:.1f} us "
+              f"(floor {f['ws_cpu_us']:.1f}, nginx {n['ws_cpu_us']:.1f})")
+    elif "python floor" in results and not args.http_only:
         f, s = results["python floor"], results["slopbox"]
         print(f"slopbox above the python floor: HTTP req/s {s['http_rps'] / f['http_rps']:.2f}x of the floor's, "
               f"CPU per HTTP request +{s['http_cpu_us'] - f['http_cpu_us']:.0f} us "
@@ -560,6 +574,7 @@ def main() -> None:
                         help="also measure our proxy as N worker processes with shared rate limits")
     parser.add_argument("--no-floor", action="store_true", help="skip the python floor path")
     parser.add_argument("--http-only", action="store_true", help="skip the WebSocket loads (quicker repeats)")
+    parser.add_argument("--ws-only", action="store_true", help="skip the HTTP and asset loads (quicker repeats)")
     args = parser.parse_args()
     if args.cmd == "floor":
         from bench.proxy_floor import run_floor

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.json_limits import JsonTooComplex, check_json_bounds
 from proxy.methods import Refusal, check_method
@@ -41,8 +40,9 @@ class FrameViolation(ValueError):
     """The frame breaks the protocol: the connection is closed with 1008 and this reason."""
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
+    """A checked browser request (a tuple: built once per relayed frame, cheaper than a dataclass)."""
+
     id: str
     method: str
     params: Any = None
@@ -65,16 +65,47 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-"""One decoder for every frame: `json.loads` with these arguments would build a new one (and its
-C scanner) per call, a few microseconds of every relayed frame."""
+_STRICT = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+"""The fallback when the key count disagrees: a Python hook per object that refuses a repeated key."""
+_SCAN = json.JSONDecoder(parse_constant=_reject_constant).scan_once
+"""The C scanner without a hook (dicts built in C), called directly: `decode`/`raw_decode` are
+two Python frames and two regex matches around it. Built once: `json.loads` with arguments
+would build a decoder (and its scanner) per call."""
+_JSON_SPACE = " \t\n\r"
+
+
+def _keys_built(value: Any) -> int:
+    """How many keys the dicts in `value` hold, nested ones included (objects inside arrays too)."""
+    keys = 0
+    stack = [value]
+    while stack:
+        container = stack.pop()
+        kind = type(container)
+        if kind is dict:
+            keys += len(container)
+            items = container.values()
+        elif kind is list:
+            items = container
+        else:
+            continue
+        for item in items:
+            kind = type(item)
+            if kind is dict or kind is list:
+                stack.append(item)
+    return keys
 
 
 def parse_json_object(data: bytes | str) -> dict[str, Any]:
     """One JSON object, strictly: UTF-8, no duplicate keys, no NaN/Infinity, bounded depth and size
-    (`proxy.json_limits`, checked before the parser builds anything). Raises FrameViolation."""
+    (`proxy.json_limits`, checked before the parser builds anything). Raises FrameViolation.
+
+    Duplicate keys without a hook per object: outside strings a `:` only ever separates a member's
+    name from its value, so in valid JSON the bounds scan's colon count is the number of members of
+    all objects; each object becomes a dict holding its distinct keys, so the dicts hold as many
+    keys in total exactly when no object repeats one (`{"a":1,"\\u0061":2}` included: one key, two
+    colons). Any other count goes through the hook decoder, which names the duplicate."""
     try:
-        check_json_bounds(data)
+        members = check_json_bounds(data)
     except JsonTooComplex as exc:
         raise FrameViolation(str(exc)) from None
     if isinstance(data, bytes):
@@ -82,13 +113,21 @@ def parse_json_object(data: bytes | str) -> dict[str, Any]:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
             raise FrameViolation("text frame is not valid UTF-8") from None
+    text = data.strip(_JSON_SPACE)  # JSON's whitespace only, as `JSONDecoder.decode` skips it
     try:
-        value = _DECODER.decode(data)
-    except _DuplicateKey:
-        raise FrameViolation("duplicate key in frame") from None
-    except (ValueError, RecursionError):
+        value, end = _SCAN(text, 0)
+    except (ValueError, RecursionError, StopIteration):
         raise FrameViolation("invalid JSON frame") from None
-    if not isinstance(value, dict):
+    if end != len(text):
+        raise FrameViolation("invalid JSON frame")
+    if _keys_built(value) != members:
+        try:
+            value = _STRICT.decode(text)
+        except _DuplicateKey:
+            raise FrameViolation("duplicate key in frame") from None
+        except (ValueError, RecursionError):
+            raise FrameViolation("invalid JSON frame") from None
+    if type(value) is not dict:
         raise FrameViolation("frame is not a JSON object")
     return value
 
@@ -98,19 +137,18 @@ def parse_client_frame(data: bytes | str) -> Request:
     frame = parse_json_object(data)
     if frame.get("type") != "req":
         raise FrameViolation("only req frames are accepted from the client")
-    unknown = set(frame) - _REQ_KEYS
-    if unknown:
+    if not frame.keys() <= _REQ_KEYS:
         raise FrameViolation("unexpected property in request frame")
     rid = frame.get("id")
-    if not isinstance(rid, str) or not rid or len(rid) > _MAX_ID_LEN:
+    if type(rid) is not str or not rid or len(rid) > _MAX_ID_LEN:
         raise FrameViolation("request id must be a non-empty string")
     method = frame.get("method")
-    if not isinstance(method, str) or not method:
+    if type(method) is not str or not method:
         raise FrameViolation("request method must be a non-empty string")
     params = frame.get("params")
-    if params is not None and not isinstance(params, dict | list):
+    if params is not None and type(params) is not dict and type(params) is not list:
         raise FrameViolation("request params must be an object")
-    return Request(id=rid, method=method, params=params)
+    return Request(rid, method, params)
 
 
 def blocked(req: Request) -> Refusal | None:

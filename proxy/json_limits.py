@@ -10,6 +10,9 @@ frame size alone does not bound memory. The scan works on bytes with C-speed ope
 3. count what remains: containers (`{` `[`), separators (`,` `:`), then the nesting depth over
    the bracket characters only (bounded by the container count before it is walked).
 
+The `:` count it returns is, for valid JSON, exactly the number of object members (a colon
+outside a string is only ever a name separator): `proxy.frames` uses it to detect duplicate keys.
+
 It is exact for valid JSON and an upper bound up to the first syntax error for anything else
 (json.loads stops there), so a frame that passes cannot make the parser build more than the
 limits allow: at most MAX_CONTAINERS objects/arrays, MAX_VALUES values, MAX_DEPTH levels.
@@ -34,22 +37,27 @@ class JsonTooComplex(ValueError):
 
 
 def check_json_bounds(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_containers: int = MAX_CONTAINERS,
-                      max_values: int = MAX_VALUES) -> None:
+                      max_values: int = MAX_VALUES) -> int:
+    """Raises JsonTooComplex past a limit; returns the number of `:` outside strings, which for
+    valid JSON is exactly the number of members of all its objects (`proxy.frames` compares it with
+    the keys the parser built to find a duplicate key without a Python hook per object)."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    clean = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    quotes = clean.count(b'"')
-    if quotes % 2:
+    if b"\\" in raw:  # no backslash: nothing to drop (a frame usually has none)
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    quotes = raw.count(b'"')
+    if quotes & 1:
         raise JsonTooComplex("invalid JSON frame")
     if quotes // 2 > max_values + 1:  # every string is a key or a value
         raise JsonTooComplex("frame has too many values")
-    rest = b"".join(clean.split(b'"')[::2]) if quotes else clean
+    rest = b"".join(raw.split(b'"')[::2]) if quotes else raw
+    colons = rest.count(b":")
     containers = rest.count(b"{") + rest.count(b"[")
     if containers > max_containers:
         raise JsonTooComplex("frame has too many objects or arrays")
-    if rest.count(b",") + rest.count(b":") > max_values:
+    if rest.count(b",") + colons > max_values:
         raise JsonTooComplex("frame has too many values")
     if containers <= max_depth:
-        return  # cannot nest deeper than it has containers
+        return colons  # cannot nest deeper than it has containers
     brackets = rest.translate(None, _NOT_BRACKETS)
     if len(brackets) > 2 * containers + 2:
         raise JsonTooComplex("invalid JSON frame")  # more closers than openers can match
@@ -61,3 +69,4 @@ def check_json_bounds(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_cont
                 raise JsonTooComplex("frame is nested too deeply")
         else:
             depth -= 1
+    return colons

@@ -6,6 +6,12 @@ failed flush puts its counts back for the next one; `close()` flushes what is le
 
 Direction is the VM's point of view: `inbound` = bytes delivered to the VM (browser requests,
 responses the agent fetched), `outbound` = bytes the VM sent (gateway responses, agent uploads).
+
+A busy stream can count in its own two integers instead of calling `add` per frame: it is an
+attached source (`attach`), and the meter drains every source before it flushes or answers
+`pending`, when the source is detached, and when a month ends (a timer at the boundary, armed by
+`start`, so bytes stay in the month they were relayed in). The totals are exactly those `add` per
+frame would give.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ import logging
 import time
 import uuid
 from datetime import UTC, date, datetime
+from typing import Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.plans import month_start
 
-__all__ = ["Meter"]
+__all__ = ["Meter", "MeterSource"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,14 @@ def _next_month_ts(start: date) -> float:
     return calendar.timegm(datetime(year, month, 1, tzinfo=UTC).timetuple())
 
 
+class MeterSource(Protocol):
+    """Something that counts its own bytes (an open WebSocket relay) and hands them over on demand."""
+
+    def drain(self) -> tuple[uuid.UUID, int, int]:
+        """(vps_id, inbound, outbound) counted since the last drain; the counts start again at zero."""
+        ...
+
+
 class Meter:
     def __init__(self, engine: AsyncEngine, *, flush_interval_s: float = 5.0) -> None:
         self._engine = engine
@@ -57,12 +72,55 @@ class Meter:
         self._month_ends = _next_month_ts(self._month)
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._sources: set[MeterSource] = set()
+        self._month_timer: asyncio.TimerHandle | None = None
 
     def _current_month(self) -> date:
         if time.time() >= self._month_ends:
+            self._drain_into(self._month)  # what the sources counted so far is the ending month's
             self._month = month_start()
             self._month_ends = _next_month_ts(self._month)
         return self._month
+
+    # -- sources: streams that count in place -----------------------------------------------------
+
+    def attach(self, source: MeterSource) -> None:
+        """From now on `source`'s counts are drained into the meter (see the module docstring)."""
+        self._sources.add(source)
+
+    def detach(self, source: MeterSource) -> None:
+        """The source is done: what it counted last is added now."""
+        if source in self._sources:
+            self._sources.discard(source)
+            self._take(source, self._current_month())
+
+    def drain_sources(self) -> None:
+        """Every attached source's counts into the current month."""
+        month = self._current_month()
+        for source in self._sources:
+            self._take(source, month)
+
+    def _drain_into(self, month: date) -> None:
+        for source in self._sources:
+            self._take(source, month)
+
+    def _take(self, source: MeterSource, month: date) -> None:
+        vps_id, inbound, outbound = source.drain()
+        if inbound or outbound:
+            self._drained((vps_id, month), inbound, outbound)
+
+    def _drained(self, key: tuple[uuid.UUID, date], inbound: int, outbound: int) -> None:
+        """Bytes a source counted, taken in (a subclass may count them elsewhere too, as `add`)."""
+        self.add_for(key, inbound, outbound)
+
+    def _month_boundary(self) -> None:
+        """At the end of a month: drain the sources into it, then wait for the next one."""
+        self._current_month()
+        self._arm_month_timer()
+
+    def _arm_month_timer(self) -> None:
+        delay = max(0.0, self._month_ends - time.time())
+        self._month_timer = asyncio.get_running_loop().call_later(delay, self._month_boundary)
 
     def add(self, vps_id: uuid.UUID, *, inbound: int = 0, outbound: int = 0) -> None:
         if not inbound and not outbound:
@@ -77,11 +135,13 @@ class Meter:
 
     def pending(self, vps_ids: set[uuid.UUID]) -> int:
         """Unflushed bytes (both directions) this month for these VPSes: enforcement adds them."""
+        self.drain_sources()
         month = self._current_month()
         return sum(c[0] + c[1] for (vps, m), c in self._pending.items() if m == month and vps in vps_ids)
 
     async def flush(self) -> None:
         async with self._lock:
+            self.drain_sources()
             batch, self._pending = self._pending, {}
             if not batch:
                 return
@@ -116,9 +176,14 @@ class Meter:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="meter-flush")
+        if self._month_timer is None:
+            self._arm_month_timer()
 
     async def close(self) -> None:
         """Stop the periodic flush and write what is left (shutdown must not lose bytes)."""
+        if self._month_timer is not None:
+            self._month_timer.cancel()
+            self._month_timer = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

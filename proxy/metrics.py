@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Hashable
+from datetime import date
 
 from proxy.forward import ForwardProxy
 from proxy.gateway import GatewayProxy
@@ -33,6 +34,13 @@ class CountingMeter(Meter):
 
     def add(self, vps_id: uuid.UUID, *, inbound: int = 0, outbound: int = 0) -> None:
         super().add(vps_id, inbound=inbound, outbound=outbound)
+        if inbound:
+            _INBOUND.inc(inbound)
+        if outbound:
+            _OUTBOUND.inc(outbound)
+
+    def _drained(self, key: tuple[uuid.UUID, date], inbound: int, outbound: int) -> None:
+        super()._drained(key, inbound, outbound)
         if inbound:
             _INBOUND.inc(inbound)
         if outbound:

@@ -309,8 +309,7 @@ class _Socket(asyncio.Protocol):
         relay_conn = self.relay
         if relay_conn is not None and relay_conn.relaying:
             if self.browser_side:
-                self.asm.feed(data)
-                relay_conn.pump_browser()
+                relay_conn.from_browser(data)
             else:
                 relay_conn.from_gateway(data)
             return
@@ -593,8 +592,8 @@ def _browser_101(request: web.Request) -> bytes | None:
 class Relay:
     """Both sockets of one Control UI connection: handshake, then callbacks only."""
 
-    __slots__ = ("__weakref__", "_close_timer", "_held", "_on_done", "browser", "ctx", "done", "relaying", "target",
-                 "upstream", "vps_id")
+    __slots__ = ("__weakref__", "_close_timer", "_held", "_in", "_on_done", "_out", "browser", "ctx", "done",
+                 "relaying", "target", "upstream", "user_key", "vps_id")
 
     def __init__(self, ctx: RelayContext, target: GatewayTarget, browser: _Socket, upstream: _Upstream,
                  on_done: Callable[[], None]) -> None:
@@ -603,6 +602,13 @@ class Relay:
         self.browser = browser
         self.upstream = upstream
         self.vps_id = target.vps_id
+        self.user_key = str(target.user_id)
+        """The per-user frame and byte buckets' key: a str hashes once (a UUID hashes in Python at
+        every lookup); the shared limiter's rows are named by the same text."""
+        self._in = 0
+        self._out = 0
+        """Bytes to and from the VM not yet handed to the meter (`drain`; the meter drains attached
+        relays before every flush, so its totals are exact)."""
         self.relaying = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._on_done = on_done
@@ -610,6 +616,12 @@ class Relay:
         self._held: asyncio.TimerHandle | asyncio.Task[Any] | None = None
         browser.relay = self
         upstream.relay = self
+
+    def drain(self) -> tuple[Any, int, int]:
+        """`proxy.metering.MeterSource`: the payload bytes counted since the last drain."""
+        counts = (self.vps_id, self._in, self._out)
+        self._in = self._out = 0
+        return counts
 
     def other(self, side: _Socket) -> _Socket:
         return self.upstream if side is self.browser else self.browser
@@ -697,6 +709,7 @@ class Relay:
             self._held.cancel()
             self._held = None
         self.ctx.open_relays.discard(self)
+        self.ctx.meter.detach(self)
         self.browser.relay = self.upstream.relay = None
         if not self.done.done():
             self.done.set_result(None)
@@ -835,6 +848,7 @@ class Relay:
             self.browser.asm.max_message = self.ctx.config.max_client_frame_bytes
             self.browser.asm.too_large = (WSCloseCode.POLICY_VIOLATION, "frame too large")
         self.relaying = True
+        self.ctx.meter.attach(self)
         rest = self.upstream.asm.rest()
         self.browser.resume(_HANDSHAKE)
         self.upstream.resume(_HANDSHAKE)
@@ -844,18 +858,24 @@ class Relay:
 
     def from_gateway(self, data: bytes) -> None:
         """Gateway bytes to the browser as they come: only frame boundaries are tracked."""
-        out: list[bytes] = []
-        controls: list[Control] = []
         upstream = self.upstream
         if upstream.got_close:
             return
+        payload = upstream.stream.whole(data)
+        if payload >= 0:  # one whole data frame, the usual read: forwarded as it is
+            self._out += payload
+            browser = self.browser
+            if browser.transport is not None and not browser.sent_close:
+                browser.transport.write(data)
+            return
+        out: list[bytes] = []
+        controls: list[Control] = []
         try:
             payload = upstream.stream.feed(data, out, controls)
         except WireError as exc:
             self._broken(upstream, exc)
             return
-        if payload:
-            self.ctx.meter.add(self.vps_id, outbound=payload)
+        self._out += payload
         browser = self.browser
         if out and browser.transport is not None and not browser.sent_close:
             if len(out) == 1:
@@ -869,6 +889,18 @@ class Relay:
                 browser.write(encode(PING, control.payload))
             elif control.payload != _HEARTBEAT:
                 browser.write(encode(PONG, control.payload))
+
+    def from_browser(self, data: bytes) -> None:
+        """Browser bytes: a read that is one whole text frame goes straight to the checks (the
+        usual case, no buffering), anything else through the assembler."""
+        browser = self.browser
+        if self._held is None and not browser.got_close and not browser.sent_close:
+            msg = browser.asm.whole(data)
+            if msg is not None:
+                self._browser_text(msg, 0)
+                return
+        browser.asm.feed(data)
+        self.pump_browser()
 
     def pump_browser(self) -> None:
         """Every complete browser message, checked and passed on in order; stops while one is held."""
@@ -907,8 +939,9 @@ class Relay:
     def _browser_text(self, msg: Message, stage: int) -> None:
         """One browser message: byte budget (stage 0), strict parse and method check, frame rate."""
         data = msg.payload
-        user = self.target.user_id
-        bytes_limiter = self.ctx.byte_limiter
+        user = self.user_key
+        ctx = self.ctx
+        bytes_limiter = ctx.byte_limiter
         if stage == 0 and bytes_limiter is not None:
             cost = min(float(len(data)), float(bytes_limiter.burst))
             wait = bytes_limiter.acquire_now(user, cost)
@@ -932,20 +965,26 @@ class Relay:
                                               "method": req.method[:128], "rule": refusal.rule})
             self.to_browser(forbidden_response(req.id, req.method, refusal))
             return
-        limiter = self.ctx.frame_limiter
+        limiter = ctx.frame_limiter
         wait = limiter.acquire_now(user)
         if wait is None:
             self._hold_task(limiter.take(user), lambda w: self._rated(msg, req, w))
             return
-        self._rated(msg, req, wait)
+        if wait > 0:
+            self.to_browser(rate_limited_response(req.id, req.method, max(1, int(wait * 1000))))
+            return
+        # One frame: the browser's own masked bytes go up unchanged; a fragmented one is re-framed.
+        self.upstream.write(msg.raw if msg.raw is not None else encode(TEXT, data, masked=True))
+        self._in += len(data)
 
     def _rated(self, msg: Message, req: Request, wait: float) -> None:
+        """The rest of `_browser_text` once a shared frame limiter answered."""
         if wait > 0:
             self.to_browser(rate_limited_response(req.id, req.method, max(1, int(wait * 1000))))
             return
         # One frame: the browser's own masked bytes go up unchanged; a fragmented one is re-framed.
         self.upstream.write(msg.raw if msg.raw is not None else encode(TEXT, msg.payload, masked=True))
-        self.ctx.meter.add(self.vps_id, inbound=len(msg.payload))
+        self._in += len(msg.payload)
 
     def _hold_timer(self, delay: float, then: Callable[[], None]) -> None:
         self.browser.pause(_HOLD)

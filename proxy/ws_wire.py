@@ -196,6 +196,31 @@ class Assembler:
         self.pos = 0
         return out
 
+    def whole(self, data: bytes) -> Message | None:
+        """`data` as a message when it is exactly one complete, final, masked text frame within the
+        limit and nothing is buffered or half-assembled (the usual browser read); None otherwise,
+        and `feed` + `next` decide (the same checks: this only skips the buffer)."""
+        if self._frags is not None or self.pos != len(self.buf) or not self.require_mask:
+            return None
+        end = len(data)
+        if end < 6 or data[0] != 0x81:  # FIN, no RSV bit, text
+            return None
+        n = data[1] ^ 0x80  # >= 128: no mask bit
+        if n < 126:
+            hlen = 6
+        elif n == 126 and end >= 8:
+            n = (data[2] << 8) | data[3]
+            hlen = 8
+        else:
+            return None
+        if hlen + n != end or n > self.max_message:
+            return None
+        if _c_mask is not None:
+            buf = bytearray(memoryview(data)[hlen:])
+            _c_mask(data[hlen - 4:hlen], buf)
+            return Message(TEXT, bytes(buf), data)
+        return Message(TEXT, mask(data[hlen - 4:hlen], data[hlen:]), data)
+
     def next(self) -> Message | None:
         """The next message or control frame, None until one is complete. Raises WireError."""
         buf = self.buf
@@ -270,6 +295,27 @@ class PassThrough:
         self._ctl_op = 0
         self._in_message = False
         self._msg_size = 0
+
+    def whole(self, data: bytes) -> int:
+        """The payload length when `data` is exactly one complete, final, unmasked text or binary
+        frame within the limit and the stream is between messages (the usual gateway read); -1
+        otherwise, and `feed` decides (the same checks: this only skips the state machine)."""
+        if self._state or self._head or self._in_message:  # _HEAD is 0
+            return -1
+        end = len(data)
+        if end < 2 or (data[0] != 0x81 and data[0] != 0x82):  # FIN, no RSV bit, text or binary
+            return -1
+        n = data[1]  # >= 128: masked
+        if n < 126:
+            hlen = 2
+        elif n == 126 and end >= 4:
+            n = (data[2] << 8) | data[3]
+            hlen = 4
+        else:
+            return -1
+        if hlen + n != end or n > self.max_message:
+            return -1
+        return n
 
     def feed(self, data: bytes, out: list[bytes], controls: list[Control]) -> int:
         """Appends bytes to forward to `out` and complete control frames to `controls` (reading

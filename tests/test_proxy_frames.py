@@ -1,0 +1,162 @@
+"""The strict browser-frame parse (`proxy.frames.parse_json_object`) finds duplicate keys by
+counting: the bounds scan's `:` count against the keys the dicts hold, with the per-object hook only
+when they differ. These cases would pass through a wrong count (a colon inside a string or behind an
+escaped quote, a key spelled with an escape, a duplicate nested in an array, an array's length
+counted as keys), and a property test checks the parse against a plain reference decoder that
+refuses a repeated key in any object."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.frames import FrameViolation, parse_client_frame, parse_json_object
+from proxy.json_limits import check_json_bounds
+
+
+class _Dup(ValueError):
+    pass
+
+
+def _reference(text: str) -> dict[str, Any] | None:
+    """What the strict parse must answer: the object, or None for any refusal (independent code:
+    the standard library with its own duplicate check per object, NaN/Infinity refused)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            raise _Dup
+        return dict(items)
+
+    def constant(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        value = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _ours(text: str | bytes) -> dict[str, Any] | None:
+    try:
+        return parse_json_object(text)
+    except FrameViolation:
+        return None
+
+
+REFUSED_DUPLICATES = [
+    '{"a":1,"a":2}',
+    '{"a":1,"\\u0061":2}',  # the same key, one spelled with an escape
+    '{"\\u0061":1,"a":2}',
+    '{"type":"req","id":"1","method":"a","params":{"x":[{"k":1,"k":2}]}}',  # inside an array
+    '{"p":[[[{"k":1,"k":2}]]]}',
+    '[{"k":1},{"k":1,"k":2}]',
+    '{"p":{"q":{"r":{"k":{},"k":[]}}}}',
+    '{"p":[1],"k":1,"k":2}',  # an array of one: wrong if array lengths were counted as keys
+    '{"p":{"":1},"k":1,"k":2,"":3,"":4}',
+    '{"a:b":1,"a:b":2}',  # colons inside the keys
+    '{"k":"x:y:z","k":"::"}',
+    '{"k\\"":1,"k\\"":2}',  # an escaped quote inside the key
+    '{"k\\":":1,"k\\":":2}',  # an escaped quote followed by a colon inside the key
+    '{"k\\\\":1,"b":"\\\\","k\\\\":3}',  # strings ending in an escaped backslash
+    '{"k\\\\\\"":1,"k\\\\\\"":2}',  # backslash, quote
+    '{"\\ud83d\\ude00":1,"\U0001f600":2}',  # an escaped surrogate pair and the raw character
+    '{"a":{"b":1,"b":1},"c":{"b":1}}',
+    ' {"a":1,"a":1} ',
+]
+
+ACCEPTED = [
+    '{"a":1,"b":2}',
+    '{"a":"x:y:z","b":"::","c":":"}',  # colons in strings: counted by nobody
+    '{"k\\":":1,"b":"\\":"}',
+    '{"a":{"k":1},"b":[{"k":1},{"k":2}],"k":{"k":{"k":1}}}',  # the same key in different objects
+    '{"a\\\\":1,"a":2}',  # "a\" and "a" differ
+    '{"\\u0061b":1,"a":2}',
+    '{"p":[1,2,3],"q":[]}',
+    '{"x":{},"y":[{}],"z":[[]]}',
+    ' \t\n{"a":1}\r\n',
+]
+
+
+@pytest.mark.parametrize("text", REFUSED_DUPLICATES)
+def test_duplicate_keys_are_refused_anywhere(text: str) -> None:
+    with pytest.raises(FrameViolation, match="duplicate key"):
+        parse_json_object(text)
+    with pytest.raises(FrameViolation, match="duplicate key"):
+        parse_json_object(text.encode())
+
+
+@pytest.mark.parametrize("text", ACCEPTED)
+def test_repeated_names_in_different_objects_and_colons_in_strings_pass(text: str) -> None:
+    assert parse_json_object(text) == json.loads(text)
+    assert parse_json_object(text.encode()) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ['{"a":NaN}', '{"a":[1,Infinity]}', '{"a":-Infinity}', '{"a":1} x',
+                                  '{"a":1}{"b":2}', '\x0c{"a":1}', '\u00a0{"a":1}', '{"a":1', '',
+                                  '{"a":"\x01"}', '"a:b"', "[1,2]", "null", '{"a":1,}'])
+def test_malformed_frames_are_refused(text: str) -> None:
+    with pytest.raises(FrameViolation):
+        parse_json_object(text)
+
+
+def test_escaped_method_is_seen_unescaped() -> None:
+    req = parse_client_frame('{"type":"req","id":"1","method":"\\u0063onfig.patch","params":{"a":"b:c"}}')
+    assert req.method == "config.patch" and req.params == {"a": "b:c"}
+
+
+def test_colon_count_is_the_member_count() -> None:
+    assert check_json_bounds('{"a":"x:y","b\\":":{"c":[{"d":1}]}}') == 4
+    assert check_json_bounds(b"[1,2]") == 0
+
+
+# -- property: the counting parse answers exactly what the reference answers ----------------------
+
+_KEY_CHARS = st.sampled_from(["a", "b", ":", '"', "\\", "k", "\u00e9", "\U0001f600", " ", ","])
+
+
+def _spell(text: str, escapes: list[bool]) -> str:
+    """A JSON string literal for `text`, some characters written as \\u escapes."""
+    out = []
+    for i, ch in enumerate(text):
+        if escapes[i % len(escapes)] and ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+@st.composite
+def _json_text(draw: st.DrawFn, depth: int = 0) -> str:
+    kind = draw(st.sampled_from(["object", "object", "array", "string", "number"] if depth < 4
+                                else ["string", "number"]))
+    escapes = draw(st.lists(st.booleans(), min_size=1, max_size=4))
+    if kind == "string":
+        return _spell(draw(st.text(_KEY_CHARS, max_size=4)), escapes)
+    if kind == "number":
+        return draw(st.sampled_from(["0", "-1", "2.5", "1e3", "true", "false", "null"]))
+    if kind == "array":
+        return "[" + ",".join(draw(st.lists(_json_text(depth + 1), max_size=3))) + "]"
+    keys = draw(st.lists(st.text(_KEY_CHARS, max_size=3), max_size=4))
+    if keys and draw(st.booleans()):  # a repeated key, maybe spelled differently
+        keys.append(draw(st.sampled_from(keys)))
+    members = [f"{_spell(k, escapes)}:{draw(_json_text(depth + 1))}" for k in keys]
+    space = draw(st.sampled_from(["", " ", "\n"]))
+    return "{" + ("," + space).join(members) + "}"
+
+
+@settings(max_examples=600, deadline=None)
+@given(_json_text())
+def test_counting_parse_matches_the_reference(text: str) -> None:
+    expected = _reference(text)
+    assert _ours(text) == expected
+    assert _ours(text.encode()) == expected
