@@ -516,7 +516,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         (f"WS frames/s ({args.ws_parallel} conns)", par, "{:.0f}"), ("WS RTT p50 ms", "rtt_p50_ms", "{:.3f}"),
         ("WS RTT p99 ms", "rtt_p99_ms", "{:.3f}"), ("KiB per open WS", "ws_kib_per_conn", "{:.1f}"),
         ("CPU us per HTTP request", "http_cpu_us", "{:.0f}"), ("  of which system (kernel)", "http_sys_us", "{:.0f}"),
-        ("CPU us per WS frame", "ws_cpu_us", "{:.1f}"), ("  of which system (kernel)", "ws_sys_us", "{:.1f}"),
+        ("CPU us per WS frame", "ws_cpu_us", "{:.1f}"), ("  of which system (kernel) ", "ws_sys_us", "{:.1f}"),
         ("asset req/s (immutable)", "asset_rps", "{:.0f}"), ("CPU us per asset request", "asset_cpu_us", "{:.0f}"),
     ]
     head = f"\n{'':26}{'direct':>10}{'nginx':>10}" + "".join(f"{name:>14}" for name in ours)

@@ -48,6 +48,10 @@ class Request(NamedTuple):
     params: Any = None
 
 
+_new_request = tuple.__new__
+"""Builds a Request without the Python-level `__new__` a NamedTuple has (once per relayed frame)."""
+
+
 class _DuplicateKey(ValueError):
     pass
 
@@ -148,7 +152,7 @@ def parse_client_frame(data: bytes | str) -> Request:
     params = frame.get("params")
     if params is not None and type(params) is not dict and type(params) is not list:
         raise FrameViolation("request params must be an object")
-    return Request(rid, method, params)
+    return _new_request(Request, (rid, method, params))
 
 
 def blocked(req: Request) -> Refusal | None:

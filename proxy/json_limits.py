@@ -51,6 +51,8 @@ def check_json_bounds(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_cont
         raise JsonTooComplex("frame has too many values")
     rest = b"".join(raw.split(b'"')[::2]) if quotes else raw
     colons = rest.count(b":")
+    if len(rest) <= max_depth and len(rest) <= max_containers and len(rest) <= max_values:
+        return colons  # fewer structural bytes than any limit: none can be exceeded (a usual frame)
     containers = rest.count(b"{") + rest.count(b"[")
     if containers > max_containers:
         raise JsonTooComplex("frame has too many objects or arrays")

@@ -16,13 +16,14 @@ proxy/README.md ("WebSocket method policy").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from openclaw.methods import METHOD_SCOPES, NODE_ROLE, SCOPE_ADMIN, scope_satisfied
 from openclaw.relay import RELAY_SCOPES
 
-__all__ = ["ALLOWED_METHODS", "DENIED_METHODS", "Refusal", "check_method"]
+__all__ = ["ALLOWED_ANY_PARAMS", "ALLOWED_METHODS", "DENIED_METHODS", "Refusal", "check_method"]
 
 # Methods the relay's scopes would allow but the browser must not call (PRD §4.6, reference §2.8/§6.6).
 DENIED_METHODS: frozenset[str] = frozenset({
@@ -68,24 +69,40 @@ def _is_object(value: Any) -> bool:
     return isinstance(value, dict)
 
 
+def _session_patch(params: Any) -> bool:
+    return _is_object(params) and (params.get("permissionMode") == "full" or "sandboxMode" in params)
+
+
+def _session_patch_many(params: Any) -> bool:
+    return _is_object(params) and _session_patch(params.get("patch"))
+
+
+def _session_create(params: Any) -> bool:
+    return _is_object(params) and (params.get("incognito") is True or "execNode" in params
+                                   or "toolOverrides" in params or params.get("permissionMode") == "full")
+
+
+_ADMIN_PARAMS: dict[str, Callable[[Any], bool]] = {
+    "sessions.patch": _session_patch,
+    "sessions.patchMany": _session_patch_many,
+    "sessions.create": _session_create,
+}
+"""The gateway's param rule for the session methods: True when these params need operator.admin."""
+
+ALLOWED_ANY_PARAMS: frozenset[str] = ALLOWED_METHODS - frozenset(_ADMIN_PARAMS)
+"""Allowed whatever their params (no rule above looks at them): one set lookup decides most frames."""
+
+
 def _dynamic_scope(method: str, params: Any) -> str | None:
-    """The gateway's param rule for the session methods; the scope needed when it exceeds write."""
-    if method == "sessions.patch" and _is_object(params):
-        if params.get("permissionMode") == "full" or "sandboxMode" in params:
-            return SCOPE_ADMIN
-    if method == "sessions.patchMany" and _is_object(params) and _is_object(params.get("patch")):
-        patch = params["patch"]
-        if patch.get("permissionMode") == "full" or "sandboxMode" in patch:
-            return SCOPE_ADMIN
-    if method == "sessions.create" and _is_object(params):
-        if (params.get("incognito") is True or "execNode" in params or "toolOverrides" in params
-                or params.get("permissionMode") == "full"):
-            return SCOPE_ADMIN
-    return None
+    """The scope the params of a session method need when it exceeds write (None: no rule applies)."""
+    rule = _ADMIN_PARAMS.get(method)
+    return SCOPE_ADMIN if rule is not None and rule(params) else None
 
 
 def check_method(method: str, params: Any = None) -> Refusal | None:
     """None when the browser may call `method` with `params`; otherwise why not."""
+    if isinstance(method, str) and method in ALLOWED_ANY_PARAMS:
+        return None
     scope = METHOD_SCOPES.get(method) if isinstance(method, str) else None
     if scope is None:
         return Refusal("unknown", SCOPE_ADMIN)

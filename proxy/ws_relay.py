@@ -64,6 +64,7 @@ from proxy.frames import (
 )
 from proxy.limits import TokenBucket, pace
 from proxy.metering import Meter
+from proxy.methods import ALLOWED_ANY_PARAMS
 from proxy.problems import problem
 from proxy.ws_wire import (
     BINARY,
@@ -416,6 +417,11 @@ class _Upstream(_Socket):
         self.stream = PassThrough(max_message=max_message)
 
     def data_received(self, data: bytes) -> None:
+        relay_conn = self.relay
+        if relay_conn is not None and relay_conn.relaying:  # the steady state, first
+            self.rx = True
+            relay_conn.from_gateway(data)
+            return
         if self.upgraded.done():
             super().data_received(data)
             return
@@ -959,7 +965,7 @@ class Relay:
             log.info("closing relay: %s", exc, extra={"agent_id": str(self.target.agent_id)})
             self.close_both(WSCloseCode.POLICY_VIOLATION, str(exc))
             return
-        refusal = blocked(req)
+        refusal = None if req.method in ALLOWED_ANY_PARAMS else blocked(req)
         if refusal is not None:
             log.info("blocked method", extra={"agent_id": str(self.target.agent_id),
                                               "method": req.method[:128], "rule": refusal.rule})
