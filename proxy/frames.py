@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any, NamedTuple
 
-from proxy.json_limits import JsonTooComplex, check_json_bounds
+from proxy.json_limits import JsonTooComplex, check_json_bounds, too_small_to_exceed
 from proxy.methods import Refusal, check_method
 
 __all__ = [
@@ -70,11 +70,12 @@ def _reject_constant(name: str) -> Any:
 
 
 _STRICT = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-"""The fallback when the key count disagrees: a Python hook per object that refuses a repeated key."""
+"""A Python hook per object that refuses a repeated key: for small frames, and the fallback."""
+_STRICT_SCAN = _STRICT.scan_once
 _SCAN = json.JSONDecoder(parse_constant=_reject_constant).scan_once
-"""The C scanner without a hook (dicts built in C), called directly: `decode`/`raw_decode` are
-two Python frames and two regex matches around it. Built once: `json.loads` with arguments
-would build a decoder (and its scanner) per call."""
+"""The C scanner without a hook (dicts built in C). Both scanners are called directly (`decode`
+and `raw_decode` are two Python frames and two regex matches around them) and built once
+(`json.loads` with arguments would build a decoder and its scanner per call)."""
 _JSON_SPACE = " \t\n\r"
 
 
@@ -101,17 +102,22 @@ def _keys_built(value: Any) -> int:
 
 def parse_json_object(data: bytes | str) -> dict[str, Any]:
     """One JSON object, strictly: UTF-8, no duplicate keys, no NaN/Infinity, bounded depth and size
-    (`proxy.json_limits`, checked before the parser builds anything). Raises FrameViolation.
+    (`proxy.json_limits`, known before the parser builds anything). Raises FrameViolation.
 
-    Duplicate keys without a hook per object: outside strings a `:` only ever separates a member's
-    name from its value, so in valid JSON the bounds scan's colon count is the number of members of
-    all objects; each object becomes a dict holding its distinct keys, so the dicts hold as many
-    keys in total exactly when no object repeats one (`{"a":1,"\\u0061":2}` included: one key, two
-    colons). Any other count goes through the hook decoder, which names the duplicate."""
-    try:
-        members = check_json_bounds(data)
-    except JsonTooComplex as exc:
-        raise FrameViolation(str(exc)) from None
+    A frame too small to exceed a limit (`too_small_to_exceed`: the usual one) is parsed with the
+    duplicate-key hook. A larger one is scanned first (`check_json_bounds`) and parsed without a
+    hook: outside strings a `:` only ever separates a member's name from its value, so in valid
+    JSON the scan's colon count is the number of members of all objects; each object becomes a
+    dict holding its distinct keys, so the dicts hold as many keys in total exactly when no object
+    repeats one (`{"a":1,"\\u0061":2}` included: one key, two colons). Any other count goes
+    through the hook, which names the duplicate."""
+    if too_small_to_exceed(data):
+        members = -1
+    else:
+        try:
+            members = check_json_bounds(data)
+        except JsonTooComplex as exc:
+            raise FrameViolation(str(exc)) from None
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -119,18 +125,15 @@ def parse_json_object(data: bytes | str) -> dict[str, Any]:
             raise FrameViolation("text frame is not valid UTF-8") from None
     text = data.strip(_JSON_SPACE)  # JSON's whitespace only, as `JSONDecoder.decode` skips it
     try:
-        value, end = _SCAN(text, 0)
+        value, end = (_STRICT_SCAN if members < 0 else _SCAN)(text, 0)
+        if end != len(text):
+            raise ValueError("extra data")
+        if members >= 0 and _keys_built(value) != members:
+            value = _STRICT.decode(text)
+    except _DuplicateKey:
+        raise FrameViolation("duplicate key in frame") from None
     except (ValueError, RecursionError, StopIteration):
         raise FrameViolation("invalid JSON frame") from None
-    if end != len(text):
-        raise FrameViolation("invalid JSON frame")
-    if _keys_built(value) != members:
-        try:
-            value = _STRICT.decode(text)
-        except _DuplicateKey:
-            raise FrameViolation("duplicate key in frame") from None
-        except (ValueError, RecursionError):
-            raise FrameViolation("invalid JSON frame") from None
     if type(value) is not dict:
         raise FrameViolation("frame is not a JSON object")
     return value

@@ -20,7 +20,7 @@ limits allow: at most MAX_CONTAINERS objects/arrays, MAX_VALUES values, MAX_DEPT
 
 from __future__ import annotations
 
-__all__ = ["MAX_CONTAINERS", "MAX_DEPTH", "MAX_VALUES", "JsonTooComplex", "check_json_bounds"]
+__all__ = ["MAX_CONTAINERS", "MAX_DEPTH", "MAX_VALUES", "JsonTooComplex", "check_json_bounds", "too_small_to_exceed"]
 
 MAX_DEPTH = 64
 """The Control UI's requests are a few levels deep (`chat.send` with attachments: 4); json.loads recurses."""
@@ -34,6 +34,20 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 class JsonTooComplex(ValueError):
     """The frame would parse into more than the limits allow (or is malformed); `str` says which."""
+
+
+_SMALL = min(MAX_CONTAINERS, MAX_VALUES)
+
+
+def too_small_to_exceed(data: bytes | str) -> bool:
+    """True when `data` cannot exceed any limit, so the scan can be skipped: every container and
+    separator is a byte (or character) of its own, so at most `len(data)` of each, and the depth is
+    at most the number of `[` and `{` anywhere (inside strings too). Most frames are like that."""
+    if len(data) > _SMALL:
+        return False
+    if isinstance(data, str):
+        return data.count("[") + data.count("{") <= MAX_DEPTH
+    return data.count(b"[") + data.count(b"{") <= MAX_DEPTH
 
 
 def check_json_bounds(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_containers: int = MAX_CONTAINERS,

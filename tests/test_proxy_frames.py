@@ -1,9 +1,11 @@
-"""The strict browser-frame parse (`proxy.frames.parse_json_object`) finds duplicate keys by
-counting: the bounds scan's `:` count against the keys the dicts hold, with the per-object hook only
-when they differ. These cases would pass through a wrong count (a colon inside a string or behind an
-escaped quote, a key spelled with an escape, a duplicate nested in an array, an array's length
-counted as keys), and a property test checks the parse against a plain reference decoder that
-refuses a repeated key in any object."""
+"""The strict browser-frame parse (`proxy.frames.parse_json_object`) has two ways to find duplicate
+keys: a small frame (too small to exceed a bound) goes through the per-object hook; a larger one is
+scanned for its bounds and the scan's `:` count is compared with the keys the dicts hold, the hook
+only deciding when they differ. Every case runs both ways (padded past the small-frame size for the
+second). These cases would pass through a wrong count (a colon inside a string or behind an escaped
+quote, a key spelled with an escape, a duplicate nested in an array, an array's length counted as
+keys), and a property test checks both against a plain reference decoder that refuses a repeated
+key in any object."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.frames import FrameViolation, parse_client_frame, parse_json_object
-from proxy.json_limits import check_json_bounds
+from proxy.json_limits import check_json_bounds, too_small_to_exceed
 
 
 class _Dup(ValueError):
@@ -47,6 +49,20 @@ def _ours(text: str | bytes) -> dict[str, Any] | None:
         return parse_json_object(text)
     except FrameViolation:
         return None
+
+
+_PAD = "x" * 25_000
+
+
+def _padded(text: str) -> str:
+    """`text` inside a frame too large for the small-frame path (same verdict: the padding adds
+    two distinct keys at a new top level)."""
+    return '{"pad":"' + _PAD + '","v":' + text + "}"
+
+
+def _both(text: str) -> list[str]:
+    assert too_small_to_exceed(text) and not too_small_to_exceed(_padded(text))
+    return [text, _padded(text)]
 
 
 REFUSED_DUPLICATES = [
@@ -85,16 +101,18 @@ ACCEPTED = [
 
 @pytest.mark.parametrize("text", REFUSED_DUPLICATES)
 def test_duplicate_keys_are_refused_anywhere(text: str) -> None:
-    with pytest.raises(FrameViolation, match="duplicate key"):
-        parse_json_object(text)
-    with pytest.raises(FrameViolation, match="duplicate key"):
-        parse_json_object(text.encode())
+    for frame in _both(text):
+        with pytest.raises(FrameViolation, match="duplicate key"):
+            parse_json_object(frame)
+        with pytest.raises(FrameViolation, match="duplicate key"):
+            parse_json_object(frame.encode())
 
 
 @pytest.mark.parametrize("text", ACCEPTED)
 def test_repeated_names_in_different_objects_and_colons_in_strings_pass(text: str) -> None:
-    assert parse_json_object(text) == json.loads(text)
-    assert parse_json_object(text.encode()) == json.loads(text)
+    for frame in _both(text):
+        assert parse_json_object(frame) == json.loads(frame)
+        assert parse_json_object(frame.encode()) == json.loads(frame)
 
 
 @pytest.mark.parametrize("text", ['{"a":NaN}', '{"a":[1,Infinity]}', '{"a":-Infinity}', '{"a":1} x',
@@ -103,6 +121,28 @@ def test_repeated_names_in_different_objects_and_colons_in_strings_pass(text: st
 def test_malformed_frames_are_refused(text: str) -> None:
     with pytest.raises(FrameViolation):
         parse_json_object(text)
+
+
+@pytest.mark.parametrize("text", ['{"a":NaN}', '{"a":[1,Infinity]}', '{"a":-Infinity}', '{"a":1', '{"a":"\x01"}',
+                                  '{"a":1,}'])
+def test_malformed_large_frames_are_refused(text: str) -> None:
+    with pytest.raises(FrameViolation):
+        parse_json_object(_padded(text))
+    for frame in (f'{{"pad":"{_PAD}"}} x', f'{{"pad":"{_PAD}"}}{{"b":2}}', f'[{{"pad":"{_PAD}"}}]',
+                  f'\x0c{{"pad":"{_PAD}"}}'):
+        with pytest.raises(FrameViolation):
+            parse_json_object(frame)
+
+
+def test_small_frames_skip_the_scan_only_when_no_bound_can_be_reached() -> None:
+    assert too_small_to_exceed('{"a":[[[]]]}')
+    assert not too_small_to_exceed("[" * 65) and too_small_to_exceed("[" * 64)
+    assert not too_small_to_exceed('{"a":"' + "{" * 65 + '"}')  # brackets in strings count too: a bound
+    assert not too_small_to_exceed(b"1" * 20_001) and too_small_to_exceed(b"1" * 20_000)
+    with pytest.raises(FrameViolation, match="nested too deeply"):
+        parse_json_object("[" * 65 + "]" * 65)
+    with pytest.raises(FrameViolation, match="too many"):
+        parse_json_object("[" + ",".join(["{}"] * 20_001) + "]")
 
 
 def test_escaped_method_is_seen_unescaped() -> None:
@@ -157,6 +197,7 @@ def _json_text(draw: st.DrawFn, depth: int = 0) -> str:
 @settings(max_examples=600, deadline=None)
 @given(_json_text())
 def test_counting_parse_matches_the_reference(text: str) -> None:
-    expected = _reference(text)
-    assert _ours(text) == expected
-    assert _ours(text.encode()) == expected
+    for frame in _both(text):
+        expected = _reference(frame)
+        assert _ours(frame) == expected
+        assert _ours(frame.encode()) == expected
