@@ -407,7 +407,7 @@ async def run_loads(targets: dict[str, tuple[str, str, dict[str, str], list[int]
         if args.http_only:
             nan = float("nan")
             res.update({"frames_per_s_1conn": nan, "rtt_p50_ms": nan, "rtt_p99_ms": nan, "ws_cpu_us": nan,
-                        "ws_sys_us": nan,
+                        "ws_sys_us": nan, "ws_open_cpu_ms": nan,
                         f"frames_per_s_{args.ws_parallel}conn": nan, "ws_kib_per_conn": nan})
             results[name] = res
             print("   " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
@@ -420,7 +420,9 @@ async def run_loads(targets: dict[str, tuple[str, str, dict[str, str], list[int]
         if counted:
             res["stmts_per_request"] = (after_http - before) / max(1, res["http_requests"])
             res["stmts_per_frame"] = (shared_statements(database_url) - after_http) / max(1, res["frames"])
+        cpu2 = sum(cpu_s(p) for p in procs)
         res["ws_kib_per_conn"] = await ws_memory(ws_url, headers, procs, args.ws_conns)
+        res["ws_open_cpu_ms"] = (sum(cpu_s(p) for p in procs) - cpu2) * 1e3 / (args.ws_conns // 50 * 50 + 10)
         results[name] = res
         print("   " + ", ".join(f"{k}={v:.1f}" for k, v in res.items()), flush=True)
     return results
@@ -517,6 +519,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None
         ("WS RTT p99 ms", "rtt_p99_ms", "{:.3f}"), ("KiB per open WS", "ws_kib_per_conn", "{:.1f}"),
         ("CPU us per HTTP request", "http_cpu_us", "{:.0f}"), ("  of which system (kernel)", "http_sys_us", "{:.0f}"),
         ("CPU us per WS frame", "ws_cpu_us", "{:.1f}"), ("  of which system (kernel) ", "ws_sys_us", "{:.1f}"),
+        ("CPU ms per WS open + close", "ws_open_cpu_ms", "{:.2f}"),
         ("asset req/s (immutable)", "asset_rps", "{:.0f}"), ("CPU us per asset request", "asset_cpu_us", "{:.0f}"),
     ]
     head = f"\n{'':26}{'direct':>10}{'nginx':>10}" + "".join(f"{name:>14}" for name in ours)
