@@ -16,8 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from openclaw.methods import METHOD_SCOPES
 from proxy.frames import FrameViolation, parse_client_frame, parse_json_object
 from proxy.json_limits import check_json_bounds, too_small_to_exceed
+from proxy.methods import ALLOWED_ANY_PARAMS, ALLOWED_METHODS, check_method
 
 
 class _Dup(ValueError):
@@ -201,3 +203,14 @@ def test_counting_parse_matches_the_reference(text: str) -> None:
         expected = _reference(frame)
         assert _ours(frame) == expected
         assert _ours(frame.encode()) == expected
+
+
+def test_methods_allowed_whatever_their_params() -> None:
+    """The relay's one-lookup pass: exactly the allowed methods no param rule looks at, and none
+    of them is a spelling of connect (the relay refuses a second connect by its lower-cased name)."""
+    assert ALLOWED_ANY_PARAMS == ALLOWED_METHODS - {"sessions.patch", "sessions.patchMany", "sessions.create"}
+    assert {"sessions.patch", "sessions.patchMany", "sessions.create"} <= ALLOWED_METHODS
+    assert not any(name.lower() == "connect" for name in ALLOWED_ANY_PARAMS)
+    for name in METHOD_SCOPES:
+        assert (check_method(name, {"permissionMode": "full", "sandboxMode": "off", "incognito": True,
+                                    "patch": {"permissionMode": "full"}}) is None) is (name in ALLOWED_ANY_PARAMS)

@@ -22,7 +22,20 @@ from yarl import URL
 from gateway_simulator.tls import make_self_signed
 from proxy.app import RunningProxy
 from proxy.config import ProxyConfig
-from proxy.ws_wire import CLOSE, CONT, PING, PONG, TEXT, Assembler, Control, PassThrough, WireError, encode, parse_close
+from proxy.ws_wire import (
+    BINARY,
+    CLOSE,
+    CONT,
+    PING,
+    PONG,
+    TEXT,
+    Assembler,
+    Control,
+    PassThrough,
+    WireError,
+    encode,
+    parse_close,
+)
 from settings import Settings
 from tests.proxy_harness import TEST_CONFIG, Browser, FakeGateway, Seeded, running_proxy, seed_gateway_user
 
@@ -402,6 +415,63 @@ def test_passthrough_stops_at_close_and_limits_messages() -> None:
     assert err.value.code == 1009
     with pytest.raises(WireError):
         PassThrough(max_message=100).feed(encode(TEXT, b"x", masked=True), [], [])  # servers never mask
+
+
+_READS = [
+    frame(TEXT, b'{"a":1}'), frame(TEXT, b"x" * 125), frame(TEXT, b"x" * 126), frame(TEXT, b"x" * 1024),
+    frame(TEXT, b"x" * 1025), frame(TEXT, b"x" * 70_000), frame(TEXT, b""), frame(BINARY, b"b"),
+    frame(TEXT, b"a", masked=False), frame(TEXT, b"a", rsv=0x40), frame(TEXT, b"a", fin=False),
+    frame(PING, b"p"), frame(CONT, b"a"), frame(TEXT, b"a") + frame(TEXT, b"b"), frame(TEXT, b"abc")[:-1],
+    frame(TEXT, b"x" * 300)[:3],
+]
+
+
+@pytest.mark.parametrize("wire", _READS)
+def test_whole_frame_reads_match_the_assembler(wire: bytes) -> None:
+    """The browser side's shortcut for a read that is one whole text frame gives exactly what
+    feed + next give, and declines everything else (those then take the general path)."""
+    fast = Assembler(require_mask=True, max_message=1024, too_large=(1008, "frame too large"))
+    msg = fast.whole(wire)
+    general = Assembler(require_mask=True, max_message=1024, too_large=(1008, "frame too large"))
+    general.feed(wire)
+    try:
+        expected = general.next()
+        rest_complete = general.next() is None and general.pos == len(general.buf)
+    except WireError:
+        expected, rest_complete = None, False
+    if msg is not None:
+        assert msg == expected and msg.opcode == TEXT and msg.raw == wire and rest_complete
+    else:  # declined: never a read the shortcut should have taken
+        assert not (expected is not None and expected.opcode == TEXT and expected.raw == wire and rest_complete)
+    half = Assembler(require_mask=True, max_message=1024, too_large=(1008, "frame too large"))
+    half.feed(frame(TEXT, b"first", fin=False))
+    assert half.next() is None and half.whole(frame(TEXT, b"x")) is None  # inside a fragmented message
+    buffered = Assembler(require_mask=True, max_message=1024, too_large=(1008, "frame too large"))
+    buffered.feed(frame(TEXT, b"x")[:2])
+    assert buffered.next() is None and buffered.whole(frame(TEXT, b"y")) is None  # bytes already waiting
+
+
+@pytest.mark.parametrize("wire", [encode(TEXT, b'{"a":1}'), encode(TEXT, b"x" * 126), encode(BINARY, b"x" * 1000),
+                                  encode(TEXT, b"x" * 1001), encode(TEXT, b"x" * 70_000), encode(TEXT, b""),
+                                  encode(TEXT, b"a", masked=True), encode(TEXT, b"a", fin=False), encode(PING, b"p"),
+                                  encode(CLOSE, b""), encode(TEXT, b"a") + encode(TEXT, b"b"),
+                                  encode(TEXT, b"abc")[:-1], bytes([0xC1, 1]) + b"a"])
+def test_whole_gateway_frames_match_the_stream(wire: bytes) -> None:
+    """The gateway side's shortcut: a read that is one whole unmasked data frame is forwarded as
+    is and its payload counted, exactly as the general stream would; anything else is declined."""
+    n = PassThrough(max_message=1000).whole(wire)
+    out: list[bytes] = []
+    controls: list[Control] = []
+    try:
+        counted = PassThrough(max_message=1000).feed(wire, out, controls)
+    except WireError:
+        counted = None
+    if n >= 0:
+        assert counted == n and out == [wire] and not controls
+        assert n == len(wire) - (2 if n < 126 else 4)
+    half = PassThrough(max_message=1000)
+    half.feed(encode(TEXT, b"part", fin=False), [], [])
+    assert half.whole(encode(TEXT, b"x")) == -1  # a new message inside a fragmented one: the stream refuses it
 
 
 def test_parse_close() -> None:
