@@ -1,7 +1,8 @@
 """Client frames after the handshake: parse strictly, decide, fail closed.
 
 Every browser message is parsed as one JSON object with a real parser (so `\\u0063onfig.patch`
-is `config.patch`), duplicate keys anywhere are refused (parsers disagree on which one wins), and
+is `config.patch`), duplicate keys anywhere are refused (parsers disagree on which one wins: by the
+hook on small frames, by counting on large ones, see `parse_json_object`), and
 only a well-formed `req` is ever forwarded. Anything else ends the connection with 1008: the
 gateway's own schema is closed too, so a legitimate client never sends it.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import date
 
 import psycopg
@@ -144,4 +145,67 @@ async def test_overage_exactly_the_budget_is_allowed(settings: Settings, sql: ps
         assert verdict.reason is not None and "overage 8 cents (rounded up)" in verdict.reason, verdict.reason
         assert "budget of 7 cents" in verdict.reason and "CPU time 302.11 of 300.00 hours" in verdict.reason
     finally:
+        await engine.dispose()
+
+
+class _Counting:
+    """A stream that counts its own bytes (as an open WebSocket relay does)."""
+
+    def __init__(self, vps_id: object) -> None:
+        self.vps_id, self.inbound, self.outbound = vps_id, 0, 0
+
+    def drain(self) -> tuple[object, int, int]:
+        counts = (self.vps_id, self.inbound, self.outbound)
+        self.inbound = self.outbound = 0
+        return counts
+
+
+async def test_attached_sources_are_drained_exactly(settings: Settings, sql: psycopg.Connection) -> None:
+    """Bytes a source counted in place reach the database at the next flush, count in `pending`
+    (enforcement) before that, the rest when it is detached, and the month that ended keeps what
+    was counted in it."""
+    seeded = seed_gateway_user(sql, settings, port=1)
+    engine = make_engine(settings)
+    try:
+        meter = Meter(engine, flush_interval_s=3600)
+        source = _Counting(seeded.vps_id)
+        meter.attach(source)  # type: ignore[arg-type]
+        source.inbound, source.outbound = 100, 7
+        meter.add(seeded.vps_id, inbound=1)
+        assert meter.pending({seeded.vps_id}) == 108
+        source.outbound += 3
+        await meter.flush()
+        assert usage(sql, seeded.vps_id) == (101, 10)
+        source.inbound = 5
+        meter._month, meter._month_ends = date(2020, 1, 1), 0.0  # the month just ended
+        meter.add(seeded.vps_id, inbound=2)  # rolls the month: the source's 5 bytes stay in January 2020
+        source.outbound = 9
+        meter.detach(source)  # type: ignore[arg-type]
+        source.outbound = 1000  # detached: no longer counted
+        await meter.flush()
+        rows = sql.execute("SELECT period_start, bandwidth_in_bytes, bandwidth_out_bytes FROM vps_usage_periods "
+                           "WHERE vps_id = %s ORDER BY period_start", (seeded.vps_id,)).fetchall()
+        assert rows == [(date(2020, 1, 1), 5, 0), (month_start(), 101 + 2, 10 + 9)]
+    finally:
+        await engine.dispose()
+
+
+async def test_month_timer_drains_sources_at_the_boundary(settings: Settings, sql: psycopg.Connection) -> None:
+    seeded = seed_gateway_user(sql, settings, port=1)
+    engine = make_engine(settings)
+    meter = Meter(engine, flush_interval_s=3600)
+    try:
+        source = _Counting(seeded.vps_id)
+        meter.attach(source)  # type: ignore[arg-type]
+        source.inbound = 11
+        meter._month, meter._month_ends = date(2020, 2, 1), time.time() + 0.05  # ends in 50 ms
+        meter.start()
+        await asyncio.sleep(0.3)  # nothing else touches the meter: the timer drains at the boundary
+        source.inbound = 4
+        await meter.flush()
+        rows = sql.execute("SELECT period_start, bandwidth_in_bytes FROM vps_usage_periods "
+                           "WHERE vps_id = %s ORDER BY period_start", (seeded.vps_id,)).fetchall()
+        assert rows == [(date(2020, 2, 1), 11), (month_start(), 4)]
+    finally:
+        await meter.close()
         await engine.dispose()
