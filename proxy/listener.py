@@ -292,8 +292,12 @@ class GuardedSite(web.BaseSite):
     """An aiohttp TCP site whose connections pass a `ConnectionGuard` first."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *,
-                 ssl_context: Any = None, backlog: int = BACKLOG, reuse_port: bool = False) -> None:
+                 ssl_context: Any = None, backlog: int = BACKLOG, reuse_port: bool = False,
+                 front: Callable[[Callable[[], asyncio.Protocol]], Callable[[], asyncio.Protocol]] | None = None
+                 ) -> None:
+        """`front` wraps aiohttp's protocol factory (proxy.http_fast serves plain GETs below it)."""
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self.front = front
         self._host = host
         self._port = port
         self._reuse_port = reuse_port
@@ -307,8 +311,9 @@ class GuardedSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
+        inner: Callable[[], asyncio.Protocol] = server if self.front is None else self.front(server)
         self._server = await asyncio.get_running_loop().create_server(
-            self.guard.factory(server), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            self.guard.factory(inner), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
             reuse_address=True, reuse_port=self._reuse_port or None)
 
 
