@@ -84,6 +84,8 @@ class RunningProxy:
     """http://host:port/metrics on its own listener (PROXY_METRICS_PORT), or None when off."""
     forward_tls_port: int | None = None
     """The forward proxy's TLS listener for cloud VMs (None without a certificate and key)."""
+    gateway_front: FastFront | None = None
+    """Serves plain gateway GETs below aiohttp (proxy.http_fast); None with `fast_http` off."""
 
 
 async def _resolved_control_plane(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -202,7 +204,8 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         yield RunningProxy(url=f"http://{host}:{bound}", forward_host=host, forward_port=fport, gateway=gateway,
                            forward=forward, meter=meter, engine=engine,
                            metrics_url=f"http://{settings.metrics_host}:{metrics_port}/metrics"
-                           if metrics is not None else None, forward_tls_port=tls_port)
+                           if metrics is not None else None, forward_tls_port=tls_port,
+                           gateway_front=front)
     finally:
         if tls_server is not None:
             tls_server.close()

@@ -32,7 +32,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from aiohttp import web
@@ -65,11 +65,22 @@ _REASONS = {status: status.phrase for status in __import__("http").HTTPStatus}
 class _Head:
     """httptools callbacks for one request head."""
 
-    __slots__ = ("fields", "url")
+    __slots__ = ("fields", "keep_alive", "method", "parser", "url", "version")
 
     def __init__(self) -> None:
         self.url = b""
         self.fields: list[tuple[bytes, bytes]] = []
+        self.parser: httptools.HttpRequestParser | None = None
+        self.method = b""
+        self.version = ""
+        self.keep_alive = False
+
+    def on_headers_complete(self) -> None:
+        """Read here: once the message is complete the parser has reset for the next one."""
+        assert self.parser is not None
+        self.method = self.parser.get_method()
+        self.version = self.parser.get_http_version()
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -149,6 +160,8 @@ class FastFront:
         self.shutdown_timeout = shutdown_timeout
         self.connections: set[_FastProtocol] = set()
         self.closing = False
+        self.served = 0
+        """Requests answered on the fast path (the rest went to aiohttp)."""
 
     def factory(self, fallback: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _FastProtocol(self, fallback)
@@ -190,8 +203,7 @@ class _FastProtocol(asyncio.Protocol):
     # -- asyncio events ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
         tcp_keepalive(transport)
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple | list) and peer else None
@@ -256,6 +268,7 @@ class _FastProtocol(asyncio.Protocol):
             self._fall_back()
             return
         del buf[:end + 4]
+        self._front.served += 1
         guard = self.transport.get_protocol() if self.transport is not None else None
         if isinstance(guard, GuardedProtocol):
             guard.request_started()
@@ -264,14 +277,15 @@ class _FastProtocol(asyncio.Protocol):
     def _parse(self, head: bytes) -> FastRequest | None:
         """The request, if it may take the fast path (see the module docstring); None: aiohttp's."""
         cb = _Head()
-        parser = httptools.HttpRequestParser(cb)
+        parser = cb.parser = httptools.HttpRequestParser(cb)
         try:
             parser.feed_data(head)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # an upgrade is aiohttp's
             return None
-        if parser.get_http_version() != "1.1" or len(cb.fields) > MAX_FIELDS:
+        cb.parser = None
+        if cb.version != "1.1" or len(cb.fields) > MAX_FIELDS:
             return None
-        method = parser.get_method()
+        method = cb.method
         if method not in (b"GET", b"HEAD") or not _GATEWAY_TARGET.fullmatch(cb.url) or b"/." in cb.url:
             return None
         headers: CIMultiDict[str] = CIMultiDict()
@@ -287,7 +301,7 @@ class _FastProtocol(asyncio.Protocol):
         if hosts != 1:
             return None
         return FastRequest(self, method.decode(), cb.url.decode("ascii"), CIMultiDictProxy(headers),
-                           parser.should_keep_alive())
+                           cb.keep_alive)
 
     async def _run(self, request: FastRequest, guard: asyncio.BaseProtocol | None) -> None:
         try:
