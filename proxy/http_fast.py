@@ -58,6 +58,8 @@ _MAX_PENDING = 256 * 1024
 _GATEWAY_TARGET = re.compile(rb"/agents/[A-Za-z0-9_-]+/gateway(?:[/?][\x21-\x22\x24-\x7e]*)?")
 """What aiohttp routes to `GatewayProxy.handle`, conservatively: a plain id, printable ASCII, no `#`
 (and no dot segment, checked apart), so no normalisation or decoding can route it elsewhere."""
+_ONE_WRITE = 64 * 1024
+"""Bodies up to this size go out in one write with their head (copying is cheaper than a syscall)."""
 _EMPTY_STATUS = frozenset({204, 304})
 _REASONS = {status: status.phrase for status in __import__("http").HTTPStatus}
 
@@ -347,8 +349,13 @@ class _FastProtocol(asyncio.Protocol):
                 del headers["Content-Length"]
         elif body or (status != 304 and request.method != "HEAD"):
             headers["Content-Length"] = str(len(body))
-        self.write(self.head(request, status, response.reason, headers, body_length=len(body)))
-        if body and not empty:
+        head = self.head(request, status, response.reason, headers, body_length=len(body))
+        if not body or empty:
+            self.write(head)
+        elif len(body) <= _ONE_WRITE:
+            self.write(head + body)  # one send() instead of two
+        else:
+            self.write(head)
             self.write(body)
 
     def head(self, request: FastRequest, status: int, reason: str | None, headers: CIMultiDict[str] | Any,
