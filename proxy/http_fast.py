@@ -31,6 +31,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -61,7 +62,7 @@ _GATEWAY_TARGET = re.compile(rb"/agents/[A-Za-z0-9_-]+/gateway(?:[/?][\x21-\x22\
 _ONE_WRITE = 64 * 1024
 """Bodies up to this size go out in one write with their head (copying is cheaper than a syscall)."""
 _EMPTY_STATUS = frozenset({204, 304})
-_REASONS = {status: status.phrase for status in __import__("http").HTTPStatus}
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 class _Head:
@@ -131,13 +132,14 @@ class FastRequest(dict[Any, Any]):
 
     async def start_stream(self, response: web.StreamResponse) -> None:
         """The status line and headers of a body of unknown length (chunked, as aiohttp sends it)."""
-        self.streamed = response
         headers = response.headers
         self._chunked = self.method != "HEAD" and response.status not in _EMPTY_STATUS and \
             not 100 <= response.status < 200 and "Content-Length" not in headers
         if self._chunked:
             headers["Transfer-Encoding"] = "chunked"
-        self._conn.write(self._conn.head(self, response.status, response.reason, headers, body_length=None))
+        head = self._conn.head(self, response.status, response.reason, headers, body_length=None)
+        self.streamed = response  # from here on the handler writes the answer
+        self._conn.write(head)
         await self._conn.drain()
 
     async def write(self, chunk: bytes) -> None:
@@ -150,6 +152,17 @@ class FastRequest(dict[Any, Any]):
         if self._chunked:
             self._conn.write(b"0\r\n\r\n")
         await self._conn.drain()
+
+
+def _server_error(request: FastRequest) -> web.Response:
+    """aiohttp's answer to a handler that raised (`RequestHandler.handle_error`, debug off)."""
+    request.keep_alive = False
+    title = f"{HTTPStatus.INTERNAL_SERVER_ERROR.value} {HTTPStatus.INTERNAL_SERVER_ERROR.phrase}"
+    msg = HTTPStatus.INTERNAL_SERVER_ERROR.description
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.Response(status=500, content_type="text/html", text=(
+            f"<html><head><title>{title}</title></head><body>\n<h1>{title}</h1>\n{msg}\n</body></html>\n"))
+    return web.Response(status=500, text=title + "\n\n" + msg, content_type="text/plain")
 
 
 class FastFront:
@@ -187,7 +200,7 @@ class FastFront:
 
 class _FastProtocol(asyncio.Protocol):
     __slots__ = ("_buf", "_fallback", "_fallback_factory", "_front", "_idle", "_paused_reading",
-                 "_write_paused", "_drain", "remote", "task", "transport")
+                 "_write_paused", "_drain", "_eof", "remote", "task", "transport")
 
     def __init__(self, front: FastFront, fallback: Callable[[], asyncio.Protocol]) -> None:
         self._front = front
@@ -201,6 +214,7 @@ class _FastProtocol(asyncio.Protocol):
         self._paused_reading = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._eof = False
 
     # -- asyncio events ------------------------------------------------------------------------
 
@@ -210,6 +224,8 @@ class _FastProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple | list) and peer else None
         self._front.connections.add(self)
+        if self._front.keepalive_timeout:  # as aiohttp (3.14): idle from the moment it opens
+            self._idle = asyncio.get_running_loop().call_later(self._front.keepalive_timeout, self._idle_close)
 
     def data_received(self, data: bytes) -> None:
         if self._fallback is not None:
@@ -225,9 +241,10 @@ class _FastProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._fallback is not None:
             return self._fallback.eof_received()
+        self._eof = True
         if self.task is None:
             self.close()
-        return True  # half-open: a running request may still answer (then we close)
+        return True  # half-closed: a running request still answers, then we close
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._front.connections.discard(self)
@@ -259,13 +276,16 @@ class _FastProtocol(asyncio.Protocol):
         buf = self._buf
         if not buf:
             return
+        if self._front.closing:  # shutting down: no new request on this connection
+            self.close()
+            return
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > MAX_HEAD or b"\n\n" in buf:
                 self._fall_back()
             return
         head = bytes(buf[:end + 4])
-        request = self._parse(head) if end + 4 <= MAX_HEAD and not self._front.closing else None
+        request = self._parse(head) if end + 4 <= MAX_HEAD else None
         if request is None:
             self._fall_back()
             return
@@ -310,22 +330,24 @@ class _FastProtocol(asyncio.Protocol):
             try:
                 response = await self._front.handle(request)
             except Exception:
-                log.exception("Error handling request")
-                request.keep_alive = False
-                response = web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble",
-                                        content_type="text/plain")
+                log.exception("Error handling request from %s", request.remote)
+                response = _server_error(request)
             if request.streamed is None:
-                self._respond(request, response)
+                try:
+                    self._respond(request, response)
+                except Exception:  # a header with CR/LF, a body that is not bytes: aiohttp's 500 too
+                    log.exception("Error handling request from %s", request.remote)
+                    self._respond(request, _server_error(request))
                 await self.drain()
-            elif request.streamed is not response:
-                request.keep_alive = False  # a second answer after a streamed one: cannot happen; never mix
+        except ConnectionError:
+            request.keep_alive = False  # the browser went away; nothing more to write
         finally:
             self.task = None
             if isinstance(guard, GuardedProtocol):
                 guard.request_finished()
         if self.transport is None:
             return
-        if not request.keep_alive or self._front.closing:
+        if not request.keep_alive or self._front.closing or self._eof:
             self.close()
             return
         if self._paused_reading:
@@ -409,6 +431,7 @@ class _FastProtocol(asyncio.Protocol):
         """aiohttp's request handler gets the connection, and every byte we have not answered."""
         if self.transport is None:
             return
+        self._cancel_idle()  # aiohttp times its own keep-alive from here
         self._front.connections.discard(self)
         handler = self._fallback_factory()
         self._fallback = handler
