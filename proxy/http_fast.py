@@ -59,6 +59,8 @@ _MAX_PENDING = 256 * 1024
 _GATEWAY_TARGET = re.compile(rb"/agents/[A-Za-z0-9_-]+/gateway(?:[/?][\x21-\x22\x24-\x7e]*)?")
 """What aiohttp routes to `GatewayProxy.handle`, conservatively: a plain id, printable ASCII, no `#`
 (and no dot segment, checked apart), so no normalisation or decoding can route it elsewhere."""
+_COOKIES: dict[str, MappingProxyType[str, str]] = {}
+_COOKIES_MAX = 1024
 _ONE_WRITE = 64 * 1024
 """Bodies up to this size go out in one write with their head (copying is cheaper than a syscall)."""
 _EMPTY_STATUS = frozenset({204, 304})
@@ -124,9 +126,16 @@ class FastRequest(dict[Any, Any]):
 
     @property
     def cookies(self) -> MappingProxyType[str, str]:
-        """aiohttp's own parse of the `Cookie` header (`web.Request.cookies`)."""
-        return MappingProxyType({name: morsel.value for name, morsel in parse_cookie_header(
-            self.headers.get("Cookie", ""))})
+        """aiohttp's own parse of the `Cookie` header (`web.Request.cookies`), memoised per header
+        value (a pure function of it; a browser sends the same one on every request)."""
+        header = self.headers.get("Cookie", "")
+        parsed = _COOKIES.get(header)
+        if parsed is None:
+            parsed = MappingProxyType({name: morsel.value for name, morsel in parse_cookie_header(header)})
+            if len(_COOKIES) >= _COOKIES_MAX:
+                _COOKIES.clear()
+            _COOKIES[header] = parsed
+        return parsed
 
     # -- a streamed body (the handler's StreamResponse path) ------------------------------------
 
@@ -386,6 +395,8 @@ class _FastProtocol(asyncio.Protocol):
         empty = status in _EMPTY_STATUS or 100 <= status < 200 or request.method == "HEAD"
         if empty:
             headers.pop("Transfer-Encoding", None)
+            if status in _EMPTY_STATUS or 100 <= status < 200:
+                headers.pop("Content-Length", None)
         else:
             length = headers.get("Content-Length")
             if (int(length) if length is not None else body_length) != 0 and "Content-Type" not in headers:

@@ -146,6 +146,8 @@ async def test_fast_path_serves_plain_gets(pair: Pair) -> None:
     ("/assets/app.js?v=1", ""),
     ("/favicon.svg", ""),
     ("/redirect", ""),                                  # a redirect out of the UI: 502
+    ("/assets/not-modified", 'If-None-Match: "v1"\r\n'),  # 304: no body, no length
+    ("/assets/no-content", ""),                         # 204
     ("/stream", ""),                                    # streamed (chunked) body
     ("/tools/invoke", ""),                              # 403
     ("/TOOLS/%69nvoke", ""),
