@@ -17,6 +17,10 @@ the browser sees it under `/agents/{id}/gateway`. Paths map one to one, and the 
 base-path attribute and asset links are rewritten so the UI builds every URL (assets, config,
 its WebSocket) under our prefix. Root-level gateway routes (`/tools/invoke`, hooks, `/api/...`)
 are not reachable through this mapping at all.
+
+`handle` gets an aiohttp `web.Request`, or for a plain bodiless GET/HEAD a `proxy.http_fast.FastRequest`
+(served below aiohttp's server); both go through the same checks, and only the streamed-body
+writer differs (`_respond`).
 """
 
 from __future__ import annotations

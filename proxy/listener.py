@@ -13,6 +13,10 @@ logged every failed accept (hundreds of MB a minute). Each listener now:
   tells the guard when a request is being handled); idle keep-alive is aiohttp's `keepalive_timeout`;
 - reports refusals and timeouts in one summary line at most once a minute, never per connection.
 
+On the browser listener the guarded protocol is `proxy.http_fast`'s front (`GuardedSite(front=)`),
+which serves plain gateway GETs itself and hands every other connection to aiohttp's handler; it
+reports request boundaries to the guard as `track_requests` does for aiohttp.
+
 The caps of both listeners are sized together against the process's descriptor limit
 (`size_listeners`), so a flood on one cannot take the descriptors the other needs and accept()
 never fails for lack of them.

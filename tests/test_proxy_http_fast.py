@@ -171,6 +171,13 @@ async def test_same_refusals(pair: Pair) -> None:
     assert (await both(pair, req(pair, "/assets/app.js", agent="00000000-0000-0000-0000-000000000000"))
             )[0][0].status == 404
     assert (await both(pair, req(pair, "/assets/app.js", host="bad host")))[0][0].status == 400
+    await both(pair, req(pair, "/assets/app.js", host=" \tproxy.test \t"))  # OWS around a value
+    await both(pair, req(pair, "/page", extra="Accept:text/html \r\nAccept-Encoding:\t gzip, br  \r\n"))
+    await both(pair, req(pair, "/assets/app.js", host="proxy.test\r\nx-empty:"))  # an empty value
+    await both(pair, req(pair, "/assets/app.js", extra=" folded: line\r\n"))  # obs-fold
+    await both(pair, req(pair, "/assets/app.js", extra="Na me: x\r\n"))
+    await both(pair, req(pair, "/assets/app.js", extra=":x\r\n"))
+    await both(pair, req(pair, "/assets/app.js", extra="X: caf\u00e9\r\n"))  # UTF-8 in a value
     await both(pair, req(pair, "/assets/app.js", agent="not-a-uuid"))
     await both(pair, req(pair, "/assets/app.js", agent="%2e%2e"))
 
