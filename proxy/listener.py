@@ -315,7 +315,9 @@ class GuardedSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
-        inner: Callable[[], asyncio.Protocol] = server if self.front is None else self.front(server)
+        # The fast front speaks plain HTTP only (its requests say scheme "http"); TLS stays aiohttp's.
+        front = self.front if self._ssl_context is None else None
+        inner: Callable[[], asyncio.Protocol] = server if front is None else front(server)
         self._server = await asyncio.get_running_loop().create_server(
             self.guard.factory(inner), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
             reuse_address=True, reuse_port=self._reuse_port or None)
