@@ -36,6 +36,7 @@ from proxy.egress import EgressPolicy, system_resolver
 from proxy.enforcement import UsageEnforcer
 from proxy.forward import ForwardCredentials, ForwardProxy
 from proxy.gateway import GatewayProxy
+from proxy.http_fast import FastFront
 from proxy.listener import ConnectionGuard, GuardedSite, listener_limits, track_requests
 from proxy.log_limits import install_log_limits
 from proxy.metering import Meter
@@ -54,13 +55,15 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def create_app(gateway: GatewayProxy) -> web.Application:
+def create_app(gateway: GatewayProxy, front: FastFront | None = None) -> web.Application:
     app = web.Application(middlewares=[track_requests])
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/agents/{agent_id}/gateway", gateway.handle)
     app.router.add_route("*", "/agents/{agent_id}/gateway/{tail:.*}", gateway.handle)
 
     async def on_shutdown(_app: web.Application) -> None:
+        if front is not None:
+            await front.shutdown()
         await gateway.close_sockets()
 
     app.on_shutdown.append(on_shutdown)
@@ -81,6 +84,8 @@ class RunningProxy:
     """http://host:port/metrics on its own listener (PROXY_METRICS_PORT), or None when off."""
     forward_tls_port: int | None = None
     """The forward proxy's TLS listener for cloud VMs (None without a certificate and key)."""
+    gateway_front: FastFront | None = None
+    """Serves plain gateway GETs below aiohttp (proxy.http_fast); None with `fast_http` off."""
 
 
 async def _resolved_control_plane(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -161,10 +166,13 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         if shared:
             share_gateway_limits(gateway, store, cfg)
         instrument_gateway(gateway)
-        runner = web.AppRunner(create_app(gateway), access_log=None, shutdown_timeout=5.0,
+        front = FastFront(gateway.handle, keepalive_timeout=settings.proxy_keepalive_timeout_s,
+                          shutdown_timeout=5.0) if cfg.fast_http else None
+        runner = web.AppRunner(create_app(gateway, front), access_log=None, shutdown_timeout=5.0,
                                keepalive_timeout=settings.proxy_keepalive_timeout_s)
         await runner.setup()
-        site = GuardedSite(runner, host, port, ConnectionGuard("gateway proxy", browser_limits), reuse_port=reuse_port)
+        site = GuardedSite(runner, host, port, ConnectionGuard("gateway proxy", browser_limits), reuse_port=reuse_port,
+                           front=front.factory if front is not None else None)
         await site.start()
         bound = runner.addresses[0][1] if runner.addresses else port
         if policy is None:
@@ -196,7 +204,8 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         yield RunningProxy(url=f"http://{host}:{bound}", forward_host=host, forward_port=fport, gateway=gateway,
                            forward=forward, meter=meter, engine=engine,
                            metrics_url=f"http://{settings.metrics_host}:{metrics_port}/metrics"
-                           if metrics is not None else None, forward_tls_port=tls_port)
+                           if metrics is not None else None, forward_tls_port=tls_port,
+                           gateway_front=front)
     finally:
         if tls_server is not None:
             tls_server.close()

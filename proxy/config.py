@@ -70,6 +70,8 @@ class ProxyConfig:
     upstream_max_idle: int = 32
     """Kept-alive idle HTTP connections to one gateway at most."""
     upstream_idle_s: float = 30.0
+    fast_http: bool = True
+    """Plain Control UI GETs served below aiohttp's server (proxy.http_fast); False: all through aiohttp."""
 
     # Per-user limits (per proxy process)
     http_rate_per_s: float = 50.0

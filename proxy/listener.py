@@ -13,6 +13,10 @@ logged every failed accept (hundreds of MB a minute). Each listener now:
   tells the guard when a request is being handled); idle keep-alive is aiohttp's `keepalive_timeout`;
 - reports refusals and timeouts in one summary line at most once a minute, never per connection.
 
+On the browser listener the guarded protocol is `proxy.http_fast`'s front (`GuardedSite(front=)`),
+which serves plain gateway GETs itself and hands every other connection to aiohttp's handler; it
+reports request boundaries to the guard as `track_requests` does for aiohttp.
+
 The caps of both listeners are sized together against the process's descriptor limit
 (`size_listeners`), so a flood on one cannot take the descriptors the other needs and accept()
 never fails for lack of them.
@@ -292,8 +296,12 @@ class GuardedSite(web.BaseSite):
     """An aiohttp TCP site whose connections pass a `ConnectionGuard` first."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *,
-                 ssl_context: Any = None, backlog: int = BACKLOG, reuse_port: bool = False) -> None:
+                 ssl_context: Any = None, backlog: int = BACKLOG, reuse_port: bool = False,
+                 front: Callable[[Callable[[], asyncio.Protocol]], Callable[[], asyncio.Protocol]] | None = None
+                 ) -> None:
+        """`front` wraps aiohttp's protocol factory (proxy.http_fast serves plain GETs below it)."""
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self.front = front
         self._host = host
         self._port = port
         self._reuse_port = reuse_port
@@ -307,8 +315,11 @@ class GuardedSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
+        # The fast front speaks plain HTTP only (its requests say scheme "http"); TLS stays aiohttp's.
+        front = self.front if self._ssl_context is None else None
+        inner: Callable[[], asyncio.Protocol] = server if front is None else front(server)
         self._server = await asyncio.get_running_loop().create_server(
-            self.guard.factory(server), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            self.guard.factory(inner), self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
             reuse_address=True, reuse_port=self._reuse_port or None)
 
 

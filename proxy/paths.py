@@ -74,10 +74,20 @@ class GatewayPath:
 
     def upstream(self, base_path: str) -> str:
         """Path and query on the gateway: the Control UI base path plus the re-encoded tail."""
-        path = base_path.rstrip("/") + "/" + "/".join(quote(seg, safe=_PCHAR_SAFE) for seg in self.tail)
-        if self.tail and self.trailing_slash:
-            path += "/"
-        return path + ("?" + self.query if self.query else "")
+        if len(self.query) > 256 or sum(map(len, self.tail)) > 512:  # the memo holds short ones only
+            return _upstream_target(base_path, self.tail, self.trailing_slash, self.query)
+        return _upstream_memo(base_path, self.tail, self.trailing_slash, self.query)
+
+
+def _upstream_target(base_path: str, tail: tuple[str, ...], trailing_slash: bool, query: str) -> str:
+    path = base_path.rstrip("/") + "/" + "/".join(quote(seg, safe=_PCHAR_SAFE) for seg in tail)
+    if tail and trailing_slash:
+        path += "/"
+    return path + ("?" + query if query else "")
+
+
+_upstream_memo = functools.lru_cache(maxsize=4096)(_upstream_target)
+"""Per request, and every page load asks for the same paths again (a pure function)."""
 
 
 def _decode_segment(raw: str) -> str:

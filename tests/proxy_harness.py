@@ -327,6 +327,10 @@ class RecordingUpstream:
             await resp.write(b"data: second\n\n")
             await resp.write_eof()
             return resp
+        if request.path.endswith("/not-modified"):
+            return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "no-cache"})
+        if request.path.endswith("/no-content"):
+            return web.Response(status=204)
         if request.path.endswith("/redirect"):
             raise web.HTTPFound("/openclaw/elsewhere")
         if request.path.endswith("/page"):

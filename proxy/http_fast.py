@@ -1,0 +1,480 @@
+"""Plain gateway GETs served below aiohttp's server; everything else still goes through aiohttp.
+
+Why: aiohttp's server side (its parser, `web.Request`, the router, middleware, the response
+writer) was the largest share of the proxy's CPU per Control UI request (~150 µs against nginx's
+~45). This front sits between the listener's `GuardedProtocol` and aiohttp's `RequestHandler`:
+
+- it frames each request head itself (`\\r\\n\\r\\n`) and parses it with httptools. A request takes
+  the fast path only when it is unremarkable: HTTP/1.1, GET or HEAD, no body (neither
+  `Content-Length` nor `Transfer-Encoding`), no `Upgrade` or `Expect`, exactly one `Host`, a head
+  within aiohttp's own limits (8190 bytes, under 100 fields), a target in printable ASCII that
+  aiohttp's router would send to `GatewayProxy.handle` (`/agents/<id>/gateway[/...]`, the id
+  without escapes or braces);
+- anything else (a WebSocket upgrade, `/healthz`, another path, another method, a body, a
+  malformed or oversized head, HTTP/1.0, bare-LF line endings) hands the connection, with every
+  byte not yet answered, to aiohttp's `RequestHandler` for the rest of its life, so aiohttp answers
+  it exactly as it did before (its 400s, 404s, routing, the WebSocket take-over in
+  `proxy.ws_relay`);
+- a fast request runs the very same `GatewayProxy.handle` (every check, the same problem+json
+  answers and headers) on a `FastRequest` that carries what the handler reads from a
+  `web.Request`; the `web.Response` it returns is written the way aiohttp writes it
+  (`Content-Length`, default `Content-Type`, `Date`, `Server`, `Connection: close`, no body for
+  HEAD/204/304), and a streamed body goes out chunked, with write flow control;
+- the listener's guard still sees request boundaries (header timeout off while a request runs),
+  pipelined heads wait their turn, idle keep-alive ends after `keepalive_timeout` as in aiohttp,
+  and `shutdown` closes idle connections and lets running requests finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from types import MappingProxyType
+from typing import Any, cast
+
+import httptools
+from aiohttp import web
+from aiohttp._cookie_helpers import parse_cookie_header
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.tcp_helpers import tcp_keepalive
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.listener import GuardedProtocol
+
+__all__ = ["FastFront", "FastRequest"]
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 8190
+"""aiohttp's `max_line_size`/`max_field_size`: a longer head goes to aiohttp, which answers it."""
+MAX_FIELDS = 100
+"""Under aiohttp's `max_headers` (128): more fields go to aiohttp too."""
+_MAX_PENDING = 256 * 1024
+"""Pipelined bytes buffered while a request runs before reading pauses."""
+_GATEWAY_TARGET = re.compile(rb"/agents/[A-Za-z0-9_-]+/gateway(?:[/?][\x21-\x22\x24-\x7e]*)?")
+"""What aiohttp routes to `GatewayProxy.handle`, conservatively: a plain id, printable ASCII, no `#`
+(and no dot segment, checked apart), so no normalisation or decoding can route it elsewhere."""
+_NOT_FAST_FIELDS = frozenset({"content-length", "transfer-encoding", "upgrade", "expect"})
+_COOKIES: dict[str, MappingProxyType[str, str]] = {}
+_COOKIES_MAX = 1024
+_ONE_WRITE = 64 * 1024
+"""Bodies up to this size go out in one write with their head (copying is cheaper than a syscall)."""
+_EMPTY_STATUS = frozenset({204, 304})
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+class _Head:
+    """httptools callbacks for one request head: it validates the grammar, we read the fields
+    from the text afterwards (one decode and one split instead of two callbacks per field)."""
+
+    __slots__ = ("keep_alive", "method", "parser", "url", "version")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.parser: httptools.HttpRequestParser | None = None
+        self.method = b""
+        self.version = ""
+        self.keep_alive = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_headers_complete(self) -> None:
+        """Read here: once the message is complete the parser has reset for the next one."""
+        assert self.parser is not None
+        self.method = self.parser.get_method()
+        self.version = self.parser.get_http_version()
+        self.keep_alive = self.parser.should_keep_alive()
+
+
+class FastRequest(dict[Any, Any]):
+    """What `GatewayProxy.handle` reads from a `web.Request`, for a bodiless GET or HEAD.
+
+    A dict, as `web.Request` is a mutable mapping for per-request state."""
+
+    body_exists = False
+    scheme = "http"
+
+    def __init__(self, conn: _FastProtocol, method: str, raw_path: str, headers: CIMultiDictProxy[str],
+                 keep_alive: bool) -> None:
+        super().__init__()
+        self._conn = conn
+        self.method = method
+        self.raw_path = raw_path
+        self.headers = headers
+        self.host: str = headers["Host"]
+        self.remote = conn.remote
+        self.keep_alive = keep_alive
+        self.streamed: web.StreamResponse | None = None
+        self._chunked = False
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._conn.transport
+
+    @property
+    def path(self) -> str:
+        """Decoded path, as aiohttp's `request.path` (only logged)."""
+        return URL(self.raw_path, encoded=True).path
+
+    @property
+    def cookies(self) -> MappingProxyType[str, str]:
+        """aiohttp's own parse of the `Cookie` header (`web.Request.cookies`), memoised per header
+        value (a pure function of it; a browser sends the same one on every request)."""
+        header = self.headers.get("Cookie", "")
+        parsed = _COOKIES.get(header)
+        if parsed is None:
+            parsed = MappingProxyType({name: morsel.value for name, morsel in parse_cookie_header(header)})
+            if len(_COOKIES) >= _COOKIES_MAX:
+                _COOKIES.clear()
+            _COOKIES[header] = parsed
+        return parsed
+
+    # -- a streamed body (the handler's StreamResponse path) ------------------------------------
+
+    async def start_stream(self, response: web.StreamResponse) -> None:
+        """The status line and headers of a body of unknown length (chunked, as aiohttp sends it)."""
+        headers = response.headers
+        self._chunked = self.method != "HEAD" and response.status not in _EMPTY_STATUS and \
+            not 100 <= response.status < 200 and "Content-Length" not in headers
+        if self._chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        head = self._conn.head(self, response.status, response.reason, headers, body_length=None)
+        self.streamed = response  # from here on the handler writes the answer
+        self._conn.write(head)
+        await self._conn.drain()
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk or self.method == "HEAD":
+            return
+        self._conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk)
+        await self._conn.drain()
+
+    async def write_eof(self) -> None:
+        if self._chunked:
+            self._conn.write(b"0\r\n\r\n")
+        await self._conn.drain()
+
+
+def _server_error(request: FastRequest) -> web.Response:
+    """aiohttp's answer to a handler that raised (`RequestHandler.handle_error`, debug off)."""
+    request.keep_alive = False
+    title = f"{HTTPStatus.INTERNAL_SERVER_ERROR.value} {HTTPStatus.INTERNAL_SERVER_ERROR.phrase}"
+    msg = HTTPStatus.INTERNAL_SERVER_ERROR.description
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.Response(status=500, content_type="text/html", text=(
+            f"<html><head><title>{title}</title></head><body>\n<h1>{title}</h1>\n{msg}\n</body></html>\n"))
+    return web.Response(status=500, text=title + "\n\n" + msg, content_type="text/plain")
+
+
+class FastFront:
+    """Per listener: builds the front protocol for each admitted connection, and shuts them down."""
+
+    def __init__(self, handle: Callable[[Any], Awaitable[web.StreamResponse]], *, keepalive_timeout: float,
+                 shutdown_timeout: float = 5.0) -> None:
+        self.handle = handle
+        self.keepalive_timeout = keepalive_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.connections: set[_FastProtocol] = set()
+        self.closing = False
+        self.served = 0
+        """Requests answered on the fast path (the rest went to aiohttp)."""
+
+    def factory(self, fallback: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return lambda: _FastProtocol(self, fallback)
+
+    async def shutdown(self) -> None:
+        """Idle connections closed now; running requests get `shutdown_timeout`, then are cut."""
+        self.closing = True
+        running = []
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn.close()
+            else:
+                running.append(conn.task)
+        if running:
+            _done, pending = await asyncio.wait(running, timeout=self.shutdown_timeout)
+            for task in pending:
+                task.cancel()
+        for conn in list(self.connections):
+            conn.close()
+
+
+class _FastProtocol(asyncio.Protocol):
+    __slots__ = ("_buf", "_fallback", "_fallback_factory", "_front", "_idle", "_paused_reading",
+                 "_write_paused", "_drain", "_eof", "remote", "task", "transport")
+
+    def __init__(self, front: FastFront, fallback: Callable[[], asyncio.Protocol]) -> None:
+        self._front = front
+        self._fallback_factory = fallback
+        self._fallback: asyncio.Protocol | None = None
+        self._buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._paused_reading = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._eof = False
+
+    # -- asyncio events ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
+        tcp_keepalive(transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple | list) and peer else None
+        self._front.connections.add(self)
+        if self._front.keepalive_timeout:  # as aiohttp (3.14): idle from the moment it opens
+            self._idle = asyncio.get_running_loop().call_later(self._front.keepalive_timeout, self._idle_close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._fallback is not None:
+            self._fallback.data_received(data)
+            return
+        self._buf += data
+        if self.task is None:
+            self._next()
+        elif len(self._buf) > _MAX_PENDING and not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self._fallback is not None:
+            return self._fallback.eof_received()
+        self._eof = True
+        if self.task is None:
+            self.close()
+        return True  # half-closed: a running request still answers, then we close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._front.connections.discard(self)
+        self._cancel_idle()
+        if self._fallback is not None:
+            self._fallback.connection_lost(exc)
+            return
+        self.transport = None
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        if self._fallback is not None:
+            self._fallback.pause_writing()
+            return
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        if self._fallback is not None:
+            self._fallback.resume_writing()
+            return
+        self._write_paused = False
+        self._wake_drain()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start the next buffered request, hand the connection to aiohttp, or wait for more bytes."""
+        self._cancel_idle()
+        buf = self._buf
+        if not buf:
+            return
+        if self._front.closing:  # shutting down: no new request on this connection
+            self.close()
+            return
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD or b"\n\n" in buf:
+                self._fall_back()
+            return
+        head = bytes(buf[:end + 4])
+        request = self._parse(head) if end + 4 <= MAX_HEAD else None
+        if request is None:
+            self._fall_back()
+            return
+        del buf[:end + 4]
+        self._front.served += 1
+        guard = self.transport.get_protocol() if self.transport is not None else None
+        if isinstance(guard, GuardedProtocol):
+            guard.request_started()
+        self.task = asyncio.get_running_loop().create_task(self._run(request, guard))
+
+    def _parse(self, head: bytes) -> FastRequest | None:
+        """The request, if it may take the fast path (see the module docstring); None: aiohttp's."""
+        cb = _Head()
+        parser = cb.parser = httptools.HttpRequestParser(cb)
+        try:
+            parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # an upgrade is aiohttp's
+            return None
+        cb.parser = None
+        if cb.version != "1.1":
+            return None
+        method = cb.method
+        if method not in (b"GET", b"HEAD") or not _GATEWAY_TARGET.fullmatch(cb.url) or b"/." in cb.url:
+            return None
+        # As aiohttp decodes a head (UTF-8, surrogateescape), fields split from the validated text.
+        text = head.decode("utf-8", "surrogateescape")
+        crlf = text.count("\r\n")
+        if text.count("\n") != crlf or text.count("\r") != crlf:
+            return None  # a bare CR or LF: aiohttp's to judge
+        fields = text.split("\r\n")[1:-2]
+        if len(fields) > MAX_FIELDS:
+            return None
+        pairs: list[tuple[str, str]] = []
+        hosts = 0
+        for line in fields:
+            name, colon, value = line.partition(":")
+            if not colon or not name or line[0] in " \t":  # obs-fold or worse: aiohttp's
+                return None
+            low = name.lower()
+            if low in _NOT_FAST_FIELDS:
+                return None
+            if low == "host":
+                hosts += 1
+            pairs.append((name, value.strip(" \t")))
+        if hosts != 1:
+            return None
+        return FastRequest(self, method.decode(), cb.url.decode("ascii"), CIMultiDictProxy(CIMultiDict(pairs)),
+                           cb.keep_alive)
+
+    async def _run(self, request: FastRequest, guard: asyncio.BaseProtocol | None) -> None:
+        try:
+            try:
+                response = await self._front.handle(request)
+            except Exception:
+                log.exception("Error handling request from %s", request.remote)
+                response = _server_error(request)
+            if request.streamed is None:
+                try:
+                    self._respond(request, response)
+                except Exception:  # a header with CR/LF, a body that is not bytes: aiohttp's 500 too
+                    log.exception("Error handling request from %s", request.remote)
+                    self._respond(request, _server_error(request))
+                await self.drain()
+        except ConnectionError:
+            request.keep_alive = False  # the browser went away; nothing more to write
+        finally:
+            self.task = None
+            if isinstance(guard, GuardedProtocol):
+                guard.request_finished()
+        if self.transport is None:
+            return
+        if not request.keep_alive or self._front.closing or self._eof:
+            self.close()
+            return
+        if self._paused_reading:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        if self._buf:
+            self._next()
+        elif self._front.keepalive_timeout:
+            self._idle = asyncio.get_running_loop().call_later(self._front.keepalive_timeout, self._idle_close)
+
+    def _respond(self, request: FastRequest, response: web.StreamResponse) -> None:
+        """A `web.Response` written as aiohttp's `Response._start` and `_prepare_headers` write it."""
+        status = response.status
+        body = getattr(response, "body", None) or b""
+        if not isinstance(body, bytes | bytearray):
+            raise TypeError("the fast path writes bytes bodies only")
+        headers = response.headers
+        empty = status in _EMPTY_STATUS or 100 <= status < 200 or request.method == "HEAD"
+        if "Content-Length" in headers:
+            if status in _EMPTY_STATUS or 100 <= status < 200:
+                del headers["Content-Length"]
+        elif body or (status != 304 and request.method != "HEAD"):
+            headers["Content-Length"] = str(len(body))
+        head = self.head(request, status, response.reason, headers, body_length=len(body))
+        if not body or empty:
+            self.write(head)
+        elif len(body) <= _ONE_WRITE:
+            self.write(head + body)  # one send() instead of two
+        else:
+            self.write(head)
+            self.write(body)
+
+    def head(self, request: FastRequest, status: int, reason: str | None, headers: CIMultiDict[str] | Any,
+             body_length: int | None) -> bytes:
+        """Status line and headers, with aiohttp's defaults; CR or LF anywhere in them is refused."""
+        empty = status in _EMPTY_STATUS or 100 <= status < 200 or request.method == "HEAD"
+        if empty:
+            headers.pop("Transfer-Encoding", None)
+            if status in _EMPTY_STATUS or 100 <= status < 200:
+                headers.pop("Content-Length", None)
+        else:
+            length = headers.get("Content-Length")
+            if (int(length) if length is not None else body_length) != 0 and "Content-Type" not in headers:
+                headers["Content-Type"] = "application/octet-stream"
+        if "Date" not in headers:
+            headers["Date"] = rfc822_formatted_time()
+        if "Server" not in headers:
+            headers["Server"] = SERVER_SOFTWARE
+        if not request.keep_alive or self._front.closing:
+            request.keep_alive = False
+            if "Connection" not in headers:
+                headers["Connection"] = "close"
+        reason = reason if reason is not None else _REASONS.get(status, "")
+        fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if "\n" in reason or "\r" in reason or fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
+            raise ValueError("Newline or carriage return character detected in HTTP status message or header")
+        return f"HTTP/1.1 {status} {reason}\r\n{fields}\r\n".encode()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("Connection lost")
+        if self._write_paused:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+            if self.transport is None:
+                raise ConnectionResetError("Connection lost")
+
+    def _wake_drain(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    # -- connection state ----------------------------------------------------------------------
+
+    def _fall_back(self) -> None:
+        """aiohttp's request handler gets the connection, and every byte we have not answered."""
+        if self.transport is None:
+            return
+        self._cancel_idle()  # aiohttp times its own keep-alive from here
+        self._front.connections.discard(self)
+        handler = self._fallback_factory()
+        self._fallback = handler
+        handler.connection_made(self.transport)
+        if self._paused_reading:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        if self._write_paused:
+            handler.pause_writing()
+        data, self._buf = bytes(self._buf), bytearray()
+        if data:
+            handler.data_received(data)
+
+    def _idle_close(self) -> None:
+        self._idle = None
+        if self.task is None and not self._buf:
+            self.close()
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def close(self) -> None:
+        self._cancel_idle()
+        if self.transport is not None:
+            self.transport.close()

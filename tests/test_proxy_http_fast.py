@@ -1,0 +1,276 @@
+"""Gateway GETs served below aiohttp's server (`proxy.http_fast`) answer byte for byte what aiohttp did.
+
+Two proxies on one upstream and one user: the production one (fast path on) and one with
+`fast_http=False` (every request through aiohttp, as before). The same raw requests, sent on
+raw sockets, must get the same status, reason, headers (but `Date`) and body from both: problem
+answers, redirects, the rewritten document, HEAD, streamed bodies, malformed and oversized heads,
+pipelined mixes of fast and aiohttp requests. Plus keep-alive, `Connection: close`, the idle and
+header timeouts, and that the fast path really serves the plain requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httptools
+import psycopg
+import pytest
+import pytest_asyncio
+
+from db.encryption import configure_keys
+from proxy.app import RunningProxy
+from settings import Settings
+from tests.proxy_harness import TEST_CONFIG, RecordingUpstream, Seeded, running_proxy, seed_gateway_user
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@dataclass
+class Pair:
+    seeded: Seeded
+    upstream: RecordingUpstream
+    fast: RunningProxy
+    slow: RunningProxy
+
+
+@dataclass
+class Answer:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def pair(settings: Settings, sql: psycopg.Connection) -> AsyncIterator[Pair]:
+    async with RecordingUpstream() as upstream:
+        upstream.release.set()  # /stream answers at once, chunked
+        seeded = seed_gateway_user(sql, settings, port=upstream.port)
+        sql.execute("UPDATE vpses SET relay_device_token = %s WHERE id = %s",
+                    (configure_keys(settings.secret_keys()).encrypt("relay-token"), seeded.vps_id))
+        short = settings.model_copy(update={"proxy_keepalive_timeout_s": 1.5, "proxy_header_timeout_s": 1.0})
+        async with running_proxy(short) as fast, \
+                running_proxy(short, config=dataclasses.replace(TEST_CONFIG, fast_http=False)) as slow:
+            assert fast.gateway is not slow.gateway
+            yield Pair(seeded, upstream, fast, slow)
+
+
+class _Parsed:
+    def __init__(self) -> None:
+        self.answers: list[Answer] = []
+        self._headers: list[tuple[str, str]] = []
+        self._body = b""
+        self._reason = ""
+        self._status = 0
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        self._status = self.parser.get_status_code()
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason.decode()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode(), value.decode()))
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        self.answers.append(Answer(self._status, self._reason, self._headers, self._body))
+        self._headers, self._body, self._reason = [], b"", ""
+
+
+async def exchange(proxy: RunningProxy, raw: bytes, count: int, *, timeout: float = 10.0
+                   ) -> tuple[list[Answer], bool]:
+    """Send `raw`, read `count` answers (HEAD answers have no body: one at a time for those);
+    returns them and whether the proxy then closed the connection."""
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    parsed = _Parsed()
+    parser = parsed.parser = httptools.HttpResponseParser(parsed)
+    closed = False
+    try:
+        writer.write(raw)
+        await writer.drain()
+        while len(parsed.answers) < count:
+            data = await asyncio.wait_for(reader.read(65536), timeout)
+            if not data:
+                closed = True
+                break
+            parser.feed_data(data)
+        if not closed:
+            try:
+                closed = await asyncio.wait_for(reader.read(1), 0.3) == b""
+            except TimeoutError:
+                closed = False
+    finally:
+        writer.close()
+    for answer in parsed.answers:
+        answer.headers = sorted((k.lower(), v) for k, v in answer.headers if k.lower() != "date")
+    return parsed.answers, closed
+
+
+async def both(pair: Pair, raw: bytes, count: int = 1) -> tuple[list[Answer], bool]:
+    fast = await exchange(pair.fast, raw, count)
+    slow = await exchange(pair.slow, raw, count)
+    assert fast == slow, (raw, fast, slow)
+    return fast
+
+
+def req(pair: Pair, tail: str, *, method: str = "GET", cookie: bool = True, extra: str = "",
+        agent: str | None = None, host: str = "proxy.test") -> bytes:
+    head = f"{method} /agents/{agent or pair.seeded.agent_id}/gateway{tail} HTTP/1.1\r\nHost: {host}\r\n"
+    if cookie:
+        head += f"Cookie: authjs.session-token={pair.seeded.session}\r\n"
+    return (head + extra + "\r\n").encode()
+
+
+async def test_fast_path_serves_plain_gets(pair: Pair) -> None:
+    front = pair.fast.gateway_front
+    assert front is not None and pair.slow.gateway_front is None
+    before = front.served
+    answers, closed = await both(pair, req(pair, "/assets/app.js") * 3, 3)
+    assert [a.status for a in answers] == [200, 200, 200] and not closed
+    assert front.served == before + 3
+
+
+@pytest.mark.parametrize("tail,extra", [
+    ("/", "Accept: text/html\r\n"),                     # the document route
+    ("/page", "Accept: text/html\r\n"),                 # rewritten, hashed CSP, Set-Cookie dropped
+    ("/assets/app.js", "Accept-Encoding: gzip\r\n"),
+    ("/assets/app.js?v=1", ""),
+    ("/favicon.svg", ""),
+    ("/redirect", ""),                                  # a redirect out of the UI: 502
+    ("/assets/not-modified", 'If-None-Match: "v1"\r\n'),  # 304: no body, no length
+    ("/assets/no-content", ""),                         # 204
+    ("/stream", ""),                                    # streamed (chunked) body
+    ("/tools/invoke", ""),                              # 403
+    ("/TOOLS/%69nvoke", ""),
+    ("/assets/%2fetc", ""),                             # 400 ambiguous
+    ("/assets/a%zz", ""),
+    ("/a/../../x", ""),
+    ("/./assets/app.js", ""),
+    ("/plugins/x", ""),                                 # 403 not a UI route
+    ("", ""),                                           # prefix root: 302
+    ("?x=1", ""),
+    ("/assets/app.js", "Origin: http://evil.test\r\n"),  # a GET: Origin not checked
+    ("/assets/app.js", "Connection: close\r\n"),
+    ("/assets/app.js", "Cookie: a=b; authjs.session-token=nope\r\n"),
+])
+async def test_same_answer_as_aiohttp(pair: Pair, tail: str, extra: str) -> None:
+    await both(pair, req(pair, tail, extra=extra))
+
+
+async def test_same_refusals(pair: Pair) -> None:
+    assert (await both(pair, req(pair, "/assets/app.js", cookie=False)))[0][0].status == 401
+    assert (await both(pair, req(pair, "/assets/app.js", agent="00000000-0000-0000-0000-000000000000"))
+            )[0][0].status == 404
+    assert (await both(pair, req(pair, "/assets/app.js", host="bad host")))[0][0].status == 400
+    await both(pair, req(pair, "/assets/app.js", host=" \tproxy.test \t"))  # OWS around a value
+    await both(pair, req(pair, "/page", extra="Accept:text/html \r\nAccept-Encoding:\t gzip, br  \r\n"))
+    await both(pair, req(pair, "/assets/app.js", host="proxy.test\r\nx-empty:"))  # an empty value
+    await both(pair, req(pair, "/assets/app.js", extra=" folded: line\r\n"))  # obs-fold
+    await both(pair, req(pair, "/assets/app.js", extra="Na me: x\r\n"))
+    await both(pair, req(pair, "/assets/app.js", extra=":x\r\n"))
+    await both(pair, req(pair, "/assets/app.js", extra="X: caf\u00e9\r\n"))  # UTF-8 in a value
+    await both(pair, req(pair, "/assets/app.js", agent="not-a-uuid"))
+    await both(pair, req(pair, "/assets/app.js", agent="%2e%2e"))
+
+
+
+async def raw_until_closed(proxy: RunningProxy, raw: bytes) -> list[bytes]:
+    """The answer's lines but `Date`, read until the proxy closes (a HEAD answer has no body to frame)."""
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    return sorted(line for line in data.split(b"\r\n") if not line.lower().startswith(b"date:"))
+
+
+@pytest.mark.parametrize("tail", ["/assets/app.js", "/tools/invoke", "", "/page"])
+async def test_head_same_as_aiohttp(pair: Pair, tail: str) -> None:
+    raw = req(pair, tail, method="HEAD", extra="Accept: text/html\r\nConnection: close\r\n")
+    fast, slow = await raw_until_closed(pair.fast, raw), await raw_until_closed(pair.slow, raw)
+    assert fast == slow
+    assert any(line.startswith(b"HTTP/1.1 ") for line in fast) and b"upstream:" not in b"".join(fast)
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /agents/x/gateway/ HTTP/1.1 extra\r\nHost: a\r\n\r\n",       # malformed request line
+    b"get /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /agents/x/gateway/ HTTP/1.0\r\nHost: a\r\n\r\n",              # HTTP/1.0: aiohttp's
+    b"GET /agents/x/gateway/ HTTP/1.1\r\n\r\n",                         # no Host
+    b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",   # two
+    b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+    b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\nX: y\r\n\r\n",        # bare LF inside
+    b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 9000 + b"\r\n\r\n",  # oversized field
+    b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 140 + b"\r\n",  # too many fields
+    b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    b"GET /agents/x/gatewayz HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+])
+async def test_unusual_requests_get_aiohttps_answer(pair: Pair, raw: bytes) -> None:
+    answers, _closed = await both(pair, raw)
+    assert answers and answers[0].status in (200, 302, 400, 401, 403, 404, 431)
+
+
+async def test_oversized_head_without_end(pair: Pair) -> None:
+    """A head that never ends within the limit is aiohttp's to refuse, not left to the header timer."""
+    raw = b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 20000
+    answers, closed = await both(pair, raw)
+    assert answers[0].status == 400 and closed
+
+
+async def test_pipelined_mix(pair: Pair) -> None:
+    """Fast, aiohttp (a body), fast again: in order, each answered once, on one connection."""
+    post = (f"POST /agents/{pair.seeded.agent_id}/gateway/assets/x HTTP/1.1\r\nHost: proxy.test\r\n"
+            f"Cookie: authjs.session-token={pair.seeded.session}\r\nContent-Length: 2\r\n\r\nhi").encode()
+    raw = req(pair, "/assets/app.js") + req(pair, "/tools/invoke") + post + req(pair, "/favicon.svg")
+    answers, closed = await both(pair, raw, 4)
+    assert [a.status for a in answers] == [200, 403, 403, 200] and not closed
+
+
+async def test_connection_close_and_keepalive(pair: Pair) -> None:
+    answers, closed = await exchange(pair.fast, req(pair, "/assets/app.js", extra="Connection: close\r\n"), 1)
+    assert ("connection", "close") in answers[0].headers and closed
+    answers, closed = await exchange(pair.fast, req(pair, "/assets/app.js"), 1)
+    assert not any(k == "connection" for k, _ in answers[0].headers) and not closed
+
+
+async def test_idle_keepalive_connection_is_closed(pair: Pair) -> None:
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(req(pair, "/assets/app.js"))
+        first = await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)
+        assert first.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after keepalive_timeout (1.5 s)
+    finally:
+        writer.close()
+
+
+async def test_partial_head_after_a_fast_request_times_out(pair: Pair) -> None:
+    """The listener's header timeout still applies between fast requests (slowloris)."""
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(req(pair, "/assets/app.js"))
+        await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)
+        writer.write(b"GET /agents/x/gateway/ HTTP/1.1\r\nHost: a\r\n")  # never finished
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert loop.time() - started < 1.4  # the header timeout (1 s), not keep-alive's 1.5 s
+    finally:
+        writer.close()
