@@ -375,7 +375,8 @@ def test_single_frame_keeps_its_masked_bytes() -> None:
     (frame(PING, b"p" * 126), 1002),
     (frame(0x3, b"?"), 1002),
     (frame(TEXT, b"a" * 2000), 1008),
-])
+], ids=["unmasked", "rsv-bit", "continuation-first", "text-inside-fragment", "fragmented-ping",
+        "long-ping", "unknown-opcode", "too-large"])  # frames carry random masks: fixed ids for xdist
 def test_assembler_refuses(wire: bytes, code: int) -> None:
     asm = Assembler(require_mask=True, max_message=1024, too_large=(1008, "frame too large"))
     asm.feed(wire[:14])  # the header alone decides
@@ -426,7 +427,7 @@ _READS = [
 ]
 
 
-@pytest.mark.parametrize("wire", _READS)
+@pytest.mark.parametrize("wire", _READS, ids=range(len(_READS)))  # random masks: fixed ids for xdist
 def test_whole_frame_reads_match_the_assembler(wire: bytes) -> None:
     """The browser side's shortcut for a read that is one whole text frame gives exactly what
     feed + next give, and declines everything else (those then take the general path)."""
@@ -455,7 +456,8 @@ def test_whole_frame_reads_match_the_assembler(wire: bytes) -> None:
                                   encode(TEXT, b"x" * 1001), encode(TEXT, b"x" * 70_000), encode(TEXT, b""),
                                   encode(TEXT, b"a", masked=True), encode(TEXT, b"a", fin=False), encode(PING, b"p"),
                                   encode(CLOSE, b""), encode(TEXT, b"a") + encode(TEXT, b"b"),
-                                  encode(TEXT, b"abc")[:-1], bytes([0xC1, 1]) + b"a"])
+                                  encode(TEXT, b"abc")[:-1], bytes([0xC1, 1]) + b"a"],
+                         ids=range(13))  # one has a random mask: fixed ids for xdist
 def test_whole_gateway_frames_match_the_stream(wire: bytes) -> None:
     """The gateway side's shortcut: a read that is one whole unmasked data frame is forwarded as
     is and its payload counted, exactly as the general stream would; anything else is declined."""
