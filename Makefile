@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OPENCLAW_WRAPPER := $(CURDIR)/.tools/bin/openclaw
+# Test processes (pytest-xdist). Each runs its own PostgreSQL and Temporal dev server; the suite
+# mostly waits on them and on gateways, so 2 halves the wall time on 2 cores. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint install-openclaw bench clean
 
@@ -27,7 +30,7 @@ lint: $(STAMP)
 # The real-gateway tier runs when .tools/bin/openclaw exists (make install-openclaw) or OPENCLAW_BIN is set.
 test: lint
 	OPENCLAW_BIN="$${OPENCLAW_BIN:-$$( [ -x $(OPENCLAW_WRAPPER) ] && echo $(OPENCLAW_WRAPPER) )}" \
-		$(BIN)/pytest
+		$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 install-openclaw:
 	bash scripts/install-openclaw.sh

@@ -45,6 +45,7 @@ from proxy.session_watch import SessionWatch
 from proxy.shared_limits import BucketStore, SharedRateLimiter
 from settings import Settings
 from telemetry.metrics import start_metrics_server
+from telemetry.tracing import enabled as tracing_enabled
 
 __all__ = ["RunningProxy", "create_app", "run", "serve"]
 
@@ -166,8 +167,10 @@ async def serve(settings: Settings, *, config: ProxyConfig | None = None, policy
         if shared:
             share_gateway_limits(gateway, store, cfg)
         instrument_gateway(gateway)
+        # The fast front has no server span: with tracing on, every request goes through aiohttp,
+        # whose instrumentation traces it (and joins the caller's traceparent).
         front = FastFront(gateway.handle, keepalive_timeout=settings.proxy_keepalive_timeout_s,
-                          shutdown_timeout=5.0) if cfg.fast_http else None
+                          shutdown_timeout=5.0) if cfg.fast_http and not tracing_enabled() else None
         runner = web.AppRunner(create_app(gateway, front), access_log=None, shutdown_timeout=5.0,
                                keepalive_timeout=settings.proxy_keepalive_timeout_s)
         await runner.setup()
