@@ -195,9 +195,18 @@ class Handlers:
             "eventLoop": EVENT_LOOP,
         }
 
+    def _whatsapp_on(self) -> bool:
+        """`@openclaw/whatsapp` installed (`whatsapp_plugin`) *and* enabled: like the real 2026.9.6 gateway,
+        an installed external plugin is loaded only when `plugins.entries.whatsapp.enabled` is true."""
+        if not self.sim.options.whatsapp_plugin:
+            return False
+        entries = (self.sim.config.read().resolved.get("plugins") or {}).get("entries") or {}
+        entry = entries.get("whatsapp") if isinstance(entries, dict) else None
+        return isinstance(entry, dict) and entry.get("enabled") is True
+
     def _plugins(self) -> list[str]:
         plugins = ["anthropic", "device-pair", "memory-core", "openai", "telegram"]
-        if self.sim.options.whatsapp_plugin:
+        if self._whatsapp_on():
             plugins.append("whatsapp")
         return sorted(plugins)
 
@@ -576,7 +585,7 @@ class Handlers:
             out["telegram"] = ({"label": "Telegram", **summary}, account)
         else:
             self._telegram_started = None
-        if self.sim.options.whatsapp_plugin:
+        if self._whatsapp_on():
             linked = self._linked("default")
             entry: dict[str, Any] = {
                 "label": "WhatsApp",
@@ -612,7 +621,7 @@ class Handlers:
 
     async def channels_logout(self, conn: Connection, params: Any) -> Any:
         p = check_params("channels.logout", params, {"channel", "accountId"}, ("channel",))
-        if p["channel"] != "whatsapp" or not self.sim.options.whatsapp_plugin:
+        if p["channel"] != "whatsapp" or not self._whatsapp_on():
             raise invalid("invalid channels.logout channel")
         account = str(p.get("accountId") or "default")
         cleared = self._unlink(account)
@@ -621,7 +630,7 @@ class Handlers:
 
     def _web_provider(self, params: dict[str, Any]) -> None:
         channel = params.get("channel")
-        if not self.sim.options.whatsapp_plugin or (channel is not None and str(channel).lower() != "whatsapp"):
+        if not self._whatsapp_on() or (channel is not None and str(channel).lower() != "whatsapp"):
             raise invalid("web login provider is not available")
 
     def _ensure_rotator(self) -> None:

@@ -30,7 +30,8 @@ class SimulatorOptions:
     `OPENCLAW_HANDSHAKE_TIMEOUT_MS`. Simulator-only (env `SLOPBOX_SIM_*`):
     - `ready_after_s`      (`SLOPBOX_SIM_READY_AFTER_S`) stay in "starting" this long after boot;
     - `never_ready`        (`SLOPBOX_SIM_NEVER_READY=1`) never leave "starting";
-    - `whatsapp_plugin`    (`SLOPBOX_SIM_WHATSAPP=1`) behave as if `@openclaw/whatsapp` is installed;
+    - `whatsapp_plugin`    (`SLOPBOX_SIM_WHATSAPP=1`) behave as if `@openclaw/whatsapp` is installed
+      (it runs while `plugins.entries.whatsapp.enabled` is true, as on the real gateway);
     - `tick_interval_ms`   (`SLOPBOX_SIM_TICK_MS`) `tick` event period (real: 30000);
     - `restart_down_s`     (`SLOPBOX_SIM_RESTART_S`) how long the listener is gone during a restart;
     - `restart_cooldown_s` (`SLOPBOX_SIM_RESTART_COOLDOWN_S`) minimum gap between restarts (real: 30);
