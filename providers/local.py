@@ -4,7 +4,9 @@ Each VM lives in `<data_dir>/vms/<vps_id>/`:
 
     vm.json        identity and the loopback port chosen at create (written last: marks a complete create)
     env.json       the environment to launch with, secrets included (mode 0600, like a VM's own disk)
-    state/         OPENCLAW_STATE_DIR; the spec's rendered files are written here before the first launch
+    state/         OPENCLAW_STATE_DIR; the spec's rendered files are written here before the first launch,
+                   with the channel plugins' install records (`state/state/openclaw.sqlite`) copied from
+                   the template `scripts/install-openclaw.sh` made next to the real gateway, if any
     home/          HOME
     gateway.pid    pid and kernel start time of the gateway; present while the VM is meant to run
     gateway.halted present when the VM is meant to run but its host (the dev stack) went down under it

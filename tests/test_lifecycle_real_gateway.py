@@ -93,7 +93,7 @@ async def test_real_gateway_provision_stop_start_destroy(settings: Settings, tem
             row, live = channels[kind], await gateway_channel(sql, agent, kind)
             assert live["channel"] is not None and live["channel"]["configured"] is True, live  # its plugin runs it
             assert row["status"] in ("error", "configured") and row["last_error"], row
-            assert row["last_error"] == row["live_status"]["lastError"], row  # the gateway's words, not ours
+            assert row["live_status"]["lastError"] in row["last_error"], row  # the gateway's words, not ours
         assert channels["discord"]["status"] == "error", channels["discord"]  # the plugin stops after its retries
         resp = await stack.api.delete(f"/agents/{agent}/channels/telegram", headers=headers(user))
         assert (await result(stack, resp.json()["operation_id"]))["error"] is None
@@ -200,8 +200,8 @@ async def test_real_gateway_telegram_is_configured_and_reported_as_the_gateway_s
                                                              headers=headers(user))).json()["items"]}
         discord = listed["discord"]
         assert discord["status"] == "error", discord
-        assert discord["last_error"] == discord["live_status"]["lastError"] and "not installed" not in discord[
-            "last_error"], discord
-        assert outcome["error"] == f"discord not connected: discord: {discord['last_error']}", outcome
+        reason = discord["live_status"]["lastError"]  # e.g. "Failed to resolve Discord application id: ..."
+        assert reason and discord["last_error"] == f"discord: {reason}", discord
+        assert outcome["error"] == f"discord not connected: discord: {reason}", outcome
         assert (await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))).status_code == 202
         assert (await stack.wait_vps(user, agent, "destroyed", timeout=60))["state"] == "destroyed"
