@@ -21,6 +21,7 @@ from temporalio.exceptions import ApplicationError
 from activities import gateway
 from activities.vps import VpsActivities, fail, heartbeating
 from db.models import Agent, AgentChannel, Vps, VpsState
+from openclaw.render import CHANNEL_PLUGINS
 from openclaw.rpc import GatewayError
 from workflows.contracts import Act, ChannelInput, ChannelStatusInput, OperationInput
 
@@ -28,6 +29,16 @@ log = logging.getLogger(__name__)
 QR_LIFETIME = timedelta(seconds=60)
 TERMINAL = {"connected", "expired", "cancelled", "error", "configured"}
 WHATSAPP_UNAVAILABLE = "web login provider is not available"
+
+
+def channel_patch(kind: str, block: dict[str, Any] | None) -> dict[str, Any]:
+    """The config merge patch that sets (or, with None, removes) a channel and, for a channel whose
+    plugin is external (`CHANNEL_PLUGINS`), turns that plugin on (or off) with it: an installed
+    external plugin is loaded only when `plugins.entries.<id>.enabled` is true."""
+    patch: dict[str, Any] = {"channels": {kind: block}}
+    if kind in CHANNEL_PLUGINS:
+        patch["plugins"] = {"entries": {kind: None if block is None else {"enabled": True}}}
+    return patch
 
 
 def channel_config(kind: str, credentials: dict[str, str]) -> dict[str, Any]:
@@ -134,7 +145,7 @@ class AgentActivities(VpsActivities):
             await self._set_channel(inp.vps.agent_id, inp.kind, status="connecting", last_error=None)
             async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
                 try:
-                    await gw.config_patch({"channels": {inp.kind: channel_config(inp.kind, credentials)}})
+                    await gw.config_patch(channel_patch(inp.kind, channel_config(inp.kind, credentials)))
                 except GatewayError as err:
                     raise fail(f"the gateway refused the {inp.kind} settings: {err.message}",
                                "ChannelRejected") from None
@@ -173,16 +184,21 @@ class AgentActivities(VpsActivities):
             agent_id = inp.vps.agent_id
             deadline = time.monotonic() + inp.qr_timeout_s
             async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
+                await self._enable_whatsapp(gw, inp.timeouts.channel_status_s)
                 try:
                     started = await gw.web_login_start(channel="whatsapp", force=True, timeout_ms=30_000)
                 except GatewayError as err:
                     if WHATSAPP_UNAVAILABLE in err.message:
-                        raise fail("WhatsApp is not available on this gateway: the @openclaw/whatsapp plugin is not "
-                                   "installed on the agent's VM image", "WhatsAppUnavailable") from None
+                        raise fail("WhatsApp is not available on this gateway: its @openclaw/whatsapp plugin is not "
+                                   "installed or not loaded on the agent's VM", "WhatsAppUnavailable") from None
                     raise fail(f"WhatsApp login could not start: {err.message}", "WhatsAppLogin") from None
                 if started.get("connected"):
                     await self._set_channel(agent_id, "whatsapp", status="connected", qr_data_url=None)
                     return
+                if not started.get("qrDataUrl"):
+                    # No QR and not linked: the gateway says why (e.g. it cannot reach WhatsApp).
+                    raise fail(f"WhatsApp login could not start: {started.get('message') or 'no QR code'}",
+                               "WhatsAppLogin")
                 qr = started.get("qrDataUrl")
                 version = (await self._channel(agent_id, "whatsapp")).qr_version
                 while True:
@@ -216,16 +232,30 @@ class AgentActivities(VpsActivities):
                     else:
                         qr = None  # unchanged: keep waiting, nothing new to show
 
+    @staticmethod
+    async def _enable_whatsapp(gw: Any, wait_s: float) -> None:
+        """Turn the WhatsApp channel and its plugin on, then wait for the gateway to run it (hot reload).
+
+        A gateway without the plugin never lists the channel (`wait_s` is the channel status
+        budget); `web.login.start` then says so."""
+        await gw.config_patch(channel_patch("whatsapp", {"enabled": True}))
+        deadline = time.monotonic() + wait_s
+        while channel_report(await gw.channels_status(), "whatsapp") is None and time.monotonic() < deadline:
+            activity.heartbeat()
+            await asyncio.sleep(1.0)
+
     @activity.defn(name=Act.remove_channel)
     async def remove_channel(self, inp: ChannelInput) -> None:
         async with heartbeating():
             vps, agent = await self._gateway_for(inp)
             async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
-                await gw.config_patch({"channels": {inp.kind: None}})
+                # Log out first: with the channel goes its plugin (CHANNEL_PLUGINS), and a gateway that no
+                # longer runs it cannot log out of it (WhatsApp's linked session would stay on the VM).
                 try:
                     await gw.channels_logout(inp.kind)
                 except GatewayError as err:  # not logged in / not running: nothing to log out of
                     log.info("channel logout skipped", extra={"kind": inp.kind, "reason": err.message})
+                await gw.config_patch(channel_patch(inp.kind, None))
             async with self.sessions() as s, s.begin():
                 await s.exec(delete(AgentChannel).where(AgentChannel.agent_id == inp.vps.agent_id,  # type: ignore[call-overload,arg-type]
                                                         AgentChannel.kind == inp.kind))

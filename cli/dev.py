@@ -180,8 +180,9 @@ def run_dev(settings: Settings) -> int:
             env["OPENCLAW_BIN"] = settings.openclaw_bin
         else:
             env.pop("OPENCLAW_BIN", None)
-        # Our VM image ships the WhatsApp plugin; simulated local gateways behave like it.
+        # Our VM image ships the WhatsApp, Discord and Slack plugins; simulated local gateways behave like it.
         env.setdefault("SLOPBOX_SIM_WHATSAPP", "1")
+        env.setdefault("SLOPBOX_SIM_CHANNEL_PLUGINS", "discord,slack")
         mail = mail_env(settings)
         env.update(mail)
         for name in ("worker", "api", "proxy", "web"):

@@ -94,6 +94,7 @@ class Handlers:
     def __init__(self, sim: GatewaySimulator) -> None:
         self.sim = sim
         self._telegram_started: int | None = None  # when the (simulated) Telegram bot last started
+        self._token_started: dict[str, int] = {}  # when a plugin's (simulated) Discord/Slack bot started
         self._table: dict[str, Handler] = {
             "health": self.health,
             "status": self.status,
@@ -195,10 +196,23 @@ class Handlers:
             "eventLoop": EVENT_LOOP,
         }
 
+    def _plugin_on(self, plugin_id: str) -> bool:
+        """An external channel plugin installed (`whatsapp_plugin`, `token_plugins`) *and* enabled: like the
+        real 2026.9.6 gateway, an installed one is loaded only when `plugins.entries.<id>.enabled` is true."""
+        installed = self.sim.options.whatsapp_plugin if plugin_id == "whatsapp" else (
+            plugin_id in self.sim.options.token_plugins)
+        if not installed:
+            return False
+        entries = (self.sim.config.read().resolved.get("plugins") or {}).get("entries") or {}
+        entry = entries.get(plugin_id) if isinstance(entries, dict) else None
+        return isinstance(entry, dict) and entry.get("enabled") is True
+
+    def _whatsapp_on(self) -> bool:
+        return self._plugin_on("whatsapp")
+
     def _plugins(self) -> list[str]:
         plugins = ["anthropic", "device-pair", "memory-core", "openai", "telegram"]
-        if self.sim.options.whatsapp_plugin:
-            plugins.append("whatsapp")
+        plugins += [p for p in ("discord", "slack", "whatsapp") if self._plugin_on(p)]
         return sorted(plugins)
 
     async def health(self, conn: Connection, params: Any) -> Any:
@@ -569,14 +583,21 @@ class Handlers:
         channels_cfg = self.sim.config.read().resolved.get("channels")
         channels_cfg = channels_cfg if isinstance(channels_cfg, dict) else {}
         out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-        # Discord and Slack are not bundled with 2026.9.6: their config is accepted, nothing runs them.
+        # Discord and Slack are not bundled with 2026.9.6: without their installed, enabled plugin (`token_plugins`)
+        # their config is accepted and nothing runs them.
         telegram = channels_cfg.get("telegram")
         if isinstance(telegram, dict):
             summary, account = self._telegram(telegram)
             out["telegram"] = ({"label": "Telegram", **summary}, account)
         else:
             self._telegram_started = None
-        if self.sim.options.whatsapp_plugin:
+        for kind in ("discord", "slack"):
+            block = channels_cfg.get(kind)
+            if isinstance(block, dict) and self._plugin_on(kind):
+                out[kind] = self._offline_token_channel(kind, block)
+            else:
+                self._token_started.pop(kind, None)
+        if self._whatsapp_on():
             linked = self._linked("default")
             entry: dict[str, Any] = {
                 "label": "WhatsApp",
@@ -589,6 +610,30 @@ class Handlers:
                 entry["self"] = linked
             out["whatsapp"] = (entry, {"accountId": "default", **{k: v for k, v in entry.items() if k != "label"}})
         return out
+
+    def _offline_token_channel(self, kind: str, block: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Discord or Slack run by its plugin on a machine that cannot reach the service, in the shapes
+        2026.9.6 reported for a made-up token here: Discord's bot gives up (not running, its error kept),
+        Slack's socket mode keeps retrying (running, never connected)."""
+        started = self._token_started.setdefault(kind, now_ms())
+        if kind == "discord":
+            error = "Failed to resolve Discord application id: fetch failed | getaddrinfo ENOTFOUND discord.com"
+            summary = {"configured": True, "running": False, "lastStartAt": started, "lastStopAt": started,
+                       "lastError": error, "tokenSource": "config", "lastProbeAt": None}
+            account = {"accountId": "default", "enabled": block.get("enabled") is not False, "lastStartAt": started,
+                       "lastStopAt": started, "restartPending": True, "reconnectAttempts": 1,
+                       "lifecycle": "recovering", "tokenSource": "config", "tokenStatus": "available",
+                       "configured": True, "running": False, "connected": False, "lastError": error}
+            return {"label": "Discord", **summary}, account
+        error = ("A request error occurred: fetch failed; cause: getaddrinfo ENOTFOUND slack.com; "
+                 "code: slack_webapi_request_error")
+        summary = {"configured": True, "botTokenSource": "config", "appTokenSource": "config", "running": True,
+                   "lastStartAt": started, "lastStopAt": None, "lastError": error, "lastProbeAt": None}
+        account = {"accountId": "default", "enabled": block.get("enabled") is not False, "lastStartAt": started,
+                   "lastStopAt": None, "restartPending": False, "reconnectAttempts": 0, "lifecycle": "recovering",
+                   "botTokenSource": "config", "appTokenSource": "config", "configured": True, "running": True,
+                   "connected": False, "lastError": error}
+        return {"label": "Slack", **summary}, account
 
     async def channels_status(self, conn: Connection, params: Any) -> Any:
         p = check_params("channels.status", params, {"probe", "timeoutMs", "channel"})
@@ -612,7 +657,7 @@ class Handlers:
 
     async def channels_logout(self, conn: Connection, params: Any) -> Any:
         p = check_params("channels.logout", params, {"channel", "accountId"}, ("channel",))
-        if p["channel"] != "whatsapp" or not self.sim.options.whatsapp_plugin:
+        if p["channel"] != "whatsapp" or not self._whatsapp_on():
             raise invalid("invalid channels.logout channel")
         account = str(p.get("accountId") or "default")
         cleared = self._unlink(account)
@@ -621,7 +666,7 @@ class Handlers:
 
     def _web_provider(self, params: dict[str, Any]) -> None:
         channel = params.get("channel")
-        if not self.sim.options.whatsapp_plugin or (channel is not None and str(channel).lower() != "whatsapp"):
+        if not self._whatsapp_on() or (channel is not None and str(channel).lower() != "whatsapp"):
             raise invalid("web login provider is not available")
 
     def _ensure_rotator(self) -> None:

@@ -30,7 +30,11 @@ class SimulatorOptions:
     `OPENCLAW_HANDSHAKE_TIMEOUT_MS`. Simulator-only (env `SLOPBOX_SIM_*`):
     - `ready_after_s`      (`SLOPBOX_SIM_READY_AFTER_S`) stay in "starting" this long after boot;
     - `never_ready`        (`SLOPBOX_SIM_NEVER_READY=1`) never leave "starting";
-    - `whatsapp_plugin`    (`SLOPBOX_SIM_WHATSAPP=1`) behave as if `@openclaw/whatsapp` is installed;
+    - `whatsapp_plugin`    (`SLOPBOX_SIM_WHATSAPP=1`) behave as if `@openclaw/whatsapp` is installed
+      (it runs while `plugins.entries.whatsapp.enabled` is true, as on the real gateway);
+    - `token_plugins`      (`SLOPBOX_SIM_CHANNEL_PLUGINS=discord,slack`) behave as if these external
+      channel plugins are installed: while enabled, each runs its configured channel as 2026.9.6 does
+      on a machine that cannot reach the service (Discord gives up with its error, Slack retries);
     - `tick_interval_ms`   (`SLOPBOX_SIM_TICK_MS`) `tick` event period (real: 30000);
     - `restart_down_s`     (`SLOPBOX_SIM_RESTART_S`) how long the listener is gone during a restart;
     - `restart_cooldown_s` (`SLOPBOX_SIM_RESTART_COOLDOWN_S`) minimum gap between restarts (real: 30);
@@ -52,6 +56,7 @@ class SimulatorOptions:
     ready_after_s: float = 0.0
     never_ready: bool = False
     whatsapp_plugin: bool = False
+    token_plugins: frozenset[str] = frozenset()
     tick_interval_ms: int = 30_000
     restart_drain_s: float = 0.2
     restart_down_s: float = 1.0
@@ -81,6 +86,8 @@ class SimulatorOptions:
             ready_after_s=_float(env, "SLOPBOX_SIM_READY_AFTER_S", 0.0),
             never_ready=_flag(env, "SLOPBOX_SIM_NEVER_READY"),
             whatsapp_plugin=_flag(env, "SLOPBOX_SIM_WHATSAPP"),
+            token_plugins=frozenset(p.strip() for p in env.get("SLOPBOX_SIM_CHANNEL_PLUGINS", "").split(",")
+                                    if p.strip() in ("discord", "slack")),
             tick_interval_ms=int(_float(env, "SLOPBOX_SIM_TICK_MS", 30_000)),
             restart_down_s=_float(env, "SLOPBOX_SIM_RESTART_S", 1.0),
             restart_cooldown_s=_float(env, "SLOPBOX_SIM_RESTART_COOLDOWN_S", 30.0),

@@ -53,6 +53,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "CHANNEL_PLUGINS",
     "CONTROL_UI_BASE_PATH",
     "DEFAULT_GATEWAY_PORT",
     "FLY_LAYOUT",
@@ -91,6 +92,11 @@ __all__ = [
 
 OPENCLAW_VERSION = "2026.9.6"
 """The gateway version this renderer's schema and flags were validated against (reference §5)."""
+
+CHANNEL_PLUGINS = ("discord", "slack", "whatsapp")
+"""Channels whose plugin is not bundled with 2026.9.6 but published as `@openclaw/<id>` at the gateway's
+version: the VM image installs them into the gateway's state folder, and the control plane enables one
+(`plugins.entries.<id>.enabled`) together with its channel. Plugin id = channel id = package suffix."""
 
 DEFAULT_GATEWAY_PORT = 18789
 CONTROL_UI_BASE_PATH = "/openclaw"
@@ -562,11 +568,14 @@ def check_locked(config: Mapping[str, Any]) -> list[str]:
 
 
 def _forbidden_nested(config: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Any, str]]:
-    """Catch-alls below fixed paths: every `dangerously*` switch anywhere, and any plugin turned on.
+    """Catch-alls below fixed paths: every `dangerously*` switch anywhere, and any plugin turned on
+    beyond the channel plugins of the channels this config runs.
 
-    The control plane enables no plugin (the bundled channel plugins follow `channels.*`), and a
-    plugin can add HTTP routes or RPC methods the proxy does not know, so `enabled: true` on any
-    `plugins.entries.<id>` is a violation, not only on the ones we know about.
+    A plugin can add HTTP routes or RPC methods the proxy does not know, so `enabled: true` on any
+    `plugins.entries.<id>` is a violation, not only on the ones we know about. The exception is the
+    external channel plugins of `CHANNEL_PLUGINS` (the gateway loads an installed external plugin
+    only when its entry says `enabled: true`): each may be enabled while `channels.<id>` is
+    configured, and carries nothing but `enabled` (no `config`, `hooks`, `env`, `llm`, ...).
     """
     found: list[tuple[tuple[str, ...], Any, str]] = []
 
@@ -582,11 +591,22 @@ def _forbidden_nested(config: Mapping[str, Any]) -> list[tuple[tuple[str, ...], 
 
     walk(config, ())
     plugins = _get(config, "plugins.entries")
+    channels = _get(config, "channels")
+    channels = channels if isinstance(channels, Mapping) else {}
     if isinstance(plugins, Mapping):
         for plugin_id, entry in plugins.items():
-            if isinstance(entry, Mapping) and "enabled" in entry and entry["enabled"] is not False:
-                found.append((("plugins", "entries", str(plugin_id), "enabled"), entry["enabled"],
-                              "the control plane enables no plugin"))
+            if not isinstance(entry, Mapping):
+                continue
+            here = ("plugins", "entries", str(plugin_id))
+            if plugin_id in CHANNEL_PLUGINS:
+                found += [((*here, str(key)), value, f"the control plane sets only `enabled` on the {plugin_id} plugin")
+                          for key, value in entry.items() if key != "enabled"]
+                if entry.get("enabled", False) is not False and not (
+                        entry.get("enabled") is True and isinstance(channels.get(plugin_id), Mapping)):
+                    found.append(((*here, "enabled"), entry["enabled"],
+                                  f"the {plugin_id} plugin runs only while channels.{plugin_id} is configured"))
+            elif "enabled" in entry and entry["enabled"] is not False:
+                found.append(((*here, "enabled"), entry["enabled"], "the control plane enables no other plugin"))
     return found
 
 
@@ -869,6 +889,7 @@ def render_bootstrap_conf(
         "GATEWAY_UNIT": layout.gateway_unit,
         "OPENCLAW_BIN": layout.openclaw_bin,
         "OPENCLAW_VERSION": OPENCLAW_VERSION,
+        "CHANNEL_PLUGINS": " ".join(CHANNEL_PLUGINS),
         "SERVICE_USER": layout.service_user,
         "SERVICE_HOME": layout.service_home,
         "STATE_DIR": layout.state_dir,
@@ -914,7 +935,8 @@ _BOOTSTRAP_SCRIPT = r"""#!/bin/sh
 # Slopbox first-boot bootstrap for an OpenClaw gateway VM (rendered by openclaw/render.py).
 # Redeems the single-use bootstrap token for the gateway's secrets, seeds the state folder, starts
 # the gateway, reports ready, then approves exactly the control plane's device keys for pairing.
-# Usage: bootstrap.sh [all|redeem|pair|cert]   (settings: $SLOPBOX_BOOTSTRAP_CONF, default /etc/openclaw/bootstrap.conf)
+# Usage: bootstrap.sh [all|redeem|pair|cert|plugins]
+#   (settings: $SLOPBOX_BOOTSTRAP_CONF, default /etc/openclaw/bootstrap.conf)
 set -eu
 CONF=${SLOPBOX_BOOTSTRAP_CONF:-/etc/openclaw/bootstrap.conf}
 # shellcheck source=/dev/null
@@ -952,6 +974,7 @@ as_service() (
 )
 
 install_openclaw() {  # fallback for a stock Debian/Ubuntu image; the pre-built image has all of this
+  # (and its state folder has the channel plugins: `bootstrap.sh plugins` at image build)
   command -v apt-get >/dev/null 2>&1 || die "$OPENCLAW_BIN missing and no apt-get to install it"
   log "$OPENCLAW_BIN missing: installing Docker, Node 24 and openclaw@$OPENCLAW_VERSION"
   export DEBIAN_FRONTEND=noninteractive
@@ -967,6 +990,30 @@ install_openclaw() {  # fallback for a stock Debian/Ubuntu image; the pre-built 
   chmod 0755 "$OPENCLAW_BIN"
   ln -sf /opt/openclaw/node/bin/node /usr/local/bin/node
   systemctl enable --now docker >/dev/null 2>&1 || true
+}
+
+# The external channel plugins (CHANNEL_PLUGINS), pinned to the gateway's version, installed into the
+# gateway's own state folder: 2026.9.6 keeps an installed plugin under <state>/npm and its install
+# record in <state>/state/openclaw.sqlite, and trusts (and loads) only plugins recorded there. The
+# install's own config edits go to a scratch file: the control plane enables a plugin with its channel.
+# A failed install is not fatal: the gateway runs without that channel and says so.
+install_channel_plugins() {
+  marker="$STATE_DIR/.channel-plugins-$OPENCLAW_VERSION"
+  [ ! -f "$marker" ] || return 0
+  mkdir -p "$STATE_DIR"
+  scratch=$(mktemp -d)
+  ok=1
+  for p in $CHANNEL_PLUGINS; do
+    log "installing the $p channel plugin (@openclaw/$p@$OPENCLAW_VERSION)"
+    if ! HOME=$SERVICE_HOME OPENCLAW_STATE_DIR=$STATE_DIR OPENCLAW_CONFIG_PATH=$scratch/openclaw.json \
+        OPENCLAW_NO_AUTO_UPDATE=1 "$OPENCLAW_BIN" plugins install "npm:@openclaw/$p@$OPENCLAW_VERSION" >&2; then
+      log "could not install the $p channel plugin"
+      ok=0
+    fi
+  done
+  rm -rf "$scratch"
+  chown -R "$SERVICE_USER:$(id -gn "$SERVICE_USER")" "$SERVICE_HOME"
+  [ "$ok" -eq 0 ] || : >"$marker"
 }
 
 ensure_user() {
@@ -1142,6 +1189,7 @@ main() {
   [ "$(id -u)" = 0 ] || die "run as root"
   [ -x "$OPENCLAW_BIN" ] || install_openclaw
   ensure_user
+  install_channel_plugins
   seed_state
   ensure_cert
   [ -s "$ENV_FILE" ] || redeem
@@ -1170,7 +1218,8 @@ case "${1:-all}" in
   redeem) redeem ;;
   pair) pair ;;
   cert) ensure_cert && cert_sha256 ;;
-  *) die "usage: $0 [all|redeem|pair|cert]" ;;
+  plugins) ensure_user && install_channel_plugins ;;  # for building the pre-built image
+  *) die "usage: $0 [all|redeem|pair|cert|plugins]" ;;
 esac
 """
 

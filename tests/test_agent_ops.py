@@ -201,6 +201,31 @@ async def test_a_channel_the_gateway_does_not_run_is_an_error_not_configured(sta
     assert "discord" not in (json.loads((state_dir(stack, vps) / "openclaw.json").read_text()).get("channels") or {})
 
 
+async def test_discord_and_slack_run_by_their_installed_plugins_end_as_the_gateway_says(
+        stack: Stack, sql: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the external plugins installed (as on the VM image), connecting enables the channel's plugin;
+    offline, Discord ends in `error` with the gateway's reason and Slack, still retrying, `configured`."""
+    monkeypatch.setenv("SLOPBOX_SIM_CHANNEL_PLUGINS", "discord,slack")
+    user, agent, vps = await running_agent(stack, sql)
+    for kind, creds in [("discord", {"bot_token": "M" * 24 + "." + "G" * 6 + "." + "z" * 27}),
+                        ("slack", {"bot_token": "xoxb-" + "1" * 30, "app_token": "xapp-" + "1" * 30})]:
+        resp = await stack.api.post(f"/agents/{agent}/channels", headers=headers(user),
+                                    json={"kind": kind, "credentials": creds})
+        await operation_result(stack, resp.json()["operation_id"])
+        config = json.loads((state_dir(stack, vps) / "openclaw.json").read_text())
+        assert config["plugins"]["entries"][kind] == {"enabled": True} and kind in config["channels"]
+    listed = {c["kind"]: c for c in (await stack.api.get(f"/agents/{agent}/channels",
+                                                         headers=headers(user))).json()["items"]}
+    assert listed["discord"]["status"] == "error" and "Failed to resolve Discord application id" in listed[
+        "discord"]["last_error"] and "not installed" not in listed["discord"]["last_error"]
+    assert listed["slack"]["status"] == "configured" and listed["slack"]["live_status"]["running"] is True
+    resp = await stack.api.delete(f"/agents/{agent}/channels/discord", headers=headers(user))
+    assert (await operation_result(stack, resp.json()["operation_id"]))["error"] is None
+    config = json.loads((state_dir(stack, vps) / "openclaw.json").read_text())
+    assert "discord" not in config["channels"] and "discord" not in config["plugins"]["entries"]
+    assert config["plugins"]["entries"]["slack"] == {"enabled": True}
+
+
 async def test_whatsapp_without_the_plugin_is_a_clear_error(stack: Stack, sql: psycopg.Connection) -> None:
     user, agent, _ = await running_agent(stack, sql)
     resp = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"}, headers=headers(user))

@@ -48,6 +48,8 @@ BASE_CONFIG: dict[str, Any] = {
         "controlUi": {"enabled": True, "allowedOrigins": ["https://tenant.example.com"]},
     }
 }
+# `@openclaw/whatsapp` runs only while enabled (as on the real gateway): the QR tests enable it.
+WHATSAPP_CONFIG: dict[str, Any] = {**BASE_CONFIG, "plugins": {"entries": {"whatsapp": {"enabled": True}}}}
 FAST = {
     "restart_drain_s": 0.05,
     "restart_down_s": 0.2,
@@ -350,7 +352,7 @@ async def test_unknown_method_bad_params_and_malformed_frames(sim: GatewaySimula
 
 async def test_calls_time_out_and_the_client_stays_usable(tmp_path: Path) -> None:
     async with run_simulator(
-        tmp_path / "s", config=BASE_CONFIG, env=sim_env(), whatsapp_plugin=True, qr_rotate_s=600
+        tmp_path / "s", config=WHATSAPP_CONFIG, env=sim_env(), whatsapp_plugin=True, qr_rotate_s=600
     ) as sim:
         async with client_for(sim) as gw:
             await gw.web_login_start()
@@ -524,7 +526,8 @@ async def test_web_login_without_the_whatsapp_plugin(sim: GatewaySimulator) -> N
 
 async def test_web_login_rotating_qr_then_scan(tmp_path: Path) -> None:
     async with (
-        run_simulator(tmp_path / "s", config=BASE_CONFIG, env=sim_env(), whatsapp_plugin=True, qr_rotate_s=0.1) as sim,
+        run_simulator(tmp_path / "s", config=WHATSAPP_CONFIG, env=sim_env(), whatsapp_plugin=True,
+                      qr_rotate_s=0.1) as sim,
         client_for(sim) as gw,
     ):
         start = await gw.web_login_start()

@@ -244,7 +244,8 @@ async def test_cli_sigusr2_restarts_in_process_and_env_knobs_apply(tmp_path: Pat
 
 async def test_scan_hook_links_whatsapp_and_the_link_survives_a_restart(tmp_path: Path) -> None:
     knobs = {"restart_drain_s": 0.05, "restart_down_s": 0.1, "restart_startup_s": 0.05, "restart_cooldown_s": 0}
-    async with run_simulator(tmp_path / "s", config=CONFIG, env=ENV, whatsapp_plugin=True, **knobs) as sim:
+    config = {**CONFIG, "plugins": {"entries": {"whatsapp": {"enabled": True}}}}  # installed and enabled
+    async with run_simulator(tmp_path / "s", config=config, env=ENV, whatsapp_plugin=True, **knobs) as sim:
         async with GatewayClient(sim.url, token=TOKEN, backoff_initial=0.05) as gw, httpx.AsyncClient() as http:
             start = await gw.web_login_start()
             scan_url = f"{sim.http_url}/__simulator__/whatsapp/scan"

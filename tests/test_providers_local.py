@@ -278,6 +278,27 @@ def test_simulator_command_when_no_openclaw_bin(tmp_path: Path) -> None:
     assert real.command(1)[:4] == ["node", "/opt/openclaw/openclaw.mjs", "gateway", "run"]
 
 
+def test_a_new_gateway_state_starts_with_the_installed_channel_plugin_records(tmp_path: Path) -> None:
+    """`scripts/install-openclaw.sh` leaves `.tools/openclaw-plugins/state` next to `.tools/bin/openclaw`;
+    a new VM's state dir gets a copy of its record database, never an overwrite of its own."""
+    tools = tmp_path / "tools"
+    (tools / "bin").mkdir(parents=True)
+    (tools / "bin" / "openclaw").write_text("#!/bin/sh\n")
+    assert LocalProvider(tmp_path / "d", openclaw_bin=str(tools / "bin" / "openclaw")).channel_plugins_db() is None
+    template = tools / "openclaw-plugins" / "state" / "state" / "openclaw.sqlite"
+    template.parent.mkdir(parents=True)
+    template.write_bytes(b"records")
+    provider = LocalProvider(tmp_path / "d", openclaw_bin=str(tools / "bin" / "openclaw"))
+    assert provider.channel_plugins_db() == template
+    provider._prepare(spec("vps-1"))
+    seeded = provider.vm_dir("vps-1") / "state" / "state" / "openclaw.sqlite"
+    assert seeded.read_bytes() == b"records" and seeded.stat().st_mode & 0o777 == 0o600
+    seeded.write_bytes(b"the gateway's own")
+    provider._seed_channel_plugins(provider.vm_dir("vps-1") / "state")
+    assert seeded.read_bytes() == b"the gateway's own"
+    assert LocalProvider(tmp_path / "d").channel_plugins_db() is None  # the simulator has no plugins
+
+
 async def test_build_provider_from_settings(tmp_path: Path) -> None:
     settings = Settings(SLOPBOX_DATA_DIR=str(tmp_path), openclaw_bin="/bin/true")  # type: ignore[call-arg]
     provider = build_provider("local", settings)

@@ -203,6 +203,34 @@ def test_disabled_plugins_and_dangerous_switches_set_false_are_fine() -> None:
     assert check_locked(config) == [] and render.lockdown_removals(config) == []
 
 
+def test_a_channel_plugin_may_run_with_its_channel_and_no_other_plugin_may() -> None:
+    """The external channel plugins (`@openclaw/discord|slack|whatsapp`) load only when enabled; the
+    lock allows exactly that, for a configured channel, and nothing else on their entries."""
+    config = render_openclaw_config(cloud_input())
+    config = set_path(config, "channels.discord", {"enabled": True, "token": "t"})
+    config = set_path(config, "channels.whatsapp", {"enabled": True})
+    config = set_path(config, "plugins.entries.discord.enabled", True)
+    config = set_path(config, "plugins.entries.whatsapp.enabled", True)
+    config = set_path(config, "plugins.entries.slack.enabled", False)
+    assert check_locked(config) == [] and render.lockdown_removals(config) == []
+
+    # Slack's plugin without a Slack channel; another plugin id; more than `enabled` on a channel plugin.
+    weakened = set_path(config, "plugins.entries.slack.enabled", True)
+    weakened = set_path(weakened, "plugins.entries.voice-call.enabled", True)
+    weakened = set_path(weakened, "plugins.entries.discord.hooks", {"allowConversationAccess": True})
+    weakened = set_path(weakened, "plugins.entries.whatsapp.config", {"anything": 1})
+    problems = check_locked(weakened)
+    assert any(p.startswith("plugins.entries.slack.enabled:") and "channels.slack" in p for p in problems), problems
+    assert any(p.startswith("plugins.entries.voice-call.enabled:") for p in problems), problems
+    assert sorted(render.lockdown_removals(weakened)) == sorted([
+        ("plugins", "entries", "slack", "enabled"), ("plugins", "entries", "voice-call", "enabled"),
+        ("plugins", "entries", "discord", "hooks"), ("plugins", "entries", "whatsapp", "config")])
+    # Removing the channel takes its plugin's permission with it; a truthy non-boolean is not `true`.
+    del weakened["channels"]["discord"]
+    assert ("plugins", "entries", "discord", "enabled") in render.lockdown_removals(weakened)
+    assert check_locked(set_path(config, "plugins.entries.whatsapp.enabled", "yes"))
+
+
 def test_lockdown_removals_are_exactly_the_keys_to_delete() -> None:
     config = render_openclaw_config(cloud_input())
     config = set_path(config, "gateway.controlUi.dangerouslyAllowHostHeaderOriginFallback", True)
