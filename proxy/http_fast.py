@@ -68,6 +68,37 @@ _EMPTY_STATUS = frozenset({204, 304})
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
+def _fields(block: str) -> CIMultiDictProxy[str] | None:
+    """The header fields of a head (`block`: from the request line's CRLF to the end), or None
+    when they keep the request off the fast path (too many, obs-fold, a body or upgrade header,
+    not exactly one Host)."""
+    fields = block.split("\r\n")[1:-2]
+    if len(fields) > MAX_FIELDS:
+        return None
+    pairs: list[tuple[str, str]] = []
+    hosts = 0
+    for line in fields:
+        name, colon, value = line.partition(":")
+        if not colon or not name or line[0] in " \t":  # obs-fold or worse: aiohttp's
+            return None
+        low = name.lower()
+        if low in _NOT_FAST_FIELDS:
+            return None
+        if low == "host":
+            hosts += 1
+        pairs.append((name, value.strip(" \t")))
+    if hosts != 1:
+        return None
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+_FIELDS: dict[str, CIMultiDictProxy[str] | None] = {}
+"""`_fields` memoised per field block: a pure function of the text, and a browser sends the same
+block (cookie included) on request after request; the read-only proxy is shared by those requests."""
+_FIELDS_MAX = 512
+_UNSEEN: Any = object()
+
+
 class _Head:
     """httptools callbacks for one request head: it validates the grammar, we read the fields
     from the text afterwards (one decode and one split instead of two callbacks per field)."""
@@ -322,25 +353,16 @@ class _FastProtocol(asyncio.Protocol):
         crlf = text.count("\r\n")
         if text.count("\n") != crlf or text.count("\r") != crlf:
             return None  # a bare CR or LF: aiohttp's to judge
-        fields = text.split("\r\n")[1:-2]
-        if len(fields) > MAX_FIELDS:
+        block = text[text.index("\r\n"):]  # the fields, without the request line
+        headers = _FIELDS.get(block, _UNSEEN)
+        if headers is _UNSEEN:
+            headers = _fields(block)
+            if len(_FIELDS) >= _FIELDS_MAX:
+                _FIELDS.clear()
+            _FIELDS[block] = headers
+        if headers is None:
             return None
-        pairs: list[tuple[str, str]] = []
-        hosts = 0
-        for line in fields:
-            name, colon, value = line.partition(":")
-            if not colon or not name or line[0] in " \t":  # obs-fold or worse: aiohttp's
-                return None
-            low = name.lower()
-            if low in _NOT_FAST_FIELDS:
-                return None
-            if low == "host":
-                hosts += 1
-            pairs.append((name, value.strip(" \t")))
-        if hosts != 1:
-            return None
-        return FastRequest(self, method.decode(), cb.url.decode("ascii"), CIMultiDictProxy(CIMultiDict(pairs)),
-                           cb.keep_alive)
+        return FastRequest(self, method.decode(), cb.url.decode("ascii"), headers, cb.keep_alive)
 
     async def _run(self, request: FastRequest, guard: asyncio.BaseProtocol | None) -> None:
         try:
