@@ -234,7 +234,9 @@ class GatewayProxy:
         except BadPath as exc:
             titles = {400: "Bad path", 403: "Forbidden", 404: "Not found"}
             return problem(exc.status, titles.get(exc.status, "Refused"), exc.reason)
-        upgrade = is_websocket_upgrade(request.headers)
+        # The fast front takes no request with an `Upgrade` field at all (proxy.http_fast), so for
+        # its requests this check is known to be False without reading the headers again.
+        upgrade = not isinstance(request, FastRequest) and is_websocket_upgrade(request.headers)
         route = None if upgrade else control_ui_route(gpath.tail, request.method, request.headers.get("Accept", ""))
         if (upgrade and gpath.tail) or (not upgrade and route is None):
             return problem(403, "Forbidden", "This path is not part of the Control UI.")

@@ -457,7 +457,7 @@ class _FastProtocol(asyncio.Protocol):
             if "Connection" not in headers:
                 headers["Connection"] = "close"
         reason = reason if reason is not None else _REASONS.get(status, "")
-        fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
         if "\n" in reason or "\r" in reason or fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
             raise ValueError("Newline or carriage return character detected in HTTP status message or header")
         return f"HTTP/1.1 {status} {reason}\r\n{fields}\r\n".encode()
