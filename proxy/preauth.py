@@ -39,6 +39,8 @@ def token_hash(token: str) -> bytes:
     digest = _DIGESTS.get(token)
     if digest is None:
         digest = hashlib.sha256(token.encode()).digest()
+        if len(token) > _MAX_TOKEN_LEN:  # never a session's (refused unasked): not worth the memory
+            return digest
         if len(_DIGESTS) >= _DIGESTS_MAX:
             _DIGESTS.clear()
         _DIGESTS[token] = digest
