@@ -15,7 +15,6 @@ refused by the connector (`GatewayTarget.upstream_ssl`).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 from collections import OrderedDict
@@ -29,6 +28,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.models import Agent, AuthSession, Vps, VpsState
+from proxy.preauth import token_hash
 from settings import Settings
 
 __all__ = ["SESSION_COOKIES", "AccessDenied", "AccessResolver", "GatewayTarget", "session_token"]
@@ -100,7 +100,7 @@ class AccessResolver:
         """The gateway for this session and agent, or AccessDenied (401, 404, 409, 503)."""
         if not token or len(token) > _MAX_TOKEN_LEN:
             raise AccessDenied(401, "Not signed in", "Sign in to open the agent's Control UI.")
-        key = (hashlib.sha256(token.encode()).digest(), agent_id)
+        key = (token_hash(token), agent_id)
         now = self._clock()
         if not fresh and self._ttl > 0:
             hit = self._cache.get(key)

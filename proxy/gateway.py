@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import WSCloseCode, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from openclaw.render import CONTROL_UI_BASE_PATH
@@ -54,7 +55,7 @@ from proxy.headers import (
     upstream_request_headers,
     valid_host,
 )
-from proxy.http_fast import FastRequest
+from proxy.http_fast import FastRequest, FastResponse
 from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header, take
 from proxy.listener import client_key
 from proxy.metering import Meter
@@ -214,7 +215,7 @@ class GatewayProxy:
         else:
             self._watched[session] = (token, count - 1)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse | FastResponse:
         started = time.monotonic()
         response = await self._handle(request)
         if request.get(_REFUSED_BEFORE_LOOKUP):  # a stranger's flood: counted, not a line each
@@ -227,13 +228,15 @@ class GatewayProxy:
                                                "ms": round((time.monotonic() - started) * 1000, 1)})
         return response
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.Request) -> web.StreamResponse | FastResponse:
         try:
             gpath = parse_gateway_path(request.raw_path)
         except BadPath as exc:
             titles = {400: "Bad path", 403: "Forbidden", 404: "Not found"}
             return problem(exc.status, titles.get(exc.status, "Refused"), exc.reason)
-        upgrade = is_websocket_upgrade(request.headers)
+        # The fast front takes no request with an `Upgrade` field at all (proxy.http_fast), so for
+        # its requests this check is known to be False without reading the headers again.
+        upgrade = not isinstance(request, FastRequest) and is_websocket_upgrade(request.headers)
         route = None if upgrade else control_ui_route(gpath.tail, request.method, request.headers.get("Accept", ""))
         if (upgrade and gpath.tail) or (not upgrade and route is None):
             return problem(403, "Forbidden", "This path is not part of the Control UI.")
@@ -319,7 +322,7 @@ class GatewayProxy:
     # -- plain HTTP --------------------------------------------------------------------------------
 
     async def _forward(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget, route: RouteKind
-                       ) -> web.StreamResponse:
+                       ) -> web.StreamResponse | FastResponse:
         cache_name = None
         if self.assets is not None and route is RouteKind.RESOURCE:
             cache_name = asset_name(gpath.tail, gpath.query, request.method)
@@ -327,7 +330,7 @@ class GatewayProxy:
                 hit = self.assets.lookup(target.user_id, target.vps_id, cache_name,
                                          accepted_encodings(request.headers.get("Accept-Encoding")))
                 if hit is not None:  # after the session, ownership, VPS-state and rate checks, as always
-                    return hit.response()
+                    return hit.fast_response() if isinstance(request, FastRequest) else hit.response()
         headers = upstream_request_headers(request.headers, client_ip=request.remote, scheme=request.scheme,
                                            host=request.host, bearer=target.relay_device_token,
                                            identity_only=route is RouteKind.DOCUMENT)
@@ -349,7 +352,7 @@ class GatewayProxy:
 
     async def _respond(self, request: web.Request, gpath: GatewayPath, target: GatewayTarget,
                        upstream: UpstreamResponse, route: RouteKind, cache_name: str | None = None
-                       ) -> web.StreamResponse:
+                       ) -> web.StreamResponse | FastResponse:
         ctype = upstream.headers.get("Content-Type", "").lower()
         coding = upstream.headers.get("Content-Encoding", "").strip().lower()
         compressed = coding not in ("", "identity")
@@ -398,8 +401,7 @@ class GatewayProxy:
             headers = response_headers(upstream.headers, csp=document_csp(text), drop_length=True)
             if mapped is not None:
                 headers["Location"] = mapped
-            return web.Response(status=upstream.status, reason=upstream.reason, body=text.encode(charset),
-                                headers=headers)
+            return _whole(request, upstream.status, upstream.reason, headers, text.encode(charset))
         script = "javascript" in ctype or "ecmascript" in ctype
         headers = response_headers(upstream.headers, csp=SCRIPT_CSP if script else RESOURCE_CSP)
         if mapped is not None:
@@ -416,7 +418,7 @@ class GatewayProxy:
             if coding is not None and self.assets is not None and len(body) == upstream.content_length:
                 self.assets.store(target.user_id, target.vps_id, str(cache_name), coding, body,
                                   upstream.headers.get("Content-Type", "application/octet-stream"))
-            return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+            return _whole(request, upstream.status, upstream.reason, headers, body)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         fast = isinstance(request, FastRequest)  # served below aiohttp (proxy.http_fast): it writes
         writer: FastRequest | web.StreamResponse = request if fast else out
@@ -434,6 +436,15 @@ class GatewayProxy:
             if request.transport is not None:
                 request.transport.close()
         return out
+
+
+def _whole(request: web.Request, status: int, reason: str, headers: CIMultiDict[str], body: bytes
+           ) -> web.StreamResponse | FastResponse:
+    """A whole answer: the light `FastResponse` for the fast front (it writes the head itself),
+    else the `web.Response` aiohttp writes."""
+    if isinstance(request, FastRequest):
+        return FastResponse(status, reason, headers, body)
+    return web.Response(status=status, reason=reason, body=body, headers=headers)
 
 
 def _same_origin(origin: str, host: str | None) -> bool:

@@ -46,7 +46,7 @@ from yarl import URL
 
 from proxy.listener import GuardedProtocol
 
-__all__ = ["FastFront", "FastRequest"]
+__all__ = ["FastFront", "FastRequest", "FastResponse"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,37 @@ _ONE_WRITE = 64 * 1024
 """Bodies up to this size go out in one write with their head (copying is cheaper than a syscall)."""
 _EMPTY_STATUS = frozenset({204, 304})
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+def _fields(block: str) -> CIMultiDictProxy[str] | None:
+    """The header fields of a head (`block`: from the request line's CRLF to the end), or None
+    when they keep the request off the fast path (too many, obs-fold, a body or upgrade header,
+    not exactly one Host)."""
+    fields = block.split("\r\n")[1:-2]
+    if len(fields) > MAX_FIELDS:
+        return None
+    pairs: list[tuple[str, str]] = []
+    hosts = 0
+    for line in fields:
+        name, colon, value = line.partition(":")
+        if not colon or not name or line[0] in " \t":  # obs-fold or worse: aiohttp's
+            return None
+        low = name.lower()
+        if low in _NOT_FAST_FIELDS:
+            return None
+        if low == "host":
+            hosts += 1
+        pairs.append((name, value.strip(" \t")))
+    if hosts != 1:
+        return None
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+_FIELDS: dict[str, CIMultiDictProxy[str] | None] = {}
+"""`_fields` memoised per field block: a pure function of the text, and a browser sends the same
+block (cookie included) on request after request; the read-only proxy is shared by those requests."""
+_FIELDS_MAX = 512
+_UNSEEN: Any = object()
 
 
 class _Head:
@@ -161,6 +192,21 @@ class FastRequest(dict[Any, Any]):
         await self._conn.drain()
 
 
+class FastResponse:
+    """A whole answer with a bytes body, for a `FastRequest` only: what `_FastProtocol._respond`
+    reads of a `web.Response` (status, reason, headers, body), without aiohttp's per-response set-up
+    and its copy of the headers. `headers` is the answer's own: the front adds its defaults to it.
+    Written exactly as the equivalent `web.Response` (a reason with CR or LF: the same 500)."""
+
+    __slots__ = ("body", "headers", "reason", "status")
+
+    def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+
 def _server_error(request: FastRequest) -> web.Response:
     """aiohttp's answer to a handler that raised (`RequestHandler.handle_error`, debug off)."""
     request.keep_alive = False
@@ -175,7 +221,8 @@ def _server_error(request: FastRequest) -> web.Response:
 class FastFront:
     """Per listener: builds the front protocol for each admitted connection, and shuts them down."""
 
-    def __init__(self, handle: Callable[[Any], Awaitable[web.StreamResponse]], *, keepalive_timeout: float,
+    def __init__(self, handle: Callable[[Any], Awaitable[web.StreamResponse | FastResponse]], *,
+                 keepalive_timeout: float,
                  shutdown_timeout: float = 5.0) -> None:
         self.handle = handle
         self.keepalive_timeout = keepalive_timeout
@@ -322,25 +369,16 @@ class _FastProtocol(asyncio.Protocol):
         crlf = text.count("\r\n")
         if text.count("\n") != crlf or text.count("\r") != crlf:
             return None  # a bare CR or LF: aiohttp's to judge
-        fields = text.split("\r\n")[1:-2]
-        if len(fields) > MAX_FIELDS:
+        block = text[text.index("\r\n"):]  # the fields, without the request line
+        headers = _FIELDS.get(block, _UNSEEN)
+        if headers is _UNSEEN:
+            headers = _fields(block)
+            if len(_FIELDS) >= _FIELDS_MAX:
+                _FIELDS.clear()
+            _FIELDS[block] = headers
+        if headers is None:
             return None
-        pairs: list[tuple[str, str]] = []
-        hosts = 0
-        for line in fields:
-            name, colon, value = line.partition(":")
-            if not colon or not name or line[0] in " \t":  # obs-fold or worse: aiohttp's
-                return None
-            low = name.lower()
-            if low in _NOT_FAST_FIELDS:
-                return None
-            if low == "host":
-                hosts += 1
-            pairs.append((name, value.strip(" \t")))
-        if hosts != 1:
-            return None
-        return FastRequest(self, method.decode(), cb.url.decode("ascii"), CIMultiDictProxy(CIMultiDict(pairs)),
-                           cb.keep_alive)
+        return FastRequest(self, method.decode(), cb.url.decode("ascii"), headers, cb.keep_alive)
 
     async def _run(self, request: FastRequest, guard: asyncio.BaseProtocol | None) -> None:
         try:
@@ -375,8 +413,9 @@ class _FastProtocol(asyncio.Protocol):
         elif self._front.keepalive_timeout:
             self._idle = asyncio.get_running_loop().call_later(self._front.keepalive_timeout, self._idle_close)
 
-    def _respond(self, request: FastRequest, response: web.StreamResponse) -> None:
-        """A `web.Response` written as aiohttp's `Response._start` and `_prepare_headers` write it."""
+    def _respond(self, request: FastRequest, response: web.StreamResponse | FastResponse) -> None:
+        """A `web.Response` (or `FastResponse`) written as aiohttp's `Response._start` and
+        `_prepare_headers` write it."""
         status = response.status
         body = getattr(response, "body", None) or b""
         if not isinstance(body, bytes | bytearray):
@@ -418,7 +457,7 @@ class _FastProtocol(asyncio.Protocol):
             if "Connection" not in headers:
                 headers["Connection"] = "close"
         reason = reason if reason is not None else _REASONS.get(status, "")
-        fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
         if "\n" in reason or "\r" in reason or fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
             raise ValueError("Newline or carriage return character detected in HTTP status message or header")
         return f"HTTP/1.1 {status} {reason}\r\n{fields}\r\n".encode()

@@ -29,8 +29,22 @@ __all__ = ["PreAuthGuard", "token_hash"]
 _MAX_TOKEN_LEN = 255  # the column's width: a longer cookie is refused without a lookup (proxy.access)
 
 
+_DIGESTS: dict[str, bytes] = {}
+_DIGESTS_MAX = 4096
+
+
 def token_hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    """SHA-256 of a session token, memoised: a request hashed the same cookie three times
+    (pre-auth before and after the lookup, the access cache), and a browser sends it on every request."""
+    digest = _DIGESTS.get(token)
+    if digest is None:
+        digest = hashlib.sha256(token.encode()).digest()
+        if len(token) > _MAX_TOKEN_LEN:  # never a session's (refused unasked): not worth the memory
+            return digest
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.clear()
+        _DIGESTS[token] = digest
+    return digest
 
 
 class _ExpiringSet:

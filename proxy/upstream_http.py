@@ -257,9 +257,9 @@ class _Conn(asyncio.Protocol):
         if self._head is None:  # an answer nobody asked for: not a connection to trust
             self._fail(UpstreamError("unsolicited answer from the gateway"))
             return
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in self._raw:
-            headers.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        headers: CIMultiDict[str] = CIMultiDict([(name.decode("utf-8", "surrogateescape"),
+                                                  value.decode("utf-8", "surrogateescape"))
+                                                 for name, value in self._raw])
         response = UpstreamResponse(self, status, self._reason.decode("utf-8", "surrogateescape"),
                                     CIMultiDictProxy(headers))
         no_body = self._head_only or status in _NO_BODY_STATUS
@@ -484,6 +484,27 @@ class _HostPool:
         self.idle.clear()
 
 
+_BLOCKS: dict[tuple[Any, ...], bytes] = {}
+"""`_fields_block` memoised: a pure function of the fields, and a browser's requests repeat them."""
+_BLOCKS_MAX = 512
+
+
+def _fields_block(headers: CIMultiDict[str] | CIMultiDictProxy[str], chunked: bool) -> bytes:
+    """The encoded header lines of a request head and its blank line."""
+    key = (tuple(headers.items()), chunked)
+    block = _BLOCKS.get(key)
+    if block is None:
+        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if chunked:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        lines.append("\r\n")
+        block = "".join(lines).encode("utf-8", "surrogateescape")
+        if len(_BLOCKS) >= _BLOCKS_MAX:
+            _BLOCKS.clear()
+        _BLOCKS[key] = block
+    return block
+
+
 class UpstreamPool:
     """Keep-alive HTTP/1.1 connections to the gateways, one bounded pool per (scheme, host, port, pin)."""
 
@@ -520,7 +541,7 @@ class UpstreamPool:
             if pool.open == 0 and not pool._waiters:
                 del self._pools[key]
 
-    async def request(self, method: str, base_url: str, path: str, headers: CIMultiDict[str],
+    async def request(self, method: str, base_url: str, path: str, headers: CIMultiDict[str] | CIMultiDictProxy[str],
                       body: AsyncIterable[bytes] | None = None, *, ssl: aiohttp.Fingerprint | bool = True,
                       connect_timeout: float = 10.0) -> UpstreamResponse:
         """Send one request to `base_url` (scheme://host:port) + `path` (already encoded).
@@ -538,12 +559,7 @@ class UpstreamPool:
         host = host.strip("[]")
         pool = self._pool(scheme, host, int(port_text), ssl)
         chunked = body is not None and "Content-Length" not in headers
-        lines = [f"{method} {path} HTTP/1.1\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-        if chunked:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("utf-8", "surrogateescape")
+        head = f"{method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape") + _fields_block(headers, chunked)
         retry = body is None and method in _IDEMPOTENT
         deadline = asyncio.get_running_loop().time() + connect_timeout
         fresh = False

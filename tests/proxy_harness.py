@@ -306,6 +306,10 @@ class FakeGateway:
         await self._runner.cleanup()
 
 
+IMMUTABLE_ASSET = "/assets/cached-Ab12Cd34.js"
+"""The path under which `RecordingUpstream` serves a cacheable, fingerprinted asset."""
+
+
 class RecordingUpstream:
     """A plain HTTP 'gateway' that records each request and answers per path."""
 
@@ -327,6 +331,9 @@ class RecordingUpstream:
             await resp.write(b"data: second\n\n")
             await resp.write_eof()
             return resp
+        if request.path.endswith(IMMUTABLE_ASSET):  # a fingerprinted asset: the proxy's asset cache keeps it
+            return web.Response(body=b"console.log(1);", content_type="application/javascript",
+                                headers={"Cache-Control": "public, max-age=31536000, immutable"})
         if request.path.endswith("/not-modified"):
             return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "no-cache"})
         if request.path.endswith("/no-content"):

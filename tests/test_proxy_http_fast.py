@@ -23,7 +23,14 @@ import pytest_asyncio
 from db.encryption import configure_keys
 from proxy.app import RunningProxy
 from settings import Settings
-from tests.proxy_harness import TEST_CONFIG, RecordingUpstream, Seeded, running_proxy, seed_gateway_user
+from tests.proxy_harness import (
+    IMMUTABLE_ASSET,
+    TEST_CONFIG,
+    RecordingUpstream,
+    Seeded,
+    running_proxy,
+    seed_gateway_user,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -181,6 +188,35 @@ async def test_same_refusals(pair: Pair) -> None:
     await both(pair, req(pair, "/assets/app.js", agent="not-a-uuid"))
     await both(pair, req(pair, "/assets/app.js", agent="%2e%2e"))
 
+
+
+async def test_cached_asset_same_answer_as_aiohttp(pair: Pair) -> None:
+    """A fingerprinted asset from the asset cache (the fast front's light response, headers built once
+    per entry and copied per answer) reads exactly as aiohttp's answer, miss and hits alike."""
+    assert pair.fast.gateway.assets is not None and pair.slow.gateway.assets is not None
+    for extra in ("", "Accept-Encoding: gzip, br\r\n", "Connection: close\r\n"):
+        answers, _closed = await both(pair, req(pair, IMMUTABLE_ASSET, extra=extra) * (1 if extra else 3),
+                                      1 if extra else 3)
+        assert all(a.status == 200 and a.body == b"console.log(1);" for a in answers)
+    hits = pair.fast.gateway.assets.hits
+    await both(pair, req(pair, IMMUTABLE_ASSET))
+    assert pair.fast.gateway.assets.hits == hits + 1  # answered from the cache, on the fast path
+    raw = req(pair, IMMUTABLE_ASSET, method="HEAD", extra="Connection: close\r\n")
+    assert await raw_until_closed(pair.fast, raw) == await raw_until_closed(pair.slow, raw)
+
+
+async def test_repeated_header_blocks(pair: Pair) -> None:
+    """The fast front's field parse and the upstream head are memoised per header block: the same
+    block again, on another path or connection, and one field changed, all answer as aiohttp does."""
+    for _ in range(2):
+        for tail in ("/assets/app.js", "/favicon.svg", "/page", "/tools/invoke"):
+            await both(pair, req(pair, tail, extra="Accept: */*\r\nX-Requested-With: a\r\n"))
+    changed = [await both(pair, req(pair, "/assets/app.js", extra=extra)) for extra in (
+        "Accept: */*\r\n", "Accept: text/html\r\n", "Upgrade: websocket\r\nConnection: Upgrade\r\n",
+        "Accept: */*\r\n")]
+    assert [a[0][0].status for a in changed] == [200, 200, 403, 200]
+    sent = [r for r in pair.upstream.requests if r["path"].endswith("/favicon.svg")][-2:]
+    assert len(sent) == 2 and sent[0]["headers"] == sent[1]["headers"]
 
 
 async def raw_until_closed(proxy: RunningProxy, raw: bytes) -> list[bytes]:

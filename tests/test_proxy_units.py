@@ -31,6 +31,7 @@ from proxy.headers import (
 from proxy.limits import ConnectionLimiter, RateLimiter, retry_after_header
 from proxy.methods import ALLOWED_METHODS, DENIED_METHODS, check_method
 from proxy.paths import BadPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
+from proxy.preauth import token_hash
 from proxy.ws_relay import sanitize_hello
 
 AGENT = uuid.UUID("11111111-2222-4333-8444-555555555555")
@@ -358,3 +359,14 @@ def test_relay_identity_matches_provisioning(settings: object) -> None:
     assert "operator.admin" not in RELAY_SCOPES
     agent = Agent(id=uuid.uuid4(), user_id=uuid.uuid4(), name="m", gateway_token="t" * 40, gateway_token_last4="t")
     assert render_input(settings, agent, local=True).allowed_origins == [relay_origin(settings)]  # type: ignore[arg-type]
+
+
+def test_token_hash_memo_is_the_plain_digest() -> None:
+    """The memoised token hash is SHA-256 of the token, again and again; long tokens are not kept."""
+    import hashlib
+
+    from proxy import preauth
+
+    for token in ("abc", "abc", "x" * 255, "y" * 5000, "y" * 5000):
+        assert token_hash(token) == hashlib.sha256(token.encode()).digest()
+    assert "x" * 255 in preauth._DIGESTS and "y" * 5000 not in preauth._DIGESTS
