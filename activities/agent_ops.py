@@ -22,7 +22,7 @@ from activities import gateway
 from activities.vps import VpsActivities, fail, heartbeating
 from db.models import Agent, AgentChannel, Vps, VpsState
 from openclaw.render import CHANNEL_PLUGINS
-from openclaw.rpc import GatewayError
+from openclaw.rpc import GatewayClient, GatewayError
 from workflows.contracts import Act, ChannelInput, ChannelStatusInput, OperationInput
 
 log = logging.getLogger(__name__)
@@ -129,11 +129,17 @@ class AgentActivities(VpsActivities):
         async with self.sessions() as s, s.begin():
             await s.exec(stmt.values(**values))  # type: ignore[call-overload]
 
+    def _admin(self, vps: Vps, agent: Agent, inp: OperationInput, **options: Any) -> GatewayClient:
+        """The admin session for an operation: it waits for a gateway that is still restarting after
+        the previous operation's change (up to the budget of a gateway start), not 20 s."""
+        return gateway.admin_client(self.provider(vps.provider), vps, agent,
+                                    connect_timeout=inp.timeouts.gateway_ready_s, **options)
+
     @activity.defn(name=Act.restart_gateway)
     async def restart_gateway(self, inp: OperationInput) -> None:
         async with heartbeating():
             vps, agent = await self._gateway_for(inp)
-            async with gateway.admin_client(self.provider(vps.provider), vps, agent, reconnect=False) as gw:
+            async with self._admin(vps, agent, inp, reconnect=False) as gw:
                 await gw.gateway_restart_request(reason="restart requested from Slopbox")
 
     @activity.defn(name=Act.configure_channel)
@@ -143,9 +149,10 @@ class AgentActivities(VpsActivities):
             row = await self._channel(inp.vps.agent_id, inp.kind)
             credentials = json.loads(str(row.credentials or "{}"))
             await self._set_channel(inp.vps.agent_id, inp.kind, status="connecting", last_error=None)
-            async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
+            async with self._admin(vps, agent, inp) as gw:
                 try:
-                    await gw.config_patch(channel_patch(inp.kind, channel_config(inp.kind, credentials)))
+                    await gateway.write_config(gw, channel_patch(inp.kind, channel_config(inp.kind, credentials)),
+                                               budget_s=inp.timeouts.gateway_ready_s)
                 except GatewayError as err:
                     raise fail(f"the gateway refused the {inp.kind} settings: {err.message}",
                                "ChannelRejected") from None
@@ -162,7 +169,7 @@ class AgentActivities(VpsActivities):
             vps, agent = await self._gateway_for(inp)
             deadline = time.monotonic() + inp.timeouts.channel_status_s
             report: dict[str, Any] | None = None
-            async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
+            async with self._admin(vps, agent, inp) as gw:
                 while True:
                     activity.heartbeat()
                     # Unfiltered: a gateway answers `unknown channel` for a plugin it has not loaded yet.
@@ -183,8 +190,8 @@ class AgentActivities(VpsActivities):
             vps, agent = await self._gateway_for(inp)
             agent_id = inp.vps.agent_id
             deadline = time.monotonic() + inp.qr_timeout_s
-            async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
-                await self._enable_whatsapp(gw, inp.timeouts.channel_status_s)
+            async with self._admin(vps, agent, inp) as gw:
+                await self._enable_whatsapp(gw, inp)
                 try:
                     started = await gw.web_login_start(channel="whatsapp", force=True, timeout_ms=30_000)
                 except GatewayError as err:
@@ -233,13 +240,14 @@ class AgentActivities(VpsActivities):
                         qr = None  # unchanged: keep waiting, nothing new to show
 
     @staticmethod
-    async def _enable_whatsapp(gw: Any, wait_s: float) -> None:
+    async def _enable_whatsapp(gw: GatewayClient, inp: ChannelInput) -> None:
         """Turn the WhatsApp channel and its plugin on, then wait for the gateway to run it (hot reload).
 
-        A gateway without the plugin never lists the channel (`wait_s` is the channel status
-        budget); `web.login.start` then says so."""
-        await gw.config_patch(channel_patch("whatsapp", {"enabled": True}))
-        deadline = time.monotonic() + wait_s
+        A gateway without the plugin never lists the channel (for the channel status budget);
+        `web.login.start` then says so."""
+        await gateway.write_config(gw, channel_patch("whatsapp", {"enabled": True}),
+                                   budget_s=inp.timeouts.gateway_ready_s)
+        deadline = time.monotonic() + inp.timeouts.channel_status_s
         while channel_report(await gw.channels_status(), "whatsapp") is None and time.monotonic() < deadline:
             activity.heartbeat()
             await asyncio.sleep(1.0)
@@ -248,14 +256,14 @@ class AgentActivities(VpsActivities):
     async def remove_channel(self, inp: ChannelInput) -> None:
         async with heartbeating():
             vps, agent = await self._gateway_for(inp)
-            async with gateway.admin_client(self.provider(vps.provider), vps, agent) as gw:
+            async with self._admin(vps, agent, inp) as gw:
                 # Log out first: with the channel goes its plugin (CHANNEL_PLUGINS), and a gateway that no
                 # longer runs it cannot log out of it (WhatsApp's linked session would stay on the VM).
                 try:
                     await gw.channels_logout(inp.kind)
                 except GatewayError as err:  # not logged in / not running: nothing to log out of
                     log.info("channel logout skipped", extra={"kind": inp.kind, "reason": err.message})
-                await gw.config_patch(channel_patch(inp.kind, None))
+                await gateway.write_config(gw, channel_patch(inp.kind, None), budget_s=inp.timeouts.gateway_ready_s)
             async with self.sessions() as s, s.begin():
                 await s.exec(delete(AgentChannel).where(AgentChannel.agent_id == inp.vps.agent_id,  # type: ignore[call-overload,arg-type]
                                                         AgentChannel.kind == inp.kind))

@@ -19,7 +19,7 @@ from db.models import Agent, Vps, VpsConfig
 from openclaw import render
 from openclaw.agent_env import gateway_env, render_input
 from openclaw.device import DeviceIdentity
-from openclaw.merge_patch import array_paths
+from openclaw.merge_patch import array_paths, patch_applied
 from openclaw.pairing import approve_device_keys
 from openclaw.relay import RELAY_CLIENT, RELAY_SCOPES, relay_origin
 from openclaw.rpc import (
@@ -28,7 +28,9 @@ from openclaw.rpc import (
     GatewayClient,
     GatewayConnectionError,
     GatewayPinError,
+    GatewayTimeoutError,
     NotPairedError,
+    UnavailableError,
 )
 from providers import VmInfo, VmProvider, VmSpec, VmState
 from settings import Settings
@@ -168,14 +170,77 @@ def admin_client(provider: VmProvider, vps: Vps, agent: Agent, **options: Any) -
                          client=ADMIN_CLIENT, scopes=DEFAULT_OPERATOR_SCOPES, **{"reconnect": True, **options})
 
 
-async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent) -> None:
+# The real gateway's answer to a write it kept but applies only by restarting (UNAVAILABLE
+# "config.patch persisted and updated the active Gateway, but a recovery restart is required" or
+# "... persisted and was accepted for restart"): the write is not lost, the gateway is going away.
+PERSISTED_MARK = "persisted"
+
+
+async def write_config(gw: GatewayClient, patch: dict[str, Any], *, budget_s: float,
+                       replace_paths: list[str] | None = None, note: str | None = None) -> None:
+    """`config.patch` that outlasts the gateway's own reload.
+
+    The gateway answers a channel or plugin change only after it has reloaded the channel: 13-26 s
+    with channel plugins on a quiet 2-core machine, more under load. A write that times out may
+    still be applying, and sending it again supersedes that reload, which the gateway recovers from
+    by restarting itself. So: one write with the whole budget, and when its answer is lost (a
+    timeout, a socket closed under it) or says "persisted, restarting", the config the gateway reads
+    back decides: after the restart it announced, once it answers again. Only a write that is not in
+    the config then fails, or a gateway that does not answer within the budget.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget_s
+    restarting = False
+    try:
+        await gw.config_patch(patch, replace_paths=replace_paths, note=note, timeout=budget_s)
+        return
+    except GatewayPinError:
+        raise
+    except GatewayTimeoutError:
+        lost = f"no answer within {budget_s:.0f}s"
+    except GatewayConnectionError as err:
+        lost = f"the connection closed: {err}"
+    except UnavailableError as err:
+        if PERSISTED_MARK not in err.message:
+            raise
+        lost, restarting = err.message, True
+    log.info("config write unconfirmed (%s); reading the config back", lost)
+    sessions = gw.reconnect_count
+    reopen = False
+    while True:
+        remaining = deadline - loop.time()
+        if restarting and gw.reconnect_count == sessions and not reopen and remaining > 0:
+            await asyncio.sleep(0.2)  # not on the restarted gateway yet: what the old one reads is not the answer
+            continue
+        try:
+            async with asyncio.timeout(max(5.0, remaining)):
+                if reopen:  # a close the client does not come back from by itself (e.g. 4001 policy changed)
+                    await gw.connect()
+                live = _source_config(await gw.call("config.get"))
+        except GatewayPinError:
+            raise
+        except (GatewayConnectionError, TimeoutError, UnavailableError) as err:
+            if remaining <= 0:
+                raise ApplicationError(f"the gateway did not answer within {budget_s:.0f}s of a config change "
+                                       f"({lost}; then: {err})", type="GatewayNotReady") from None
+            reopen = isinstance(err, GatewayConnectionError) and not err.retryable
+            await asyncio.sleep(min(2.0, max(0.1, remaining)))
+            continue
+        if patch_applied(live, patch):
+            log.info("config write confirmed from the gateway's config")
+            return
+        raise ApplicationError(f"the gateway did not keep the config change ({lost})", type="ConfigNotApplied")
+
+
+async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent: Agent, *, budget_s: float) -> None:
     """Re-assert the locked-down config and write the workspace files through the admin identity.
 
     The owned sections are made *equal* to the rendered ones (keys the render does not have are
     deleted with merge-patch nulls, so a tampered `agents.entries.main.sandbox` goes too), keys
     whose presence weakens the lockdown elsewhere (`plugins.entries.<id>.enabled`, `dangerously*`)
     are deleted, and then the config is read back: if the lock check still finds anything, the
-    push failed, whatever the gateway answered (LockdownViolation, final).
+    push failed, whatever the gateway answered (LockdownViolation, final). `budget_s` bounds the
+    wait for a gateway that is restarting (connect) and for one config write (`write_config`).
     """
     inp = render_input(settings, agent, local=vps.provider == "local")
     wanted = render.render_openclaw_config(inp)
@@ -185,11 +250,12 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
         raise ApplicationError("refusing to push a config that weakens the lockdown: " + "; ".join(violations),
                                type="LockdownViolation", non_retryable=True)
     try:
-        async with admin_client(provider, vps, agent) as gw:
+        async with admin_client(provider, vps, agent, connect_timeout=budget_s) as gw:
             live = _source_config(await gw.config_get())
             patch, replace_paths = _patch_for(live, wanted)
             if patch:
-                await gw.config_patch(patch, replace_paths=replace_paths, note="slopbox: re-assert the lockdown")
+                await write_config(gw, patch, budget_s=budget_s, replace_paths=replace_paths,
+                                   note="slopbox: re-assert the lockdown")
             else:
                 # Nothing to change (a fresh VM booted with this render): what was just read is the
                 # read-back, on this same session; no second handshake (bench/README.md).

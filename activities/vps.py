@@ -349,7 +349,8 @@ class VpsActivities:
             raise fail(f"the agent is not running (its VPS is {vps.state})", "NotRunning")
         version = agent.settings_version
         async with heartbeating():
-            await gateway.push_config(self.settings, self.provider(vps.provider), vps, agent)
+            await gateway.push_config(self.settings, self.provider(vps.provider), vps, agent,
+                                      budget_s=inp.timeouts.gateway_ready_s)
         await self._update(vps.id, applied_settings_version=version)
 
     @activity.defn(name=Act.start_vm)

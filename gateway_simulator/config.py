@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openclaw.merge_patch import array_paths
+from openclaw.merge_patch import REDACTED, array_paths
 
-REDACTED = "__OPENCLAW_REDACTED__"
 VERSION = "2026.9.6"
 
 TOP_LEVEL_KEYS = frozenset(

@@ -365,6 +365,8 @@ class Handlers:
             },
         }
         sim.spawn(sim.broadcast("config.changed", {"path": str(snap.path), "hash": payload["hash"], "ts": now_ms()}))
+        if not requires_restart and any(p.split(".")[0] in ("channels", "plugins") for p in changed):
+            await self._reload_channels(method)
         if requires_restart:
             delay = params.get("restartDelayMs")
             sim.schedule_restart(method, int(delay) if isinstance(delay, int | float) else 500)
@@ -376,6 +378,26 @@ class Handlers:
 
             sim.spawn(later())
         return payload
+
+    async def _reload_channels(self, method: str) -> None:
+        """The real gateway answers a channel change after reloading the channel (`channel_reload_s`);
+        a second write during that reload supersedes it and the gateway restarts to recover."""
+        sim = self.sim
+        if sim.options.channel_reload_s <= 0:
+            return
+        running = sim.channel_reload
+        if running is not None and not running.done():
+
+            async def recover() -> None:  # after the reload in progress has answered (the drain waits for it)
+                await asyncio.wait([running])
+                sim.schedule_restart("hot reload recovery: runtime commit")
+
+            sim.spawn(recover())
+            raise RpcError("UNAVAILABLE", f"{method} persisted and updated the active Gateway, but a recovery restart "
+                           "is required; wait for the Gateway to restart, then run config.get to confirm the active "
+                           "revision")
+        sim.channel_reload = asyncio.ensure_future(asyncio.sleep(sim.options.channel_reload_s))
+        await sim.channel_reload
 
     async def config_patch(self, conn: Connection, params: Any) -> Any:
         p = check_params("config.patch", params, _PATCH_KEYS, ("raw",))

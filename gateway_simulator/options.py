@@ -36,6 +36,11 @@ class SimulatorOptions:
       channel plugins are installed: while enabled, each runs its configured channel as 2026.9.6 does
       on a machine that cannot reach the service (Discord gives up with its error, Slack retries);
     - `tick_interval_ms`   (`SLOPBOX_SIM_TICK_MS`) `tick` event period (real: 30000);
+    - `channel_reload_s`   (`SLOPBOX_SIM_CHANNEL_RELOAD_S`) a config write that changes `channels.*` or
+      `plugins.entries.*` answers only after reloading the channel this long (2026.9.6 with channel
+      plugins: 13-26 s on 2 cores). A write that lands while such a reload runs supersedes it: the
+      gateway keeps the write, answers UNAVAILABLE "persisted ... recovery restart is required" and
+      restarts, as the real one does;
     - `restart_down_s`     (`SLOPBOX_SIM_RESTART_S`) how long the listener is gone during a restart;
     - `restart_cooldown_s` (`SLOPBOX_SIM_RESTART_COOLDOWN_S`) minimum gap between restarts (real: 30);
     - `qr_rotate_s`        (`SLOPBOX_SIM_QR_ROTATE_S`) WhatsApp QR rotation period;
@@ -58,6 +63,7 @@ class SimulatorOptions:
     whatsapp_plugin: bool = False
     token_plugins: frozenset[str] = frozenset()
     tick_interval_ms: int = 30_000
+    channel_reload_s: float = 0.0
     restart_drain_s: float = 0.2
     restart_down_s: float = 1.0
     restart_startup_s: float = 0.3
@@ -89,6 +95,7 @@ class SimulatorOptions:
             token_plugins=frozenset(p.strip() for p in env.get("SLOPBOX_SIM_CHANNEL_PLUGINS", "").split(",")
                                     if p.strip() in ("discord", "slack")),
             tick_interval_ms=int(_float(env, "SLOPBOX_SIM_TICK_MS", 30_000)),
+            channel_reload_s=_float(env, "SLOPBOX_SIM_CHANNEL_RELOAD_S", 0.0),
             restart_down_s=_float(env, "SLOPBOX_SIM_RESTART_S", 1.0),
             restart_cooldown_s=_float(env, "SLOPBOX_SIM_RESTART_COOLDOWN_S", 30.0),
             qr_rotate_s=_float(env, "SLOPBOX_SIM_QR_ROTATE_S", 20.0),

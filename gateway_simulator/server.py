@@ -255,6 +255,11 @@ class GatewaySimulator:
         self.stopped = asyncio.Event()
         self._ephemeral_token: str | None = None
         self.restart_count = 0
+        self.channel_reload: asyncio.Future[None] | None = None  # the channel reload in progress (`channel_reload_s`)
+
+    @property
+    def reloading_channels(self) -> bool:
+        return self.channel_reload is not None and not self.channel_reload.done()
 
     # -- configuration ---------------------------------------------------------------------------
 

@@ -16,3 +16,25 @@ def array_paths(value: Any, path: str) -> list[str]:
     if isinstance(value, dict):
         return [p for k, v in value.items() for p in array_paths(v, f"{path}.{k}")]
     return []
+
+
+REDACTED = "__OPENCLAW_REDACTED__"
+"""What `config.get` shows in place of a secret: it matches any value (it cannot be compared)."""
+
+
+def patch_applied(live: Any, patch: Any) -> bool:
+    """Whether `live` already holds what the merge patch says: applying it again would change nothing.
+
+    How a write whose answer was lost (a timeout, a restart) is confirmed from `config.get`.
+    """
+    if not isinstance(patch, dict):
+        return live == patch or (live == REDACTED and isinstance(patch, str))
+    if not isinstance(live, dict):
+        return False
+    for key, value in patch.items():
+        if value is None:
+            if key in live:
+                return False
+        elif key not in live or not patch_applied(live[key], value):
+            return False
+    return True

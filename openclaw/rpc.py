@@ -691,6 +691,7 @@ class GatewayClient:
         restart_delay_ms: int | None = None,
         session_key: str | None = None,
         max_attempts: int = 3,
+        timeout: float | None = None,  # noqa: ASYNC109 (per-call deadline is the API)
     ) -> dict[str, Any]:
         """JSON merge-patch the gateway config.
 
@@ -704,13 +705,14 @@ class GatewayClient:
         _put(params, replacePaths=list(replace_paths) if replace_paths else None, note=note)
         _put(params, restartDelayMs=restart_delay_ms, sessionKey=session_key)
         if base_hash is not None:
-            return await self.call("config.patch", {**params, "baseHash": base_hash})
+            return await self.call("config.patch", {**params, "baseHash": base_hash}, timeout=timeout)
         attempts = max(1, max_attempts)
         for attempt in range(1, attempts + 1):
             current = await self.config_get()
             fresh = current.get("hash")  # sent even when no file exists yet: a hashless patch is refused
             try:
-                return await self.call("config.patch", {**params, **({"baseHash": fresh} if fresh else {})})
+                return await self.call("config.patch", {**params, **({"baseHash": fresh} if fresh else {})},
+                                       timeout=timeout)
             except ConfigConflictError:
                 if attempt == attempts:
                     raise

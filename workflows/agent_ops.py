@@ -26,17 +26,21 @@ from workflows.contracts import (
 )
 from workflows.lifecycle import DB_RETRY, DETERMINISTIC, _Operation, error_type, reason
 
-# The RPC client already retries its connect for 20 s (a gateway restarting); a few activity attempts
-# on top cover a lost worker or a dropped session without stacking minutes of retries.
+# The activities already wait for a gateway that is restarting (connect) and for a config write the
+# gateway applies by reloading (`write_config`), each up to a gateway start; a few attempts on top
+# cover a lost worker or a dropped session.
 GATEWAY_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                             maximum_interval=timedelta(seconds=15), maximum_attempts=3,
                             non_retryable_error_types=[*DETERMINISTIC, "ChannelRejected", "ChannelError"])
 
 
 class _AgentOperation(_Operation):
-    async def _gateway(self, act: Act, inp: OperationInput, timeout_s: float = 90) -> None:
+    async def _gateway(self, act: Act, inp: OperationInput, work_s: float = 30) -> None:
+        """`work_s`: the activity's own work, on top of waiting for a gateway that is restarting (connect)
+        and for a config write the gateway applies by reloading (each up to a gateway start)."""
+        timeout = timedelta(seconds=work_s + 2 * inp.timeouts.gateway_ready_s + 60)
         await workflow.execute_activity(
-            act, inp.model_copy(update={"step": self._step}), start_to_close_timeout=timedelta(seconds=timeout_s),
+            act, inp.model_copy(update={"step": self._step}), start_to_close_timeout=timeout,
             heartbeat_timeout=timedelta(seconds=inp.timeouts.heartbeat_s), retry_policy=GATEWAY_RETRY)
 
     async def _mark_channel(self, inp: ChannelInput, status: str, error: str | None = None) -> None:
@@ -90,12 +94,12 @@ class ConnectChannel(_AgentOperation):
         try:
             if inp.kind == "whatsapp":
                 await self._set_step("whatsapp_login")
-                await self._gateway(Act.whatsapp_login, inp, timeout_s=inp.qr_timeout_s + 60)
+                await self._gateway(Act.whatsapp_login, inp, work_s=inp.qr_timeout_s)
             else:
                 await self._set_step("configure_channel")
                 await self._gateway(Act.configure_channel, inp)
                 await self._set_step("await_channel")
-                await self._gateway(Act.await_channel, inp, timeout_s=inp.timeouts.channel_status_s + 30)
+                await self._gateway(Act.await_channel, inp, work_s=inp.timeouts.channel_status_s)
             return await self._finish(inp, OperationStatus.succeeded)
         except (asyncio.CancelledError, CancelledError, ActivityError) as err:
             if not isinstance(err, ActivityError) or isinstance(err.cause, CancelledError):

@@ -152,7 +152,7 @@ class ProvisionVps(_Operation):
             await self._set_step("pair_gateway")
             await self._provider(Act.pair_gateway, inp, timeout_s=inp.timeouts.pairing_s + 30)
             await self._set_step("push_config")
-            await self._provider(Act.push_config, inp, timeout_s=90)
+            await self._provider(Act.push_config, inp, timeout_s=2 * inp.timeouts.gateway_ready_s + 60)
             return await self._finish(inp, OperationStatus.succeeded, state="running", expect=expect)
         except (ActivityError, CancelledError, asyncio.CancelledError) as err:
             # From create_vm on a VM may exist at the provider even if the call failed locally.
@@ -184,7 +184,7 @@ class StartVps(_Operation):
             await self._wait(Act.wait_gateway_ready, inp, inp.timeouts.gateway_ready_s)
             # Whatever changed on the VM's disk while it was off, the lockdown is re-asserted.
             await self._set_step("push_config")
-            await self._provider(Act.push_config, inp, timeout_s=90)
+            await self._provider(Act.push_config, inp, timeout_s=2 * inp.timeouts.gateway_ready_s + 60)
             return await self._finish(inp, OperationStatus.succeeded, state="running", expect=expect)
         except ActivityError as err:
             contained = await self._contain(inp, err)
