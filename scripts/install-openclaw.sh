@@ -18,6 +18,8 @@
 set -euo pipefail
 
 OPENCLAW_VERSION="${OPENCLAW_VERSION:-2026.9.6}"
+# = openclaw/render.py CHANNEL_PLUGINS (tests/test_render.py holds the two lists equal).
+CHANNEL_PLUGINS=(discord slack whatsapp)
 NODE_MAJOR=24
 NODE_MIN_MINOR=16
 FORCE=0
@@ -163,7 +165,7 @@ else
   mkdir -p "$PLUGINS_DIR/state"
   scratch="$(mktemp -d)"
   plugins_ok=1
-  for p in discord slack whatsapp; do
+  for p in "${CHANNEL_PLUGINS[@]}"; do
     log "installing the $p channel plugin (@openclaw/$p@$OPENCLAW_VERSION) into $PLUGINS_DIR"
     if ! HOME="$scratch" OPENCLAW_STATE_DIR="$PLUGINS_DIR/state" OPENCLAW_CONFIG_PATH="$scratch/openclaw.json" \
         OPENCLAW_NO_AUTO_UPDATE=1 "$TOOLS/bin/openclaw" plugins install "npm:@openclaw/$p@$OPENCLAW_VERSION" >&2; then

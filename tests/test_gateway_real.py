@@ -48,7 +48,6 @@ from tests.proxy_harness import running_proxy, seed_gateway_user
 
 pytestmark = [
     pytest.mark.real_gateway,
-    pytest.mark.skipif(not os.environ.get("OPENCLAW_BIN"), reason="OPENCLAW_BIN not set (real gateway tests)"),
 ]
 
 TOKEN = "real-gateway-token-0123456789"

@@ -38,7 +38,6 @@ async def running_agent(stack: Any, sql: psycopg.Connection) -> tuple[Any, str, 
     return user, agent, vps
 
 
-@pytest.mark.skipif(not OPENCLAW_BIN, reason="OPENCLAW_BIN not set (real gateway tier)")
 async def test_real_gateway_provision_stop_start_destroy(settings: Settings, temporal_client: Client, db: str,
                                                          sql: psycopg.Connection) -> None:
     real = settings.model_copy(update={"openclaw_bin": OPENCLAW_BIN})
@@ -163,7 +162,6 @@ async def gateway_channel(sql: psycopg.Connection, agent: str, kind: str) -> dic
             "issues": [i for i in status.get("statusIssues") or [] if i.get("channel") == kind]}
 
 
-@pytest.mark.skipif(not OPENCLAW_BIN, reason="OPENCLAW_BIN not set (real gateway tier)")
 async def test_real_gateway_telegram_is_configured_and_reported_as_the_gateway_says(
         settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection) -> None:
     """The Telegram token reaches the gateway as a configured, started channel (no network: never connected),

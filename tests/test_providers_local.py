@@ -369,7 +369,6 @@ async def test_gateway_simulator_runs_by_default(tmp_path: Path) -> None:
 
 
 @pytest.mark.real_gateway
-@pytest.mark.skipif(not os.environ.get("OPENCLAW_BIN"), reason="set OPENCLAW_BIN to run the real OpenClaw gateway")
 async def test_real_openclaw_gateway(tmp_path: Path) -> None:
     provider = LocalProvider(tmp_path, openclaw_bin=os.environ["OPENCLAW_BIN"], boot_timeout_s=120.0, poll_s=0.2)
     try:

@@ -83,7 +83,6 @@ async def test_proxy_in_front_of_a_provisioned_simulator(settings: Settings, tem
 
 
 @pytest.mark.real_gateway
-@pytest.mark.skipif(not OPENCLAW_BIN, reason="OPENCLAW_BIN not set (real gateway tier)")
 async def test_proxy_in_front_of_the_real_gateway(settings: Settings, temporal_client: Client, db: str,
                                                   sql: psycopg.Connection) -> None:
     real = settings.model_copy(update={"openclaw_bin": OPENCLAW_BIN})

@@ -203,6 +203,16 @@ def test_disabled_plugins_and_dangerous_switches_set_false_are_fine() -> None:
     assert check_locked(config) == [] and render.lockdown_removals(config) == []
 
 
+def test_local_installer_installs_exactly_the_channel_plugins_the_control_plane_enables() -> None:
+    """scripts/install-openclaw.sh cannot import Python: its list is written out, and held equal here
+    (a plugin missing there is a channel local gateways cannot run; one extra is an untested install)."""
+    script = (Path(__file__).parent.parent / "scripts" / "install-openclaw.sh").read_text()
+    lines = [line for line in script.splitlines() if line.startswith("CHANNEL_PLUGINS=(")]
+    assert len(lines) == 1, lines
+    assert tuple(lines[0].removeprefix("CHANNEL_PLUGINS=(").removesuffix(")").split()) == render.CHANNEL_PLUGINS
+    assert 'for p in "${CHANNEL_PLUGINS[@]}"' in script
+
+
 def test_a_channel_plugin_may_run_with_its_channel_and_no_other_plugin_may() -> None:
     """The external channel plugins (`@openclaw/discord|slack|whatsapp`) load only when enabled; the
     lock allows exactly that, for a configured channel, and nothing else on their entries."""
@@ -656,10 +666,6 @@ def test_bootstrap_redeem_writes_a_private_env_file(tmp_path: Path, redeemer: tu
 # -- real gateway --------------------------------------------------------------------------------
 
 OPENCLAW_BIN = os.environ.get("OPENCLAW_BIN")
-needs_gateway = pytest.mark.skipif(
-    not OPENCLAW_BIN,
-    reason="OPENCLAW_BIN is not set: run scripts/install-openclaw.sh and export OPENCLAW_BIN=<the path it prints>",
-)
 
 
 def gateway_env(state: Path, secrets: dict[str, str] | None = None) -> dict[str, str]:
@@ -690,7 +696,6 @@ def write_state(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 @pytest.mark.real_gateway
-@needs_gateway
 @pytest.mark.parametrize("inp", [cloud_input(), local_input(), cloud_input(hooks_enabled=False),
                                  cloud_input(trusted_proxies=["203.0.113.9", "10.0.0.0/24", "2001:db8::1",
                                                               "2001:db8:1::/64"])],
@@ -709,7 +714,6 @@ def test_real_validator_accepts_the_rendered_config(tmp_path: Path, inp: AgentRe
 
 
 @pytest.mark.real_gateway
-@needs_gateway
 def test_real_validator_rejects_a_key_the_schema_does_not_know(tmp_path: Path) -> None:
     """Guards the test above: the validator really checks (closed objects, reference §4)."""
     config = set_path(render_openclaw_config(local_input()), "gateway.controlUi.allowInsecureAuth", True)
@@ -773,7 +777,6 @@ def stop_gateway(gw: Gateway) -> None:
 
 
 @pytest.mark.real_gateway
-@needs_gateway
 def test_real_gateway_starts_from_the_local_files(tmp_path: Path) -> None:
     inp = local_input()
     state = write_state(tmp_path, render_local_files(inp))
@@ -839,7 +842,6 @@ async def operator_connect(url: str, key: Ed25519PrivateKey, pub: str, dev_id: s
 
 
 @pytest.mark.real_gateway
-@needs_gateway
 def test_real_pairing_step_approves_only_the_control_plane_key(tmp_path: Path) -> None:
     """The bootstrap script's one-shot pairing step against a live lan-bound gateway."""
     port = free_port()
