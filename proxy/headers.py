@@ -23,7 +23,6 @@ import functools
 import hashlib
 import ipaddress
 import re
-from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -156,12 +155,6 @@ def forwarded_for(client_ip: str | None) -> str | None:
     return None if addr.is_loopback else str(addr)
 
 
-_UPSTREAM_HEADERS: dict[tuple[Any, ...], CIMultiDictProxy[str]] = {}
-"""`upstream_request_headers` memoised: a pure function of its arguments, and a browser sends the
-same headers on request after request (the result is read-only, so requests can share it)."""
-_UPSTREAM_HEADERS_MAX = 512
-
-
 def upstream_request_headers(incoming: CIMultiDictProxy[str], *, client_ip: str | None, scheme: str,
                              host: str, bearer: str | None, identity_only: bool = False) -> CIMultiDictProxy[str]:
     """Headers for the gateway request: the allow-list, our credentials and forwarded headers.
@@ -169,24 +162,23 @@ def upstream_request_headers(incoming: CIMultiDictProxy[str], *, client_ip: str 
     `bearer` is the UI-relay identity's device token; `identity_only` asks for an uncompressed body
     (a document we rewrite and hash). Otherwise only codings the client itself accepts are asked for.
     """
-    key = (tuple(incoming.items()), client_ip, scheme, host, bearer, identity_only)
-    out = _UPSTREAM_HEADERS.get(key)
-    if out is None:
-        out = _upstream_request_headers(incoming, client_ip=client_ip, scheme=scheme, host=host, bearer=bearer,
-                                        identity_only=identity_only)
-        if len(_UPSTREAM_HEADERS) >= _UPSTREAM_HEADERS_MAX:
-            _UPSTREAM_HEADERS.clear()
-        _UPSTREAM_HEADERS[key] = out
-    return out
+    return _upstream_request_headers(tuple(incoming.items()), client_ip, scheme, host, bearer, identity_only)
 
 
-def _upstream_request_headers(incoming: CIMultiDictProxy[str], *, client_ip: str | None, scheme: str,
+@functools.lru_cache(maxsize=512)
+def _upstream_request_headers(incoming: tuple[tuple[str, str], ...], client_ip: str | None, scheme: str,
                               host: str, bearer: str | None, identity_only: bool) -> CIMultiDictProxy[str]:
+    """Memoised: a pure function of its arguments, and a browser sends the same headers on request
+    after request (the result is read-only, so requests can share it)."""
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() in _REQUEST_ALLOW:
+    accept_encoding = None
+    for name, value in incoming:
+        low = name.lower()
+        if low in _REQUEST_ALLOW:
             out.add(name, value)
-    codings = accepted_encodings(incoming.get("Accept-Encoding")) - {"identity"}
+        if low == "accept-encoding" and accept_encoding is None:
+            accept_encoding = value
+    codings = accepted_encodings(accept_encoding) - {"identity"}
     out["Accept-Encoding"] = "identity" if identity_only or not codings else ", ".join(sorted(codings))
     out["Host"] = host
     if bearer:

@@ -28,6 +28,7 @@ writer) was the largest share of the proxy's CPU per Control UI request (~150 µ
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -60,18 +61,25 @@ _GATEWAY_TARGET = re.compile(rb"/agents/[A-Za-z0-9_-]+/gateway(?:[/?][\x21-\x22\
 """What aiohttp routes to `GatewayProxy.handle`, conservatively: a plain id, printable ASCII, no `#`
 (and no dot segment, checked apart), so no normalisation or decoding can route it elsewhere."""
 _NOT_FAST_FIELDS = frozenset({"content-length", "transfer-encoding", "upgrade", "expect"})
-_COOKIES: dict[str, MappingProxyType[str, str]] = {}
-_COOKIES_MAX = 1024
 _ONE_WRITE = 64 * 1024
 """Bodies up to this size go out in one write with their head (copying is cheaper than a syscall)."""
 _EMPTY_STATUS = frozenset({204, 304})
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
+@functools.lru_cache(maxsize=1024)
+def _cookies(header: str) -> MappingProxyType[str, str]:
+    # aiohttp's private parser, the one behind `web.Request.cookies`: both fronts must read a Cookie
+    # header alike (tests/test_proxy_http_fast.py compares them on tricky headers).
+    return MappingProxyType({name: morsel.value for name, morsel in parse_cookie_header(header)})
+
+
+@functools.lru_cache(maxsize=512)
 def _fields(block: str) -> CIMultiDictProxy[str] | None:
     """The header fields of a head (`block`: from the request line's CRLF to the end), or None
     when they keep the request off the fast path (too many, obs-fold, a body or upgrade header,
-    not exactly one Host)."""
+    not exactly one Host). Memoised: a browser sends the same block (cookie included) on request
+    after request; the read-only proxy is shared by those requests."""
     fields = block.split("\r\n")[1:-2]
     if len(fields) > MAX_FIELDS:
         return None
@@ -92,11 +100,6 @@ def _fields(block: str) -> CIMultiDictProxy[str] | None:
     return CIMultiDictProxy(CIMultiDict(pairs))
 
 
-_FIELDS: dict[str, CIMultiDictProxy[str] | None] = {}
-"""`_fields` memoised per field block: a pure function of the text, and a browser sends the same
-block (cookie included) on request after request; the read-only proxy is shared by those requests."""
-_FIELDS_MAX = 512
-_UNSEEN: Any = object()
 
 
 class _Head:
@@ -157,14 +160,7 @@ class FastRequest(dict[Any, Any]):
     def cookies(self) -> MappingProxyType[str, str]:
         """aiohttp's own parse of the `Cookie` header (`web.Request.cookies`), memoised per header
         value (a pure function of it; a browser sends the same one on every request)."""
-        header = self.headers.get("Cookie", "")
-        parsed = _COOKIES.get(header)
-        if parsed is None:
-            parsed = MappingProxyType({name: morsel.value for name, morsel in parse_cookie_header(header)})
-            if len(_COOKIES) >= _COOKIES_MAX:
-                _COOKIES.clear()
-            _COOKIES[header] = parsed
-        return parsed
+        return _cookies(self.headers.get("Cookie", ""))
 
     # -- a streamed body (the handler's StreamResponse path) ------------------------------------
 
@@ -370,12 +366,7 @@ class _FastProtocol(asyncio.Protocol):
         if text.count("\n") != crlf or text.count("\r") != crlf:
             return None  # a bare CR or LF: aiohttp's to judge
         block = text[text.index("\r\n"):]  # the fields, without the request line
-        headers = _FIELDS.get(block, _UNSEEN)
-        if headers is _UNSEEN:
-            headers = _fields(block)
-            if len(_FIELDS) >= _FIELDS_MAX:
-                _FIELDS.clear()
-            _FIELDS[block] = headers
+        headers = _fields(block)
         if headers is None:
             return None
         return FastRequest(self, method.decode(), cb.url.decode("ascii"), headers, cb.keep_alive)

@@ -16,6 +16,7 @@ costs at most the bucket's rate in queries per address.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import uuid
@@ -29,22 +30,17 @@ __all__ = ["PreAuthGuard", "token_hash"]
 _MAX_TOKEN_LEN = 255  # the column's width: a longer cookie is refused without a lookup (proxy.access)
 
 
-_DIGESTS: dict[str, bytes] = {}
-_DIGESTS_MAX = 4096
-
-
 def token_hash(token: str) -> bytes:
     """SHA-256 of a session token, memoised: a request hashed the same cookie three times
     (pre-auth before and after the lookup, the access cache), and a browser sends it on every request."""
-    digest = _DIGESTS.get(token)
-    if digest is None:
-        digest = hashlib.sha256(token.encode()).digest()
-        if len(token) > _MAX_TOKEN_LEN:  # never a session's (refused unasked): not worth the memory
-            return digest
-        if len(_DIGESTS) >= _DIGESTS_MAX:
-            _DIGESTS.clear()
-        _DIGESTS[token] = digest
-    return digest
+    if len(token) > _MAX_TOKEN_LEN:  # never a session's (refused unasked): not worth the memory
+        return hashlib.sha256(token.encode()).digest()
+    return _token_hash(token)
+
+
+@functools.lru_cache(maxsize=4096)
+def _token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
 
 
 class _ExpiringSet:

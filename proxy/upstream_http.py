@@ -27,6 +27,7 @@ answers 502; during the body, the caller cuts the browser's response.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ssl
 import time
@@ -484,25 +485,19 @@ class _HostPool:
         self.idle.clear()
 
 
-_BLOCKS: dict[tuple[Any, ...], bytes] = {}
-"""`_fields_block` memoised: a pure function of the fields, and a browser's requests repeat them."""
-_BLOCKS_MAX = 512
-
-
 def _fields_block(headers: CIMultiDict[str] | CIMultiDictProxy[str], chunked: bool) -> bytes:
     """The encoded header lines of a request head and its blank line."""
-    key = (tuple(headers.items()), chunked)
-    block = _BLOCKS.get(key)
-    if block is None:
-        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
-        if chunked:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        lines.append("\r\n")
-        block = "".join(lines).encode("utf-8", "surrogateescape")
-        if len(_BLOCKS) >= _BLOCKS_MAX:
-            _BLOCKS.clear()
-        _BLOCKS[key] = block
-    return block
+    return _encoded_fields(tuple(headers.items()), chunked)
+
+
+@functools.lru_cache(maxsize=512)
+def _encoded_fields(fields: tuple[tuple[str, str], ...], chunked: bool) -> bytes:
+    """Memoised: a pure function of the fields, and a browser's requests repeat them."""
+    lines = [f"{name}: {value}\r\n" for name, value in fields]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
 
 
 class UpstreamPool:
