@@ -181,7 +181,7 @@ async def write_config(gw: GatewayClient, patch: dict[str, Any], *, budget_s: fl
     """`config.patch` that outlasts the gateway's own reload.
 
     The gateway answers a channel or plugin change only after it has reloaded the channel: 13-26 s
-    with channel plugins on a quiet 2-core machine, more under load. A write that times out may
+    with channel plugins on a 2-core machine (34 s seen), more under load. A write that times out may
     still be applying, and sending it again supersedes that reload, which the gateway recovers from
     by restarting itself. So: one write with the whole budget, and when its answer is lost (a
     timeout, a socket closed under it) or says "persisted, restarting", the config the gateway reads
@@ -209,9 +209,11 @@ async def write_config(gw: GatewayClient, patch: dict[str, Any], *, budget_s: fl
     reopen = False
     while True:
         remaining = deadline - loop.time()
-        if restarting and gw.reconnect_count == sessions and not reopen and remaining > 0:
-            await asyncio.sleep(0.2)  # not on the restarted gateway yet: what the old one reads is not the answer
-            continue
+        if restarting and gw.reconnect_count == sessions and remaining > 0:
+            if gw.connected or gw.reconnecting:
+                await asyncio.sleep(0.2)  # not on the restarted gateway yet: what the old one reads is not the answer
+                continue
+            restarting, reopen = False, True  # the client gave up coming back by itself: a fresh session
         try:
             async with asyncio.timeout(max(5.0, remaining)):
                 if reopen:  # a close the client does not come back from by itself (e.g. 4001 policy changed)

@@ -562,6 +562,11 @@ class GatewayClient:
     def connected(self) -> bool:
         return self._ws is not None and self._ready is not None and self._ready.done() and not self._closing
 
+    @property
+    def reconnecting(self) -> bool:
+        """The socket closed with a restart code and the client is trying to come back by itself."""
+        return self._reconnect_task is not None and not self._reconnect_task.done()
+
     async def connect(self) -> HelloOk:
         """Open the socket and handshake, retrying transient failures (refused, HTTP 5xx on the upgrade,
         UNAVAILABLE / close 1013 while the gateway starts) until `connect_timeout`."""

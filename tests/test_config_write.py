@@ -72,6 +72,19 @@ async def test_a_write_answered_with_a_recovery_restart_is_confirmed_after_the_r
         await slow
 
 
+async def test_a_client_that_gave_up_reconnecting_opens_a_fresh_session_to_confirm(tmp_path: Path) -> None:
+    """The restart outlasts the client's own reconnect window: the write is still confirmed, on a new session."""
+    options = {**FAST, "restart_down_s": 4.0, "channel_reload_s": RELOAD_S}
+    async with run_simulator(tmp_path / "state", config=BASE_CONFIG, env=sim_env(), **options) as sim, \
+            client_for(sim) as other, client_for(sim, reconnect_timeout=1.0) as gw:
+        slow = asyncio.create_task(other.config_patch({"channels": {"slack": {"enabled": True}}}))
+        await until(lambda: sim.reloading_channels)
+        await write_config(gw, TELEGRAM, budget_s=30)
+        assert sim.restart_count == 1 and gw.connected
+        assert on_disk(sim)["channels"]["telegram"] == TELEGRAM["channels"]["telegram"]
+        await slow
+
+
 async def test_a_write_whose_answer_times_out_is_confirmed_from_the_config_not_sent_again(
         reloading: GatewaySimulator) -> None:
     async with client_for(reloading) as gw:
