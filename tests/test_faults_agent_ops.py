@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -204,3 +205,58 @@ async def test_worker_killed_inside_agent_operation_step(crashed: Any, op: str, 
         assert case.channels == []
     else:
         assert case.soul != SOUL and "telegram" not in channels  # a restart changes nothing else
+
+
+async def test_worker_killed_while_a_whatsapp_qr_is_on_screen(settings: Settings, temporal_env: WorkflowEnvironment,
+                                                              sql: psycopg.Connection, tmp_path: Path) -> None:
+    """The pairing's activity runs for minutes, waiting for the phone: a worker lost meanwhile must not
+    lose the pairing. The next worker starts the login again, the page gets a fresh code, and a scan
+    of that code pairs."""
+    import httpx
+
+    from db.encryption import keyring
+    from tests.test_agent_ops import wait_qr
+
+    queue = f"tq-wa-{uuid.uuid4().hex[:8]}"
+    s = settings.model_copy(update={"data_dir": tmp_path / "data", "temporal_task_queue": queue})
+    env = {"SLOPBOX_SIM_WHATSAPP": "1", "SLOPBOX_SIM_QR_ROTATE_S": "600"}  # no rotation: a new code is the retry's
+    first: subprocess.Popen[bytes] | None = None
+    second: subprocess.Popen[bytes] | None = None
+    async with running_stack(s, temporal_env.client, worker=False, timeouts=TIMEOUTS) as stack:
+        try:
+            first = start_worker(s, tmp_path / "worker1.log", env=env)
+            user = make_user(sql, plan="starter")
+            agent = await stack.new_agent(user)
+            assert (await stack.provision(user, agent)).status_code == 202
+            vps = await stack.wait_vps(user, agent, "running", "error", timeout=120)
+            assert vps["state"] == "running", vps["last_error"]
+            resp = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"}, headers=headers(user))
+            assert resp.status_code == 202, resp.text
+            shown = await wait_qr(stack, user, agent)
+            assert shown["status"] == "awaiting_scan", shown
+
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            second = start_worker(s, tmp_path / "worker2.log", env=env)
+            deadline = time.monotonic() + 90
+            fresh = shown
+            while fresh["version"] <= shown["version"] and time.monotonic() < deadline:
+                fresh = await wait_qr(stack, user, agent, after=shown["version"])
+            assert fresh["status"] == "awaiting_scan" and fresh["version"] > shown["version"], fresh
+            assert fresh["qr_data_url"] != shown["qr_data_url"]
+
+            token = sql.execute("SELECT gateway_token FROM agents WHERE id = %s", (agent,)).fetchone()[0]  # type: ignore[index]
+            port = sql.execute("SELECT gateway_port FROM vpses WHERE id = %s", (vps["id"],)).fetchone()[0]  # type: ignore[index]
+            async with httpx.AsyncClient() as http:  # the phone scans the code on screen (simulator hook)
+                scan = await http.post(f"http://127.0.0.1:{port}/__simulator__/whatsapp/scan",
+                                       headers={"Authorization": f"Bearer {keyring().decrypt(token)}"})
+                assert scan.json() == {"ok": True}
+            case = Case("whatsapp", "whatsapp_login", user, agent, operation_id=resp.json()["operation_id"])
+            await _poll([case], lambda c: _finished(stack, c), 60)
+            assert case.outcome is not None and case.outcome["status"] == "succeeded", case.outcome
+            done = (await stack.api.get(f"/agents/{agent}/channels/whatsapp/qr", headers=headers(user))).json()
+            assert done["status"] == "connected" and done["qr_data_url"] is None
+        finally:
+            stop_process(first)
+            stop_process(second)
+            await stop_local_vms(s)
