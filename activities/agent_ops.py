@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -129,11 +130,12 @@ class AgentActivities(VpsActivities):
         async with self.sessions() as s, s.begin():
             await s.exec(stmt.values(**values))  # type: ignore[call-overload]
 
-    def _admin(self, vps: Vps, agent: Agent, inp: OperationInput, **options: Any) -> GatewayClient:
-        """The admin session for an operation: it waits for a gateway that is still restarting after
-        the previous operation's change (up to the budget of a gateway start), not 20 s."""
-        return gateway.admin_client(self.provider(vps.provider), vps, agent,
-                                    connect_timeout=inp.timeouts.gateway_ready_s, **options)
+    def _admin(self, vps: Vps, agent: Agent, inp: OperationInput,
+               **options: Any) -> AbstractAsyncContextManager[GatewayClient]:
+        """The admin session for an operation (`gateway.admin_session`: waits a gateway start for one
+        still restarting after the previous operation's change)."""
+        return gateway.admin_session(self.provider(vps.provider), vps, agent, budget_s=inp.timeouts.gateway_ready_s,
+                                     **options)
 
     @activity.defn(name=Act.restart_gateway)
     async def restart_gateway(self, inp: OperationInput) -> None:

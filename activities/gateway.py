@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from temporalio import activity
@@ -170,6 +172,26 @@ def admin_client(provider: VmProvider, vps: Vps, agent: Agent, **options: Any) -
                          client=ADMIN_CLIENT, scopes=DEFAULT_OPERATOR_SCOPES, **{"reconnect": True, **options})
 
 
+@asynccontextmanager
+async def admin_session(provider: VmProvider, vps: Vps, agent: Agent, *, budget_s: float,
+                        **options: Any) -> AsyncIterator[GatewayClient]:
+    """An admin session that waits up to `budget_s` (a gateway start) for a gateway still restarting
+    after the previous change. One that does not answer within that fails for good (GatewayNotReady):
+    retrying would only make the user wait that long again; a lost worker is still retried."""
+    client = admin_client(provider, vps, agent, connect_timeout=budget_s, **options)
+    try:
+        await client.connect()
+    except GatewayPinError as err:
+        raise pin_refused(err) from None
+    except GatewayConnectionError as err:
+        raise ApplicationError(f"the gateway did not answer within {budget_s:.0f}s: {err}", type="GatewayNotReady",
+                               non_retryable=True) from None
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 # The real gateway's answer to a write it kept but applies only by restarting (UNAVAILABLE
 # "config.patch persisted and updated the active Gateway, but a recovery restart is required" or
 # "... persisted and was accepted for restart"): the write is not lost, the gateway is going away.
@@ -224,7 +246,7 @@ async def write_config(gw: GatewayClient, patch: dict[str, Any], *, budget_s: fl
         except (GatewayConnectionError, TimeoutError, UnavailableError) as err:
             if remaining <= 0:
                 raise ApplicationError(f"the gateway did not answer within {budget_s:.0f}s of a config change "
-                                       f"({lost}; then: {err})", type="GatewayNotReady") from None
+                                       f"({lost}; then: {err})", type="GatewayNotReady", non_retryable=True) from None
             reopen = isinstance(err, GatewayConnectionError) and not err.retryable
             await asyncio.sleep(min(2.0, max(0.1, remaining)))
             continue
@@ -252,7 +274,7 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
         raise ApplicationError("refusing to push a config that weakens the lockdown: " + "; ".join(violations),
                                type="LockdownViolation", non_retryable=True)
     try:
-        async with admin_client(provider, vps, agent, connect_timeout=budget_s) as gw:
+        async with admin_session(provider, vps, agent, budget_s=budget_s) as gw:
             live = _source_config(await gw.config_get())
             patch, replace_paths = _patch_for(live, wanted)
             if patch:

@@ -187,6 +187,12 @@ async def test_a_failed_settings_push_is_visible_on_the_api(stack: Stack, sql: p
         assert time.monotonic() < deadline, op
         await asyncio.sleep(0.2)
     assert op["status"] == "failed" and op["error"].startswith("settings not applied:"), op
+    # After waiting one gateway start for it (FAST: 30 s), not once per attempt: retrying cannot help.
+    assert "the gateway did not answer within 30s" in op["error"], op
+    handle = stack.client.get_workflow_handle(resp.json()["operation_id"])
+    attempts = [e.activity_task_started_event_attributes.attempt async for e in handle.fetch_history_events()
+                if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
+    assert attempts == [1, 1], attempts  # push_config once, then the outcome recorded
     after = await stack.agent(user, agent)
     assert after["vps"]["last_operation"]["id"] == resp.json()["operation_id"]
     assert after["vps"]["last_operation"]["status"] == "failed"
