@@ -140,9 +140,21 @@ async def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
     return temporal_env.client
 
 
+# The longest modules first (`make test` prints --durations): `make test` hands whole modules to two
+# processes in collection order, and one of these starting last kept one process busy alone for minutes
+# at the end. Longest-first lets the short ones fill in around them; the real-gateway modules (a Node
+# gateway loading three plugins, Chromium) alternate with simulator ones so that they overlap less.
+LONGEST_MODULES = ("test_lifecycle_real_gateway.py", "test_faults.py", "test_web_journey.py", "test_vps_states.py",
+                   "test_browser_control_ui.py", "test_dev_stack.py", "test_openapi_contract.py", "test_render.py",
+                   "test_dev_observability.py", "test_dev_enforcement.py", "test_faults_agent_ops.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`real_gateway` tests need OPENCLAW_BIN (scripts/install-openclaw.sh): without it they skip, one
-    place for every module; in CI the tier must run, so a missing install is a failure, not a skip."""
+    """Longest modules first (LONGEST_MODULES). `real_gateway` tests need OPENCLAW_BIN
+    (scripts/install-openclaw.sh): without it they skip, one place for every module; in CI the tier
+    must run, so a missing install is a failure, not a skip."""
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if os.environ.get("OPENCLAW_BIN"):
         return
     real = [item for item in items if item.get_closest_marker("real_gateway")]
