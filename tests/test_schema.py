@@ -20,6 +20,7 @@ ALL_TABLES = {
     "vpses", "agents", "agent_channels", "vps_usage_periods", "overage_budgets", "vps_operations", "admin_audit_log",
     "usage_enforcements", "notifications",
     "vps_meter_state", "vps_usage_daily", "metering_months", "usage_statements", "proxy_rate_buckets",
+    "web_login_failures",
 }
 
 

@@ -228,6 +228,22 @@ async def test_expired_or_wrong_reset_token_reads_well(aweb: AuthWeb, sql: psyco
     assert row is not None and auth.check_password(row[0], PASSWORD)  # unchanged
 
 
+async def test_the_login_limit_holds_across_web_processes(aweb: AuthWeb, sql: psycopg.Connection) -> None:
+    """Two web apps on one database, as two processes behind a load balancer: failures on either
+    count for both (it was per process: N processes, N times the guesses)."""
+    email = new_email("spread")
+    add_user(sql, email)
+    other = create_web(aweb.settings)
+    async with other.router.lifespan_context(other), aweb.browser() as one, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=other), base_url=aweb.settings.web_url, timeout=60.0) as two:
+        for b, guess in ((one, "wrong guess one"), (two, "wrong guess two"), (one, "wrong guess three")):
+            assert (await log_in(b, email, guess)).status_code == 401
+        assert (await log_in(two, email)).status_code == 429  # even the right password waits, on both
+        assert (await log_in(one, email)).status_code == 429
+    keys = [bytes(r[0]) for r in sql.execute("SELECT key FROM web_login_failures WHERE scope = 'login'").fetchall()]
+    assert len(keys) == 6 and all(len(k) == 32 for k in keys)  # email and address, as digests only
+
+
 async def test_reset_requests_are_rate_limited(aweb: AuthWeb, sql: psycopg.Connection) -> None:
     email = new_email("flood")
     add_user(sql, email)

@@ -30,7 +30,8 @@ def create_app(settings: Settings, *, api_transport: httpx.AsyncBaseTransport | 
                engine: AsyncEngine | None = None) -> FastAPI:
     """`api_transport` lets tests run the API in-process; production calls WEB_API_URL over HTTP."""
     context = WebContext(settings=settings,
-                         limiter=auth.LoginLimiter(settings.web_login_max_failures, settings.web_login_window_s))
+                         limiter=auth.LoginLimiter("login", settings.web_login_max_failures,
+                                                           settings.web_login_window_s))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

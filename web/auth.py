@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 import uuid
-from collections import deque
 from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import delete
+from sqlalchemy import delete, text
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import Response
@@ -170,32 +169,44 @@ def same(a: str, b: str) -> bool:
 
 
 class LoginLimiter:
-    """Failed logins per email and per client address in a sliding window (in memory, per process).
+    """Failed attempts per email and per client address in a sliding window, shared by every web
+    process through PostgreSQL (`web_login_failures`): in each process's memory, N processes let a
+    guesser try N times as often. Keys are SHA-256 digests, so the table holds no email or address.
 
     A success clears the email's failures, not the address's: one address guessing many accounts
-    stays limited.
+    stays limited. Each call is its own short transaction (a failure must count even when the
+    request that saw it writes nothing else).
     """
 
-    def __init__(self, max_failures: int, window_s: float, per_address_factor: int = 4) -> None:
-        self._max = {"email": max_failures, "addr": max_failures * per_address_factor}
-        self._window = window_s
-        self._failures: dict[tuple[str, str], deque[float]] = {}
+    def __init__(self, scope: str, max_failures: int, window_s: float, per_address_factor: int = 4) -> None:
+        self.scope = scope
+        self._max_email = max_failures
+        self._max_addr = max_failures * per_address_factor
+        self._window = float(window_s)
 
-    def _recent(self, key: tuple[str, str]) -> deque[float]:
-        q = self._failures.setdefault(key, deque())
-        cutoff = time.monotonic() - self._window
-        while q and q[0] < cutoff:
-            q.popleft()
-        return q
+    @staticmethod
+    def _key(kind: str, value: str) -> bytes:
+        return hashlib.sha256(f"{kind}:{value}".encode()).digest()
 
-    def blocked(self, email: str, address: str) -> bool:
-        return (len(self._recent(("email", email))) >= self._max["email"]
-                or len(self._recent(("addr", address))) >= self._max["addr"])
+    async def blocked(self, sessions: async_sessionmaker[AsyncSession], email: str, address: str) -> bool:
+        counts = text("SELECT count(*) FILTER (WHERE key = :e), count(*) FILTER (WHERE key = :a) "
+                      "FROM web_login_failures WHERE scope = :s AND key IN (:e, :a) "
+                      "AND at > now() - make_interval(secs => :w)")
+        async with sessions() as db:
+            row = (await db.exec(counts.bindparams(  # type: ignore[call-overload]
+                s=self.scope, e=self._key("email", email), a=self._key("addr", address), w=self._window))).one()
+        return bool(row[0] >= self._max_email or row[1] >= self._max_addr)
 
-    def failed(self, email: str, address: str) -> None:
-        now = time.monotonic()
-        self._recent(("email", email)).append(now)
-        self._recent(("addr", address)).append(now)
+    async def failed(self, sessions: async_sessionmaker[AsyncSession], email: str, address: str) -> None:
+        add = text("INSERT INTO web_login_failures (scope, key) VALUES (:s, :e), (:s, :a)")
+        # Rows older than the window count for nothing: gone, so the table stays the window's size.
+        sweep = text("DELETE FROM web_login_failures WHERE scope = :s AND at < now() - make_interval(secs => :w)")
+        async with sessions() as db, db.begin():
+            await db.exec(add.bindparams(  # type: ignore[call-overload]
+                s=self.scope, e=self._key("email", email), a=self._key("addr", address)))
+            await db.exec(sweep.bindparams(s=self.scope, w=self._window))  # type: ignore[call-overload]
 
-    def succeeded(self, email: str) -> None:
-        self._failures.pop(("email", email), None)
+    async def succeeded(self, sessions: async_sessionmaker[AsyncSession], email: str) -> None:
+        forget = text("DELETE FROM web_login_failures WHERE scope = :s AND key = :e")
+        async with sessions() as db, db.begin():
+            await db.exec(forget.bindparams(s=self.scope, e=self._key("email", email)))  # type: ignore[call-overload]

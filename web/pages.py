@@ -105,8 +105,11 @@ async def form(request: Request) -> dict[str, str]:
 
 
 def db_session(request: Request) -> AsyncSession:
-    factory: async_sessionmaker[AsyncSession] = request.app.state.sessions
-    return factory()
+    return db_sessions(request)()
+
+
+def db_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
+    return request.app.state.sessions  # type: ignore[no-any-return]
 
 
 async def signed_in(request: Request) -> User | None:

@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from db.models import User
 from web import auth
-from web.pages import MIN_PASSWORD, client_address, ctx, db_session, form, mail, render, require_user
+from web.pages import MIN_PASSWORD, client_address, ctx, db_session, db_sessions, form, mail, render, require_user
 from web.routes import oauth
 
 router = APIRouter()
@@ -34,7 +34,7 @@ def _reset_limiter(request: Request) -> auth.LoginLimiter:
     state = request.app.state
     if getattr(state, "reset_limiter", None) is None:
         settings = ctx(request).settings
-        state.reset_limiter = auth.LoginLimiter(settings.web_reset_max_requests, settings.web_login_window_s)
+        state.reset_limiter = auth.LoginLimiter("reset", settings.web_reset_max_requests, settings.web_login_window_s)
     return state.reset_limiter  # type: ignore[no-any-return]
 
 
@@ -96,7 +96,7 @@ async def verify(request: Request) -> Response:
     email = auth.normalize_email(fields.get("email", ""))[:255]
     token = fields.get("token", "")
     address = client_address(request)
-    if ctx(request).limiter.blocked(email, address):
+    if await ctx(request).limiter.blocked(db_sessions(request), email, address):
         return render(request, "error.html", 429, title="Too many attempts",
                       detail="Too many failed attempts. Wait a few minutes and try again.")
     async with db_session(request) as db:
@@ -104,7 +104,7 @@ async def verify(request: Request) -> Response:
         # person's address cannot have that person verify an account whose password they know.
         account = await auth.user_by_email(db, email) if email else None
         if not auth.check_password(account.password_hash if account else None, fields.get("password", "")):
-            ctx(request).limiter.failed(email, address)
+            await ctx(request).limiter.failed(db_sessions(request), email, address)
             return render(request, "verify.html", 401, email=email, token=token[:255],
                           error="That is not the password this account was created with.")
         ok = bool(token) and await auth.use_verification_token(db, email, token)
@@ -128,20 +128,20 @@ async def login(request: Request) -> Response:
     fields = await form(request)
     email = auth.normalize_email(fields.get("email", ""))[:255]
     address = client_address(request)
-    if ctx(request).limiter.blocked(email, address):
+    if await ctx(request).limiter.blocked(db_sessions(request), email, address):
         return render(request, "error.html", 429, title="Too many attempts",
                       detail="Too many failed logins. Wait a few minutes and try again.")
     async with db_session(request) as db:
         user = await auth.user_by_email(db, email) if email else None
         ok = auth.check_password(user.password_hash if user else None, fields.get("password", ""))
         if not ok or user is None or user.id is None:
-            ctx(request).limiter.failed(email, address)
+            await ctx(request).limiter.failed(db_sessions(request), email, address)
             return _page(request, "login.html", 401, error="Wrong email or password.", email=email)
         if user.email_verified is None:
             return _page(request, "login.html", 403, email=email,
                           error="Verify your email first: open the link we sent you "
                                 "(sign up again to get a new one).")
-        ctx(request).limiter.succeeded(email)
+        await ctx(request).limiter.succeeded(db_sessions(request), email)
         token, expires = await auth.create_session(db, user.id)
         await db.commit()
     response = RedirectResponse("/dashboard", status_code=303)
@@ -182,11 +182,11 @@ async def forgot(request: Request) -> Response:
     if not auth.valid_email(email):
         return render(request, "forgot.html", 400, error="Enter a valid email address.", email=email)
     limiter, address = _reset_limiter(request), client_address(request)
-    if limiter.blocked(email, address):
+    if await limiter.blocked(db_sessions(request), email, address):
         return render(request, "error.html", 429, title="Too many requests",
                       detail="Too many password-reset requests. Wait a few minutes, then check your inbox "
                              "(and spam folder) for the mail we already sent.")
-    limiter.failed(email, address)  # every request counts against the limit
+    await limiter.failed(db_sessions(request), email, address)  # every request counts against the limit
     async with db_session(request) as db:
         user = await auth.user_by_email(db, email)
         raw = await auth.new_reset_token(db, email) if user is not None else None
@@ -230,7 +230,7 @@ async def reset(request: Request) -> Response:
         return render(request, "message.html", 400, title="Link not valid", forgot_link=True,
                       detail="This password-reset link was already used, has expired or is wrong. "
                              "Ask for a new one.")
-    ctx(request).limiter.succeeded(email)
+    await ctx(request).limiter.succeeded(db_sessions(request), email)
     return _signed_out(request, render(
         request, "message.html", title="Password changed", login_link=True,
         detail="Your new password is set and every session of your account has been signed out. "
@@ -259,14 +259,14 @@ async def change_password(request: Request) -> Response:
     fields = await form(request)
     assert user.id is not None and user.email is not None
     limiter, address = ctx(request).limiter, client_address(request)
-    if limiter.blocked(user.email, address):
+    if await limiter.blocked(db_sessions(request), user.email, address):
         return render(request, "error.html", 429, title="Too many attempts",
                       detail="Too many wrong passwords. Wait a few minutes and try again.")
     if not user.password_hash:
         return await _account_page(request, user, 400, error="This account has no password yet: use "
                                                               "\"Forgot password?\" on the log-in page to set one.")
     if not auth.check_password(user.password_hash, fields.get("current", "")):
-        limiter.failed(user.email, address)
+        await limiter.failed(db_sessions(request), user.email, address)
         return await _account_page(request, user, 401, error="That is not your current password.")
     password = fields.get("password", "")
     if problem := _password_problem(password):
@@ -281,7 +281,7 @@ async def change_password(request: Request) -> Response:
         ended = await auth.delete_user_sessions(db, user.id, keep=current)
         await db.commit()
         await db.refresh(row)
-    limiter.succeeded(user.email)
+    await limiter.succeeded(db_sessions(request), user.email)
     return await _account_page(request, row, notice=f"Password changed. Signed out {ended} other "
                                                     f"session{'' if ended == 1 else 's'}.")
 
