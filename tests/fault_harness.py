@@ -80,6 +80,45 @@ def start_worker(settings: Settings, log: Path, *, hold_file: Path | None = None
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
+class HeldWorkers:
+    """The crash matrices' workers: one that holds a chosen step open (tests/fault_worker.py), killed
+    with SIGKILL once every case is held, and a plain one that finishes what it left.
+
+    `with HeldWorkers(settings, work) as workers:`; `arm({user_id: step})` after the set-up,
+    `held(user_id, step)` once the worker is inside that step, `kill_and_replace()`. Nothing outlives
+    the block: a live worker would run its reconcile schedule over the next tests' rows.
+    """
+
+    def __init__(self, settings: Settings, work: Path, env: dict[str, str] | None = None) -> None:
+        self.settings, self.work, self.env = settings, work, env
+        self.hold = work / "hold.json"
+        self.first: subprocess.Popen[bytes] | None = None
+        self.second: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> HeldWorkers:
+        self.hold.write_text("{}")
+        self.first = start_worker(self.settings, self.work / "worker1.log", hold_file=self.hold, env=self.env)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_process(self.first)
+        stop_process(self.second)
+
+    def arm(self, targets: dict[str, str]) -> None:
+        self.hold.write_text(json.dumps(targets))
+
+    def held(self, user: Any, step: str) -> bool:
+        """The worker says: inside this step for this user, body done, held."""
+        marker = self.work / "held" / str(user)
+        return marker.exists() and marker.read_text() == step
+
+    def kill_and_replace(self) -> None:
+        assert self.first is not None
+        self.first.send_signal(signal.SIGKILL)  # no graceful shutdown, no heartbeat, nothing
+        self.first.wait()
+        self.second = start_worker(self.settings, self.work / "worker2.log", env=self.env)
+
+
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
     if proc is None or proc.poll() is not None:
         return

@@ -21,7 +21,7 @@ from temporalio.exceptions import ApplicationError
 from activities.gateway import write_config
 from gateway_simulator import GatewaySimulator, run_simulator
 from openclaw.merge_patch import REDACTED, patch_applied
-from openclaw.rpc import InvalidRequestError, UnavailableError
+from openclaw.rpc import GatewayClient, InvalidRequestError, UnavailableError
 from tests.test_gateway_protocol import BASE_CONFIG, FAST, client_for, sim_env
 
 TELEGRAM = {"channels": {"telegram": {"enabled": True, "botToken": "123456789:AAH" + "x" * 32}}}
@@ -37,6 +37,13 @@ async def reloading(tmp_path: Path) -> AsyncIterator[GatewaySimulator]:
 
 def on_disk(sim: GatewaySimulator) -> dict[str, Any]:
     return sim.snapshot().source
+
+
+async def reload_in_progress(sim: GatewaySimulator, other: GatewayClient) -> asyncio.Task[Any]:
+    """Someone else's channel change, still reloading: a write now supersedes it."""
+    slow = asyncio.create_task(other.config_patch({"channels": {"slack": {"enabled": True}}}))
+    await until(lambda: sim.reloading_channels)
+    return slow
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -64,8 +71,7 @@ async def test_a_write_during_a_channel_reload_is_kept_and_restarts_the_gateway(
 async def test_a_write_answered_with_a_recovery_restart_is_confirmed_after_the_restart(
         reloading: GatewaySimulator) -> None:
     async with client_for(reloading) as other, client_for(reloading) as gw:
-        slow = asyncio.create_task(other.config_patch({"channels": {"slack": {"enabled": True}}}))
-        await until(lambda: reloading.reloading_channels)
+        slow = await reload_in_progress(reloading, other)
         await write_config(gw, TELEGRAM, budget_s=20)
         assert reloading.restart_count == 1  # it waited out the restart, then read the config back
         assert on_disk(reloading)["channels"]["telegram"] == TELEGRAM["channels"]["telegram"]
@@ -77,8 +83,7 @@ async def test_a_client_that_gave_up_reconnecting_opens_a_fresh_session_to_confi
     options = {**FAST, "restart_down_s": 4.0, "channel_reload_s": RELOAD_S}
     async with run_simulator(tmp_path / "state", config=BASE_CONFIG, env=sim_env(), **options) as sim, \
             client_for(sim) as other, client_for(sim, reconnect_timeout=1.0) as gw:
-        slow = asyncio.create_task(other.config_patch({"channels": {"slack": {"enabled": True}}}))
-        await until(lambda: sim.reloading_channels)
+        slow = await reload_in_progress(sim, other)
         await write_config(gw, TELEGRAM, budget_s=30)
         assert sim.restart_count == 1 and gw.connected
         assert on_disk(sim)["channels"]["telegram"] == TELEGRAM["channels"]["telegram"]
@@ -111,8 +116,7 @@ async def test_a_gateway_that_does_not_come_back_fails_the_write_within_its_budg
     options = {**FAST, "restart_down_s": 30.0, "channel_reload_s": RELOAD_S}
     async with run_simulator(tmp_path / "state", config=BASE_CONFIG, env=sim_env(), **options) as sim, \
             client_for(sim) as other, client_for(sim, connect_timeout=1) as gw:
-        slow = asyncio.create_task(other.config_patch({"channels": {"slack": {"enabled": True}}}))
-        await until(lambda: sim.reloading_channels)
+        slow = await reload_in_progress(sim, other)
         with pytest.raises(ApplicationError) as down:
             await write_config(gw, TELEGRAM, budget_s=3)
         assert down.value.type == "GatewayNotReady"

@@ -7,8 +7,6 @@ the provider's own state (VM folders, gateway processes, the fake Hetzner API's 
 from __future__ import annotations
 
 import asyncio
-import json
-import signal
 import subprocess
 import time
 import uuid
@@ -27,7 +25,14 @@ from orchestration.client import connect
 from providers.local import LocalProvider
 from settings import Settings
 from tests.conftest import truncate_user_data
-from tests.fault_harness import TemporalDevServer, gateway_processes, run_chaos, start_worker, stop_process
+from tests.fault_harness import (
+    HeldWorkers,
+    TemporalDevServer,
+    gateway_processes,
+    run_chaos,
+    start_worker,
+    stop_process,
+)
 from tests.helpers import headers, make_user
 from tests.lifecycle_harness import FAST, Stack, running_stack, stop_local_vms
 from workflows.contracts import LifecycleTimeouts
@@ -138,54 +143,43 @@ async def crash_matrix(settings: Settings, temporal_env: WorkflowEnvironment, da
     work = tmp_path_factory.mktemp("crash")
     queue = f"tq-crash-{uuid.uuid4().hex[:8]}"
     s = settings.model_copy(update={"data_dir": work / "data", "temporal_task_queue": queue})
-    hold = work / "hold.json"
-    hold.write_text("{}")
-    first: subprocess.Popen[bytes] | None = None
-    second: subprocess.Popen[bytes] | None = None
     with psycopg.connect(database_url, autocommit=True) as sql:
         async with running_stack(s, temporal_env.client, worker=False, timeouts=CRASH_TIMEOUTS) as stack:
             try:
-                first = start_worker(s, work / "worker1.log", hold_file=hold)
-                cases = {}
-                for op, step in CASES:
-                    user = make_user(sql, plan="starter")
-                    cases[(op, step)] = CrashCase(op, step, user, await stack.new_agent(user, f"{op}-{step}"[:60]))
-                matrix = CrashMatrix(cases, logs=work)
-                await _prepare(stack, list(cases.values()))
-                live = [c for c in cases.values() if c.problem is None]
-                hold.write_text(json.dumps({str(c.user): c.step for c in live}))
-                for case in live:
-                    await _trigger(stack, case)
-                live = [c for c in live if c.problem is None]
-                held = hold.parent / "held"
+                with HeldWorkers(s, work) as workers:
+                    cases = {}
+                    for op, step in CASES:
+                        user = make_user(sql, plan="starter")
+                        cases[(op, step)] = CrashCase(op, step, user,
+                                                      await stack.new_agent(user, f"{op}-{step}"[:60]))
+                    matrix = CrashMatrix(cases, logs=work)
+                    await _prepare(stack, list(cases.values()))
+                    live = [c for c in cases.values() if c.problem is None]
+                    workers.arm({str(c.user): c.step for c in live})
+                    for case in live:
+                        await _trigger(stack, case)
+                    live = [c for c in live if c.problem is None]
 
-                def at_step(c: CrashCase, v: dict[str, Any] | None) -> bool:
-                    marker = held / str(c.user)  # the worker says: inside this step, body done, held
-                    return v is not None and marker.exists() and marker.read_text() == c.step
+                    def at_step(c: CrashCase, v: dict[str, Any] | None) -> bool:
+                        return v is not None and workers.held(c.user, c.step)
 
-                seen = await _until(stack, live, at_step, 120)
-                for case in live:
-                    if not at_step(case, seen.get(case.agent)):
-                        case.problem = (f"the {case.op} was never held inside step {case.step}; "
-                                        f"last seen {seen.get(case.agent)}")
-                first.send_signal(signal.SIGKILL)  # no graceful shutdown, no heartbeat, nothing
-                first.wait()
-                second = start_worker(s, work / "worker2.log")
-                settled = lambda c, v: v is not None and v["operation_id"] is None and v["state"] in (  # noqa: E731
-                    EXPECTED[c.op], "error")
-                seen = await _until(stack, [c for c in cases.values() if c.problem is None], settled, 240)
-                for case in cases.values():
-                    case.final = seen.get(case.agent)
-                vms = s.data_dir / "vms"
-                matrix.vm_folders = {p.name for p in vms.iterdir() if p.is_dir()} if vms.is_dir() else set()
-                matrix.managed = [(vm.vps_id, vm.state.value)
-                                  for vm in await LocalProvider.from_settings(s).list_managed()]
-                matrix.processes = gateway_processes(vms)
+                    seen = await _until(stack, live, at_step, 120)
+                    for case in live:
+                        if not at_step(case, seen.get(case.agent)):
+                            case.problem = (f"the {case.op} was never held inside step {case.step}; "
+                                            f"last seen {seen.get(case.agent)}")
+                    workers.kill_and_replace()
+                    settled = lambda c, v: v is not None and v["operation_id"] is None and v["state"] in (  # noqa: E731
+                        EXPECTED[c.op], "error")
+                    seen = await _until(stack, [c for c in cases.values() if c.problem is None], settled, 240)
+                    for case in cases.values():
+                        case.final = seen.get(case.agent)
+                    vms = s.data_dir / "vms"
+                    matrix.vm_folders = {p.name for p in vms.iterdir() if p.is_dir()} if vms.is_dir() else set()
+                    matrix.managed = [(vm.vps_id, vm.state.value)
+                                      for vm in await LocalProvider.from_settings(s).list_managed()]
+                    matrix.processes = gateway_processes(vms)
             finally:
-                # Nothing of the matrix may outlive its collection: a live worker here would run its
-                # reconcile schedule over the next tests' rows (shared database, other data dir).
-                stop_process(first)
-                stop_process(second)
                 await stop_local_vms(s)
     truncate_user_data(database_url)
     yield matrix

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from settings import Settings
 from tests.conftest import truncate_user_data
-from tests.fault_harness import start_worker, stop_process
+from tests.fault_harness import HeldWorkers
 from tests.helpers import headers, make_user
 from tests.lifecycle_harness import FAST, Stack, running_stack, stop_local_vms
 from workflows.contracts import LifecycleTimeouts
@@ -135,51 +133,41 @@ async def crashed(settings: Settings, temporal_env: WorkflowEnvironment, databas
                   tmp_path_factory: pytest.TempPathFactory) -> Any:
     work = tmp_path_factory.mktemp("crash-agent-ops")
     s = settings.model_copy(update={"data_dir": work / "data", "temporal_task_queue": f"tq-ops-{uuid.uuid4().hex[:8]}"})
-    hold = work / "hold.json"
-    hold.write_text("{}")
-    held = work / "held"
-    first: subprocess.Popen[bytes] | None = None
-    second: subprocess.Popen[bytes] | None = None
     cases: dict[tuple[str, str], Case] = {}
     with psycopg.connect(database_url, autocommit=True) as sql:
         async with running_stack(s, temporal_env.client, worker=False, timeouts=TIMEOUTS) as stack:
             try:
-                first = start_worker(s, work / "worker1.log", hold_file=hold)
-                for op, step in CASES:
-                    user = make_user(sql, plan="starter")
-                    cases[(op, step)] = Case(op, step, user, await stack.new_agent(user, f"{op}-{step}"[:60]))
-                await _prepare(stack, list(cases.values()))
-                live = [c for c in cases.values() if c.problem is None]
-                hold.write_text(json.dumps({str(c.user): c.step for c in live}))
-                for case in live:
-                    await _trigger(stack, case)
-                live = [c for c in live if c.problem is None]
+                with HeldWorkers(s, work) as workers:
+                    for op, step in CASES:
+                        user = make_user(sql, plan="starter")
+                        cases[(op, step)] = Case(op, step, user, await stack.new_agent(user, f"{op}-{step}"[:60]))
+                    await _prepare(stack, list(cases.values()))
+                    live = [c for c in cases.values() if c.problem is None]
+                    workers.arm({str(c.user): c.step for c in live})
+                    for case in live:
+                        await _trigger(stack, case)
+                    live = [c for c in live if c.problem is None]
 
-                async def at_step(c: Case) -> bool:  # the worker says: inside this step, body done, held
-                    marker = held / str(c.user)
-                    return marker.exists() and marker.read_text() == c.step
+                    async def at_step(c: Case) -> bool:
+                        return workers.held(c.user, c.step)
 
-                await _poll(live, at_step, 120)
-                for case in live:
-                    if not await at_step(case):
-                        seen = await _operation(stack, case)
-                        case.problem = f"the {case.op} was never held inside {case.step}: {seen}"
-                first.send_signal(signal.SIGKILL)  # no graceful shutdown, no heartbeat, nothing
-                first.wait()
-                second = start_worker(s, work / "worker2.log")
-                await _poll([c for c in cases.values() if c.problem is None], lambda c: _finished(stack, c), 180)
-                for case in cases.values():
-                    if case.problem is not None or case.vps_id is None:
-                        continue
-                    state = s.data_dir / "vms" / case.vps_id / "state"
-                    case.config = json.loads((state / "openclaw.json").read_text())
-                    soul = state / "workspace" / "SOUL.md"
-                    case.soul = soul.read_text() if soul.exists() else None
-                    case.channels = (await stack.api.get(f"/agents/{case.agent}/channels",
-                                                         headers=headers(case.user))).json()["items"]
+                    await _poll(live, at_step, 120)
+                    for case in live:
+                        if not workers.held(case.user, case.step):
+                            seen = await _operation(stack, case)
+                            case.problem = f"the {case.op} was never held inside {case.step}: {seen}"
+                    workers.kill_and_replace()
+                    await _poll([c for c in cases.values() if c.problem is None], lambda c: _finished(stack, c), 180)
+                    for case in cases.values():
+                        if case.problem is not None or case.vps_id is None:
+                            continue
+                        state = s.data_dir / "vms" / case.vps_id / "state"
+                        case.config = json.loads((state / "openclaw.json").read_text())
+                        soul = state / "workspace" / "SOUL.md"
+                        case.soul = soul.read_text() if soul.exists() else None
+                        case.channels = (await stack.api.get(f"/agents/{case.agent}/channels",
+                                                             headers=headers(case.user))).json()["items"]
             finally:
-                stop_process(first)
-                stop_process(second)
                 await stop_local_vms(s)
     truncate_user_data(database_url)
     yield cases, work
@@ -220,43 +208,38 @@ async def test_worker_killed_while_a_whatsapp_qr_is_on_screen(settings: Settings
     queue = f"tq-wa-{uuid.uuid4().hex[:8]}"
     s = settings.model_copy(update={"data_dir": tmp_path / "data", "temporal_task_queue": queue})
     env = {"SLOPBOX_SIM_WHATSAPP": "1", "SLOPBOX_SIM_QR_ROTATE_S": "600"}  # no rotation: a new code is the retry's
-    first: subprocess.Popen[bytes] | None = None
-    second: subprocess.Popen[bytes] | None = None
     async with running_stack(s, temporal_env.client, worker=False, timeouts=TIMEOUTS) as stack:
         try:
-            first = start_worker(s, tmp_path / "worker1.log", env=env)
-            user = make_user(sql, plan="starter")
-            agent = await stack.new_agent(user)
-            assert (await stack.provision(user, agent)).status_code == 202
-            vps = await stack.wait_vps(user, agent, "running", "error", timeout=120)
-            assert vps["state"] == "running", vps["last_error"]
-            resp = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"}, headers=headers(user))
-            assert resp.status_code == 202, resp.text
-            shown = await wait_qr(stack, user, agent)
-            assert shown["status"] == "awaiting_scan", shown
+            with HeldWorkers(s, tmp_path, env=env) as workers:  # nothing armed: the pairing is long by itself
+                user = make_user(sql, plan="starter")
+                agent = await stack.new_agent(user)
+                assert (await stack.provision(user, agent)).status_code == 202
+                vps = await stack.wait_vps(user, agent, "running", "error", timeout=120)
+                assert vps["state"] == "running", vps["last_error"]
+                resp = await stack.api.post(f"/agents/{agent}/channels", json={"kind": "whatsapp"},
+                                            headers=headers(user))
+                assert resp.status_code == 202, resp.text
+                shown = await wait_qr(stack, user, agent)
+                assert shown["status"] == "awaiting_scan", shown
 
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-            second = start_worker(s, tmp_path / "worker2.log", env=env)
-            deadline = time.monotonic() + 90
-            fresh = shown
-            while fresh["version"] <= shown["version"] and time.monotonic() < deadline:
-                fresh = await wait_qr(stack, user, agent, after=shown["version"])
-            assert fresh["status"] == "awaiting_scan" and fresh["version"] > shown["version"], fresh
-            assert fresh["qr_data_url"] != shown["qr_data_url"]
+                workers.kill_and_replace()
+                deadline = time.monotonic() + 90
+                fresh = shown
+                while fresh["version"] <= shown["version"] and time.monotonic() < deadline:
+                    fresh = await wait_qr(stack, user, agent, after=shown["version"])
+                assert fresh["status"] == "awaiting_scan" and fresh["version"] > shown["version"], fresh
+                assert fresh["qr_data_url"] != shown["qr_data_url"]
 
-            token = sql.execute("SELECT gateway_token FROM agents WHERE id = %s", (agent,)).fetchone()[0]  # type: ignore[index]
-            port = sql.execute("SELECT gateway_port FROM vpses WHERE id = %s", (vps["id"],)).fetchone()[0]  # type: ignore[index]
-            async with httpx.AsyncClient() as http:  # the phone scans the code on screen (simulator hook)
-                scan = await http.post(f"http://127.0.0.1:{port}/__simulator__/whatsapp/scan",
-                                       headers={"Authorization": f"Bearer {keyring().decrypt(token)}"})
-                assert scan.json() == {"ok": True}
-            case = Case("whatsapp", "whatsapp_login", user, agent, operation_id=resp.json()["operation_id"])
-            await _poll([case], lambda c: _finished(stack, c), 60)
-            assert case.outcome is not None and case.outcome["status"] == "succeeded", case.outcome
-            done = (await stack.api.get(f"/agents/{agent}/channels/whatsapp/qr", headers=headers(user))).json()
-            assert done["status"] == "connected" and done["qr_data_url"] is None
+                token = sql.execute("SELECT gateway_token FROM agents WHERE id = %s", (agent,)).fetchone()[0]  # type: ignore[index]
+                port = sql.execute("SELECT gateway_port FROM vpses WHERE id = %s", (vps["id"],)).fetchone()[0]  # type: ignore[index]
+                async with httpx.AsyncClient() as http:  # the phone scans the code on screen (simulator hook)
+                    scan = await http.post(f"http://127.0.0.1:{port}/__simulator__/whatsapp/scan",
+                                           headers={"Authorization": f"Bearer {keyring().decrypt(token)}"})
+                    assert scan.json() == {"ok": True}
+                case = Case("whatsapp", "whatsapp_login", user, agent, operation_id=resp.json()["operation_id"])
+                await _poll([case], lambda c: _finished(stack, c), 60)
+                assert case.outcome is not None and case.outcome["status"] == "succeeded", case.outcome
+                done = (await stack.api.get(f"/agents/{agent}/channels/whatsapp/qr", headers=headers(user))).json()
+                assert done["status"] == "connected" and done["qr_data_url"] is None
         finally:
-            stop_process(first)
-            stop_process(second)
             await stop_local_vms(s)
