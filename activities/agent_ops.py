@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 QR_LIFETIME = timedelta(seconds=60)
 TERMINAL = {"connected", "expired", "cancelled", "error", "configured"}
 WHATSAPP_UNAVAILABLE = "web login provider is not available"
+SESSION_CHANNELS = frozenset({"whatsapp"})
+"""Channels logged in by pairing (a session kept on the VM), not by a token in the config."""
 
 
 def channel_patch(kind: str, block: dict[str, Any] | None) -> dict[str, Any]:
@@ -259,12 +261,15 @@ class AgentActivities(VpsActivities):
         async with heartbeating():
             vps, agent = await self._gateway_for(inp)
             async with self._admin(vps, agent, inp) as gw:
-                # Log out first: with the channel goes its plugin (CHANNEL_PLUGINS), and a gateway that no
-                # longer runs it cannot log out of it (WhatsApp's linked session would stay on the VM).
-                try:
-                    await gw.channels_logout(inp.kind)
-                except GatewayError as err:  # not logged in / not running: nothing to log out of
-                    log.info("channel logout skipped", extra={"kind": inp.kind, "reason": err.message})
+                # Log out first where the login lives outside the config (WhatsApp's linked session on the
+                # VM's disk): with the channel goes its plugin, and a gateway that no longer runs it cannot
+                # log out of it. A token channel's logout only clears its token from the config, which the
+                # removal does too; and its reload, superseded by the removal's, can make the gateway restart.
+                if inp.kind in SESSION_CHANNELS:
+                    try:
+                        await gw.channels_logout(inp.kind)
+                    except GatewayError as err:  # not logged in / not running: nothing to log out of
+                        log.info("channel logout skipped", extra={"kind": inp.kind, "reason": err.message})
                 await gateway.write_config(gw, channel_patch(inp.kind, None), budget_s=inp.timeouts.gateway_ready_s)
             async with self.sessions() as s, s.begin():
                 await s.exec(delete(AgentChannel).where(AgentChannel.agent_id == inp.vps.agent_id,  # type: ignore[call-overload,arg-type]

@@ -278,6 +278,14 @@ async def test_whatsapp_qr_rotates_and_pairs(stack: Stack, sql: psycopg.Connecti
     assert result["error"] is None
     done = (await stack.api.get(f"/agents/{agent}/channels/whatsapp/qr", headers=headers(user))).json()
     assert done["status"] == "connected" and done["qr_data_url"] is None
+    # Removing it logs the linked phone out first: no WhatsApp session is left on the VM's disk.
+    creds = state_dir(stack, vps) / "credentials" / "whatsapp" / "default" / "creds.json"
+    assert creds.exists()
+    resp = await stack.api.delete(f"/agents/{agent}/channels/whatsapp", headers=headers(user))
+    assert (await operation_result(stack, resp.json()["operation_id"]))["error"] is None
+    assert not creds.exists()
+    config = json.loads((state_dir(stack, vps) / "openclaw.json").read_text())
+    assert "whatsapp" not in (config.get("channels") or {}) and "whatsapp" not in config["plugins"]["entries"]
 
 
 async def test_whatsapp_pairing_can_be_cancelled(stack: Stack, sql: psycopg.Connection,
