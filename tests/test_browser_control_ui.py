@@ -255,6 +255,12 @@ async def test_control_ui_loads_and_chats_through_the_proxy(settings: Settings, 
     # icon answers its own 403 (cosmetic, reference §6.6); the proxy's refusals are problem+json.
     refused = [(s, u) for s, u, ct in wire.responses if s >= 400 and ("problem+json" in ct or s not in (403, 404))
                or (s == 403 and "/__openclaw__/workspace-icon/" not in u)]
+    # Now and then (seen twice, 2026-12-03) the UI, before the agent's identity has loaded, renders
+    # its emoji (IDENTITY.md's 🦞) as an <img src>, a path relative to the page (`chat/🦞`). That is
+    # no route of the UI (the gateway has no image there either; the avatar shows once the identity
+    # arrives), and the allow-list refuses it: the UI's glitch, not something it needs.
+    emoji_as_image = f"{base}/chat/%F0%9F%A6%9E"
+    refused = [(s, u) for s, u in refused if not (s == 403 and u == emoji_as_image)]
     assert not refused, refused
     assert all("ERR_ABORTED" in why for _, why in wire.failed), wire.failed  # only what the reload cut off
     blocked = [f for f in wire.received if f.get("type") == "res" and not f.get("ok")
