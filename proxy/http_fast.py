@@ -28,6 +28,7 @@ writer) was the largest share of the proxy's CPU per Control UI request (~150 µ
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -121,6 +122,48 @@ class _Head:
         self.method = self.parser.get_method()
         self.version = self.parser.get_http_version()
         self.keep_alive = self.parser.should_keep_alive()
+
+
+_Parsed = tuple[str, str, CIMultiDictProxy[str], bool]
+
+
+def _parse_head(head: bytes) -> _Parsed | None:
+    """(method, target, fields, keep-alive) of a whole request head when it may take the fast path
+    (see the module docstring); None: aiohttp's. A pure function of the bytes."""
+    cb = _Head()
+    parser = cb.parser = httptools.HttpRequestParser(cb)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # an upgrade is aiohttp's
+        return None
+    cb.parser = None
+    if cb.version != "1.1":
+        return None
+    method = cb.method
+    if method not in (b"GET", b"HEAD") or not _GATEWAY_TARGET.fullmatch(cb.url) or b"/." in cb.url:
+        return None
+    # As aiohttp decodes a head (UTF-8, surrogateescape), fields split from the validated text.
+    text = head.decode("utf-8", "surrogateescape")
+    crlf = text.count("\r\n")
+    if text.count("\n") != crlf or text.count("\r") != crlf:
+        return None  # a bare CR or LF: aiohttp's to judge
+    block = text[text.index("\r\n"):]  # the fields, without the request line
+    headers = _FIELDS.get(block, _UNSEEN)
+    if headers is _UNSEEN:
+        headers = _fields(block)
+        if len(_FIELDS) >= _FIELDS_MAX:
+            _FIELDS.clear()
+        _FIELDS[block] = headers
+    if headers is None:
+        return None
+    return method.decode(), cb.url.decode("ascii"), headers, cb.keep_alive
+
+
+_parse_head_cached = functools.lru_cache(maxsize=1024)(_parse_head)
+"""Per request: a browser sends the very same head bytes (path, cookie and all) again and again,
+and the verdict and fields are a pure function of them (the fields proxy is read-only, shared)."""
+_CACHED_HEAD_MAX = 4096
+"""Longer heads are parsed every time (the memo holds at most ~4 MiB of heads)."""
 
 
 class FastRequest(dict[Any, Any]):
@@ -352,33 +395,11 @@ class _FastProtocol(asyncio.Protocol):
 
     def _parse(self, head: bytes) -> FastRequest | None:
         """The request, if it may take the fast path (see the module docstring); None: aiohttp's."""
-        cb = _Head()
-        parser = cb.parser = httptools.HttpRequestParser(cb)
-        try:
-            parser.feed_data(head)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # an upgrade is aiohttp's
+        parsed = _parse_head_cached(head) if len(head) <= _CACHED_HEAD_MAX else _parse_head(head)
+        if parsed is None:
             return None
-        cb.parser = None
-        if cb.version != "1.1":
-            return None
-        method = cb.method
-        if method not in (b"GET", b"HEAD") or not _GATEWAY_TARGET.fullmatch(cb.url) or b"/." in cb.url:
-            return None
-        # As aiohttp decodes a head (UTF-8, surrogateescape), fields split from the validated text.
-        text = head.decode("utf-8", "surrogateescape")
-        crlf = text.count("\r\n")
-        if text.count("\n") != crlf or text.count("\r") != crlf:
-            return None  # a bare CR or LF: aiohttp's to judge
-        block = text[text.index("\r\n"):]  # the fields, without the request line
-        headers = _FIELDS.get(block, _UNSEEN)
-        if headers is _UNSEEN:
-            headers = _fields(block)
-            if len(_FIELDS) >= _FIELDS_MAX:
-                _FIELDS.clear()
-            _FIELDS[block] = headers
-        if headers is None:
-            return None
-        return FastRequest(self, method.decode(), cb.url.decode("ascii"), headers, cb.keep_alive)
+        method, target, headers, keep_alive = parsed
+        return FastRequest(self, method, target, headers, keep_alive)
 
     async def _run(self, request: FastRequest, guard: asyncio.BaseProtocol | None) -> None:
         try:

@@ -219,6 +219,24 @@ async def test_repeated_header_blocks(pair: Pair) -> None:
     assert len(sent) == 2 and sent[0]["headers"] == sent[1]["headers"]
 
 
+async def test_repeated_heads(pair: Pair) -> None:
+    """The front's head parse is memoised per head bytes: the very same head again (on a new
+    connection, pipelined, after a refusal of the same bytes) answers as aiohttp does each time,
+    and one byte changed is judged afresh."""
+    plain = req(pair, "/assets/app.js", extra="Accept: */*\r\n")
+    refused = b"GET /agents/x/gateway/ HTTP/1.0\r\nHost: a\r\n\r\n"
+    bare_lf = req(pair, "/assets/app.js", extra="X: a\nY: b\r\n")
+    for _ in range(2):
+        assert (await both(pair, plain))[0][0].status == 200
+        assert (await both(pair, plain * 3, 3))[0][2].status == 200
+        await both(pair, refused)
+        await both(pair, bare_lf)
+        head = req(pair, "/assets/app.js", method="HEAD", extra="Accept: */*\r\nConnection: close\r\n")
+        assert await raw_until_closed(pair.fast, head) == await raw_until_closed(pair.slow, head)
+    assert (await both(pair, plain.replace(b"HTTP/1.1", b"HTTP/1.0")))[0][0].status == 200
+    assert (await both(pair, plain.replace(b"GET", b"PUT")))[0][0].status == 403
+
+
 async def raw_until_closed(proxy: RunningProxy, raw: bytes) -> list[bytes]:
     """The answer's lines but `Date`, read until the proxy closes (a HEAD answer has no body to frame)."""
     port = int(proxy.url.rsplit(":", 1)[1])
