@@ -58,7 +58,7 @@ from proxy.headers import (
 from proxy.http_fast import FastRequest, FastResponse
 from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header, take
 from proxy.listener import client_key
-from proxy.metering import Meter
+from proxy.metering import ConnectionBytes, Meter
 from proxy.paths import BadPath, GatewayPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
 from proxy.preauth import PreAuthGuard
 from proxy.problems import problem
@@ -345,6 +345,18 @@ class GatewayProxy:
         async with upstream:
             return await self._respond(request, gpath, target, upstream, route, cache_name)
 
+    def _outbound(self, request: web.Request, target: GatewayTarget, size: int) -> None:
+        """Metered bytes from the VM: a fast-front request counts them on its browser connection
+        (`ConnectionBytes`, drained by the meter before every flush, `pending` and month end, and
+        when the connection ends: the same totals), anything else adds them to the meter."""
+        if type(request) is FastRequest:
+            counter = request.counter
+            if counter is None:
+                counter = request.counter = ConnectionBytes(self.meter)
+            counter.count(target.vps_id, outbound=size)
+        else:
+            self.meter.add(target.vps_id, outbound=size)
+
     async def _metered_body(self, request: web.Request, target: GatewayTarget):  # type: ignore[no-untyped-def]
         async for chunk in request.content.iter_chunked(_CHUNK):
             self.meter.add(target.vps_id, inbound=len(chunk))
@@ -378,7 +390,7 @@ class GatewayProxy:
             except (aiohttp.ClientError, OSError):
                 return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
             buffered = b"".join(chunks)
-            self.meter.add(target.vps_id, outbound=len(buffered))
+            self._outbound(request, target, len(buffered))
             if not complete:
                 return problem(502, "Gateway unavailable", "The Control UI document is too large.")
         location = upstream.headers.get("Location")
@@ -414,7 +426,7 @@ class GatewayProxy:
                 body = await upstream.read()  # small and of known size: one write instead of three
             except (aiohttp.ClientError, OSError):
                 return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
-            self.meter.add(target.vps_id, outbound=len(body))
+            self._outbound(request, target, len(body))
             if coding is not None and self.assets is not None and len(body) == upstream.content_length:
                 self.assets.store(target.user_id, target.vps_id, str(cache_name), coding, body,
                                   upstream.headers.get("Content-Type", "application/octet-stream"))
@@ -428,7 +440,7 @@ class GatewayProxy:
             else:
                 await out.prepare(request)
             async for chunk in upstream.iter_any():
-                self.meter.add(target.vps_id, outbound=len(chunk))
+                self._outbound(request, target, len(chunk))
                 await writer.write(chunk)
             await writer.write_eof()
         except (aiohttp.ClientError, ConnectionError, OSError):

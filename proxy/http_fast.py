@@ -192,6 +192,16 @@ class FastRequest(dict[Any, Any]):
         return self._conn.transport
 
     @property
+    def counter(self) -> Any:
+        """A per-connection object of the handler's (`proxy.metering.ConnectionBytes`), or None
+        until it sets one; its `close()` is called when the connection ends."""
+        return self._conn.counter
+
+    @counter.setter
+    def counter(self, value: Any) -> None:
+        self._conn.counter = value
+
+    @property
     def path(self) -> str:
         """Decoded path, as aiohttp's `request.path` (only logged)."""
         return URL(self.raw_path, encoded=True).path
@@ -297,7 +307,7 @@ class FastFront:
 
 class _FastProtocol(asyncio.Protocol):
     __slots__ = ("_buf", "_fallback", "_fallback_factory", "_front", "_idle", "_paused_reading",
-                 "_write_paused", "_drain", "_eof", "remote", "task", "transport")
+                 "_write_paused", "_drain", "_eof", "counter", "remote", "task", "transport")
 
     def __init__(self, front: FastFront, fallback: Callable[[], asyncio.Protocol]) -> None:
         self._front = front
@@ -312,6 +322,8 @@ class _FastProtocol(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._eof = False
+        self.counter: Any = None
+        """What the handler counts per connection (`FastRequest.counter`); closed with the connection."""
 
     # -- asyncio events ------------------------------------------------------------------------
 
@@ -346,6 +358,8 @@ class _FastProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._front.connections.discard(self)
         self._cancel_idle()
+        if self.counter is not None:
+            self.counter.close()
         if self._fallback is not None:
             self._fallback.connection_lost(exc)
             return

@@ -30,6 +30,7 @@ from tests.proxy_harness import (
     Seeded,
     running_proxy,
     seed_gateway_user,
+    usage,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -328,3 +329,40 @@ async def test_partial_head_after_a_fast_request_times_out(pair: Pair) -> None:
         assert loop.time() - started < 1.4  # the header timeout (1 s), not keep-alive's 1.5 s
     finally:
         writer.close()
+
+
+async def test_metered_on_the_connection_exactly(pair: Pair, sql: psycopg.Connection) -> None:
+    """The fast front's answers are metered on their browser connection (`ConnectionBytes`): the
+    bytes are in `pending` and flushed while it stays open, the rest when it closes; the totals are
+    the bodies' bytes (none rewritten here), as through aiohttp."""
+    meter, vps = pair.fast.meter, pair.seeded.vps_id
+    await meter.flush()
+    start = usage(sql, vps)
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    parsed = _Parsed()
+    parser = parsed.parser = httptools.HttpResponseParser(parsed)
+
+    async def answers(raw: bytes, count: int) -> None:
+        writer.write(raw)
+        while len(parsed.answers) < count:
+            parser.feed_data(await asyncio.wait_for(reader.read(65536), 10))
+
+    try:
+        await answers(req(pair, "/assets/app.js") + req(pair, "/favicon.svg"), 2)
+        first = sum(len(a.body) for a in parsed.answers)
+        assert first > 0 and meter.pending({vps}) == first
+        await meter.flush()
+        assert usage(sql, vps) == (start[0], start[1] + first)
+        await answers(req(pair, "/assets/app.js") + req(pair, "/assets/stream"), 4)
+    finally:
+        writer.close()
+    assert [a.status for a in parsed.answers] == [200] * 4
+    total = sum(len(a.body) for a in parsed.answers)
+    assert total > first + 20  # the streamed body too
+    for _ in range(100):  # the proxy sees the close
+        if not any(c.transport is not None for c in pair.fast.gateway_front.connections):  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.02)
+    await meter.flush()
+    assert usage(sql, vps) == (start[0], start[1] + total)
