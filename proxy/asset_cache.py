@@ -126,18 +126,19 @@ class AssetCache:
         self.hits = 0
         self.fills = 0
         self._entries: OrderedDict[Hashable, CachedAsset] = OrderedDict()
-        self._builds: dict[uuid.UUID, str] = {}
-        """VPS -> the Control UI build id its gateway's document last carried."""
+        self._builds: dict[int, str] = {}
+        """VPS (its id as an int: hashed in C, unlike a `uuid.UUID`) -> the Control UI build id its
+        gateway's document last carried."""
 
     def saw_document(self, vps_id: uuid.UUID, html: str) -> None:
         build = build_id_of(html)
         if build is not None:
-            self._builds[vps_id] = build
+            self._builds[vps_id.int] = build
             if len(self._builds) > 100_000:
                 self._builds.clear()
 
     def _user_key(self, user_id: uuid.UUID, vps_id: uuid.UUID, name: str, coding: str) -> Hashable:
-        return ("user", user_id, self._builds.get(vps_id, str(vps_id)), name, coding)
+        return ("user", user_id.int, self._builds.get(vps_id.int, vps_id.int), name, coding)
 
     def _shared_key(self, name: str, coding: str) -> Hashable | None:
         return ("build", self.manifest.generation, name, coding) if self.manifest is not None else None
