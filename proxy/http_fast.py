@@ -228,7 +228,7 @@ class FastRequest(dict[Any, Any]):
             not 100 <= response.status < 200 and "Content-Length" not in headers
         if self._chunked:
             headers["Transfer-Encoding"] = "chunked"
-        head = self._conn.head(self, response.status, response.reason, headers, body_length=None)
+        head, _empty = self._conn.head(self, response.status, response.reason, headers, body_length=None)
         self.streamed = response  # from here on the handler writes the answer
         self._conn.write(head)
         await self._conn.drain()
@@ -269,6 +269,53 @@ def _server_error(request: FastRequest) -> web.Response:
         return web.Response(status=500, content_type="text/html", text=(
             f"<html><head><title>{title}</title></head><body>\n<h1>{title}</h1>\n{msg}\n</body></html>\n"))
     return web.Response(status=500, text=title + "\n\n" + msg, content_type="text/plain")
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_template(status: int, reason: str | None, fields: tuple[tuple[str, str], ...], head_method: bool,
+                   closing: bool, body_length: int | None, whole: bool) -> tuple[bytes, bytes | None, bool]:
+    """A response head as aiohttp writes it (`Response._start`, `_prepare_headers`; `whole`: with the
+    length of a whole body of `body_length` bytes): the bytes before and after the `Date` value
+    (None after when the fields carry their own `Date`), and whether no body follows. A pure
+    function of its arguments: the fast front's answers repeat the same few heads (a refusal with
+    CR or LF raises, and is never kept)."""
+    headers: CIMultiDict[str] = CIMultiDict(fields)
+    no_body_status = status in _EMPTY_STATUS or 100 <= status < 200
+    empty = no_body_status or head_method
+    if whole:
+        if "Content-Length" in headers:
+            if no_body_status:
+                del headers["Content-Length"]
+        elif body_length or (status != 304 and not head_method):
+            headers["Content-Length"] = str(body_length)
+    if empty:
+        headers.pop("Transfer-Encoding", None)
+        if no_body_status:
+            headers.pop("Content-Length", None)
+    else:
+        length = headers.get("Content-Length")
+        if (int(length) if length is not None else body_length) != 0 and "Content-Type" not in headers:
+            headers["Content-Type"] = "application/octet-stream"
+    dated = "Date" not in headers
+    if dated:
+        headers["Date"] = _DATE_MARK
+    if "Server" not in headers:
+        headers["Server"] = SERVER_SOFTWARE
+    if closing and "Connection" not in headers:
+        headers["Connection"] = "close"
+    reason = reason if reason is not None else _REASONS.get(status, "")
+    lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if "\n" in reason or "\r" in reason or lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
+        raise ValueError("Newline or carriage return character detected in HTTP status message or header")
+    head = f"HTTP/1.1 {status} {reason}\r\n{lines}\r\n".encode()
+    if not dated:
+        return head, None, empty
+    before, _, after = head.rpartition(_DATE_MARK.encode())  # ours is the last: only Server and Connection follow
+    return before, after, empty
+
+
+_DATE_MARK = "\x00date\x00"
+"""Where the `Date` value goes in a head template (NUL: never in a header value we write)."""
 
 
 class FastFront:
@@ -450,19 +497,12 @@ class _FastProtocol(asyncio.Protocol):
 
     def _respond(self, request: FastRequest, response: web.StreamResponse | FastResponse) -> None:
         """A `web.Response` (or `FastResponse`) written as aiohttp's `Response._start` and
-        `_prepare_headers` write it."""
+        `_prepare_headers` write it (its headers are read, not changed)."""
         status = response.status
         body = getattr(response, "body", None) or b""
         if not isinstance(body, bytes | bytearray):
             raise TypeError("the fast path writes bytes bodies only")
-        headers = response.headers
-        empty = status in _EMPTY_STATUS or 100 <= status < 200 or request.method == "HEAD"
-        if "Content-Length" in headers:
-            if status in _EMPTY_STATUS or 100 <= status < 200:
-                del headers["Content-Length"]
-        elif body or (status != 304 and request.method != "HEAD"):
-            headers["Content-Length"] = str(len(body))
-        head = self.head(request, status, response.reason, headers, body_length=len(body))
+        head, empty = self.head(request, status, response.reason, response.headers, len(body), whole=True)
         if not body or empty:
             self.write(head)
         elif len(body) <= _ONE_WRITE:
@@ -472,30 +512,19 @@ class _FastProtocol(asyncio.Protocol):
             self.write(body)
 
     def head(self, request: FastRequest, status: int, reason: str | None, headers: CIMultiDict[str] | Any,
-             body_length: int | None) -> bytes:
-        """Status line and headers, with aiohttp's defaults; CR or LF anywhere in them is refused."""
-        empty = status in _EMPTY_STATUS or 100 <= status < 200 or request.method == "HEAD"
-        if empty:
-            headers.pop("Transfer-Encoding", None)
-            if status in _EMPTY_STATUS or 100 <= status < 200:
-                headers.pop("Content-Length", None)
-        else:
-            length = headers.get("Content-Length")
-            if (int(length) if length is not None else body_length) != 0 and "Content-Type" not in headers:
-                headers["Content-Type"] = "application/octet-stream"
-        if "Date" not in headers:
-            headers["Date"] = rfc822_formatted_time()
-        if "Server" not in headers:
-            headers["Server"] = SERVER_SOFTWARE
-        if not request.keep_alive or self._front.closing:
+             body_length: int | None, *, whole: bool = False) -> tuple[bytes, bool]:
+        """Status line and headers, with aiohttp's defaults, and whether the answer has no body
+        (`whole`: a whole answer of `body_length` bytes, whose length we state); CR or LF anywhere in
+        them is refused. From a template per (status, reason, fields, HEAD, close, length): only the
+        `Date` is filled in per answer."""
+        closing = not request.keep_alive or self._front.closing
+        if closing:
             request.keep_alive = False
-            if "Connection" not in headers:
-                headers["Connection"] = "close"
-        reason = reason if reason is not None else _REASONS.get(status, "")
-        fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-        if "\n" in reason or "\r" in reason or fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
-            raise ValueError("Newline or carriage return character detected in HTTP status message or header")
-        return f"HTTP/1.1 {status} {reason}\r\n{fields}\r\n".encode()
+        before, after, empty = _head_template(status, reason, tuple(headers.items()), request.method == "HEAD",
+                                              closing, body_length, whole)
+        if after is None:
+            return before, empty
+        return before + rfc822_formatted_time().encode() + after, empty
 
     # -- writing -------------------------------------------------------------------------------
 

@@ -19,9 +19,11 @@ import httptools
 import psycopg
 import pytest
 import pytest_asyncio
+from aiohttp.http import SERVER_SOFTWARE
 
 from db.encryption import configure_keys
 from proxy.app import RunningProxy
+from proxy.http_fast import _head_template
 from settings import Settings
 from tests.proxy_harness import (
     IMMUTABLE_ASSET,
@@ -366,3 +368,41 @@ async def test_metered_on_the_connection_exactly(pair: Pair, sql: psycopg.Connec
         await asyncio.sleep(0.02)
     await meter.flush()
     assert usage(sql, vps) == (start[0], start[1] + total)
+
+
+async def test_answer_heads_from_templates(pair: Pair) -> None:
+    """The front writes each head from a template per (status, reason, fields, HEAD, close, length):
+    the same answer as GET, HEAD and with `Connection: close`, in turn and repeated, reads as
+    aiohttp's, and only `Date` is filled in per answer (it moves on with the clock)."""
+    for _ in range(2):
+        for extra in ("", "Connection: close\r\n"):
+            for tail in ("/assets/app.js", "/tools/invoke", "/assets/no-content", ""):
+                await both(pair, req(pair, tail, extra=extra))
+                raw = req(pair, tail, method="HEAD", extra="Connection: close\r\n")
+                assert await raw_until_closed(pair.fast, raw) == await raw_until_closed(pair.slow, raw)
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        heads = []
+        for _ in range(2):
+            writer.write(req(pair, "/assets/app.js"))
+            heads.append(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10))
+            assert await asyncio.wait_for(reader.readexactly(9), 10) == b"upstream:"
+            await asyncio.sleep(1.1)
+    finally:
+        writer.close()
+    date = [next(line for line in h.split(b"\r\n") if line.startswith(b"Date: ")) for h in heads]
+    assert date[0] != date[1]
+    assert heads[0].replace(date[0], b"") == heads[1].replace(date[1], b"")
+
+
+async def test_head_template_refuses_cr_lf() -> None:
+    """A field or reason with CR or LF is refused (the front answers 500, as aiohttp), every time."""
+    for _ in range(2):
+        with pytest.raises(ValueError, match="Newline or carriage return"):
+            _head_template(200, None, (("X", "a\r\nSet-Cookie: x=1"),), False, False, 0, True)
+        with pytest.raises(ValueError, match="Newline or carriage return"):
+            _head_template(200, "OK\r\nX: y", (), False, False, 0, True)
+    before, after, empty = _head_template(204, None, (("Content-Length", "0"),), False, True, 0, True)
+    assert before == b"HTTP/1.1 204 No Content\r\nDate: " and empty
+    assert after == b"\r\nServer: " + SERVER_SOFTWARE.encode() + b"\r\nConnection: close\r\n\r\n"
