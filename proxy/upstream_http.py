@@ -27,7 +27,9 @@ answers 502; during the body, the caller cuts the browser's response.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import re
 import ssl
 import time
 from collections import deque
@@ -67,14 +69,17 @@ def _insecure_pinned_context() -> ssl.SSLContext:
 class UpstreamResponse:
     """One response: its head, and its body as a flow-controlled stream."""
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_paused", "_size", "_waiter", "complete", "headers",
-                 "reason", "status")
+    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_paused", "_size", "_waiter", "complete", "content_length",
+                 "headers", "reason", "status")
 
-    def __init__(self, conn: _Conn, status: int, reason: str, headers: CIMultiDictProxy[str]) -> None:
+    def __init__(self, conn: _Conn, status: int, reason: str, headers: CIMultiDictProxy[str],
+                 content_length: int | None = None) -> None:
         self._conn: _Conn | None = conn
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.content_length = content_length
+        """`Content-Length` as a number (None: absent or not digits only)."""
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._eof = False
@@ -83,13 +88,6 @@ class UpstreamResponse:
         self._paused = False
         self.complete = False
         """The whole body arrived (and the connection went back to the pool or was closed)."""
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        if value is None or not value.isdigit():
-            return None
-        return int(value)
 
     @property
     def charset(self) -> str | None:
@@ -169,6 +167,20 @@ class UpstreamResponse:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+@functools.lru_cache(maxsize=512)
+def _response_fields(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[CIMultiDictProxy[str], int | None, bool, bool]:
+    """A response's fields as llhttp delivered them: (the read-only fields, `Content-Length` as a
+    number or None, whether the body is framed by a length or chunked, whether the gateway asked
+    to close). A pure function of the fields, which a gateway repeats (only `Date` moves, once a
+    second); the read-only proxy is shared by the responses that carry them."""
+    headers = CIMultiDictProxy(CIMultiDict([(name.decode("utf-8", "surrogateescape"),
+                                             value.decode("utf-8", "surrogateescape")) for name, value in raw]))
+    value = headers.get("Content-Length")
+    length = int(value) if value is not None and value.isdigit() else None
+    framed = "Content-Length" in headers or "chunked" in headers.get("Transfer-Encoding", "").lower()
+    return headers, length, framed, "close" in headers.get("Connection", "").lower()
 
 
 class _Conn(asyncio.Protocol):
@@ -257,21 +269,17 @@ class _Conn(asyncio.Protocol):
         if self._head is None:  # an answer nobody asked for: not a connection to trust
             self._fail(UpstreamError("unsolicited answer from the gateway"))
             return
-        headers: CIMultiDict[str] = CIMultiDict([(name.decode("utf-8", "surrogateescape"),
-                                                  value.decode("utf-8", "surrogateescape"))
-                                                 for name, value in self._raw])
-        response = UpstreamResponse(self, status, self._reason.decode("utf-8", "surrogateescape"),
-                                    CIMultiDictProxy(headers))
+        headers, length, framed, close = _response_fields(tuple(self._raw))
+        response = UpstreamResponse(self, status, self._reason.decode("utf-8", "surrogateescape"), headers, length)
         no_body = self._head_only or status in _NO_BODY_STATUS
-        self._until_close = (not no_body and "Content-Length" not in headers
-                             and "chunked" not in headers.get("Transfer-Encoding", "").lower())
+        self._until_close = not no_body and not framed
         self._response = response
         head, self._head = self._head, None
         if head is not None and not head.done():
             head.set_result(response)
         if self._head_only:  # llhttp does not know this answered a HEAD: the message ends here for us
             self.parser = httptools.HttpResponseParser(self)
-            self._complete(keep_alive="close" not in headers.get("Connection", "").lower())
+            self._complete(keep_alive=not close)
 
     def on_body(self, body: bytes) -> None:
         if self._response is None:  # bytes after a HEAD answer: not a connection to trust again
@@ -505,6 +513,19 @@ def _fields_block(headers: CIMultiDict[str] | CIMultiDictProxy[str], chunked: bo
     return block
 
 
+_UNSAFE_TARGET = re.compile(r"[ \r\n\t]")
+
+
+@functools.lru_cache(maxsize=1024)
+def _origin(base_url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of `scheme://host[:port]`: a pure function, and every request names one."""
+    scheme, _, authority = base_url.partition("://")
+    host, _, port_text = authority.rpartition(":")
+    if not host or not port_text.isdigit():
+        host, port_text = authority, "443" if scheme == "https" else "80"
+    return scheme, host.strip("[]"), int(port_text)
+
+
 class UpstreamPool:
     """Keep-alive HTTP/1.1 connections to the gateways, one bounded pool per (scheme, host, port, pin)."""
 
@@ -549,22 +570,19 @@ class UpstreamPool:
         Returns once the response head arrived; the caller reads the body and closes it
         (`async with`). UpstreamError when no response head could be had.
         """
-        if any(c in path for c in " \r\n\t"):  # the request line must stay one line
+        if _UNSAFE_TARGET.search(path):  # the request line must stay one line
             raise UpstreamError("unsafe request target")
         self._sweep()
-        scheme, _, authority = base_url.partition("://")
-        host, _, port_text = authority.rpartition(":")
-        if not host or not port_text.isdigit():
-            host, port_text = authority, "443" if scheme == "https" else "80"
-        host = host.strip("[]")
-        pool = self._pool(scheme, host, int(port_text), ssl)
+        pool = self._pool(*_origin(base_url), ssl)
         chunked = body is not None and "Content-Length" not in headers
         head = f"{method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape") + _fields_block(headers, chunked)
         retry = body is None and method in _IDEMPOTENT
         deadline = asyncio.get_running_loop().time() + connect_timeout
         fresh = False
         while True:
-            conn = await pool.acquire(deadline, fresh)
+            conn = None if fresh else pool.take_idle()  # the usual case, without a coroutine
+            if conn is None:
+                conn = await pool.acquire(deadline, fresh)
             try:
                 return await conn.send(method, head, body, chunked)
             except _Stale:
