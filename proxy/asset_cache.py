@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.headers import RESOURCE_CSP, SCRIPT_CSP, response_headers
 from proxy.http_fast import FastResponse
@@ -99,8 +99,8 @@ class CachedAsset:
     coding: str
 
     @functools.cached_property
-    def headers(self) -> CIMultiDict[str]:
-        """The answer's headers, a function of the entry alone: built once, copied per answer."""
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The answer's headers, a function of the entry alone: built once, read-only."""
         upstream: CIMultiDict[str] = CIMultiDict({"Content-Type": self.content_type, "Cache-Control": IMMUTABLE,
                                                   "Vary": "Accept-Encoding"})
         if self.coding != "identity":
@@ -113,8 +113,8 @@ class CachedAsset:
         return web.Response(status=200, body=self.body, headers=self.headers)  # copies the headers
 
     def fast_response(self) -> FastResponse:
-        """The same answer for the fast front (`proxy.http_fast`), which adds to its own copy."""
-        return FastResponse(200, None, self.headers.copy(), self.body)
+        """The same answer for the fast front (`proxy.http_fast`), which only reads the headers."""
+        return FastResponse(200, None, self.headers, self.body)
 
 
 class AssetCache:

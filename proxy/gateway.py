@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import WSCloseCode, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from openclaw.render import CONTROL_UI_BASE_PATH
@@ -412,11 +412,13 @@ class GatewayProxy:
                 text = rewrite_html(text, self.upstream_base, gpath.prefix)
             headers = response_headers(upstream.headers, csp=document_csp(text), drop_length=True)
             if mapped is not None:
+                headers = CIMultiDict(headers)  # the filtered fields are shared (read-only)
                 headers["Location"] = mapped
             return _whole(request, upstream.status, upstream.reason, headers, text.encode(charset))
         script = "javascript" in ctype or "ecmascript" in ctype
         headers = response_headers(upstream.headers, csp=SCRIPT_CSP if script else RESOURCE_CSP)
         if mapped is not None:
+            headers = CIMultiDict(headers)  # the filtered fields are shared (read-only)
             headers["Location"] = mapped
         coding = None
         if cache_name is not None and self.assets is not None:
@@ -450,7 +452,8 @@ class GatewayProxy:
         return out
 
 
-def _whole(request: web.Request, status: int, reason: str, headers: CIMultiDict[str], body: bytes
+def _whole(request: web.Request, status: int, reason: str, headers: CIMultiDict[str] | CIMultiDictProxy[str],
+           body: bytes
            ) -> web.StreamResponse | FastResponse:
     """A whole answer: the light `FastResponse` for the fast front (it writes the head itself),
     else the `web.Response` aiohttp writes."""

@@ -199,14 +199,23 @@ def _upstream_request_headers(incoming: CIMultiDictProxy[str], *, client_ip: str
     return CIMultiDictProxy(out)
 
 
-def response_headers(upstream: CIMultiDictProxy[str], *, csp: str, drop_length: bool = False) -> CIMultiDict[str]:
-    """The gateway's response headers we pass on, plus ours, with exactly one CSP: `csp`."""
+def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, csp: str, drop_length: bool = False
+                     ) -> CIMultiDictProxy[str]:
+    """The gateway's response headers we pass on, plus ours, with exactly one CSP: `csp`.
+
+    Read-only (copy to add one): memoised per (fields, csp), as a gateway answers the same fields
+    again and again (only `Date`, which we drop, moves once a second)."""
+    return _response_headers(tuple(upstream.items()), csp, drop_length)
+
+
+@functools.lru_cache(maxsize=1024)
+def _response_headers(fields: tuple[tuple[str, str], ...], csp: str, drop_length: bool) -> CIMultiDictProxy[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
+    for name, value in fields:
         low = name.lower()
         if low in _RESPONSE_ALLOW and not (drop_length and low == "content-length"):
             out.add(name, value)
     for name, value in SECURITY_HEADERS.items():
         out[name] = value
     out["Content-Security-Policy"] = csp
-    return out
+    return CIMultiDictProxy(out)

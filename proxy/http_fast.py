@@ -248,12 +248,13 @@ class FastRequest(dict[Any, Any]):
 class FastResponse:
     """A whole answer with a bytes body, for a `FastRequest` only: what `_FastProtocol._respond`
     reads of a `web.Response` (status, reason, headers, body), without aiohttp's per-response set-up
-    and its copy of the headers. `headers` is the answer's own: the front adds its defaults to it.
+    and its copy of the headers. `headers` are only read (they may be shared, read-only).
     Written exactly as the equivalent `web.Response` (a reason with CR or LF: the same 500)."""
 
     __slots__ = ("body", "headers", "reason", "status")
 
-    def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+    def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str] | CIMultiDictProxy[str],
+                 body: bytes) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
