@@ -146,6 +146,11 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
+        if self._eof and self._exc is None:  # all of it is here already (a small answer, usually)
+            data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            return data
         parts = []
         while chunk := await self.readany():
             parts.append(chunk)
