@@ -354,7 +354,7 @@ class FastFront:
 
 
 class _FastProtocol(asyncio.Protocol):
-    __slots__ = ("_buf", "_fallback", "_fallback_factory", "_front", "_idle", "_paused_reading",
+    __slots__ = ("_buf", "_fallback", "_fallback_factory", "_front", "_idle", "_idle_since", "_paused_reading",
                  "_write_paused", "_drain", "_eof", "counter", "remote", "task", "transport")
 
     def __init__(self, front: FastFront, fallback: Callable[[], asyncio.Protocol]) -> None:
@@ -366,6 +366,8 @@ class _FastProtocol(asyncio.Protocol):
         self.remote: str | None = None
         self.task: asyncio.Task[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
+        """Since when (loop time) the connection waits for a request with nothing buffered; None: not idle."""
         self._paused_reading = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -381,8 +383,7 @@ class _FastProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple | list) and peer else None
         self._front.connections.add(self)
-        if self._front.keepalive_timeout:  # as aiohttp (3.14): idle from the moment it opens
-            self._idle = asyncio.get_running_loop().call_later(self._front.keepalive_timeout, self._idle_close)
+        self._become_idle()  # as aiohttp (3.14): idle from the moment it opens
 
     def data_received(self, data: bytes) -> None:
         if self._fallback is not None:
@@ -431,7 +432,7 @@ class _FastProtocol(asyncio.Protocol):
 
     def _next(self) -> None:
         """Start the next buffered request, hand the connection to aiohttp, or wait for more bytes."""
-        self._cancel_idle()
+        self._idle_since = None  # bytes came: the keep-alive timeout no longer runs (the guard's header timeout does)
         buf = self._buf
         if not buf:
             return
@@ -493,8 +494,8 @@ class _FastProtocol(asyncio.Protocol):
             self.transport.resume_reading()
         if self._buf:
             self._next()
-        elif self._front.keepalive_timeout:
-            self._idle = asyncio.get_running_loop().call_later(self._front.keepalive_timeout, self._idle_close)
+        else:
+            self._become_idle()
 
     def _respond(self, request: FastRequest, response: web.StreamResponse | FastResponse) -> None:
         """A `web.Response` (or `FastResponse`) written as aiohttp's `Response._start` and
@@ -568,12 +569,30 @@ class _FastProtocol(asyncio.Protocol):
         if data:
             handler.data_received(data)
 
+    def _become_idle(self) -> None:
+        """Waiting for the next request from now: closed after `keepalive_timeout`. The timer is
+        lazy: one still pending from an earlier idle spell is kept and re-aimed when it fires (a
+        timer made and cancelled per request costs more than the rest of the keep-alive logic)."""
+        timeout = self._front.keepalive_timeout
+        if timeout:
+            loop = asyncio.get_running_loop()
+            self._idle_since = loop.time()
+            if self._idle is None:
+                self._idle = loop.call_at(self._idle_since + timeout, self._idle_close)
+
     def _idle_close(self) -> None:
         self._idle = None
-        if self.task is None and not self._buf:
-            self.close()
+        if self._fallback is not None or self._idle_since is None or self.task is not None or self._buf:
+            return  # not idle now: armed again when it is
+        deadline = self._idle_since + self._front.keepalive_timeout
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:  # armed for an earlier idle spell: aim at this one's end
+            self._idle = loop.call_at(deadline, self._idle_close)
+            return
+        self.close()
 
     def _cancel_idle(self) -> None:
+        self._idle_since = None
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None

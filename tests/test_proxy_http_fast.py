@@ -406,3 +406,31 @@ async def test_head_template_refuses_cr_lf() -> None:
     before, after, empty = _head_template(204, None, (("Content-Length", "0"),), False, True, 0, True)
     assert before == b"HTTP/1.1 204 No Content\r\nDate: " and empty
     assert after == b"\r\nServer: " + SERVER_SOFTWARE.encode() + b"\r\nConnection: close\r\n\r\n"
+
+
+async def test_timeouts_count_from_the_latest_head_and_idle_spell(pair: Pair) -> None:
+    """The header and keep-alive timers are lazy (kept across requests, re-aimed when they fire):
+    a head begun late is still given the whole header timeout (1 s) from its first byte, a
+    connection used more often than the keep-alive timeout (1.5 s) stays open past it, and once
+    idle it is closed after the keep-alive timeout."""
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    try:
+        head = req(pair, "/assets/app.js")
+        writer.write(head)  # the header timer is made here: due in 1 s
+        await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)
+        await asyncio.sleep(0.7)
+        writer.write(head[:20])  # the next head begins 0.7 s later: due 1 s from now, not 0.3 s
+        await asyncio.sleep(0.6)  # past the first head's deadline
+        writer.write(head[20:])
+        assert (await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)).startswith(b"HTTP/1.1 200")
+        for _ in range(2):  # 2 x 1.0 s of use, each gap shorter than the keep-alive timeout
+            await asyncio.sleep(1.0)
+            writer.write(head)
+            assert (await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)).startswith(b"HTTP/1.1 200")
+        idle = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 1.3 < loop.time() - idle < 3.0  # the keep-alive timeout from the last answer
+    finally:
+        writer.close()
