@@ -21,7 +21,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -90,6 +90,8 @@ class GatewayTarget:
 class _Cached:
     value: GatewayTarget | AccessDenied
     until: float
+    expires: float = 0.0
+    """The session's expiry as a POSIX timestamp (compared with `time.time()`: cheaper than a datetime)."""
 
 
 class AccessResolver:
@@ -115,11 +117,12 @@ class AccessResolver:
             if hit is not None and hit.until > now:
                 if isinstance(hit.value, AccessDenied):
                     raise hit.value
-                if hit.value.session_expires > datetime.now(UTC):
+                if hit.expires > time.time():  # the session's expiry, as `session_expires > now`
                     return hit.value
         result = await self._single_flight(key, token, agent_id)
         if self._ttl > 0 and not (isinstance(result, AccessDenied) and result.status >= 500):
-            self._cache[key] = _Cached(result, now + self._ttl)
+            expires = result.session_expires.timestamp() if isinstance(result, GatewayTarget) else 0.0
+            self._cache[key] = _Cached(result, now + self._ttl, expires)
             self._cache.move_to_end(key)
             while len(self._cache) > self._max:
                 self._cache.popitem(last=False)

@@ -58,6 +58,7 @@ _PREFERENCE = ("br", "gzip", "identity")
 _BUILD_ID = re.compile(r'data-openclaw-control-ui-build-id="([A-Za-z0-9._:+-]{1,200})"')
 
 
+@functools.lru_cache(maxsize=512)  # per request: a pure function, and page loads repeat their paths
 def asset_name(tail: tuple[str, ...], query: str, method: str) -> str | None:
     """`assets/<name>` when this request may be answered from the cache, else None."""
     if method != "GET" or query or len(tail) != 2 or tail[0] != "assets":

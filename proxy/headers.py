@@ -129,6 +129,7 @@ SECURITY_HEADERS: dict[str, str] = {
 _HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(?::[0-9]{1,5})?$")
 
 
+@functools.lru_cache(maxsize=512)  # per request; a browser sends the same Host every time
 def valid_host(host: str | None) -> bool:
     return bool(host) and bool(_HOST_RE.fullmatch(host or ""))
 

@@ -124,11 +124,11 @@ class _Head:
         self.keep_alive = self.parser.should_keep_alive()
 
 
-_Parsed = tuple[str, str, CIMultiDictProxy[str], bool]
+_Parsed = tuple[str, str, CIMultiDictProxy[str], bool, str]
 
 
 def _parse_head(head: bytes) -> _Parsed | None:
-    """(method, target, fields, keep-alive) of a whole request head when it may take the fast path
+    """(method, target, fields, keep-alive, Host) of a whole request head when it may take the fast path
     (see the module docstring); None: aiohttp's. A pure function of the bytes."""
     cb = _Head()
     parser = cb.parser = httptools.HttpRequestParser(cb)
@@ -156,7 +156,7 @@ def _parse_head(head: bytes) -> _Parsed | None:
         _FIELDS[block] = headers
     if headers is None:
         return None
-    return method.decode(), cb.url.decode("ascii"), headers, cb.keep_alive
+    return method.decode(), cb.url.decode("ascii"), headers, cb.keep_alive, headers["Host"]
 
 
 _parse_head_cached = functools.lru_cache(maxsize=1024)(_parse_head)
@@ -171,17 +171,18 @@ class FastRequest(dict[Any, Any]):
 
     A dict, as `web.Request` is a mutable mapping for per-request state."""
 
+    __slots__ = ("_chunked", "_conn", "headers", "host", "keep_alive", "method", "raw_path", "remote", "streamed")
     body_exists = False
     scheme = "http"
 
     def __init__(self, conn: _FastProtocol, method: str, raw_path: str, headers: CIMultiDictProxy[str],
-                 keep_alive: bool) -> None:
-        super().__init__()
+                 keep_alive: bool, host: str) -> None:
         self._conn = conn
         self.method = method
         self.raw_path = raw_path
         self.headers = headers
-        self.host: str = headers["Host"]
+        self.host = host
+        """The `Host` field (exactly one: the front takes no other request)."""
         self.remote = conn.remote
         self.keep_alive = keep_alive
         self.streamed: web.StreamResponse | None = None
@@ -461,8 +462,7 @@ class _FastProtocol(asyncio.Protocol):
         parsed = _parse_head_cached(head) if len(head) <= _CACHED_HEAD_MAX else _parse_head(head)
         if parsed is None:
             return None
-        method, target, headers, keep_alive = parsed
-        return FastRequest(self, method, target, headers, keep_alive)
+        return FastRequest(self, *parsed)
 
     async def _run(self, request: FastRequest, guard: asyncio.BaseProtocol | None) -> None:
         try:
