@@ -115,7 +115,7 @@ class CachedAsset:
 
     def fast_response(self) -> FastResponse:
         """The same answer for the fast front (`proxy.http_fast`), which only reads the headers."""
-        return FastResponse(200, None, self.headers, self.body)
+        return FastResponse(200, None, self.headers, self.body, small=len(self.content_type) <= 256)
 
 
 class AssetCache:

@@ -414,9 +414,10 @@ class GatewayProxy:
             if mapped is not None:
                 headers = CIMultiDict(headers)  # the filtered fields are shared (read-only)
                 headers["Location"] = mapped
-            return _whole(request, upstream.status, upstream.reason, headers, text.encode(charset))
+            return _whole(request, upstream.status, upstream.reason, headers, text.encode(charset), small=False)
         script = "javascript" in ctype or "ecmascript" in ctype
-        headers = response_headers(upstream.headers, csp=SCRIPT_CSP if script else RESOURCE_CSP)
+        headers = response_headers(upstream.headers, csp=SCRIPT_CSP if script else RESOURCE_CSP,
+                                   memo=upstream.small_head)
         if mapped is not None:
             headers = CIMultiDict(headers)  # the filtered fields are shared (read-only)
             headers["Location"] = mapped
@@ -432,7 +433,7 @@ class GatewayProxy:
             if coding is not None and self.assets is not None and len(body) == upstream.content_length:
                 self.assets.store(target.user_id, target.vps_id, str(cache_name), coding, body,
                                   upstream.headers.get("Content-Type", "application/octet-stream"))
-            return _whole(request, upstream.status, upstream.reason, headers, body)
+            return _whole(request, upstream.status, upstream.reason, headers, body, small=upstream.small_head)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         fast = isinstance(request, FastRequest)  # served below aiohttp (proxy.http_fast): it writes
         writer: FastRequest | web.StreamResponse = request if fast else out
@@ -453,12 +454,12 @@ class GatewayProxy:
 
 
 def _whole(request: web.Request, status: int, reason: str, headers: CIMultiDict[str] | CIMultiDictProxy[str],
-           body: bytes
+           body: bytes, *, small: bool
            ) -> web.StreamResponse | FastResponse:
     """A whole answer: the light `FastResponse` for the fast front (it writes the head itself),
     else the `web.Response` aiohttp writes."""
     if isinstance(request, FastRequest):
-        return FastResponse(status, reason, headers, body)
+        return FastResponse(status, reason, headers, body, small=small)
     return web.Response(status=status, reason=reason, body=body, headers=headers)
 
 

@@ -200,13 +200,18 @@ def _upstream_request_headers(incoming: CIMultiDictProxy[str], *, client_ip: str
     return CIMultiDictProxy(out)
 
 
-def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, csp: str, drop_length: bool = False
-                     ) -> CIMultiDictProxy[str]:
+def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, csp: str, drop_length: bool = False,
+                     memo: bool = False) -> CIMultiDictProxy[str]:
     """The gateway's response headers we pass on, plus ours, with exactly one CSP: `csp`.
 
-    Read-only (copy to add one): memoised per (fields, csp), as a gateway answers the same fields
-    again and again (only `Date`, which we drop, moves once a second)."""
-    return _response_headers(tuple(upstream.items()), csp, drop_length)
+    Read-only (copy to add one). `memo`: memoised per (fields, csp), as a gateway answers the same
+    fields again and again (only `Date`, which we drop, moves once a second); only for fields
+    known to be small (`UpstreamResponse.small_head`) and a short CSP, so a memo never holds a
+    VM's large head."""
+    fields = tuple(upstream.items())
+    if memo:
+        return _response_headers(fields, csp, drop_length)
+    return _response_headers.__wrapped__(fields, csp, drop_length)
 
 
 @functools.lru_cache(maxsize=1024)

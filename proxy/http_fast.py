@@ -249,13 +249,15 @@ class FastRequest(dict[Any, Any]):
 class FastResponse:
     """A whole answer with a bytes body, for a `FastRequest` only: what `_FastProtocol._respond`
     reads of a `web.Response` (status, reason, headers, body), without aiohttp's per-response set-up
-    and its copy of the headers. `headers` are only read (they may be shared, read-only).
+    and its copy of the headers. `headers` are only read (they may be shared, read-only); `small`:
+    they are known to be small (the answer's head may come from a memoised template).
     Written exactly as the equivalent `web.Response` (a reason with CR or LF: the same 500)."""
 
-    __slots__ = ("body", "headers", "reason", "status")
+    __slots__ = ("body", "headers", "reason", "small", "status")
 
     def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str] | CIMultiDictProxy[str],
-                 body: bytes) -> None:
+                 body: bytes, *, small: bool = False) -> None:
+        self.small = small
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -504,7 +506,8 @@ class _FastProtocol(asyncio.Protocol):
         body = getattr(response, "body", None) or b""
         if not isinstance(body, bytes | bytearray):
             raise TypeError("the fast path writes bytes bodies only")
-        head, empty = self.head(request, status, response.reason, response.headers, len(body), whole=True)
+        head, empty = self.head(request, status, response.reason, response.headers, len(body), whole=True,
+                                memo=getattr(response, "small", False))
         if not body or empty:
             self.write(head)
         elif len(body) <= _ONE_WRITE:
@@ -514,16 +517,18 @@ class _FastProtocol(asyncio.Protocol):
             self.write(body)
 
     def head(self, request: FastRequest, status: int, reason: str | None, headers: CIMultiDict[str] | Any,
-             body_length: int | None, *, whole: bool = False) -> tuple[bytes, bool]:
+             body_length: int | None, *, whole: bool = False, memo: bool = False) -> tuple[bytes, bool]:
         """Status line and headers, with aiohttp's defaults, and whether the answer has no body
         (`whole`: a whole answer of `body_length` bytes, whose length we state); CR or LF anywhere in
         them is refused. From a template per (status, reason, fields, HEAD, close, length): only the
-        `Date` is filled in per answer."""
+        `Date` is filled in per answer; the template is memoised only for `memo` (fields known to be
+        small: `FastResponse.small`), so no memo holds a VM's large head."""
         closing = not request.keep_alive or self._front.closing
         if closing:
             request.keep_alive = False
-        before, after, empty = _head_template(status, reason, tuple(headers.items()), request.method == "HEAD",
-                                              closing, body_length, whole)
+        template = _head_template if memo else _head_template.__wrapped__
+        before, after, empty = template(status, reason, tuple(headers.items()), request.method == "HEAD",
+                                        closing, body_length, whole)
         if after is None:
             return before, empty
         return before + rfc822_formatted_time().encode() + after, empty

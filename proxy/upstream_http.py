@@ -48,6 +48,9 @@ _LOW_WATER = 64 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _SWEEP_S = 5.0
+MEMO_HEAD_MAX = 4096
+"""Response fields up to this many bytes are memoised (`_response_fields`, and downstream the
+header filter and the front's head template); larger ones, which a VM may send, never are."""
 
 
 class UpstreamError(ConnectionError):
@@ -70,16 +73,19 @@ class UpstreamResponse:
     """One response: its head, and its body as a flow-controlled stream."""
 
     __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_paused", "_size", "_waiter", "complete", "content_length",
-                 "headers", "reason", "status")
+                 "headers", "reason", "small_head", "status")
 
     def __init__(self, conn: _Conn, status: int, reason: str, headers: CIMultiDictProxy[str],
-                 content_length: int | None = None) -> None:
+                 content_length: int | None = None, small_head: bool = False) -> None:
         self._conn: _Conn | None = conn
         self.status = status
         self.reason = reason
         self.headers = headers
         self.content_length = content_length
         """`Content-Length` as a number (None: absent or not digits only)."""
+        self.small_head = small_head
+        """The fields are at most `MEMO_HEAD_MAX` bytes: what is derived from them may be memoised
+        (a VM's larger heads are never kept in a memo: bounded memory whatever a VM sends)."""
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._eof = False
@@ -179,7 +185,8 @@ def _response_fields(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[CIMultiDictP
     """A response's fields as llhttp delivered them: (the read-only fields, `Content-Length` as a
     number or None, whether the body is framed by a length or chunked, whether the gateway asked
     to close). A pure function of the fields, which a gateway repeats (only `Date` moves, once a
-    second); the read-only proxy is shared by the responses that carry them."""
+    second); the read-only proxy is shared by the responses that carry them. Memoised only for
+    fields up to `MEMO_HEAD_MAX` bytes (`__wrapped__` otherwise)."""
     headers = CIMultiDictProxy(CIMultiDict([(name.decode("utf-8", "surrogateescape"),
                                              value.decode("utf-8", "surrogateescape")) for name, value in raw]))
     value = headers.get("Content-Length")
@@ -206,6 +213,7 @@ class _Conn(asyncio.Protocol):
         self._got_bytes = False
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
+        self._raw_size = 0
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
@@ -257,6 +265,7 @@ class _Conn(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._raw = []
+        self._raw_size = 0
         self._reason = b""
 
     def on_status(self, status: bytes) -> None:
@@ -264,6 +273,7 @@ class _Conn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw.append((name, value))
+        self._raw_size += len(name) + len(value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -274,8 +284,11 @@ class _Conn(asyncio.Protocol):
         if self._head is None:  # an answer nobody asked for: not a connection to trust
             self._fail(UpstreamError("unsolicited answer from the gateway"))
             return
-        headers, length, framed, close = _response_fields(tuple(self._raw))
-        response = UpstreamResponse(self, status, self._reason.decode("utf-8", "surrogateescape"), headers, length)
+        small = self._raw_size <= MEMO_HEAD_MAX
+        fields = _response_fields if small else _response_fields.__wrapped__
+        headers, length, framed, close = fields(tuple(self._raw))
+        response = UpstreamResponse(self, status, self._reason.decode("utf-8", "surrogateescape"), headers, length,
+                                    small)
         no_body = self._head_only or status in _NO_BODY_STATUS
         self._until_close = not no_body and not framed
         self._response = response
