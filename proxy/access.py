@@ -15,12 +15,13 @@ refused by the connector (`GatewayTarget.upstream_ssl`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -73,6 +74,12 @@ class GatewayTarget:
     cert_sha256: str | None = field(default=None, repr=False)
     """The pinned certificate of an https gateway (cloud VMs); None for plain loopback http."""
 
+    @functools.cached_property
+    def user_key(self) -> str:
+        """The user id's text, made once per lookup: the per-user buckets' key (a str hashes in C
+        once; a `uuid.UUID` hashes in Python on every use), as the WebSocket relay keys them."""
+        return str(self.user_id)
+
     @property
     def upstream_ssl(self) -> aiohttp.Fingerprint | bool:
         """aiohttp's `ssl=`: exactly the pinned certificate (no CA trust, no host name) when pinned."""
@@ -83,6 +90,8 @@ class GatewayTarget:
 class _Cached:
     value: GatewayTarget | AccessDenied
     until: float
+    expires: float = 0.0
+    """The session's expiry as a POSIX timestamp (compared with `time.time()`: cheaper than a datetime)."""
 
 
 class AccessResolver:
@@ -93,25 +102,27 @@ class AccessResolver:
         self._ttl = ttl_s
         self._max = max_entries
         self._clock = clock
-        self._cache: OrderedDict[tuple[bytes, uuid.UUID], _Cached] = OrderedDict()
-        self._inflight: dict[tuple[bytes, uuid.UUID], asyncio.Future[GatewayTarget | AccessDenied]] = {}
+        self._cache: OrderedDict[tuple[bytes, int], _Cached] = OrderedDict()
+        """(session token hash, agent id as an int: hashed in C, unlike a `uuid.UUID`) -> answer."""
+        self._inflight: dict[tuple[bytes, int], asyncio.Future[GatewayTarget | AccessDenied]] = {}
 
     async def resolve(self, token: str | None, agent_id: uuid.UUID, *, fresh: bool = False) -> GatewayTarget:
         """The gateway for this session and agent, or AccessDenied (401, 404, 409, 503)."""
         if not token or len(token) > _MAX_TOKEN_LEN:
             raise AccessDenied(401, "Not signed in", "Sign in to open the agent's Control UI.")
-        key = (token_hash(token), agent_id)
+        key = (token_hash(token), agent_id.int)
         now = self._clock()
         if not fresh and self._ttl > 0:
             hit = self._cache.get(key)
             if hit is not None and hit.until > now:
                 if isinstance(hit.value, AccessDenied):
                     raise hit.value
-                if hit.value.session_expires > datetime.now(UTC):
+                if hit.expires > time.time():  # the session's expiry, as `session_expires > now`
                     return hit.value
         result = await self._single_flight(key, token, agent_id)
         if self._ttl > 0 and not (isinstance(result, AccessDenied) and result.status >= 500):
-            self._cache[key] = _Cached(result, now + self._ttl)
+            expires = result.session_expires.timestamp() if isinstance(result, GatewayTarget) else 0.0
+            self._cache[key] = _Cached(result, now + self._ttl, expires)
             self._cache.move_to_end(key)
             while len(self._cache) > self._max:
                 self._cache.popitem(last=False)
@@ -119,7 +130,7 @@ class AccessResolver:
             raise result
         return result
 
-    async def _single_flight(self, key: tuple[bytes, uuid.UUID], token: str, agent_id: uuid.UUID
+    async def _single_flight(self, key: tuple[bytes, int], token: str, agent_id: uuid.UUID
                              ) -> GatewayTarget | AccessDenied:
         """One database lookup per key at a time: a page load's burst waits for the first one."""
         pending = self._inflight.get(key)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.headers import RESOURCE_CSP, SCRIPT_CSP, response_headers
 from proxy.http_fast import FastResponse
@@ -58,6 +58,7 @@ _PREFERENCE = ("br", "gzip", "identity")
 _BUILD_ID = re.compile(r'data-openclaw-control-ui-build-id="([A-Za-z0-9._:+-]{1,200})"')
 
 
+@functools.lru_cache(maxsize=512)  # per request: a pure function, and page loads repeat their paths
 def asset_name(tail: tuple[str, ...], query: str, method: str) -> str | None:
     """`assets/<name>` when this request may be answered from the cache, else None."""
     if method != "GET" or query or len(tail) != 2 or tail[0] != "assets":
@@ -99,8 +100,8 @@ class CachedAsset:
     coding: str
 
     @functools.cached_property
-    def headers(self) -> CIMultiDict[str]:
-        """The answer's headers, a function of the entry alone: built once, copied per answer."""
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The answer's headers, a function of the entry alone: built once, read-only."""
         upstream: CIMultiDict[str] = CIMultiDict({"Content-Type": self.content_type, "Cache-Control": IMMUTABLE,
                                                   "Vary": "Accept-Encoding"})
         if self.coding != "identity":
@@ -113,8 +114,8 @@ class CachedAsset:
         return web.Response(status=200, body=self.body, headers=self.headers)  # copies the headers
 
     def fast_response(self) -> FastResponse:
-        """The same answer for the fast front (`proxy.http_fast`), which adds to its own copy."""
-        return FastResponse(200, None, self.headers.copy(), self.body)
+        """The same answer for the fast front (`proxy.http_fast`), which only reads the headers."""
+        return FastResponse(200, None, self.headers, self.body, small=len(self.content_type) <= 256)
 
 
 class AssetCache:
@@ -126,18 +127,19 @@ class AssetCache:
         self.hits = 0
         self.fills = 0
         self._entries: OrderedDict[Hashable, CachedAsset] = OrderedDict()
-        self._builds: dict[uuid.UUID, str] = {}
-        """VPS -> the Control UI build id its gateway's document last carried."""
+        self._builds: dict[int, str] = {}
+        """VPS (its id as an int: hashed in C, unlike a `uuid.UUID`) -> the Control UI build id its
+        gateway's document last carried."""
 
     def saw_document(self, vps_id: uuid.UUID, html: str) -> None:
         build = build_id_of(html)
         if build is not None:
-            self._builds[vps_id] = build
+            self._builds[vps_id.int] = build
             if len(self._builds) > 100_000:
                 self._builds.clear()
 
     def _user_key(self, user_id: uuid.UUID, vps_id: uuid.UUID, name: str, coding: str) -> Hashable:
-        return ("user", user_id, self._builds.get(vps_id, str(vps_id)), name, coding)
+        return ("user", user_id.int, self._builds.get(vps_id.int, vps_id.int), name, coding)
 
     def _shared_key(self, name: str, coding: str) -> Hashable | None:
         return ("build", self.manifest.generation, name, coding) if self.manifest is not None else None

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import WSCloseCode, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from openclaw.render import CONTROL_UI_BASE_PATH
@@ -58,7 +58,7 @@ from proxy.headers import (
 from proxy.http_fast import FastRequest, FastResponse
 from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header, take
 from proxy.listener import client_key
-from proxy.metering import Meter
+from proxy.metering import ConnectionBytes, Meter
 from proxy.paths import BadPath, GatewayPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
 from proxy.preauth import PreAuthGuard
 from proxy.problems import problem
@@ -261,7 +261,7 @@ class GatewayProxy:
             self.preauth.after_lookup(token, gpath.agent_id, denied.status)
             return problem(denied.status, denied.title, denied.detail, **denied.extra)
         self.preauth.after_lookup(token, gpath.agent_id, 200)
-        wait = await take(self.http_limiter, target.user_id)
+        wait = await take(self.http_limiter, target.user_key)  # the id's text, as the WebSocket relay's
         if wait > 0:
             return problem(429, "Too many requests", "Slow down and retry shortly.",
                            headers={"Retry-After": retry_after_header(wait)})
@@ -345,6 +345,18 @@ class GatewayProxy:
         async with upstream:
             return await self._respond(request, gpath, target, upstream, route, cache_name)
 
+    def _outbound(self, request: web.Request, target: GatewayTarget, size: int) -> None:
+        """Metered bytes from the VM: a fast-front request counts them on its browser connection
+        (`ConnectionBytes`, drained by the meter before every flush, `pending` and month end, and
+        when the connection ends: the same totals), anything else adds them to the meter."""
+        if type(request) is FastRequest:
+            counter = request.counter
+            if counter is None:
+                counter = request.counter = ConnectionBytes(self.meter)
+            counter.count(target.vps_id, outbound=size)
+        else:
+            self.meter.add(target.vps_id, outbound=size)
+
     async def _metered_body(self, request: web.Request, target: GatewayTarget):  # type: ignore[no-untyped-def]
         async for chunk in request.content.iter_chunked(_CHUNK):
             self.meter.add(target.vps_id, inbound=len(chunk))
@@ -378,7 +390,7 @@ class GatewayProxy:
             except (aiohttp.ClientError, OSError):
                 return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
             buffered = b"".join(chunks)
-            self.meter.add(target.vps_id, outbound=len(buffered))
+            self._outbound(request, target, len(buffered))
             if not complete:
                 return problem(502, "Gateway unavailable", "The Control UI document is too large.")
         location = upstream.headers.get("Location")
@@ -400,11 +412,14 @@ class GatewayProxy:
                 text = rewrite_html(text, self.upstream_base, gpath.prefix)
             headers = response_headers(upstream.headers, csp=document_csp(text), drop_length=True)
             if mapped is not None:
+                headers = CIMultiDict(headers)  # the filtered fields are shared (read-only)
                 headers["Location"] = mapped
-            return _whole(request, upstream.status, upstream.reason, headers, text.encode(charset))
+            return _whole(request, upstream.status, upstream.reason, headers, text.encode(charset), small=False)
         script = "javascript" in ctype or "ecmascript" in ctype
-        headers = response_headers(upstream.headers, csp=SCRIPT_CSP if script else RESOURCE_CSP)
+        headers = response_headers(upstream.headers, csp=SCRIPT_CSP if script else RESOURCE_CSP,
+                                   memo=upstream.small_head)
         if mapped is not None:
+            headers = CIMultiDict(headers)  # the filtered fields are shared (read-only)
             headers["Location"] = mapped
         coding = None
         if cache_name is not None and self.assets is not None:
@@ -414,11 +429,11 @@ class GatewayProxy:
                 body = await upstream.read()  # small and of known size: one write instead of three
             except (aiohttp.ClientError, OSError):
                 return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
-            self.meter.add(target.vps_id, outbound=len(body))
+            self._outbound(request, target, len(body))
             if coding is not None and self.assets is not None and len(body) == upstream.content_length:
                 self.assets.store(target.user_id, target.vps_id, str(cache_name), coding, body,
                                   upstream.headers.get("Content-Type", "application/octet-stream"))
-            return _whole(request, upstream.status, upstream.reason, headers, body)
+            return _whole(request, upstream.status, upstream.reason, headers, body, small=upstream.small_head)
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         fast = isinstance(request, FastRequest)  # served below aiohttp (proxy.http_fast): it writes
         writer: FastRequest | web.StreamResponse = request if fast else out
@@ -428,7 +443,7 @@ class GatewayProxy:
             else:
                 await out.prepare(request)
             async for chunk in upstream.iter_any():
-                self.meter.add(target.vps_id, outbound=len(chunk))
+                self._outbound(request, target, len(chunk))
                 await writer.write(chunk)
             await writer.write_eof()
         except (aiohttp.ClientError, ConnectionError, OSError):
@@ -438,12 +453,13 @@ class GatewayProxy:
         return out
 
 
-def _whole(request: web.Request, status: int, reason: str, headers: CIMultiDict[str], body: bytes
+def _whole(request: web.Request, status: int, reason: str, headers: CIMultiDict[str] | CIMultiDictProxy[str],
+           body: bytes, *, small: bool
            ) -> web.StreamResponse | FastResponse:
     """A whole answer: the light `FastResponse` for the fast front (it writes the head itself),
     else the `web.Response` aiohttp writes."""
     if isinstance(request, FastRequest):
-        return FastResponse(status, reason, headers, body)
+        return FastResponse(status, reason, headers, body, small=small)
     return web.Response(status=status, reason=reason, body=body, headers=headers)
 
 

@@ -128,6 +128,7 @@ SECURITY_HEADERS: dict[str, str] = {
 _HOST_RE = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(?::[0-9]{1,5})?$")
 
 
+@functools.lru_cache(maxsize=512)  # per request; a browser sends the same Host every time
 def valid_host(host: str | None) -> bool:
     return bool(host) and bool(_HOST_RE.fullmatch(host or ""))
 
@@ -191,14 +192,28 @@ def _upstream_request_headers(incoming: tuple[tuple[str, str], ...], client_ip: 
     return CIMultiDictProxy(out)
 
 
-def response_headers(upstream: CIMultiDictProxy[str], *, csp: str, drop_length: bool = False) -> CIMultiDict[str]:
-    """The gateway's response headers we pass on, plus ours, with exactly one CSP: `csp`."""
+def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, csp: str, drop_length: bool = False,
+                     memo: bool = False) -> CIMultiDictProxy[str]:
+    """The gateway's response headers we pass on, plus ours, with exactly one CSP: `csp`.
+
+    Read-only (copy to add one). `memo`: memoised per (fields, csp), as a gateway answers the same
+    fields again and again (only `Date`, which we drop, moves once a second); only for fields
+    known to be small (`UpstreamResponse.small_head`) and a short CSP, so a memo never holds a
+    VM's large head."""
+    fields = tuple(upstream.items())
+    if memo:
+        return _response_headers(fields, csp, drop_length)
+    return _response_headers.__wrapped__(fields, csp, drop_length)
+
+
+@functools.lru_cache(maxsize=1024)
+def _response_headers(fields: tuple[tuple[str, str], ...], csp: str, drop_length: bool) -> CIMultiDictProxy[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
+    for name, value in fields:
         low = name.lower()
         if low in _RESPONSE_ALLOW and not (drop_length and low == "content-length"):
             out.add(name, value)
     for name, value in SECURITY_HEADERS.items():
         out[name] = value
     out["Content-Security-Policy"] = csp
-    return out
+    return CIMultiDictProxy(out)

@@ -74,12 +74,10 @@ def _cookies(header: str) -> MappingProxyType[str, str]:
     return MappingProxyType({name: morsel.value for name, morsel in parse_cookie_header(header)})
 
 
-@functools.lru_cache(maxsize=512)
 def _fields(block: str) -> CIMultiDictProxy[str] | None:
     """The header fields of a head (`block`: from the request line's CRLF to the end), or None
     when they keep the request off the fast path (too many, obs-fold, a body or upgrade header,
-    not exactly one Host). Memoised: a browser sends the same block (cookie included) on request
-    after request; the read-only proxy is shared by those requests."""
+    not exactly one Host). Not memoised by itself: the whole head's parse is (`_parse_head_cached`)."""
     fields = block.split("\r\n")[1:-2]
     if len(fields) > MAX_FIELDS:
         return None
@@ -126,22 +124,60 @@ class _Head:
         self.keep_alive = self.parser.should_keep_alive()
 
 
+_Parsed = tuple[str, str, CIMultiDictProxy[str], bool, str]
+
+
+def _parse_head(head: bytes) -> _Parsed | None:
+    """(method, target, fields, keep-alive, Host) of a whole request head when it may take the fast path
+    (see the module docstring); None: aiohttp's. A pure function of the bytes."""
+    cb = _Head()
+    parser = cb.parser = httptools.HttpRequestParser(cb)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # an upgrade is aiohttp's
+        return None
+    cb.parser = None
+    if cb.version != "1.1":
+        return None
+    method = cb.method
+    if method not in (b"GET", b"HEAD") or not _GATEWAY_TARGET.fullmatch(cb.url) or b"/." in cb.url:
+        return None
+    # As aiohttp decodes a head (UTF-8, surrogateescape), fields split from the validated text.
+    text = head.decode("utf-8", "surrogateescape")
+    crlf = text.count("\r\n")
+    if text.count("\n") != crlf or text.count("\r") != crlf:
+        return None  # a bare CR or LF: aiohttp's to judge
+    block = text[text.index("\r\n"):]  # the fields, without the request line
+    headers = _fields(block)
+    if headers is None:
+        return None
+    return method.decode(), cb.url.decode("ascii"), headers, cb.keep_alive, headers["Host"]
+
+
+_parse_head_cached = functools.lru_cache(maxsize=1024)(_parse_head)
+"""Per request: a browser sends the very same head bytes (path, cookie and all) again and again,
+and the verdict and fields are a pure function of them (the fields proxy is read-only, shared)."""
+_CACHED_HEAD_MAX = 4096
+"""Longer heads are parsed every time (the memo holds at most ~4 MiB of heads)."""
+
+
 class FastRequest(dict[Any, Any]):
     """What `GatewayProxy.handle` reads from a `web.Request`, for a bodiless GET or HEAD.
 
     A dict, as `web.Request` is a mutable mapping for per-request state."""
 
+    __slots__ = ("_chunked", "_conn", "headers", "host", "keep_alive", "method", "raw_path", "remote", "streamed")
     body_exists = False
     scheme = "http"
 
     def __init__(self, conn: _FastProtocol, method: str, raw_path: str, headers: CIMultiDictProxy[str],
-                 keep_alive: bool) -> None:
-        super().__init__()
+                 keep_alive: bool, host: str) -> None:
         self._conn = conn
         self.method = method
         self.raw_path = raw_path
         self.headers = headers
-        self.host: str = headers["Host"]
+        self.host = host
+        """The `Host` field (exactly one: the front takes no other request)."""
         self.remote = conn.remote
         self.keep_alive = keep_alive
         self.streamed: web.StreamResponse | None = None
@@ -150,6 +186,16 @@ class FastRequest(dict[Any, Any]):
     @property
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
+
+    @property
+    def counter(self) -> Any:
+        """A per-connection object of the handler's (`proxy.metering.ConnectionBytes`), or None
+        until it sets one; its `close()` is called when the connection ends."""
+        return self._conn.counter
+
+    @counter.setter
+    def counter(self, value: Any) -> None:
+        self._conn.counter = value
 
     @property
     def path(self) -> str:
@@ -171,7 +217,7 @@ class FastRequest(dict[Any, Any]):
             not 100 <= response.status < 200 and "Content-Length" not in headers
         if self._chunked:
             headers["Transfer-Encoding"] = "chunked"
-        head = self._conn.head(self, response.status, response.reason, headers, body_length=None)
+        head, _empty = self._conn.head(self, response.status, response.reason, headers, body_length=None)
         self.streamed = response  # from here on the handler writes the answer
         self._conn.write(head)
         await self._conn.drain()
@@ -191,12 +237,15 @@ class FastRequest(dict[Any, Any]):
 class FastResponse:
     """A whole answer with a bytes body, for a `FastRequest` only: what `_FastProtocol._respond`
     reads of a `web.Response` (status, reason, headers, body), without aiohttp's per-response set-up
-    and its copy of the headers. `headers` is the answer's own: the front adds its defaults to it.
+    and its copy of the headers. `headers` are only read (they may be shared, read-only); `small`:
+    they are known to be small (the answer's head may come from a memoised template).
     Written exactly as the equivalent `web.Response` (a reason with CR or LF: the same 500)."""
 
-    __slots__ = ("body", "headers", "reason", "status")
+    __slots__ = ("body", "headers", "reason", "small", "status")
 
-    def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes) -> None:
+    def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str] | CIMultiDictProxy[str],
+                 body: bytes, *, small: bool = False) -> None:
+        self.small = small
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -212,6 +261,53 @@ def _server_error(request: FastRequest) -> web.Response:
         return web.Response(status=500, content_type="text/html", text=(
             f"<html><head><title>{title}</title></head><body>\n<h1>{title}</h1>\n{msg}\n</body></html>\n"))
     return web.Response(status=500, text=title + "\n\n" + msg, content_type="text/plain")
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_template(status: int, reason: str | None, fields: tuple[tuple[str, str], ...], head_method: bool,
+                   closing: bool, body_length: int | None, whole: bool) -> tuple[bytes, bytes | None, bool]:
+    """A response head as aiohttp writes it (`Response._start`, `_prepare_headers`; `whole`: with the
+    length of a whole body of `body_length` bytes): the bytes before and after the `Date` value
+    (None after when the fields carry their own `Date`), and whether no body follows. A pure
+    function of its arguments: the fast front's answers repeat the same few heads (a refusal with
+    CR or LF raises, and is never kept)."""
+    headers: CIMultiDict[str] = CIMultiDict(fields)
+    no_body_status = status in _EMPTY_STATUS or 100 <= status < 200
+    empty = no_body_status or head_method
+    if whole:
+        if "Content-Length" in headers:
+            if no_body_status:
+                del headers["Content-Length"]
+        elif body_length or (status != 304 and not head_method):
+            headers["Content-Length"] = str(body_length)
+    if empty:
+        headers.pop("Transfer-Encoding", None)
+        if no_body_status:
+            headers.pop("Content-Length", None)
+    else:
+        length = headers.get("Content-Length")
+        if (int(length) if length is not None else body_length) != 0 and "Content-Type" not in headers:
+            headers["Content-Type"] = "application/octet-stream"
+    dated = "Date" not in headers
+    if dated:
+        headers["Date"] = _DATE_MARK
+    if "Server" not in headers:
+        headers["Server"] = SERVER_SOFTWARE
+    if closing and "Connection" not in headers:
+        headers["Connection"] = "close"
+    reason = reason if reason is not None else _REASONS.get(status, "")
+    lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if "\n" in reason or "\r" in reason or lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
+        raise ValueError("Newline or carriage return character detected in HTTP status message or header")
+    head = f"HTTP/1.1 {status} {reason}\r\n{lines}\r\n".encode()
+    if not dated:
+        return head, None, empty
+    before, _, after = head.rpartition(_DATE_MARK.encode())  # ours is the last: only Server and Connection follow
+    return before, after, empty
+
+
+_DATE_MARK = "\x00date\x00"
+"""Where the `Date` value goes in a head template (NUL: never in a header value we write)."""
 
 
 class FastFront:
@@ -249,8 +345,8 @@ class FastFront:
 
 
 class _FastProtocol(asyncio.Protocol):
-    __slots__ = ("_buf", "_fallback", "_fallback_factory", "_front", "_idle", "_paused_reading",
-                 "_write_paused", "_drain", "_eof", "remote", "task", "transport")
+    __slots__ = ("_buf", "_fallback", "_fallback_factory", "_front", "_idle", "_idle_since", "_paused_reading",
+                 "_write_paused", "_drain", "_eof", "counter", "remote", "task", "transport")
 
     def __init__(self, front: FastFront, fallback: Callable[[], asyncio.Protocol]) -> None:
         self._front = front
@@ -261,10 +357,14 @@ class _FastProtocol(asyncio.Protocol):
         self.remote: str | None = None
         self.task: asyncio.Task[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
+        """Since when (loop time) the connection waits for a request with nothing buffered; None: not idle."""
         self._paused_reading = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._eof = False
+        self.counter: Any = None
+        """What the handler counts per connection (`FastRequest.counter`); closed with the connection."""
 
     # -- asyncio events ------------------------------------------------------------------------
 
@@ -274,8 +374,7 @@ class _FastProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple | list) and peer else None
         self._front.connections.add(self)
-        if self._front.keepalive_timeout:  # as aiohttp (3.14): idle from the moment it opens
-            self._idle = asyncio.get_running_loop().call_later(self._front.keepalive_timeout, self._idle_close)
+        self._become_idle()  # as aiohttp (3.14): idle from the moment it opens
 
     def data_received(self, data: bytes) -> None:
         if self._fallback is not None:
@@ -299,6 +398,8 @@ class _FastProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._front.connections.discard(self)
         self._cancel_idle()
+        if self.counter is not None:
+            self.counter.close()
         if self._fallback is not None:
             self._fallback.connection_lost(exc)
             return
@@ -322,7 +423,7 @@ class _FastProtocol(asyncio.Protocol):
 
     def _next(self) -> None:
         """Start the next buffered request, hand the connection to aiohttp, or wait for more bytes."""
-        self._cancel_idle()
+        self._idle_since = None  # bytes came: the keep-alive timeout no longer runs (the guard's header timeout does)
         buf = self._buf
         if not buf:
             return
@@ -348,28 +449,10 @@ class _FastProtocol(asyncio.Protocol):
 
     def _parse(self, head: bytes) -> FastRequest | None:
         """The request, if it may take the fast path (see the module docstring); None: aiohttp's."""
-        cb = _Head()
-        parser = cb.parser = httptools.HttpRequestParser(cb)
-        try:
-            parser.feed_data(head)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # an upgrade is aiohttp's
+        parsed = _parse_head_cached(head) if len(head) <= _CACHED_HEAD_MAX else _parse_head(head)
+        if parsed is None:
             return None
-        cb.parser = None
-        if cb.version != "1.1":
-            return None
-        method = cb.method
-        if method not in (b"GET", b"HEAD") or not _GATEWAY_TARGET.fullmatch(cb.url) or b"/." in cb.url:
-            return None
-        # As aiohttp decodes a head (UTF-8, surrogateescape), fields split from the validated text.
-        text = head.decode("utf-8", "surrogateescape")
-        crlf = text.count("\r\n")
-        if text.count("\n") != crlf or text.count("\r") != crlf:
-            return None  # a bare CR or LF: aiohttp's to judge
-        block = text[text.index("\r\n"):]  # the fields, without the request line
-        headers = _fields(block)
-        if headers is None:
-            return None
-        return FastRequest(self, method.decode(), cb.url.decode("ascii"), headers, cb.keep_alive)
+        return FastRequest(self, *parsed)
 
     async def _run(self, request: FastRequest, guard: asyncio.BaseProtocol | None) -> None:
         try:
@@ -401,24 +484,18 @@ class _FastProtocol(asyncio.Protocol):
             self.transport.resume_reading()
         if self._buf:
             self._next()
-        elif self._front.keepalive_timeout:
-            self._idle = asyncio.get_running_loop().call_later(self._front.keepalive_timeout, self._idle_close)
+        else:
+            self._become_idle()
 
     def _respond(self, request: FastRequest, response: web.StreamResponse | FastResponse) -> None:
         """A `web.Response` (or `FastResponse`) written as aiohttp's `Response._start` and
-        `_prepare_headers` write it."""
+        `_prepare_headers` write it (its headers are read, not changed)."""
         status = response.status
         body = getattr(response, "body", None) or b""
         if not isinstance(body, bytes | bytearray):
             raise TypeError("the fast path writes bytes bodies only")
-        headers = response.headers
-        empty = status in _EMPTY_STATUS or 100 <= status < 200 or request.method == "HEAD"
-        if "Content-Length" in headers:
-            if status in _EMPTY_STATUS or 100 <= status < 200:
-                del headers["Content-Length"]
-        elif body or (status != 304 and request.method != "HEAD"):
-            headers["Content-Length"] = str(len(body))
-        head = self.head(request, status, response.reason, headers, body_length=len(body))
+        head, empty = self.head(request, status, response.reason, response.headers, len(body), whole=True,
+                                memo=getattr(response, "small", False))
         if not body or empty:
             self.write(head)
         elif len(body) <= _ONE_WRITE:
@@ -428,30 +505,21 @@ class _FastProtocol(asyncio.Protocol):
             self.write(body)
 
     def head(self, request: FastRequest, status: int, reason: str | None, headers: CIMultiDict[str] | Any,
-             body_length: int | None) -> bytes:
-        """Status line and headers, with aiohttp's defaults; CR or LF anywhere in them is refused."""
-        empty = status in _EMPTY_STATUS or 100 <= status < 200 or request.method == "HEAD"
-        if empty:
-            headers.pop("Transfer-Encoding", None)
-            if status in _EMPTY_STATUS or 100 <= status < 200:
-                headers.pop("Content-Length", None)
-        else:
-            length = headers.get("Content-Length")
-            if (int(length) if length is not None else body_length) != 0 and "Content-Type" not in headers:
-                headers["Content-Type"] = "application/octet-stream"
-        if "Date" not in headers:
-            headers["Date"] = rfc822_formatted_time()
-        if "Server" not in headers:
-            headers["Server"] = SERVER_SOFTWARE
-        if not request.keep_alive or self._front.closing:
+             body_length: int | None, *, whole: bool = False, memo: bool = False) -> tuple[bytes, bool]:
+        """Status line and headers, with aiohttp's defaults, and whether the answer has no body
+        (`whole`: a whole answer of `body_length` bytes, whose length we state); CR or LF anywhere in
+        them is refused. From a template per (status, reason, fields, HEAD, close, length): only the
+        `Date` is filled in per answer; the template is memoised only for `memo` (fields known to be
+        small: `FastResponse.small`), so no memo holds a VM's large head."""
+        closing = not request.keep_alive or self._front.closing
+        if closing:
             request.keep_alive = False
-            if "Connection" not in headers:
-                headers["Connection"] = "close"
-        reason = reason if reason is not None else _REASONS.get(status, "")
-        fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-        if "\n" in reason or "\r" in reason or fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
-            raise ValueError("Newline or carriage return character detected in HTTP status message or header")
-        return f"HTTP/1.1 {status} {reason}\r\n{fields}\r\n".encode()
+        template = _head_template if memo else _head_template.__wrapped__
+        before, after, empty = template(status, reason, tuple(headers.items()), request.method == "HEAD",
+                                        closing, body_length, whole)
+        if after is None:
+            return before, empty
+        return before + rfc822_formatted_time().encode() + after, empty
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -494,12 +562,30 @@ class _FastProtocol(asyncio.Protocol):
         if data:
             handler.data_received(data)
 
+    def _become_idle(self) -> None:
+        """Waiting for the next request from now: closed after `keepalive_timeout`. The timer is
+        lazy: one still pending from an earlier idle spell is kept and re-aimed when it fires (a
+        timer made and cancelled per request costs more than the rest of the keep-alive logic)."""
+        timeout = self._front.keepalive_timeout
+        if timeout:
+            loop = asyncio.get_running_loop()
+            self._idle_since = loop.time()
+            if self._idle is None:
+                self._idle = loop.call_at(self._idle_since + timeout, self._idle_close)
+
     def _idle_close(self) -> None:
         self._idle = None
-        if self.task is None and not self._buf:
-            self.close()
+        if self._fallback is not None or self._idle_since is None or self.task is not None or self._buf:
+            return  # not idle now: armed again when it is
+        deadline = self._idle_since + self._front.keepalive_timeout
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:  # armed for an earlier idle spell: aim at this one's end
+            self._idle = loop.call_at(deadline, self._idle_close)
+            return
+        self.close()
 
     def _cancel_idle(self) -> None:
+        self._idle_since = None
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None

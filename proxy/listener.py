@@ -186,7 +186,7 @@ class ConnectionGuard:
 class GuardedProtocol(asyncio.Protocol):
     """Wraps the real protocol, built only once the connection is admitted; forwards every event."""
 
-    __slots__ = ("_busy", "_factory", "_guard", "_inner", "_key", "_pending", "_timer", "_transport")
+    __slots__ = ("_busy", "_factory", "_guard", "_head_since", "_inner", "_key", "_pending", "_timer", "_transport")
 
     def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]) -> None:
         self._guard = guard
@@ -195,6 +195,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._key: str | None = None
         self._transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._head_since: float | None = None
+        """When the head being waited for began (loop time); None: no header timeout runs."""
         self._busy = 0
         self._pending = False
 
@@ -215,7 +217,7 @@ class GuardedProtocol(asyncio.Protocol):
             return
         if self._busy:
             self._pending = True  # a pipelined head, or a body: timed once the request is done
-        elif self._timer is None:
+        elif self._head_since is None:
             self._arm()  # the first byte of the next request on a kept-alive connection
         self._inner.data_received(data)
 
@@ -225,7 +227,7 @@ class GuardedProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._key is None:
             return
-        self._disarm()
+        self._disarm(cancel=True)
         self._guard.release(self._key)
         self._key = None
         if self._inner is not None:
@@ -245,7 +247,7 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner = protocol
         self._busy += 1  # never decremented: a relayed socket is a request that lasts
         self._pending = False
-        self._disarm()
+        self._disarm(cancel=True)
 
     # -- request boundaries (browser listener) --------------------------------------------------
 
@@ -260,18 +262,31 @@ class GuardedProtocol(asyncio.Protocol):
             self._arm()
 
     def _arm(self) -> None:
+        """A head is awaited from now: `header_timeout_s` for it. The timer is lazy: one that is
+        still pending from an earlier head is kept and re-aimed when it fires (a timer made and
+        cancelled per request costs more than the rest of the guard)."""
         timeout = self._guard.limits.header_timeout_s
-        if timeout and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(timeout, self._expire)
+        if timeout and self._head_since is None:
+            loop = asyncio.get_running_loop()
+            self._head_since = loop.time()
+            if self._timer is None:
+                self._timer = loop.call_at(self._head_since + timeout, self._expire)
 
-    def _disarm(self) -> None:
-        if self._timer is not None:
+    def _disarm(self, cancel: bool = False) -> None:
+        """No head awaited any more (a request runs, or the connection ended: `cancel`)."""
+        self._head_since = None
+        if cancel and self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _expire(self) -> None:
         self._timer = None
-        if self._busy or self._transport is None or self._key is None:
+        if self._busy or self._transport is None or self._key is None or self._head_since is None:
+            return
+        deadline = self._head_since + self._guard.limits.header_timeout_s
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:  # armed for an earlier head: aim at this one's deadline
+            self._timer = loop.call_at(deadline, self._expire)
             return
         self._guard.timed_out()
         self._transport.abort()  # type: ignore[attr-defined]

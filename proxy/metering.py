@@ -11,7 +11,8 @@ A busy stream can count in its own two integers instead of calling `add` per fra
 attached source (`attach`), and the meter drains every source before it flushes or answers
 `pending`, when the source is detached, and when a month ends (a timer at the boundary, armed by
 `start`, so bytes stay in the month they were relayed in). The totals are exactly those `add` per
-frame would give.
+frame would give. `ConnectionBytes` is such a source for the plain HTTP answers of one browser
+connection (the gateway proxy's fast front), whatever VPS each of its requests went to.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.plans import month_start
 
-__all__ = ["Meter", "MeterSource"]
+__all__ = ["ConnectionBytes", "Meter", "MeterSource"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,52 @@ class MeterSource(Protocol):
     def drain(self) -> tuple[uuid.UUID, int, int]:
         """(vps_id, inbound, outbound) counted since the last drain; the counts start again at zero."""
         ...
+
+
+_CLOSED: object = object()
+"""`ConnectionBytes.vps_id` once closed: never the VPS of a request, so every count takes the slow path."""
+
+
+class ConnectionBytes:
+    """A `MeterSource` for one connection's requests: bytes counted in two integers, drained by the
+    meter like a relay's. Requests on one connection may go to different VPSes: a request for
+    another VPS first hands what was counted for the previous one to `Meter.add`. Once closed
+    (detached, its counts taken) any further count goes to `Meter.add` directly, so nothing counted
+    after the connection ended is lost."""
+
+    __slots__ = ("inbound", "meter", "outbound", "vps_id")
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.vps_id: uuid.UUID | object | None = None
+        self.inbound = 0
+        self.outbound = 0
+        meter.attach(self)
+
+    def count(self, vps_id: uuid.UUID, inbound: int = 0, outbound: int = 0) -> None:
+        """Exactly `meter.add(vps_id, inbound=..., outbound=...)`, in the end."""
+        if vps_id is not self.vps_id:  # another request's target (the same VPS, looked up again, is equal)
+            if self.vps_id is _CLOSED:
+                self.meter.add(vps_id, inbound=inbound, outbound=outbound)
+                return
+            if vps_id != self.vps_id:
+                previous, before_in, before_out = self.drain()
+                if before_in or before_out:
+                    self.meter.add(previous, inbound=before_in, outbound=before_out)  # type: ignore[arg-type]
+            self.vps_id = vps_id
+        self.inbound += inbound
+        self.outbound += outbound
+
+    def drain(self) -> tuple[uuid.UUID, int, int]:
+        counts = (self.vps_id, self.inbound, self.outbound)
+        self.inbound = self.outbound = 0
+        return counts  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """The connection ended: what is left goes to the meter now."""
+        if self.vps_id is not _CLOSED:
+            self.meter.detach(self)
+            self.vps_id = _CLOSED
 
 
 class Meter:

@@ -90,7 +90,7 @@ class PreAuthGuard:
         digest = token_hash(token)
         if digest in self.unknown:
             return "unknown", 0.0
-        if (digest, agent_id) in self.known:
+        if (digest, agent_id.int) in self.known:  # the int hashes in C, a `uuid.UUID` in Python
             return None
         wait = self.bucket.acquire(client)
         return ("rate", wait) if wait > 0 else None
@@ -102,6 +102,6 @@ class PreAuthGuard:
         digest = token_hash(token)
         if status == 401:
             self.unknown.add(digest)
-            self.known.discard((digest, agent_id))
+            self.known.discard((digest, agent_id.int))
         elif status < 500:
-            self.known.add((digest, agent_id))
+            self.known.add((digest, agent_id.int))

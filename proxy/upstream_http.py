@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import re
 import ssl
 import time
 from collections import deque
@@ -47,6 +48,9 @@ _LOW_WATER = 64 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _SWEEP_S = 5.0
+MEMO_HEAD_MAX = 4096
+"""Response fields up to this many bytes are memoised (`_response_fields`, and downstream the
+header filter and the front's head template); larger ones, which a VM may send, never are."""
 
 
 class UpstreamError(ConnectionError):
@@ -68,14 +72,20 @@ def _insecure_pinned_context() -> ssl.SSLContext:
 class UpstreamResponse:
     """One response: its head, and its body as a flow-controlled stream."""
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_paused", "_size", "_waiter", "complete", "headers",
-                 "reason", "status")
+    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_paused", "_size", "_waiter", "complete", "content_length",
+                 "headers", "reason", "small_head", "status")
 
-    def __init__(self, conn: _Conn, status: int, reason: str, headers: CIMultiDictProxy[str]) -> None:
+    def __init__(self, conn: _Conn, status: int, reason: str, headers: CIMultiDictProxy[str],
+                 content_length: int | None = None, small_head: bool = False) -> None:
         self._conn: _Conn | None = conn
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.content_length = content_length
+        """`Content-Length` as a number (None: absent or not digits only)."""
+        self.small_head = small_head
+        """The fields are at most `MEMO_HEAD_MAX` bytes: what is derived from them may be memoised
+        (a VM's larger heads are never kept in a memo: bounded memory whatever a VM sends)."""
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._eof = False
@@ -84,13 +94,6 @@ class UpstreamResponse:
         self._paused = False
         self.complete = False
         """The whole body arrived (and the connection went back to the pool or was closed)."""
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        if value is None or not value.isdigit():
-            return None
-        return int(value)
 
     @property
     def charset(self) -> str | None:
@@ -149,6 +152,11 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
+        if self._eof and self._exc is None:  # all of it is here already (a small answer, usually)
+            data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            return data
         parts = []
         while chunk := await self.readany():
             parts.append(chunk)
@@ -172,6 +180,21 @@ class UpstreamResponse:
         self.close()
 
 
+@functools.lru_cache(maxsize=512)
+def _response_fields(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[CIMultiDictProxy[str], int | None, bool, bool]:
+    """A response's fields as llhttp delivered them: (the read-only fields, `Content-Length` as a
+    number or None, whether the body is framed by a length or chunked, whether the gateway asked
+    to close). A pure function of the fields, which a gateway repeats (only `Date` moves, once a
+    second); the read-only proxy is shared by the responses that carry them. Memoised only for
+    fields up to `MEMO_HEAD_MAX` bytes (`__wrapped__` otherwise)."""
+    headers = CIMultiDictProxy(CIMultiDict([(name.decode("utf-8", "surrogateescape"),
+                                             value.decode("utf-8", "surrogateescape")) for name, value in raw]))
+    value = headers.get("Content-Length")
+    length = int(value) if value is not None and value.isdigit() else None
+    framed = "Content-Length" in headers or "chunked" in headers.get("Transfer-Encoding", "").lower()
+    return headers, length, framed, "close" in headers.get("Connection", "").lower()
+
+
 class _Conn(asyncio.Protocol):
     """One upstream connection, parsing responses with httptools."""
 
@@ -190,6 +213,7 @@ class _Conn(asyncio.Protocol):
         self._got_bytes = False
         self._reason = b""
         self._raw: list[tuple[bytes, bytes]] = []
+        self._raw_size = 0
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
@@ -241,6 +265,7 @@ class _Conn(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._raw = []
+        self._raw_size = 0
         self._reason = b""
 
     def on_status(self, status: bytes) -> None:
@@ -248,6 +273,7 @@ class _Conn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw.append((name, value))
+        self._raw_size += len(name) + len(value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -258,21 +284,20 @@ class _Conn(asyncio.Protocol):
         if self._head is None:  # an answer nobody asked for: not a connection to trust
             self._fail(UpstreamError("unsolicited answer from the gateway"))
             return
-        headers: CIMultiDict[str] = CIMultiDict([(name.decode("utf-8", "surrogateescape"),
-                                                  value.decode("utf-8", "surrogateescape"))
-                                                 for name, value in self._raw])
-        response = UpstreamResponse(self, status, self._reason.decode("utf-8", "surrogateescape"),
-                                    CIMultiDictProxy(headers))
+        small = self._raw_size <= MEMO_HEAD_MAX
+        fields = _response_fields if small else _response_fields.__wrapped__
+        headers, length, framed, close = fields(tuple(self._raw))
+        response = UpstreamResponse(self, status, self._reason.decode("utf-8", "surrogateescape"), headers, length,
+                                    small)
         no_body = self._head_only or status in _NO_BODY_STATUS
-        self._until_close = (not no_body and "Content-Length" not in headers
-                             and "chunked" not in headers.get("Transfer-Encoding", "").lower())
+        self._until_close = not no_body and not framed
         self._response = response
         head, self._head = self._head, None
         if head is not None and not head.done():
             head.set_result(response)
         if self._head_only:  # llhttp does not know this answered a HEAD: the message ends here for us
             self.parser = httptools.HttpResponseParser(self)
-            self._complete(keep_alive="close" not in headers.get("Connection", "").lower())
+            self._complete(keep_alive=not close)
 
     def on_body(self, body: bytes) -> None:
         if self._response is None:  # bytes after a HEAD answer: not a connection to trust again
@@ -500,6 +525,19 @@ def _encoded_fields(fields: tuple[tuple[str, str], ...], chunked: bool) -> bytes
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
+_UNSAFE_TARGET = re.compile(r"[ \r\n\t]")
+
+
+@functools.lru_cache(maxsize=1024)
+def _origin(base_url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of `scheme://host[:port]`: a pure function, and every request names one."""
+    scheme, _, authority = base_url.partition("://")
+    host, _, port_text = authority.rpartition(":")
+    if not host or not port_text.isdigit():
+        host, port_text = authority, "443" if scheme == "https" else "80"
+    return scheme, host.strip("[]"), int(port_text)
+
+
 class UpstreamPool:
     """Keep-alive HTTP/1.1 connections to the gateways, one bounded pool per (scheme, host, port, pin)."""
 
@@ -544,22 +582,19 @@ class UpstreamPool:
         Returns once the response head arrived; the caller reads the body and closes it
         (`async with`). UpstreamError when no response head could be had.
         """
-        if any(c in path for c in " \r\n\t"):  # the request line must stay one line
+        if _UNSAFE_TARGET.search(path):  # the request line must stay one line
             raise UpstreamError("unsafe request target")
         self._sweep()
-        scheme, _, authority = base_url.partition("://")
-        host, _, port_text = authority.rpartition(":")
-        if not host or not port_text.isdigit():
-            host, port_text = authority, "443" if scheme == "https" else "80"
-        host = host.strip("[]")
-        pool = self._pool(scheme, host, int(port_text), ssl)
+        pool = self._pool(*_origin(base_url), ssl)
         chunked = body is not None and "Content-Length" not in headers
         head = f"{method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape") + _fields_block(headers, chunked)
         retry = body is None and method in _IDEMPOTENT
         deadline = asyncio.get_running_loop().time() + connect_timeout
         fresh = False
         while True:
-            conn = await pool.acquire(deadline, fresh)
+            conn = None if fresh else pool.take_idle()  # the usual case, without a coroutine
+            if conn is None:
+                conn = await pool.acquire(deadline, fresh)
             try:
                 return await conn.send(method, head, body, chunked)
             except _Stale:

@@ -185,6 +185,9 @@ async def test_proxy_metrics(settings: Settings, sql: psycopg.Connection) -> Non
             await writer.drain()
             assert (await reader.readline()).startswith(b"HTTP/1.1 429")
             writer.close()
+            # Plain GETs are counted on their connection and reach the counter with the meter's next
+            # drain (before every flush of the meter), as WebSocket bytes do.
+            await proxy.meter.flush()
             after = parse((await fetch(proxy.metrics_url))[0])
             # Not reachable through the user-facing listener.
             assert (await http.get(f"{proxy.url}/metrics")).status == 404

@@ -23,6 +23,9 @@ from aiohttp import web
 from db.encryption import configure_keys
 from proxy.app import RunningProxy
 from proxy.config import ProxyConfig
+from proxy.headers import _response_headers
+from proxy.http_fast import _head_template
+from proxy.upstream_http import _response_fields
 from settings import Settings
 from tests.proxy_harness import (
     TEST_CONFIG,
@@ -412,3 +415,16 @@ async def test_control_ui_document_and_config_through_the_proxy(settings: Settin
             invoke = await http.post(base + "/tools/invoke", json={"tool": "sessions_list"}, headers=seeded.cookie)
             assert invoke.status == 403
 
+
+
+async def test_a_large_gateway_head_is_passed_on_and_never_memoised(hostile: Hostile) -> None:
+    """Fields derived from a gateway's answer are memoised only while its head is small: a VM's large
+    head (here a 6 KB ETag) is answered in full, again and again, without a memo keeping any of it."""
+    etag = '"' + "e" * 6000 + '"'
+    hostile.gw.answers["/openclaw/assets/big"] = (200, {"Content-Type": "text/plain", "ETag": etag}, b"body")
+    memos = (_response_fields, _response_headers, _head_template)
+    before = [memo.cache_info().currsize for memo in memos]
+    for _ in range(3):
+        resp = await hostile.get("/assets/big")
+        assert resp.status == 200 and resp.headers["ETag"] == etag and await resp.read() == b"body"
+    assert [memo.cache_info().currsize for memo in memos] == before

@@ -19,9 +19,11 @@ import httptools
 import psycopg
 import pytest
 import pytest_asyncio
+from aiohttp.http import SERVER_SOFTWARE
 
 from db.encryption import configure_keys
 from proxy.app import RunningProxy
+from proxy.http_fast import _head_template
 from settings import Settings
 from tests.proxy_harness import (
     IMMUTABLE_ASSET,
@@ -30,6 +32,7 @@ from tests.proxy_harness import (
     Seeded,
     running_proxy,
     seed_gateway_user,
+    usage,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -219,6 +222,24 @@ async def test_repeated_header_blocks(pair: Pair) -> None:
     assert len(sent) == 2 and sent[0]["headers"] == sent[1]["headers"]
 
 
+async def test_repeated_heads(pair: Pair) -> None:
+    """The front's head parse is memoised per head bytes: the very same head again (on a new
+    connection, pipelined, after a refusal of the same bytes) answers as aiohttp does each time,
+    and one byte changed is judged afresh."""
+    plain = req(pair, "/assets/app.js", extra="Accept: */*\r\n")
+    refused = b"GET /agents/x/gateway/ HTTP/1.0\r\nHost: a\r\n\r\n"
+    bare_lf = req(pair, "/assets/app.js", extra="X: a\nY: b\r\n")
+    for _ in range(2):
+        assert (await both(pair, plain))[0][0].status == 200
+        assert (await both(pair, plain * 3, 3))[0][2].status == 200
+        await both(pair, refused)
+        await both(pair, bare_lf)
+        head = req(pair, "/assets/app.js", method="HEAD", extra="Accept: */*\r\nConnection: close\r\n")
+        assert await raw_until_closed(pair.fast, head) == await raw_until_closed(pair.slow, head)
+    assert (await both(pair, plain.replace(b"HTTP/1.1", b"HTTP/1.0")))[0][0].status == 200
+    assert (await both(pair, plain.replace(b"GET", b"PUT")))[0][0].status == 403
+
+
 async def raw_until_closed(proxy: RunningProxy, raw: bytes) -> list[bytes]:
     """The answer's lines but `Date`, read until the proxy closes (a HEAD answer has no body to frame)."""
     port = int(proxy.url.rsplit(":", 1)[1])
@@ -311,3 +332,105 @@ async def test_partial_head_after_a_fast_request_times_out(pair: Pair) -> None:
     finally:
         writer.close()
 
+
+async def test_metered_on_the_connection_exactly(pair: Pair, sql: psycopg.Connection) -> None:
+    """The fast front's answers are metered on their browser connection (`ConnectionBytes`): the
+    bytes are in `pending` and flushed while it stays open, the rest when it closes; the totals are
+    the bodies' bytes (none rewritten here), as through aiohttp."""
+    meter, vps = pair.fast.meter, pair.seeded.vps_id
+    await meter.flush()
+    start = usage(sql, vps)
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    parsed = _Parsed()
+    parser = parsed.parser = httptools.HttpResponseParser(parsed)
+
+    async def answers(raw: bytes, count: int) -> None:
+        writer.write(raw)
+        while len(parsed.answers) < count:
+            parser.feed_data(await asyncio.wait_for(reader.read(65536), 10))
+
+    try:
+        await answers(req(pair, "/assets/app.js") + req(pair, "/favicon.svg"), 2)
+        first = sum(len(a.body) for a in parsed.answers)
+        assert first > 0 and meter.pending({vps}) == first
+        await meter.flush()
+        assert usage(sql, vps) == (start[0], start[1] + first)
+        await answers(req(pair, "/assets/app.js") + req(pair, "/assets/stream"), 4)
+    finally:
+        writer.close()
+    assert [a.status for a in parsed.answers] == [200] * 4
+    total = sum(len(a.body) for a in parsed.answers)
+    assert total > first + 20  # the streamed body too
+    for _ in range(100):  # the proxy sees the close
+        if not any(c.transport is not None for c in pair.fast.gateway_front.connections):  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.02)
+    await meter.flush()
+    assert usage(sql, vps) == (start[0], start[1] + total)
+
+
+async def test_answer_heads_from_templates(pair: Pair) -> None:
+    """The front writes each head from a template per (status, reason, fields, HEAD, close, length):
+    the same answer as GET, HEAD and with `Connection: close`, in turn and repeated, reads as
+    aiohttp's, and only `Date` is filled in per answer (it moves on with the clock)."""
+    for _ in range(2):
+        for extra in ("", "Connection: close\r\n"):
+            for tail in ("/assets/app.js", "/tools/invoke", "/assets/no-content", ""):
+                await both(pair, req(pair, tail, extra=extra))
+                raw = req(pair, tail, method="HEAD", extra="Connection: close\r\n")
+                assert await raw_until_closed(pair.fast, raw) == await raw_until_closed(pair.slow, raw)
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        heads = []
+        for _ in range(2):
+            writer.write(req(pair, "/assets/app.js"))
+            heads.append(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10))
+            assert await asyncio.wait_for(reader.readexactly(9), 10) == b"upstream:"
+            await asyncio.sleep(1.1)
+    finally:
+        writer.close()
+    date = [next(line for line in h.split(b"\r\n") if line.startswith(b"Date: ")) for h in heads]
+    assert date[0] != date[1]
+    assert heads[0].replace(date[0], b"") == heads[1].replace(date[1], b"")
+
+
+async def test_head_template_refuses_cr_lf() -> None:
+    """A field or reason with CR or LF is refused (the front answers 500, as aiohttp), every time."""
+    for _ in range(2):
+        with pytest.raises(ValueError, match="Newline or carriage return"):
+            _head_template(200, None, (("X", "a\r\nSet-Cookie: x=1"),), False, False, 0, True)
+        with pytest.raises(ValueError, match="Newline or carriage return"):
+            _head_template(200, "OK\r\nX: y", (), False, False, 0, True)
+    before, after, empty = _head_template(204, None, (("Content-Length", "0"),), False, True, 0, True)
+    assert before == b"HTTP/1.1 204 No Content\r\nDate: " and empty
+    assert after == b"\r\nServer: " + SERVER_SOFTWARE.encode() + b"\r\nConnection: close\r\n\r\n"
+
+
+async def test_timeouts_count_from_the_latest_head_and_idle_spell(pair: Pair) -> None:
+    """The header and keep-alive timers are lazy (kept across requests, re-aimed when they fire):
+    a head begun late is still given the whole header timeout (1 s) from its first byte, a
+    connection used more often than the keep-alive timeout (1.5 s) stays open past it, and once
+    idle it is closed after the keep-alive timeout."""
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    try:
+        head = req(pair, "/assets/app.js")
+        writer.write(head)  # the header timer is made here: due in 1 s
+        await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)
+        await asyncio.sleep(0.7)
+        writer.write(head[:20])  # the next head begins 0.7 s later: due 1 s from now, not 0.3 s
+        await asyncio.sleep(0.6)  # past the first head's deadline
+        writer.write(head[20:])
+        assert (await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)).startswith(b"HTTP/1.1 200")
+        for _ in range(2):  # 2 x 1.0 s of use, each gap shorter than the keep-alive timeout
+            await asyncio.sleep(1.0)
+            writer.write(head)
+            assert (await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)).startswith(b"HTTP/1.1 200")
+        idle = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 1.3 < loop.time() - idle < 3.0  # the keep-alive timeout from the last answer
+    finally:
+        writer.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from datetime import date
 
 import psycopg
@@ -13,7 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from billing.plans import month_start
 from db.engine import make_engine
 from proxy.enforcement import UsageEnforcer
-from proxy.metering import Meter
+from proxy.metering import ConnectionBytes, Meter
 from settings import Settings
 from tests.proxy_harness import seed_gateway_user, usage
 
@@ -208,4 +209,43 @@ async def test_month_timer_drains_sources_at_the_boundary(settings: Settings, sq
         assert rows == [(date(2020, 2, 1), 11), (month_start(), 4)]
     finally:
         await meter.close()
+        await engine.dispose()
+
+
+async def test_connection_bytes_are_exact(settings: Settings, sql: psycopg.Connection) -> None:
+    """A browser connection's counter (`ConnectionBytes`, the fast front's plain answers): drained at
+    `pending` and flush while the connection stays open, handed over when a request on it goes to
+    another VPS (an equal id looked up again is the same VPS), kept in the month it was counted in,
+    the rest taken at close, and bytes counted after the close still reach the meter."""
+    a = seed_gateway_user(sql, settings, port=1)
+    b = seed_gateway_user(sql, settings, port=1)
+    engine = make_engine(settings)
+    try:
+        meter = Meter(engine, flush_interval_s=3600)
+        conn = ConnectionBytes(meter)
+        conn.count(a.vps_id, outbound=100)
+        conn.count(uuid.UUID(str(a.vps_id)), outbound=5)  # equal, another object: same VPS
+        conn.count(a.vps_id, inbound=2)
+        assert meter.pending({a.vps_id}) == 107
+        conn.count(a.vps_id, outbound=1)
+        await meter.flush()
+        assert usage(sql, a.vps_id) == (2, 106)
+        conn.count(a.vps_id, outbound=10)
+        conn.count(b.vps_id, outbound=20)  # another agent's VPS on the same connection
+        conn.count(a.vps_id, outbound=30)
+        assert meter.pending({a.vps_id}) == 40 and meter.pending({b.vps_id}) == 20
+        conn.count(a.vps_id, outbound=7)
+        meter._month, meter._month_ends = date(2020, 3, 1), 0.0  # the month just ended
+        meter.add(b.vps_id, inbound=1)  # rolls the month: the 7 bytes counted before stay in March 2020
+        conn.count(a.vps_id, outbound=3)
+        conn.close()
+        conn.count(a.vps_id, outbound=4)  # after the close (a body still being written): straight to the meter
+        conn.close()  # twice: nothing more
+        await meter.flush()
+        rows = sql.execute("SELECT period_start, bandwidth_in_bytes, bandwidth_out_bytes FROM vps_usage_periods "
+                           "WHERE vps_id = %s ORDER BY period_start", (a.vps_id,)).fetchall()
+        assert rows == [(date(2020, 3, 1), 0, 7), (month_start(), 2, 106 + 10 + 30 + 3 + 4)]
+        assert usage(sql, b.vps_id) == (1, 20)
+        assert not meter._sources
+    finally:
         await engine.dispose()

@@ -385,3 +385,42 @@ async def test_a_wrong_pin_never_receives_the_request_and_the_right_one_does(tmp
             assert len(received) == 1 and secret.encode() in received[0]
         finally:
             await pool.close()
+
+
+async def test_repeated_and_changed_response_fields_read_right_each_time() -> None:
+    """Response fields are decoded once per field set (memoised with their length, framing and
+    close): the same fields again, then a field changed, a length that is not a number, a
+    read-until-close body and `Connection: close`, are each framed and reused (or not) as they say."""
+    answers = {
+        b"/same": lambda: response(b"same body"),
+        b"/len": lambda: response(b"twelve bytes"),
+        b"/odd-length": lambda: b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Length: 3x\r\n\r\nabc",
+        b"/close": lambda: response(b"last", extra="Connection: close\r\n"),
+        b"/until-close": lambda: b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nto the end",
+    }
+
+    async def handler(conn: Conn) -> None:
+        while head := await conn.request_head():
+            data = answers[head.split(b" ", 2)[1]]()
+            await conn.send(data)
+            if b"Connection: close" in data:
+                return  # as a gateway does after saying so (the read-until-close body ends here)
+
+    async with fake_upstream(handler) as (fake, port):
+        pool = UpstreamPool()
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(2):
+                for path, body, length in [("/same", b"same body", 9), ("/same", b"same body", 9),
+                                           ("/len", b"twelve bytes", 12), ("/odd-length", b"abc", 3)]:
+                    async with await pool.request("GET", base, path, headers()) as resp:
+                        assert (await resp.read(), resp.content_length) == (body, length), path
+                        assert resp.headers["Content-Length"] == str(length)
+            assert len(fake.conns) == 1
+            for path, body in [("/close", b"last"), ("/until-close", b"to the end"), ("/close", b"last")]:
+                async with await pool.request("GET", base, path, headers()) as resp:
+                    assert await resp.read() == body and resp.complete
+                assert all(p["idle"] == 0 for p in pool.stats().values()), path  # not kept
+            assert len(fake.conns) == 3  # the kept-alive one, then one for each answer after a close
+        finally:
+            await pool.close()
