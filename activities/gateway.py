@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -34,7 +34,7 @@ from openclaw.rpc import (
     NotPairedError,
     UnavailableError,
 )
-from providers import VmInfo, VmProvider, VmSpec, VmState
+from providers import ProviderError, VmInfo, VmProvider, VmSpec, VmState
 from settings import Settings
 
 SIMULATOR_KNOB_PREFIX = "SLOPBOX_SIM_"
@@ -177,19 +177,75 @@ async def admin_session(provider: VmProvider, vps: Vps, agent: Agent, *, budget_
                         **options: Any) -> AsyncIterator[GatewayClient]:
     """An admin session that waits up to `budget_s` (a gateway start) for a gateway still restarting
     after the previous change. One that does not answer within that fails for good (GatewayNotReady):
-    retrying would only make the user wait that long again; a lost worker is still retried."""
+    retrying would only make the user wait that long again; a lost worker is still retried. While it
+    waits, the provider is asked whether the VM is still up (`vm_down`): one that is off or dead fails
+    the session at once (VmNotRunning, final)."""
     client = admin_client(provider, vps, agent, connect_timeout=budget_s, **options)
     try:
-        await client.connect()
-    except GatewayPinError as err:
-        raise pin_refused(err) from None
-    except GatewayConnectionError as err:
-        raise ApplicationError(f"the gateway did not answer within {budget_s:.0f}s: {err}", type="GatewayNotReady",
-                               non_retryable=True) from None
+        await unless_vm_down(provider, vps, client.connect())
+    except BaseException as err:
+        await client.close()
+        if isinstance(err, GatewayPinError):
+            raise pin_refused(err) from None
+        if isinstance(err, GatewayConnectionError):
+            raise ApplicationError(f"the gateway did not answer within {budget_s:.0f}s: {err}",
+                                   type="GatewayNotReady", non_retryable=True) from None
+        raise
     try:
         yield client
     finally:
         await client.close()
+
+
+# Provider states from which nothing brings the gateway back without a start from us: at once
+# (a failed machine, a dead local gateway, a deleted VM), or when seen on two looks in a row (a Fly
+# machine restarting its crashed gateway passes through `stopped` for a moment).
+VM_GONE = frozenset({VmState.DELETING, VmState.DELETED, VmState.ERROR})
+VM_OFF = frozenset({VmState.STOPPING, VmState.STOPPED})
+VM_WATCH_FIRST_S, VM_WATCH_EVERY_S = 1.0, 5.0
+T = TypeVar("T")
+
+
+async def vm_down(provider: VmProvider, vps: Vps, *, first_s: float = VM_WATCH_FIRST_S,
+                  every_s: float = VM_WATCH_EVERY_S) -> str:
+    """Returns why, once the provider says the VM is down; never while it runs or starts.
+
+    A gateway that does not answer may be restarting (a config change, systemd or Fly bringing a
+    crashed one back: the VM stays up) or gone with its VM. Only the provider tells the two apart;
+    asking it lets a wait on a VM that is off or dead end in seconds instead of after a gateway
+    start's whole budget. A provider that cannot answer right now is asked again later."""
+    await asyncio.sleep(first_s)
+    off_before = False
+    while True:
+        try:
+            info = await provider.get(str(vps.provider_ref))
+        except ProviderError as err:
+            log.info("vm watch: the provider did not answer (%s); asking again", err)
+        else:
+            if info is None:
+                return f"the {vps.provider} VM no longer exists"
+            if info.state in VM_GONE or (info.state in VM_OFF and off_before):
+                detail = f" ({info.detail})" if info.detail else ""
+                return f"the {vps.provider} VM's state is {info.state.value}{detail}"
+            off_before = info.state in VM_OFF
+        await asyncio.sleep(every_s)
+
+
+async def unless_vm_down(provider: VmProvider, vps: Vps, work: Awaitable[T]) -> T:
+    """`work`, unless the VM goes down first (`vm_down`): then it is cancelled and the activity
+    fails for good (VmNotRunning): waiting longer cannot help, and a retry would wait again."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(vm_down(provider, vps) if vps.provider_ref else asyncio.Event().wait())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise ApplicationError(f"the gateway's VM is not running: {watch.result()}", type="VmNotRunning",
+                                   non_retryable=True)
+        return task.result()
+    finally:
+        for pending in (task, watch):
+            pending.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
 
 
 # The real gateway's answer to a write it kept but applies only by restarting (UNAVAILABLE

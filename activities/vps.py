@@ -292,10 +292,14 @@ class VpsActivities:
 
         The pin arrives with the VM's ready report (`/bootstrap/ready`), so until then we wait. A
         certificate other than the pinned one fails the operation at once (someone else answers at
-        that address). When ready, the URL is stored on the row: the proxy reads it from there.
+        that address), and so does a VM the provider says is down (`gateway.unless_vm_down`: a gateway
+        that crashed at boot). When ready, the URL is stored on the row: the proxy reads it from there.
         """
         vps, _, _ = await self._load(inp)
-        url = gateway.base_url(self.provider(vps.provider), vps)
+        provider = self.provider(vps.provider)
+        await gateway.unless_vm_down(provider, vps, self._until_ready(inp, vps, gateway.base_url(provider, vps)))
+
+    async def _until_ready(self, inp: WaitInput, vps: Vps, url: str) -> None:
         deadline = time.monotonic() + inp.timeout_s
         last = "no answer yet"
         context = pinned_context()

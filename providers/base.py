@@ -114,6 +114,7 @@ class VmInfo(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     created_at: datetime | None = None
     detail: str | None = None
+    """Why the VM is in this state, in words a user may read (e.g. "the gateway process exited")."""
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -258,7 +258,6 @@ class FlyProvider(VmProvider):
             location=machine.get("region"),
             labels=metadata,
             created_at=created,
-            detail=machine.get("private_ip"),
         )
 
     async def _machine(self, app: str, mid: str) -> dict[str, Any] | None:

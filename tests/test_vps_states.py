@@ -171,34 +171,74 @@ async def test_reconcile_leaves_a_vps_alone_while_an_operation_runs(stack: Stack
     await stack.wait_vps(user, agent, "destroyed")
 
 
-async def test_a_failed_settings_push_is_visible_on_the_api(stack: Stack, sql: psycopg.Connection) -> None:
-    """Issue 8 #6: it used to show `running`, `last_error: null`, the failure only in the workflow result."""
-    user, agent, vps = await running(stack, sql)
-    before = await stack.agent(user, agent)
-    assert before["settings"]["in_sync"] is True
-    pid = json.loads((stack.settings.data_dir / "vms" / vps["id"] / "gateway.pid").read_text())["pid"]
-    os.killpg(pid, signal.SIGKILL)  # the gateway dies; the VPS row still says running
-    resp = await stack.api.patch(f"/agents/{agent}/settings", json={"files": {"SOUL.md": "lost?"}},
-                                 headers=headers(user))
+def gateway_pid(stack: Stack, vps: dict[str, Any]) -> int:
+    """The local VM's gateway process group (the whole "VM" of the local provider)."""
+    return int(json.loads((stack.settings.data_dir / "vms" / vps["id"] / "gateway.pid").read_text())["pid"])
+
+
+async def push_settings(stack: Stack, user: Any, agent: str, soul: str) -> tuple[dict[str, Any], list[int], float]:
+    """PATCH a settings file and poll the operation like the web app does: (operation, attempts, seconds)."""
+    started = time.monotonic()
+    resp = await stack.api.patch(f"/agents/{agent}/settings", json={"files": {"SOUL.md": soul}}, headers=headers(user))
     assert resp.status_code == 202, resp.text
     op_url = resp.json()["status_url"]
     deadline = time.monotonic() + 150
     while (op := (await stack.api.get(op_url, headers=headers(user))).json())["status"] in ("queued", "running"):
         assert time.monotonic() < deadline, op
         await asyncio.sleep(0.2)
-    assert op["status"] == "failed" and op["error"].startswith("settings not applied:"), op
-    # After waiting one gateway start for it (FAST: 30 s), not once per attempt: retrying cannot help.
-    assert "the gateway did not answer within 30s" in op["error"], op
     handle = stack.client.get_workflow_handle(resp.json()["operation_id"])
     attempts = [e.activity_task_started_event_attributes.attempt async for e in handle.fetch_history_events()
                 if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
-    assert attempts == [1, 1], attempts  # push_config once, then the outcome recorded
+    return op, attempts, time.monotonic() - started
+
+
+async def test_a_failed_settings_push_is_visible_on_the_api(stack: Stack, sql: psycopg.Connection) -> None:
+    """Issue 8 #6: it used to show `running`, `last_error: null`, the failure only in the workflow result.
+    The gateway's VM died: the provider says so, and the push fails on that at once, not after
+    waiting a gateway start (FAST: 30 s) for a gateway that cannot come back by itself."""
+    user, agent, vps = await running(stack, sql)
+    before = await stack.agent(user, agent)
+    assert before["settings"]["in_sync"] is True
+    os.killpg(gateway_pid(stack, vps), signal.SIGKILL)  # the gateway dies; the VPS row still says running
+    op, attempts, _ = await push_settings(stack, user, agent, "lost?")
+    assert op["status"] == "failed" and op["error"].startswith("settings not applied:"), op
+    assert "the gateway's VM is not running: the local VM's state is error (the gateway process exited" \
+        in op["error"], op
+    assert attempts == [1, 1], attempts  # push_config once (final), then the outcome recorded
     after = await stack.agent(user, agent)
-    assert after["vps"]["last_operation"]["id"] == resp.json()["operation_id"]
+    assert after["vps"]["last_operation"]["id"] == op["id"]
     assert after["vps"]["last_operation"]["status"] == "failed"
     assert after["settings"] == {"saved_version": before["settings"]["saved_version"] + 1,
                                  "applied_version": before["settings"]["saved_version"], "in_sync": False}
     assert after["vps"]["state"] == "running"  # a config push never changes the lifecycle state
+    await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+    await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_a_gateway_that_does_not_answer_on_a_running_vm(stack: Stack, sql: psycopg.Connection) -> None:
+    """A running VM whose gateway does not answer may be restarting (a config change, systemd bringing
+    it back): the push waits for it, applies once it answers, and only fails, once, after a gateway
+    start's budget (FAST: 30 s). SIGSTOP freezes the gateway: its process and its listening socket
+    stay, so the provider says running, as for a gateway that hangs or restarts on a live VM."""
+    user, agent, vps = await running(stack, sql)
+    pid = gateway_pid(stack, vps)
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        thawed = asyncio.get_running_loop().call_later(4, os.killpg, pid, signal.SIGCONT)
+        op, attempts, took = await push_settings(stack, user, agent, "patient")
+        assert op["status"] == "succeeded", op  # waited out the 4 s freeze (the VM watch saw it running)
+        assert took > 4 and attempts == [1, 1], (took, attempts)
+        assert (await stack.agent(user, agent))["settings"]["in_sync"] is True
+        thawed.cancel()
+
+        os.killpg(pid, signal.SIGSTOP)  # now for longer than the budget
+        op, attempts, took = await push_settings(stack, user, agent, "too late")
+        assert op["status"] == "failed", op
+        assert "the gateway did not answer within 30s" in op["error"], op
+        assert attempts == [1, 1] and took >= 30, (attempts, took)  # once, not once per attempt
+        assert (await stack.agent(user, agent))["settings"]["in_sync"] is False
+    finally:
+        os.killpg(pid, signal.SIGCONT)
     await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
     await stack.wait_vps(user, agent, "destroyed")
 
@@ -227,6 +267,34 @@ async def test_deterministic_failures_are_not_retried_and_every_run_has_a_timeou
         entity = await stack.client.get_workflow_handle(f"vps-{vps['id']}").describe()
         assert entity.workflow_type == "Vps"
         assert entity.raw_description.execution_config.workflow_run_timeout.seconds == 7 * 24 * 3600
+
+
+async def test_a_gateway_that_dies_while_booting_fails_the_provision_at_once(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait for `/readyz` asks the provider too: a gateway that dies before it is ready fails the
+    provision with the provider's reason in seconds, not after the whole readiness budget (30 s here,
+    180 s in production) of polling a port nobody listens on."""
+    monkeypatch.setenv("SLOPBOX_SIM_READY_AFTER_S", "120")  # alive, listening, not ready
+    async with running_stack(settings, temporal_client) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        op = (await stack.provision(user, agent)).json()
+        handle = stack.client.get_workflow_handle(op["operation_id"])
+        deadline = time.monotonic() + 60
+        while True:  # the VM is up and the provision is polling its /readyz
+            assert time.monotonic() < deadline, "the provision never reached wait_gateway_ready"
+            vps = (await stack.agent(user, agent))["vps"]
+            pending = (await handle.describe()).raw_description.pending_activities
+            if vps and (stack.settings.data_dir / "vms" / vps["id"] / "gateway.pid").exists() and \
+                    any(p.activity_type.name == "vps.wait_gateway_ready" for p in pending):
+                break
+            await asyncio.sleep(0.1)
+        os.killpg(gateway_pid(stack, vps), signal.SIGKILL)
+        vps = await stack.wait_vps(user, agent, "error", "running", timeout=60)
+        assert vps["state"] == "error", vps
+        assert "the gateway's VM is not running: the local VM's state is error (the gateway process exited" \
+            in vps["last_error"], vps  # not "did not become ready within 30s": the provider's answer
 
 
 async def test_a_page_never_shows_a_vps_between_its_state_and_its_operation(
