@@ -336,9 +336,10 @@ class VpsActivities:
         vps, agent, _ = await self._load(inp)
         if agent is None:
             raise fail("the VPS has no agent any more")
+        provider = self.provider(vps.provider)
         async with heartbeating():
-            admin_token, relay_token = await gateway.pair(self.settings, self.provider(vps.provider), vps, agent,
-                                                          budget_s=inp.timeouts.pairing_s)
+            admin_token, relay_token = await gateway.unless_vm_down(provider, vps, gateway.pair(
+                self.settings, provider, vps, agent, budget_s=inp.timeouts.pairing_s))
         tokens = {"admin_device_token": admin_token, "relay_device_token": relay_token}
         if any(tokens.values()):
             await self._update(vps.id, **{k: v for k, v in tokens.items() if v})
