@@ -202,7 +202,7 @@ async def admin_session(provider: VmProvider, vps: Vps, agent: Agent, *, budget_
 # machine restarting its crashed gateway passes through `stopped` for a moment).
 VM_GONE = frozenset({VmState.DELETING, VmState.DELETED, VmState.ERROR})
 VM_OFF = frozenset({VmState.STOPPING, VmState.STOPPED})
-VM_WATCH_FIRST_S, VM_WATCH_EVERY_S = 1.0, 5.0
+VM_WATCH_FIRST_S, VM_WATCH_EVERY_S = 1.0, 10.0  # a provider GET per 10 s of waiting: 6 for a 60 s first boot
 T = TypeVar("T")
 
 
