@@ -150,6 +150,16 @@ class UpstreamResponse:
             self._conn.resume_reading()
         return data
 
+    def whole(self) -> bytes | None:
+        """The whole body when all of it has arrived (a small answer, usually), without a
+        coroutine; None: not yet (`read`)."""
+        if not self._eof or self._exc is not None:
+            return None
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
+
     async def read(self) -> bytes:
         """The whole body."""
         if self._eof and self._exc is None:  # all of it is here already (a small answer, usually)
@@ -640,15 +650,18 @@ def _fields_block(headers: CIMultiDict[str] | CIMultiDictProxy[str], chunked: bo
     return _encoded_fields(tuple(headers.items()), chunked)
 
 
-@functools.lru_cache(maxsize=512)
-def _encoded_fields(fields: tuple[tuple[str, str], ...], chunked: bool) -> bytes:
-    """Memoised: a pure function of the fields, and a browser's requests repeat them."""
+def encode_fields(fields: tuple[tuple[str, str], ...], chunked: bool = False) -> bytes:
+    """A request head's header lines and blank line, as `UpstreamPool.request` writes them (a
+    caller that memoises its fields may pass these as `fields_block`)."""
     lines = [f"{name}: {value}\r\n" for name, value in fields]
     if chunked:
         lines.append("Transfer-Encoding: chunked\r\n")
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
 
+
+_encoded_fields = functools.lru_cache(maxsize=512)(encode_fields)
+"""Memoised: a pure function of the fields, and a browser's requests repeat them."""
 
 _UNSAFE_TARGET = re.compile(r"[ \r\n\t]")
 
@@ -701,8 +714,11 @@ class UpstreamPool:
 
     async def request(self, method: str, base_url: str, path: str, headers: CIMultiDict[str] | CIMultiDictProxy[str],
                       body: AsyncIterable[bytes] | None = None, *, ssl: aiohttp.Fingerprint | bool = True,
-                      connect_timeout: float = 10.0) -> UpstreamResponse:
+                      connect_timeout: float = 10.0, fields_block: bytes | None = None) -> UpstreamResponse:
         """Send one request to `base_url` (scheme://host:port) + `path` (already encoded).
+
+        `fields_block`: `encode_fields` of `headers`, when the caller memoises both together (one
+        memo lookup per request instead of two); used for a request without a body only.
 
         Returns once the response head arrived; the caller reads the body and closes it
         (`async with`). UpstreamError when no response head could be had.
@@ -712,7 +728,9 @@ class UpstreamPool:
         self._sweep()
         pool = self._pool(*_origin(base_url), ssl)
         chunked = body is not None and "Content-Length" not in headers
-        head = f"{method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape") + _fields_block(headers, chunked)
+        if fields_block is None or body is not None:
+            fields_block = _fields_block(headers, chunked)
+        head = f"{method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape") + fields_block
         retry = body is None and method in _IDEMPOTENT
         deadline = asyncio.get_running_loop().time() + connect_timeout
         fresh = False

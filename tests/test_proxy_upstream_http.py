@@ -520,3 +520,46 @@ async def test_the_known_head_memo_holds_only_small_well_framed_heads() -> None:
                 await pool.close()
 
     await big_answer()
+
+
+async def test_a_memoised_fields_block_is_what_goes_up() -> None:
+    """The gateway proxy passes the request's encoded header lines from its memo
+    (`headers.upstream_request_head`): the gateway receives exactly the head the pool would have
+    built from the fields; with a body the block is built afresh (chunked framing added)."""
+    from proxy.headers import upstream_request_head
+    from proxy.upstream_http import encode_fields
+
+    incoming = CIMultiDict({"Host": "proxy.test", "Cookie": "a=b", "Accept": "*/*", "Accept-Encoding": "gzip"})
+    fields, block = upstream_request_head(incoming, client_ip="203.0.113.9", scheme="http", host="gw.test",
+                                          bearer="relay-tok")
+    assert upstream_request_head(incoming, client_ip="203.0.113.9", scheme="http", host="gw.test",
+                                 bearer="relay-tok") == (fields, block)
+    assert block == encode_fields(tuple(fields.items())) and b"Cookie" not in block
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"hi"
+
+    heads: list[bytes] = []
+
+    async def handler(conn: Conn) -> None:
+        while head := await conn.request_head():
+            heads.append(head + b"\r\n\r\n")
+            if head.startswith(b"POST"):
+                while b"0\r\n\r\n" not in conn.received:
+                    conn.received += await conn.reader.read(65536)
+                conn.received = conn.received.partition(b"0\r\n\r\n")[2]  # the chunked body read
+            await conn.send(response())
+
+    async with fake_upstream(handler) as (_, port):
+        pool = UpstreamPool()
+        try:
+            async with await pool.request("GET", f"http://127.0.0.1:{port}", "/a", fields, fields_block=block) as r:
+                assert await r.read() == b"ok"
+            async with await pool.request("POST", f"http://127.0.0.1:{port}", "/b", fields, body(),
+                                          fields_block=block) as r:
+                assert await r.read() == b"ok"
+        finally:
+            await pool.close()
+    assert heads == [b"GET /a HTTP/1.1\r\n" + block,
+                     b"POST /b HTTP/1.1\r\n" + encode_fields(tuple(fields.items()), chunked=True)]
+    assert heads[1].endswith(b"Transfer-Encoding: chunked\r\n\r\n")
