@@ -462,10 +462,10 @@ class _FastProtocol(asyncio.Protocol):
         return request
 
     def _start(self, request: FastRequest) -> None:
-        """Run `request` on the connection's task: wake it where it is parked, or start it."""
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
+        """Run `request` on the connection's task: wake it where it is parked, or start it (also
+        when the parked one was cancelled and has not ended yet)."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
             waiter.set_result(request)
         else:
             self.task = asyncio.get_running_loop().create_task(self._serve(request))
@@ -527,8 +527,9 @@ class _FastProtocol(asyncio.Protocol):
                     waiter = self._waiter = asyncio.get_running_loop().create_future()
                     request = await waiter
         finally:
-            self.task = None
-            self._waiter = None
+            if self.task is asyncio.current_task():  # not a successor started after a cancel
+                self.task = None
+                self._waiter = None
 
     def _respond(self, request: FastRequest, response: web.StreamResponse | FastResponse) -> None:
         """A `web.Response` (or `FastResponse`) written as aiohttp's `Response._start` and

@@ -511,3 +511,23 @@ async def test_a_browser_gone_mid_answer_ends_its_connection_only(pair: Pair) ->
     answers, closed = await exchange(pair.fast, req(pair, "/assets/app.js") + req(pair, "/favicon.svg"), 2)
     assert [a.status for a in answers] == [200, 200] and not closed
     await _gone(pair)
+
+
+async def test_a_cancelled_waiting_connection_task_does_not_lose_the_next_request(pair: Pair) -> None:
+    """If the connection's waiting task is cancelled (as at loop shutdown), the connection's next
+    request still gets its answer."""
+    await _gone(pair)
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(req(pair, "/assets/app.js"))
+        assert (await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.05)
+        (task,) = _serving_tasks()
+        task.cancel()
+        writer.write(req(pair, "/favicon.svg"))  # may arrive before or after the cancelled task ends
+        assert (await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)).startswith(b"HTTP/1.1 200")
+        assert task.cancelled() and len(_serving_tasks()) == 1
+    finally:
+        writer.close()
+    await _gone(pair)
