@@ -194,6 +194,12 @@ def run_ours(port: int, forward_port: int, database_url: str, key: str, processe
                 gw.frame_limiter = CountingRateLimiter(
                     SharedRateLimiter(store, "ws_frame", 1e9, 10**9, lease=10), "gateway_ws_frame_rate")
                 gw.byte_limiter = SharedRateLimiter(store, "ws_byte", 1e12, 10**12, lease=200 * 1024)
+            try:  # as `slopbox proxy` does once it serves (absent from older trees)
+                from proxy.app import freeze_startup_heap
+            except ImportError:
+                pass
+            else:
+                freeze_startup_heap()
             await stop.wait()
 
     def worker(_settings: Settings, _index: int) -> None:

@@ -52,11 +52,11 @@ from proxy.headers import (
     forwarded_for,
     is_websocket_upgrade,
     response_headers,
-    upstream_request_headers,
+    upstream_request_head,
     valid_host,
 )
 from proxy.http_fast import FastRequest, FastResponse
-from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header, take
+from proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, retry_after_header
 from proxy.listener import client_key
 from proxy.metering import ConnectionBytes, Meter
 from proxy.paths import BadPath, GatewayPath, RouteKind, control_ui_route, parse_gateway_path, rewrite_location
@@ -261,7 +261,10 @@ class GatewayProxy:
             self.preauth.after_lookup(token, gpath.agent_id, denied.status)
             return problem(denied.status, denied.title, denied.detail, **denied.extra)
         self.preauth.after_lookup(token, gpath.agent_id, 200)
-        wait = await take(self.http_limiter, target.user_key)  # the id's text, as the WebSocket relay's
+        limiter = self.http_limiter  # keyed by the id's text, as the WebSocket relay's limiters
+        wait = limiter.acquire_now(target.user_key)  # `limits.take` inline: no coroutine when memory decides
+        if wait is None:
+            wait = await limiter.take(target.user_key)
         if wait > 0:
             return problem(429, "Too many requests", "Slow down and retry shortly.",
                            headers={"Retry-After": retry_after_header(wait)})
@@ -331,19 +334,21 @@ class GatewayProxy:
                                          accepted_encodings(request.headers.get("Accept-Encoding")))
                 if hit is not None:  # after the session, ownership, VPS-state and rate checks, as always
                     return hit.fast_response() if isinstance(request, FastRequest) else hit.response()
-        headers = upstream_request_headers(request.headers, client_ip=request.remote, scheme=request.scheme,
-                                           host=request.host, bearer=target.relay_device_token,
-                                           identity_only=route is RouteKind.DOCUMENT)
+        headers, block = upstream_request_head(request.headers, client_ip=request.remote, scheme=request.scheme,
+                                               host=request.host, bearer=target.relay_device_token,
+                                               identity_only=route is RouteKind.DOCUMENT)
         data = self._metered_body(request, target) if request.body_exists else None
         assert self.upstream is not None
         try:
             upstream = await self.upstream.request(
                 request.method, target.base_url, gpath.upstream(self.upstream_base), headers, data,
-                ssl=target.upstream_ssl, connect_timeout=self.config.upstream_connect_timeout_s)
+                ssl=target.upstream_ssl, connect_timeout=self.config.upstream_connect_timeout_s, fields_block=block)
         except (UpstreamError, OSError, TimeoutError):
             return problem(502, "Gateway unavailable", "The agent's gateway cannot be reached right now.")
-        async with upstream:
+        try:  # what `async with upstream` does, without its two coroutines
             return await self._respond(request, gpath, target, upstream, route, cache_name)
+        finally:
+            upstream.close()
 
     def _outbound(self, request: web.Request, target: GatewayTarget, size: int) -> None:
         """Metered bytes from the VM: a fast-front request counts them on its browser connection
@@ -426,7 +431,9 @@ class GatewayProxy:
             coding = self.assets.cacheable(upstream.status, upstream.headers, upstream.content_length)
         if coding is not None or (upstream.content_length is not None and upstream.content_length <= _SMALL_BODY):
             try:
-                body = await upstream.read()  # small and of known size: one write instead of three
+                body = upstream.whole()  # small and of known size: one write instead of three
+                if body is None:  # not all here yet
+                    body = await upstream.read()
             except (aiohttp.ClientError, OSError):
                 return problem(502, "Gateway unavailable", "The gateway's answer was cut short.")
             self._outbound(request, target, len(body))

@@ -20,8 +20,9 @@ writer) was the largest share of the proxy's CPU per Control UI request (~150 µ
   `web.Request`; the `web.Response` it returns is written the way aiohttp writes it
   (`Content-Length`, default `Content-Type`, `Date`, `Server`, `Connection: close`, no body for
   HEAD/204/304), and a streamed body goes out chunked, with write flow control;
-- the listener's guard still sees request boundaries (header timeout off while a request runs),
-  pipelined heads wait their turn, idle keep-alive ends after `keepalive_timeout` as in aiohttp,
+- one task per connection (`_serve`) runs its requests one after another and waits on a future
+  between them; the listener's guard still sees request boundaries (header timeout off while a
+  request runs), pipelined heads wait their turn, idle keep-alive ends after `keepalive_timeout` as in aiohttp,
   and `shutdown` closes idle connections and lets running requests finish.
 """
 
@@ -332,7 +333,7 @@ class FastFront:
         self.closing = True
         running = []
         for conn in list(self.connections):
-            if conn.task is None:
+            if not conn.busy or conn.task is None:
                 conn.close()
             else:
                 running.append(conn.task)
@@ -345,8 +346,9 @@ class FastFront:
 
 
 class _FastProtocol(asyncio.Protocol):
-    __slots__ = ("_buf", "_fallback", "_fallback_factory", "_front", "_idle", "_idle_since", "_paused_reading",
-                 "_write_paused", "_drain", "_eof", "counter", "remote", "task", "transport")
+    __slots__ = ("_buf", "_drain", "_eof", "_fallback", "_fallback_factory", "_front", "_guard", "_idle",
+                 "_idle_since", "_paused_reading", "_waiter", "_write_paused", "busy", "counter", "remote", "task",
+                 "transport")
 
     def __init__(self, front: FastFront, fallback: Callable[[], asyncio.Protocol]) -> None:
         self._front = front
@@ -356,6 +358,12 @@ class _FastProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.task: asyncio.Task[None] | None = None
+        """The connection's one task (`_serve`): its requests one after another; parked between them."""
+        self.busy = False
+        """A request is running (its head is in, its answer not all written)."""
+        self._waiter: asyncio.Future[FastRequest | None] | None = None
+        """Where the parked task waits for the next request (None: it ends)."""
+        self._guard: GuardedProtocol | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None
         """Since when (loop time) the connection waits for a request with nothing buffered; None: not idle."""
@@ -370,6 +378,8 @@ class _FastProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
+        guard = transport.get_protocol()  # type: ignore[attr-defined]
+        self._guard = guard if isinstance(guard, GuardedProtocol) else None
         tcp_keepalive(transport)
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple | list) and peer else None
@@ -381,8 +391,10 @@ class _FastProtocol(asyncio.Protocol):
             self._fallback.data_received(data)
             return
         self._buf += data
-        if self.task is None:
-            self._next()
+        if not self.busy:
+            request = self._next()
+            if request is not None:
+                self._start(request)
         elif len(self._buf) > _MAX_PENDING and not self._paused_reading and self.transport is not None:
             self._paused_reading = True
             self.transport.pause_reading()
@@ -391,7 +403,7 @@ class _FastProtocol(asyncio.Protocol):
         if self._fallback is not None:
             return self._fallback.eof_received()
         self._eof = True
-        if self.task is None:
+        if not self.busy:
             self.close()
         return True  # half-closed: a running request still answers, then we close
 
@@ -405,6 +417,7 @@ class _FastProtocol(asyncio.Protocol):
             return
         self.transport = None
         self._wake_drain()
+        self._wake(None)
 
     def pause_writing(self) -> None:
         if self._fallback is not None:
@@ -421,31 +434,46 @@ class _FastProtocol(asyncio.Protocol):
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _next(self) -> None:
-        """Start the next buffered request, hand the connection to aiohttp, or wait for more bytes."""
+    def _next(self) -> FastRequest | None:
+        """The next buffered request when it takes the fast path (the guard is told it started);
+        None: no whole head yet, or the connection went to aiohttp or was closed."""
         self._idle_since = None  # bytes came: the keep-alive timeout no longer runs (the guard's header timeout does)
         buf = self._buf
         if not buf:
-            return
+            return None
         if self._front.closing:  # shutting down: no new request on this connection
             self.close()
-            return
+            return None
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > MAX_HEAD or b"\n\n" in buf:
                 self._fall_back()
-            return
+            return None
         head = bytes(buf[:end + 4])
         request = self._parse(head) if end + 4 <= MAX_HEAD else None
         if request is None:
             self._fall_back()
-            return
+            return None
         del buf[:end + 4]
         self._front.served += 1
-        guard = self.transport.get_protocol() if self.transport is not None else None
-        if isinstance(guard, GuardedProtocol):
-            guard.request_started()
-        self.task = asyncio.get_running_loop().create_task(self._run(request, guard))
+        self.busy = True
+        if self._guard is not None:
+            self._guard.request_started()
+        return request
+
+    def _start(self, request: FastRequest) -> None:
+        """Run `request` on the connection's task: wake it where it is parked, or start it (also
+        when the parked one was cancelled and has not ended yet)."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(request)
+        else:
+            self.task = asyncio.get_running_loop().create_task(self._serve(request))
+
+    def _wake(self, request: FastRequest | None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(request)
 
     def _parse(self, head: bytes) -> FastRequest | None:
         """The request, if it may take the fast path (see the module docstring); None: aiohttp's."""
@@ -454,38 +482,54 @@ class _FastProtocol(asyncio.Protocol):
             return None
         return FastRequest(self, *parsed)
 
-    async def _run(self, request: FastRequest, guard: asyncio.BaseProtocol | None) -> None:
+    async def _serve(self, request: FastRequest | None) -> None:
+        """The connection's requests, one after another, on one task: parked on a future between
+        requests (a task per request cost ~1 µs more: asyncio registers each task in a WeakSet,
+        which is Python code). Ends when the connection closes or goes to aiohttp."""
         try:
-            try:
-                response = await self._front.handle(request)
-            except Exception:
-                log.exception("Error handling request from %s", request.remote)
-                response = _server_error(request)
-            if request.streamed is None:
-                try:
-                    self._respond(request, response)
-                except Exception:  # a header with CR/LF, a body that is not bytes: aiohttp's 500 too
-                    log.exception("Error handling request from %s", request.remote)
-                    self._respond(request, _server_error(request))
-                await self.drain()
-        except ConnectionError:
-            request.keep_alive = False  # the browser went away; nothing more to write
+            while request is not None:
+                try:  # one request: handled, answered, drained (inline: no coroutine per request)
+                    try:
+                        response = await self._front.handle(request)
+                    except Exception:
+                        log.exception("Error handling request from %s", request.remote)
+                        response = _server_error(request)
+                    if request.streamed is None:
+                        try:
+                            self._respond(request, response)
+                        except Exception:  # a header with CR/LF, a body that is not bytes: aiohttp's 500 too
+                            log.exception("Error handling request from %s", request.remote)
+                            self._respond(request, _server_error(request))
+                        await self.drain()
+                except ConnectionError:
+                    request.keep_alive = False  # the browser went away; nothing more to write
+                finally:
+                    self.busy = False
+                    if self._guard is not None:
+                        self._guard.request_finished()
+                if self.transport is None:
+                    return
+                if not request.keep_alive or self._front.closing or self._eof:
+                    self.close()
+                    return
+                if self._paused_reading:
+                    self._paused_reading = False
+                    self.transport.resume_reading()
+                request = None
+                if self._buf:
+                    request = self._next()
+                    if request is None and (self._fallback is not None or self.transport is None
+                                            or self.transport.is_closing()):
+                        return
+                else:
+                    self._become_idle()
+                if request is None:
+                    waiter = self._waiter = asyncio.get_running_loop().create_future()
+                    request = await waiter
         finally:
-            self.task = None
-            if isinstance(guard, GuardedProtocol):
-                guard.request_finished()
-        if self.transport is None:
-            return
-        if not request.keep_alive or self._front.closing or self._eof:
-            self.close()
-            return
-        if self._paused_reading:
-            self._paused_reading = False
-            self.transport.resume_reading()
-        if self._buf:
-            self._next()
-        else:
-            self._become_idle()
+            if self.task is asyncio.current_task():  # not a successor started after a cancel
+                self.task = None
+                self._waiter = None
 
     def _respond(self, request: FastRequest, response: web.StreamResponse | FastResponse) -> None:
         """A `web.Response` (or `FastResponse`) written as aiohttp's `Response._start` and
@@ -552,6 +596,7 @@ class _FastProtocol(asyncio.Protocol):
         self._front.connections.discard(self)
         handler = self._fallback_factory()
         self._fallback = handler
+        self._wake(None)  # the connection's task, if parked, ends
         handler.connection_made(self.transport)
         if self._paused_reading:
             self._paused_reading = False
@@ -575,7 +620,7 @@ class _FastProtocol(asyncio.Protocol):
 
     def _idle_close(self) -> None:
         self._idle = None
-        if self._fallback is not None or self._idle_since is None or self.task is not None or self._buf:
+        if self._fallback is not None or self._idle_since is None or self.busy or self._buf:
             return  # not idle now: armed again when it is
         deadline = self._idle_since + self._front.keepalive_timeout
         loop = asyncio.get_running_loop()
@@ -592,5 +637,7 @@ class _FastProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         self._cancel_idle()
+        if not self.busy:
+            self._wake(None)  # the connection's task, if parked, ends
         if self.transport is not None:
             self.transport.close()

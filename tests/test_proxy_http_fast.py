@@ -434,3 +434,100 @@ async def test_timeouts_count_from_the_latest_head_and_idle_spell(pair: Pair) ->
         assert 1.3 < loop.time() - idle < 3.0  # the keep-alive timeout from the last answer
     finally:
         writer.close()
+
+
+def _serving_tasks() -> list[asyncio.Task[object]]:
+    """The fast front's connection tasks still alive (`_FastProtocol._serve`)."""
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "_FastProtocol._serve"]
+
+
+async def _gone(pair: Pair) -> None:
+    """Every fast-front connection and its task ended (within 2 s)."""
+    front = pair.fast.gateway_front
+    assert front is not None
+    for _ in range(200):
+        if not front.connections and not _serving_tasks():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError((front.connections, _serving_tasks()))
+
+
+async def test_keepalive_pipelined_and_handed_over_requests_on_one_connection(pair: Pair) -> None:
+    """One connection's requests run one after another on one task that waits between them: sent
+    one at a time with pauses, pipelined (a streamed answer among them), then an aiohttp request
+    after a pause (the connection goes to aiohttp, which answers it and the fast one after it),
+    every answer in order; when the browser hangs up, nothing of the connection is left."""
+    await _gone(pair)
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    parsed = _Parsed()
+    parser = parsed.parser = httptools.HttpResponseParser(parsed)
+
+    async def answers(count: int) -> list[Answer]:
+        while len(parsed.answers) < count:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "closed"
+            parser.feed_data(data)
+        return parsed.answers[count - 1:count]
+
+    try:
+        served = pair.fast.gateway_front.served  # type: ignore[union-attr]
+        for i in range(3):
+            writer.write(req(pair, "/assets/app.js"))
+            assert (await answers(i + 1))[0].body == b"upstream:"
+            await asyncio.sleep(0.05)  # the connection waits for its next request
+        assert len(_serving_tasks()) == 1
+        writer.write(req(pair, "/assets/app.js") + req(pair, "/assets/stream") + req(pair, "/favicon.svg"))
+        await answers(6)
+        assert [a.body for a in parsed.answers[3:6]] == [b"upstream:", b"data: first\n\ndata: second\n\n",
+                                                         b"upstream:"]
+        assert pair.fast.gateway_front.served == served + 6  # type: ignore[union-attr]
+        await asyncio.sleep(0.05)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: proxy.test\r\n\r\n" + req(pair, "/assets/app.js"))
+        await answers(8)
+        assert [a.status for a in parsed.answers] == [200] * 8 and parsed.answers[7].body == b"upstream:"
+        assert pair.fast.gateway_front.served == served + 6  # type: ignore[union-attr]  # aiohttp's from there
+        assert not _serving_tasks()  # the fast front's task ended with the hand-over
+    finally:
+        writer.close()
+    await _gone(pair)
+
+
+async def test_a_browser_gone_mid_answer_ends_its_connection_only(pair: Pair) -> None:
+    """A browser that hangs up while its streamed answer is being written: its connection and task
+    end, and the next connection is served as usual."""
+    await _gone(pair)
+    pair.upstream.release.clear()
+    try:
+        port = int(pair.fast.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(req(pair, "/assets/stream"))
+        assert b"data: first" in await asyncio.wait_for(reader.readuntil(b"data: first"), 5)
+        writer.transport.abort()  # gone, mid-answer
+        await asyncio.sleep(0.1)
+    finally:
+        pair.upstream.release.set()
+    await _gone(pair)
+    answers, closed = await exchange(pair.fast, req(pair, "/assets/app.js") + req(pair, "/favicon.svg"), 2)
+    assert [a.status for a in answers] == [200, 200] and not closed
+    await _gone(pair)
+
+
+async def test_a_cancelled_waiting_connection_task_does_not_lose_the_next_request(pair: Pair) -> None:
+    """If the connection's waiting task is cancelled (as at loop shutdown), the connection's next
+    request still gets its answer."""
+    await _gone(pair)
+    port = int(pair.fast.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(req(pair, "/assets/app.js"))
+        assert (await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.05)
+        (task,) = _serving_tasks()
+        task.cancel()
+        writer.write(req(pair, "/favicon.svg"))  # may arrive before or after the cancelled task ends
+        assert (await asyncio.wait_for(reader.readuntil(b"upstream:"), 5)).startswith(b"HTTP/1.1 200")
+        assert task.cancelled() and len(_serving_tasks()) == 1
+    finally:
+        writer.close()
+    await _gone(pair)

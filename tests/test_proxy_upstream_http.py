@@ -424,3 +424,142 @@ async def test_repeated_and_changed_response_fields_read_right_each_time() -> No
             assert len(fake.conns) == 3  # the kept-alive one, then one for each answer after a close
         finally:
             await pool.close()
+
+
+async def test_known_heads_frame_split_bodies_extra_bytes_and_cuts_right() -> None:
+    """A head seen before skips the parser (`_known_head`); its answer must be framed exactly as
+    the parser frames it: a body in several writes is read whole and the connection reused, bytes
+    past the body (an answer nobody asked for) keep the connection from being reused, a body cut
+    short is an error, and the same head after a HEAD, a chunked answer or a 100 reads right."""
+    split = response(b"0123456789")
+    extra = response(b"abc") + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno"
+
+    async def handler(conn: Conn) -> None:
+        while head := await conn.request_head():
+            path = head.split(b" ", 2)[1]
+            if head.startswith(b"HEAD"):
+                await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\n")
+            elif path == b"/split":
+                for piece in (split[:-10], split[-10:-7], split[-7:]):  # head alone, then the body in two
+                    await conn.send(piece)
+                    await asyncio.sleep(0.01)
+            elif path == b"/extra":  # the head alone, then the body with stray bytes after it
+                await conn.send(extra[:-42])
+                await asyncio.sleep(0.01)
+                await conn.send(extra[-42:])
+            elif path == b"/continue":
+                await conn.send(b"HTTP/1.1 100 Continue\r\n\r\n" + split)
+            elif path == b"/chunked":
+                await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            elif path == b"/cut":
+                await conn.send(split[:-4])
+                return
+            else:
+                await conn.send(split)
+
+    async with fake_upstream(handler) as (fake, port):
+        pool = UpstreamPool()
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for method, path, body in [("GET", "/", b"0123456789"), ("GET", "/split", b"0123456789"),
+                                       ("GET", "/", b"0123456789"), ("HEAD", "/", b""), ("GET", "/", b"0123456789"),
+                                       ("GET", "/chunked", b"abc"), ("GET", "/split", b"0123456789"),
+                                       ("GET", "/continue", b"0123456789"), ("GET", "/", b"0123456789")]:
+                async with await pool.request(method, base, path, headers()) as resp:
+                    assert (resp.status, await resp.read(), resp.complete) == (200, body, True), (method, path)
+            assert len(fake.conns) == 1  # every answer ended where its length said: one connection
+            async with await pool.request("GET", base, "/extra", headers()) as resp:
+                assert await resp.read() == b"abc"
+            assert all(p["idle"] == 0 for p in pool.stats().values())  # not kept after stray bytes
+            async with await pool.request("GET", base, "/", headers()) as resp:
+                assert await resp.read() == b"0123456789"
+            assert len(fake.conns) == 2
+            async with await pool.request("GET", base, "/cut", headers()) as resp:
+                with pytest.raises(UpstreamError):
+                    await resp.read()
+        finally:
+            await pool.close()
+
+
+async def test_the_known_head_memo_holds_only_small_well_framed_heads() -> None:
+    """Bounded whatever a VM sends: heads over `MEMO_HEAD_MAX` are never looked up, and only an
+    answer framed by one `Content-Length` is taken (anything else stays the parser's)."""
+    from proxy.upstream_http import MEMO_HEAD_MAX, _known_head
+
+    assert _known_head.cache_info().maxsize == 512
+    ok = _known_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\n")
+    assert ok is not None and (ok.status, ok.length, ok.keep_alive, ok.headers["X-A"]) == (200, 5, True, "b")
+    assert _known_head(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n").keep_alive is False  # type: ignore[union-attr]
+    assert _known_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+                       ).keep_alive is False  # type: ignore[union-attr]
+    for head in [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",  # read until close
+                 b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                 b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                 b"HTTP/1.1 200 OK\nContent-Length: 5\n\nab\r\n\r\n",  # ends before our CRLFCRLF
+                 b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+                 b"garbage\r\n\r\n"]:
+        assert _known_head(head) is None, head
+
+    async def big_answer() -> None:
+        big = f"X-Big: {'b' * MEMO_HEAD_MAX}\r\n"
+
+        async def handler(conn: Conn) -> None:
+            await serve_forever(conn, lambda head: response(b"big", extra=big))
+
+        async with fake_upstream(handler) as (_, port):
+            pool = UpstreamPool()
+            try:
+                before = _known_head.cache_info()
+                for _ in range(3):
+                    async with await pool.request("GET", f"http://127.0.0.1:{port}", "/", headers()) as resp:
+                        assert await resp.read() == b"big" and len(resp.headers["X-Big"]) == MEMO_HEAD_MAX
+                after = _known_head.cache_info()
+                assert (after.hits, after.misses) == (before.hits, before.misses)  # never looked up
+            finally:
+                await pool.close()
+
+    await big_answer()
+
+
+async def test_a_memoised_fields_block_is_what_goes_up() -> None:
+    """The gateway proxy passes the request's encoded header lines from its memo
+    (`headers.upstream_request_head`): the gateway receives exactly the head the pool would have
+    built from the fields; with a body the block is built afresh (chunked framing added)."""
+    from proxy.headers import upstream_request_head
+    from proxy.upstream_http import encode_fields
+
+    incoming = CIMultiDict({"Host": "proxy.test", "Cookie": "a=b", "Accept": "*/*", "Accept-Encoding": "gzip"})
+    fields, block = upstream_request_head(incoming, client_ip="203.0.113.9", scheme="http", host="gw.test",
+                                          bearer="relay-tok")
+    assert upstream_request_head(incoming, client_ip="203.0.113.9", scheme="http", host="gw.test",
+                                 bearer="relay-tok") == (fields, block)
+    assert block == encode_fields(tuple(fields.items())) and b"Cookie" not in block
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"hi"
+
+    heads: list[bytes] = []
+
+    async def handler(conn: Conn) -> None:
+        while head := await conn.request_head():
+            heads.append(head + b"\r\n\r\n")
+            if head.startswith(b"POST"):
+                while b"0\r\n\r\n" not in conn.received:
+                    conn.received += await conn.reader.read(65536)
+                conn.received = conn.received.partition(b"0\r\n\r\n")[2]  # the chunked body read
+            await conn.send(response())
+
+    async with fake_upstream(handler) as (_, port):
+        pool = UpstreamPool()
+        try:
+            async with await pool.request("GET", f"http://127.0.0.1:{port}", "/a", fields, fields_block=block) as r:
+                assert await r.read() == b"ok"
+            async with await pool.request("POST", f"http://127.0.0.1:{port}", "/b", fields, body(),
+                                          fields_block=block) as r:
+                assert await r.read() == b"ok"
+        finally:
+            await pool.close()
+    assert heads == [b"GET /a HTTP/1.1\r\n" + block,
+                     b"POST /b HTTP/1.1\r\n" + encode_fields(tuple(fields.items()), chunked=True)]
+    assert heads[1].endswith(b"Transfer-Encoding: chunked\r\n\r\n")
