@@ -234,8 +234,10 @@ async def vm_down(provider: VmProvider, vps: Vps, *, first_s: float = VM_WATCH_F
 async def unless_vm_down(provider: VmProvider, vps: Vps, work: Awaitable[T]) -> T:
     """`work`, unless the VM goes down first (`vm_down`): then it is cancelled and the activity
     fails for good (VmNotRunning): waiting longer cannot help, and a retry would wait again."""
+    if not vps.provider_ref:  # no VM to ask about (yet): nothing to race
+        return await work
     task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(vm_down(provider, vps) if vps.provider_ref else asyncio.Event().wait())
+    watch = asyncio.ensure_future(vm_down(provider, vps))
     try:
         await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
