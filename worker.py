@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from orchestration.client import connect, ensure_search_attributes
@@ -45,10 +45,18 @@ def workflow_runner() -> SandboxedWorkflowRunner:
         restrictions=SandboxRestrictions.default.with_passthrough_modules(*SANDBOX_PASSTHROUGH))
 
 
+def worker_interceptors() -> list[Interceptor]:
+    """A step's failed attempts on its operation's row while Temporal retries it (the API shows them)."""
+    from activities.attempts import OperationAttempts
+
+    return [OperationAttempts()]
+
+
 def worker_options() -> dict[str, Any]:
     """How a worker runs workflows and activities, apart from what it runs (the benchmark uses the same)."""
     return {
         "workflow_runner": workflow_runner(),
+        "interceptors": worker_interceptors(),
         "max_concurrent_activities": 100,
         # More pollers than the defaults (5): provisioning bursts are many short activities.
         "max_concurrent_workflow_task_polls": 10,

@@ -192,7 +192,7 @@ class VpsActivities:
             elif inp.needs_cleanup is not None:
                 await s.exec(update(Vps).where(col(Vps.id) == inp.vps_id)  # type: ignore[call-overload]
                              .values(needs_cleanup=inp.needs_cleanup))
-            row = {"status": status, "error": error, "finished_at": now, "step": None}
+            row = {"status": status, "error": error, "finished_at": now, "step": None, "retrying": None}
             upsert = insert(VpsOperation).values(id=inp.operation_id, vps_id=inp.vps_id, user_id=inp.user_id,
                                                  kind=inp.operation, **row)
             await s.exec(upsert.on_conflict_do_update(index_elements=["id"], set_=row))  # type: ignore[call-overload]

@@ -231,4 +231,14 @@ async def last_operations(session: AsyncSession, vps_ids: list[Any]) -> dict[Any
 def operation_out(row: VpsOperation) -> dict[str, Any]:
     return {"id": row.id, "operation": WORKFLOW_NAME[OperationKind(row.kind)], "kind": row.kind,
             "status": row.status, "step": row.step, "error": row.error, "detail": row.detail,
+            "retrying": retrying(row),
             "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at}
+
+
+def retrying(row: VpsOperation) -> dict[str, Any] | None:
+    """The failed attempt of the step the operation is on, while Temporal retries it; a note left by
+    an earlier step (or on a finished operation) is not shown."""
+    note = row.retrying
+    if row.status != "running" or not note or note.get("step") != row.step:
+        return None
+    return note

@@ -160,6 +160,16 @@ class AgentCreate(BaseModel):
     model: ModelId | None = None
 
 
+class RetryingOut(BaseModel):
+    """A step whose attempt failed and that is being tried again: the operation is still running."""
+
+    step: str
+    attempt: int = Field(description="The number of the attempt that failed (1 = the first)")
+    error: str = Field(description="Why that attempt failed")
+    failed_at: datetime
+    next_attempt_at: datetime = Field(description="When the next attempt starts (now or past: it is running)")
+
+
 class OperationOut(BaseModel):
     id: str
     operation: str = Field(description="The workflow type, e.g. StartVps")
@@ -168,6 +178,8 @@ class OperationOut(BaseModel):
     step: str | None
     error: str | None = Field(description="Why it failed (or a note on a success)")
     detail: dict[str, Any]
+    retrying: RetryingOut | None = Field(
+        default=None, description="While running: the current step's last failed attempt, retried automatically")
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None

@@ -285,6 +285,8 @@ class VpsOperation(SQLModel, table=True):
         default_factory=dict, sa_column=Column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     )
     idempotency_key: str | None = Field(default=None, sa_column=Column(String(255)))
+    retrying: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB))
+    """The last failed attempt of the step Temporal is retrying (activities/attempts.py); None if it has not failed."""
     created_at: datetime | None = Field(default=None, sa_column=_created())
     started_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     finished_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))

@@ -23,6 +23,7 @@ from billing.plans import month_start
 from db.engine import make_engine, session_factory
 from settings import Settings
 from tests import histories
+from worker import worker_interceptors, workflow_runner
 from workflows import WORKFLOWS
 from workflows.contracts import EnforceUsageInput, EnforceUsageResult
 from workflows.enforcement import EnforceUsage
@@ -78,7 +79,8 @@ async def full_worker(settings: Settings, client: Client) -> AsyncIterator[Worke
     acts, engine = all_activities(settings)
     try:
         async with Worker(client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS, activities=acts,
-                          max_concurrent_activities=50) as worker:
+                          max_concurrent_activities=50, interceptors=worker_interceptors(),
+                          workflow_runner=workflow_runner()) as worker:
             try:
                 yield worker
             finally:

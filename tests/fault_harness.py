@@ -112,11 +112,19 @@ class HeldWorkers:
         marker = self.work / "held" / str(user)
         return marker.exists() and marker.read_text() == step
 
-    def kill_and_replace(self) -> None:
+    def kill_and_replace(self, *, held: bool = False) -> None:
+        """SIGKILL the holding worker; its replacement holds the same steps again when `held`
+        (kill_and_replace once more to end that), otherwise it finishes what was left."""
         assert self.first is not None
         self.first.send_signal(signal.SIGKILL)  # no graceful shutdown, no heartbeat, nothing
         self.first.wait()
-        self.second = start_worker(self.settings, self.work / "worker2.log", env=self.env)
+        stop_process(self.second)
+        for marker in (self.work / "held").glob("*"):
+            marker.unlink()
+        if held:
+            self.first = start_worker(self.settings, self.work / "worker1.log", hold_file=self.hold, env=self.env)
+        else:
+            self.second = start_worker(self.settings, self.work / "worker2.log", env=self.env)
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:

@@ -22,7 +22,7 @@ from providers import VmProvider
 from settings import Settings
 from tests import histories
 from tests.helpers import headers
-from worker import workflow_runner
+from worker import worker_interceptors, workflow_runner
 from workflows import WORKFLOWS
 from workflows.contracts import LifecycleTimeouts
 
@@ -105,7 +105,8 @@ async def running_stack(settings: Settings, client: Client, providers: dict[str,
             else:
                 async with Worker(client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
                                   activities=activities.all(), max_concurrent_activities=50,
-                                  workflow_runner=workflow_runner()):  # the production sandbox (worker.py)
+                                  # the production sandbox and interceptors (worker.py)
+                                  workflow_runner=workflow_runner(), interceptors=worker_interceptors()):
                     try:
                         yield stack
                     finally:

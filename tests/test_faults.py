@@ -25,6 +25,7 @@ from orchestration.client import connect
 from providers.local import LocalProvider
 from settings import Settings
 from tests.conftest import truncate_user_data
+from tests.enforcement_harness import until
 from tests.fault_harness import (
     HeldWorkers,
     TemporalDevServer,
@@ -242,6 +243,45 @@ ANSWER_WITHIN_S = 120
 def _unclaimed(sql: psycopg.Connection, users: list[uuid.UUID]) -> list[tuple[Any, ...]]:
     return sql.execute("SELECT vps_id, status, step, id FROM vps_operations WHERE user_id = ANY(%s) "
                        "AND status IN ('queued', 'running')", (users,)).fetchall()
+
+
+async def test_a_lost_attempt_is_visible_while_its_step_runs_again(
+        settings: Settings, temporal_env: WorkflowEnvironment, sql: psycopg.Connection, tmp_path: Path) -> None:
+    """A worker SIGKILLed inside a step says nothing, so Temporal retries the step after the heartbeat
+    timeout on another worker. While that attempt runs, the operation says the last one stopped without
+    an answer; once the step is done the note is gone."""
+    step = "wait_vm_running"
+    queue = f"tq-lost-{uuid.uuid4().hex[:8]}"
+    s = settings.model_copy(update={"data_dir": tmp_path / "data", "temporal_task_queue": queue})
+    async with running_stack(s, temporal_env.client, worker=False, timeouts=CRASH_TIMEOUTS) as stack:
+        try:
+            with HeldWorkers(s, tmp_path) as workers:
+                user = make_user(sql, plan="starter")
+                agent = await stack.new_agent(user)
+                workers.arm({str(user): step})
+                assert (await stack.provision(user, agent)).status_code == 202
+
+                async def operation() -> dict[str, Any]:
+                    return (await stack.agent(user, agent))["vps"]["operation"]  # type: ignore[no-any-return]
+
+                await until(lambda: workers.held(user, step), 90, f"held inside {step}")
+                first = await operation()
+                assert first["step"] == step and first["retrying"] is None, first
+                workers.kill_and_replace(held=True)  # the next attempt is held too, after its body
+                await until(lambda: workers.held(user, step), 120, f"the next attempt held inside {step}")
+                op = await operation()
+                assert op["status"] == "running" and op["step"] == step, op
+                assert op["retrying"]["step"] == step and op["retrying"]["attempt"] == 1, op
+                assert "attempt 1 stopped without an answer" in op["retrying"]["error"], op
+                workers.kill_and_replace()
+                vps = await stack.wait_vps(user, agent, "running", "error", timeout=120)
+                assert vps["state"] == "running", vps
+                done = vps["last_operation"]
+                assert done["id"] == op["id"] and done["status"] == "succeeded" and done["retrying"] is None, done
+                row = sql.execute("SELECT retrying FROM vps_operations WHERE id = %s", (op["id"],)).fetchone()
+                assert row == (None,)
+        finally:
+            await stop_local_vms(s)
 
 
 async def test_temporal_outage_loses_no_request(settings: Settings, db: str, sql: psycopg.Connection,

@@ -4,17 +4,23 @@ emulated VM that boots the way a real one does (bootstrap redemption, pairing, r
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import httpx
 import psycopg
 import pytest
 import pytest_asyncio
 from pydantic import SecretStr
 from temporalio.client import Client
 
+from api.app import create_app as create_api
 from providers import build_provider
 from settings import Settings
 from tests import vm_emulator
@@ -24,6 +30,9 @@ from tests.fakes.hetzner_api import FakeHetzner
 from tests.helpers import headers, make_user
 from tests.lifecycle_harness import FAST, operation_handle, running_stack
 from tests.proxy_harness import add_session, running_proxy
+from tests.test_web_app import PASSWORD, log_in
+from web import auth
+from web.app import create_app as create_web
 from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -109,6 +118,75 @@ async def test_hetzner_rate_limited_then_created_once(settings: Settings, tempor
         assert len(hetzner.servers) == 1
         await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
         await stack.wait_vps(user, agent, "destroyed")
+
+
+async def test_a_provider_outage_is_visible_while_its_step_is_retried(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner,
+        tmp_path: Path) -> None:
+    """Hetzner answers 503 to every create: Temporal retries the step by itself, and meanwhile the API,
+    the agent's page and the onboarding progress say which attempt failed and why, not only `running`.
+    Once the provider is back the provision ends running and the note is gone."""
+    hetzner.fail_next("POST /servers", 503, times=10_000, code="unavailable", message="service unavailable",
+                      headers={"Retry-After": "2"})
+    port = free_port()
+    cloud = hetzner_settings(settings, hetzner).model_copy(update={"web_public_url": "http://127.0.0.1:3000"})
+    provider = build_provider("hetzner", cloud, gateway_port=port, poll_interval_s=0.05)
+    email = f"retry-{uuid.uuid4().hex[:8]}@example.com"
+    user = make_user(sql, plan="starter", email=email)
+    sql.execute('UPDATE users SET "emailVerified" = now(), password_hash = %s WHERE id = %s',
+                (auth.hash_password(PASSWORD), user))
+    api = create_api(cloud)
+    api.state.lifecycle_timeouts = FAST
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack, \
+            api.router.lifespan_context(api):
+        web = create_web(cloud, api_transport=httpx.ASGITransport(app=api))
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent, "hetzner")).status_code == 202
+
+        async def retried() -> dict[str, Any] | None:
+            op = (await stack.agent(user, agent))["vps"]["operation"]
+            return op if op and (op["retrying"] or {}).get("attempt", 0) >= 2 else None
+
+        op = await eventually_async(retried, timeout=60)
+        note = op["retrying"]
+        assert op["status"] == "running" and op["step"] == "create_vm" and note["step"] == "create_vm", op
+        assert "503" in note["error"] or "unavailable" in note["error"], note
+        waits = datetime.fromisoformat(note["next_attempt_at"]) - datetime.fromisoformat(note["failed_at"])
+        assert waits == timedelta(seconds=2), note  # the provider's Retry-After, as Temporal waits it
+        assert hetzner.servers == {}  # nothing was made meanwhile
+        same = await stack.api.get(f"/agents/{agent}/operations/{op['id']}", headers=headers(user))
+        assert same.status_code == 200 and same.json()["retrying"]["step"] == "create_vm", same.text
+
+        async with web.router.lifespan_context(web), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=web), base_url=cloud.web_url) as browser:
+            assert (await log_in(browser, email)).status_code in (200, 303)
+            page = (await browser.get(f"/agents/{agent}")).text
+            shown = re.search(r'<p class="notice" id="retrying" role="status">([^<]+)</p>', page)
+            assert shown and "of step create_vm failed:" in shown.group(1), page
+            assert "tried again automatically" in shown.group(1)
+            status = (await browser.get(f"/onboarding/{agent}/status")).json()
+            assert status["phase"] == "working" and "of step create_vm failed" in status["retrying"], status
+
+        hetzner.clear_faults()
+        server_id = await eventually(lambda: next(iter(hetzner.user_data), None), timeout=60)
+        async with vm_emulator.boot(vm_emulator.files_from_cloud_init(hetzner.user_data[server_id]),
+                                    vm_emulator.SYSTEMD_LAYOUT, stack.api, port=port, state_dir=tmp_path / "vm"):
+            vps = await stack.wait_vps(user, agent, "running", "error")
+            assert vps["state"] == "running", vps["last_error"]
+        done = (await stack.api.get(f"/agents/{agent}/operations/{op['id']}", headers=headers(user))).json()
+        assert done["status"] == "succeeded" and done["retrying"] is None, done
+        assert sql.execute("SELECT retrying FROM vps_operations WHERE id = %s", (op["id"],)).fetchone() == (None,)
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+
+
+async def eventually_async(check, timeout: float = 30):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := await check():
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition never became true")
 
 
 async def test_hetzner_create_answered_504_after_committing_still_ends_running(

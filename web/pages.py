@@ -50,11 +50,22 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def retrying_text(op: dict[str, Any] | None) -> str | None:
+    """A running operation's retried step in words (the API's `retrying`): which attempt failed, why,
+    and that nobody has to do anything yet."""
+    note = (op or {}).get("retrying")
+    if not note:
+        return None
+    return (f"Attempt {note['attempt']} of step {note['step']} failed: {note['error']}. "
+            "It is being tried again automatically.")
+
+
 def templates() -> Environment:
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                       autoescape=select_autoescape(["html"]))
     env.filters["bytes"] = human_bytes
     env.filters["money"] = lambda cents: f"${cents / 100:,.2f}"
+    env.filters["retrying"] = retrying_text
     return env
 
 

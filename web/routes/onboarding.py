@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from web.api_client import ApiError, ControlPlane
-from web.pages import form, log, readable, render, require_user, unread
+from web.pages import form, log, readable, render, require_user, retrying_text, unread
 from web.presets import PRESETS
 from web.routes.agents import agent_or_404, channels_of, chat_url, provision
 
@@ -77,7 +77,7 @@ def progress(agent: dict[str, Any]) -> dict[str, Any]:
     if phase == "working" and at < 0 and not extra:
         extra = f"{operation or 'An operation'} is running" + (f" (step {step})" if step else "")
     return {"phase": phase, "state": state, "step": step, "operation": operation, "error": error,
-            "other_step": extra, "steps": steps}
+            "other_step": extra, "steps": steps, "retrying": retrying_text(op) if phase == "working" else None}
 
 
 def target(agent_id: str, phase: str, *, again: bool = False) -> str:
