@@ -180,6 +180,35 @@ async def test_a_provider_outage_is_visible_while_its_step_is_retried(
         await stack.wait_vps(user, agent, "destroyed")
 
 
+async def test_a_destroy_cancels_a_provision_whose_provider_keeps_failing(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner) -> None:
+    """Between two attempts of a create that keeps failing, the user destroys the VPS: the provision
+    ends `cancelled` and creates nothing more, and the VPS is destroyed."""
+    hetzner.fail_next("POST /servers", 503, times=10_000, code="unavailable", message="service unavailable")
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=free_port(), poll_interval_s=0.05)
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        provision = (await stack.provision(user, agent, "hetzner")).json()
+
+        async def retried() -> dict[str, Any] | None:
+            op = (await stack.agent(user, agent))["vps"]["operation"]
+            return op if op and op["retrying"] else None
+
+        await eventually_async(retried, timeout=60)
+        destroy = await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        assert destroy.status_code == 202, destroy.text
+        await stack.wait_vps(user, agent, "destroyed", timeout=60)
+        cancelled = (await stack.api.get(f"/agents/{agent}/operations/{provision['operation_id']}",
+                                         headers=headers(user))).json()
+        assert cancelled["status"] == "cancelled" and cancelled["error"] == "provisioning was cancelled", cancelled
+        tried = len(hetzner.calls("POST /servers"))
+        await asyncio.sleep(3)  # longer than the retry interval so far: a live provision would try again
+        assert len(hetzner.calls("POST /servers")) == tried
+        assert hetzner.servers == {}
+
+
 async def eventually_async(check, timeout: float = 30):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

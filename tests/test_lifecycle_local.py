@@ -17,6 +17,7 @@ from temporalio.client import Client
 
 from orchestration.search_attributes import VPS_ID
 from settings import Settings
+from tests.fault_harness import gateway_processes
 from tests.helpers import headers, make_user
 from tests.lifecycle_harness import FAST, Stack, operation_outcome, running_stack
 from workflows.contracts import LifecycleTimeouts, ReconcileInput, ReconcileReport
@@ -164,7 +165,8 @@ async def test_idempotency_key_returns_the_same_operation(stack: Stack, sql: psy
 
 async def test_operations_during_provisioning_conflict_or_queue(stack: Stack, sql: psycopg.Connection,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stop/start during a provision are 409 naming it; settings and destroy queue behind it, in order."""
+    """Stop/start during a provision are 409 naming it; settings and destroy queue behind it, in order,
+    and the destroy cancels the provision (the settings, saved, then wait for the next start)."""
     monkeypatch.setenv("SLOPBOX_SIM_READY_AFTER_S", "3")  # a gateway that takes a while to boot
     user = make_user(sql, plan="starter")
     agent = await stack.new_agent(user)
@@ -186,7 +188,10 @@ async def test_operations_during_provisioning_conflict_or_queue(stack: Stack, sq
     await stack.wait_vps(user, agent, "destroyed")
     ops = (await stack.api.get(f"/agents/{agent}/operations", headers=headers(user))).json()["items"]
     ran = [(o["operation"], o["status"]) for o in sorted(ops, key=lambda o: o["finished_at"])]
-    assert ran == [("ProvisionVps", "succeeded"), ("PushConfig", "succeeded"), ("DestroyVps", "succeeded")]
+    assert ran == [("ProvisionVps", "cancelled"), ("PushConfig", "succeeded"), ("DestroyVps", "succeeded")]
+    pushed = next(o for o in ops if o["operation"] == "PushConfig")
+    assert pushed["error"] == ("the agent is not running (its VPS is error); the settings are applied at the "
+                               "next start"), pushed
 
 
 async def test_gateway_that_never_gets_ready_leaves_no_vm(settings: Settings, temporal_client: Client, db: str,
@@ -202,6 +207,34 @@ async def test_gateway_that_never_gets_ready_leaves_no_vm(settings: Settings, te
     assert vps["state"] == "error"
     assert "gateway did not become ready within 3s" in vps["last_error"]
     assert not (settings.data_dir / "vms" / vps["id"]).exists()  # compensated: nothing left behind
+
+
+async def test_a_destroy_cancels_a_provision_that_is_still_waiting(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway never gets ready and the budget is ten minutes: the user destroys the VPS instead of
+    waiting. The provision stops inside its wait (the cancel reaches the activity with a heartbeat),
+    removes its VM and ends `cancelled`; the destroy follows, long before the budget is spent."""
+    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
+    patient = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 600})
+    async with running_stack(settings, temporal_client, timeouts=patient) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        provision = (await stack.provision(user, agent)).json()
+        deadline = time.monotonic() + 60
+        while (await stack.agent(user, agent))["vps"]["step"] != "wait_gateway_ready":
+            assert time.monotonic() < deadline, await stack.agent(user, agent)
+            await asyncio.sleep(0.1)
+        destroy = await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        assert destroy.status_code == 202, destroy.text
+        vps = await stack.wait_vps(user, agent, "destroyed", timeout=120)
+        listed = await stack.api.get(f"/agents/{agent}/operations", headers=headers(user))
+        ops = {o["id"]: o for o in listed.json()["items"]}
+        assert ops[provision["operation_id"]]["status"] == "cancelled", ops
+        assert ops[provision["operation_id"]]["error"] == "provisioning was cancelled", ops
+        assert ops[destroy.json()["operation_id"]]["status"] == "succeeded", ops
+    assert not (settings.data_dir / "vms" / vps["id"]).exists()
+    assert not gateway_processes(settings.data_dir / "vms").get(vps["id"])
 
 
 async def test_plan_limits_on_vpses(stack: Stack, sql: psycopg.Connection) -> None:

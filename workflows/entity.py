@@ -8,6 +8,9 @@ workflow whose id is the operation id, so every operation is its own run in the 
 
 A WhatsApp pairing (minutes of waiting for a scan) runs beside the queue rather than in it: other
 channels, settings and restarts go on, and a stop or destroy cancels the pairing before it runs.
+A destroy also cancels a provision still running: whoever asks to remove a VPS that is being set up
+(its provider failing, its gateway never ready) should not wait minutes for the set-up to give up.
+The provision removes what it made and ends `cancelled`; the destroy then runs.
 The entity ends when a destroy succeeded, or after `idle_exit_s` with nothing to do; it continues
 as new when its history grows, after every handler has finished (the safe-message-handlers pattern).
 """
@@ -68,6 +71,7 @@ class VpsEntity:
         self._current: OperationRequest | None = None
         self._pairing: OperationRequest | None = None
         self._pairing_task: asyncio.Task[None] | None = None
+        self._current_task: asyncio.Task[OperationStatus] | None = None
         self._closed = False
 
     # --- messages ------------------------------------------------------------------------------
@@ -96,8 +100,18 @@ class VpsEntity:
                 return Submitted(operation_id=queued.operation_id, operation=queued.operation, new=False,
                                  position=self._position(queued.operation_id))
         self._queue.append(req)
+        if req.operation == OperationKind.destroy:
+            self._cancel_provision()
         return Submitted(operation_id=req.operation_id, operation=req.operation, new=True,
                          position=self._position(req.operation_id))
+
+    def _cancel_provision(self) -> None:
+        """A destroy arrived while the VPS is still being provisioned: stop setting it up."""
+        task, current = self._current_task, self._current
+        if task is None or task.done() or current is None or current.operation != OperationKind.provision:
+            return
+        if workflow.patched("destroy-cancels-provision"):
+            task.cancel("a destroy was requested")
 
     @submit.validator
     def _validate_submit(self, req: OperationRequest) -> None:
@@ -178,7 +192,13 @@ class VpsEntity:
             self._pairing = req
             self._pairing_task = asyncio.create_task(self._pair(req))
             return OperationStatus.running
-        return await self._child(req)
+        # A task, so that a destroy can cancel a provision (`_cancel_provision`); the child run
+        # handles the cancellation and reports its outcome, which the await below returns.
+        self._current_task = asyncio.create_task(self._child(req))
+        try:
+            return await self._current_task
+        finally:
+            self._current_task = None
 
     async def _child(self, req: OperationRequest) -> OperationStatus:
         try:

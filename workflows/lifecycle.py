@@ -156,7 +156,10 @@ class ProvisionVps(_Operation):
             return await self._finish(inp, OperationStatus.succeeded, state="running", expect=expect)
         except (ActivityError, CancelledError, asyncio.CancelledError) as err:
             # From create_vm on a VM may exist at the provider even if the call failed locally.
-            message = f"provisioning failed: {reason(err)}"
+            # Cancelled: a destroy arrived while it ran (workflows.entity), or an operator cancelled it.
+            cancelled = isinstance(err, CancelledError | asyncio.CancelledError) or isinstance(
+                err.__cause__, CancelledError)
+            message = "provisioning was cancelled" if cancelled else f"provisioning failed: {reason(err)}"
             workflow.logger.warning("provisioning failed", extra={"vps_id": inp.vps.vps_id, "reason": message})
             await self._set_step("compensate_destroy_vm")
             cleanup_failed = False
@@ -166,7 +169,8 @@ class ProvisionVps(_Operation):
             except ActivityError as cleanup:
                 cleanup_failed = True
                 message += f"; removing the VM failed too ({reason(cleanup)}), Reconcile will retry it"
-            return await self._finish(inp, OperationStatus.failed, state="error", expect=expect, error=message,
+            status = OperationStatus.cancelled if cancelled else OperationStatus.failed
+            return await self._finish(inp, status, state="error", expect=expect, error=message,
                                       needs_cleanup=cleanup_failed)
 
 
