@@ -24,6 +24,7 @@ from activities.vps import VpsActivities, fail, heartbeating
 from db.models import Agent, AgentChannel, Vps, VpsState
 from openclaw.render import CHANNEL_PLUGINS
 from openclaw.rpc import GatewayClient, GatewayError
+from providers import VmProvider
 from workflows.contracts import Act, ChannelInput, ChannelStatusInput, OperationInput
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ class AgentActivities(VpsActivities):
             async with self._admin(vps, agent, inp) as gw:
                 try:
                     await gateway.write_config(gw, channel_patch(inp.kind, channel_config(inp.kind, credentials)),
-                                               budget_s=inp.timeouts.gateway_ready_s)
+                                               budget_s=inp.timeouts.gateway_ready_s,
+                                               vm=(self.provider(vps.provider), vps))
                 except GatewayError as err:
                     raise fail(f"the gateway refused the {inp.kind} settings: {err.message}",
                                "ChannelRejected") from None
@@ -195,7 +197,7 @@ class AgentActivities(VpsActivities):
             agent_id = inp.vps.agent_id
             deadline = time.monotonic() + inp.qr_timeout_s
             async with self._admin(vps, agent, inp) as gw:
-                await self._enable_whatsapp(gw, inp)
+                await self._enable_whatsapp(gw, inp, vm=(self.provider(vps.provider), vps))
                 try:
                     started = await gw.web_login_start(channel="whatsapp", force=True, timeout_ms=30_000)
                 except GatewayError as err:
@@ -244,13 +246,13 @@ class AgentActivities(VpsActivities):
                         qr = None  # unchanged: keep waiting, nothing new to show
 
     @staticmethod
-    async def _enable_whatsapp(gw: GatewayClient, inp: ChannelInput) -> None:
+    async def _enable_whatsapp(gw: GatewayClient, inp: ChannelInput, *, vm: tuple[VmProvider, Vps]) -> None:
         """Turn the WhatsApp channel and its plugin on, then wait for the gateway to run it (hot reload).
 
         A gateway without the plugin never lists the channel (for the channel status budget);
         `web.login.start` then says so."""
         await gateway.write_config(gw, channel_patch("whatsapp", {"enabled": True}),
-                                   budget_s=inp.timeouts.gateway_ready_s)
+                                   budget_s=inp.timeouts.gateway_ready_s, vm=vm)
         deadline = time.monotonic() + inp.timeouts.channel_status_s
         while channel_report(await gw.channels_status(), "whatsapp") is None and time.monotonic() < deadline:
             activity.heartbeat()
@@ -270,7 +272,8 @@ class AgentActivities(VpsActivities):
                         await gw.channels_logout(inp.kind)
                     except GatewayError as err:  # not logged in / not running: nothing to log out of
                         log.info("channel logout skipped", extra={"kind": inp.kind, "reason": err.message})
-                await gateway.write_config(gw, channel_patch(inp.kind, None), budget_s=inp.timeouts.gateway_ready_s)
+                await gateway.write_config(gw, channel_patch(inp.kind, None), budget_s=inp.timeouts.gateway_ready_s,
+                                           vm=(self.provider(vps.provider), vps))
             async with self.sessions() as s, s.begin():
                 await s.exec(delete(AgentChannel).where(AgentChannel.agent_id == inp.vps.agent_id,  # type: ignore[call-overload,arg-type]
                                                         AgentChannel.kind == inp.kind))

@@ -257,7 +257,8 @@ PERSISTED_MARK = "persisted"
 
 
 async def write_config(gw: GatewayClient, patch: dict[str, Any], *, budget_s: float,
-                       replace_paths: list[str] | None = None, note: str | None = None) -> None:
+                       replace_paths: list[str] | None = None, note: str | None = None,
+                       vm: tuple[VmProvider, Vps] | None = None) -> None:
     """`config.patch` that outlasts the gateway's own reload.
 
     The gateway answers a channel or plugin change only after it has reloaded the channel: 13-26 s
@@ -266,8 +267,14 @@ async def write_config(gw: GatewayClient, patch: dict[str, Any], *, budget_s: fl
     by restarting itself. So: one write with the whole budget, and when its answer is lost (a
     timeout, a socket closed under it) or says "persisted, restarting", the config the gateway reads
     back decides: after the restart it announced, once it answers again. Only a write that is not in
-    the config then fails, or a gateway that does not answer within the budget.
+    the config then fails, or a gateway that does not answer within the budget. With `vm`, the
+    provider is asked meanwhile (`unless_vm_down`): a gateway that dies during the reload or the
+    restart fails the write in seconds (VmNotRunning), not after the budget.
     """
+    if vm is not None:
+        provider, vps = vm
+        return await unless_vm_down(provider, vps, write_config(gw, patch, budget_s=budget_s,
+                                                                replace_paths=replace_paths, note=note))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget_s
     restarting = False
@@ -337,7 +344,7 @@ async def push_config(settings: Settings, provider: VmProvider, vps: Vps, agent:
             patch, replace_paths = _patch_for(live, wanted)
             if patch:
                 await write_config(gw, patch, budget_s=budget_s, replace_paths=replace_paths,
-                                   note="slopbox: re-assert the lockdown")
+                                   note="slopbox: re-assert the lockdown", vm=(provider, vps))
             else:
                 # Nothing to change (a fresh VM booted with this render): what was just read is the
                 # read-back, on this same session; no second handshake (bench/README.md).

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +18,8 @@ from temporalio.client import Client
 
 from settings import Settings
 from tests.helpers import headers, make_user
-from tests.lifecycle_harness import Stack, operation_outcome, running_stack
+from tests.lifecycle_harness import FAST, Stack, operation_outcome, running_stack
+from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 TELEGRAM = "123456789:AAH" + "x" * 32
@@ -180,6 +183,39 @@ async def test_telegram_connect_and_disconnect(stack: Stack, sql: psycopg.Connec
     assert "telegram" not in (config.get("channels") or {})
     missing = await stack.api.delete(f"/agents/{agent}/channels/telegram", headers=headers(user))
     assert missing.status_code == 404
+
+
+async def test_a_gateway_that_dies_while_it_reloads_a_channel_fails_the_change_at_once(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway answers a channel change only after reloading the channel (seconds to minutes on a
+    loaded machine), and dies during that reload. The write's answer is lost; without asking the
+    provider, the read-back would wait the whole budget (here 5 minutes) for a gateway that cannot
+    come back. The provider says the VM's process is gone, and the change fails with that reason."""
+    monkeypatch.setenv("SLOPBOX_SIM_CHANNEL_RELOAD_S", "600")  # the reload outlasts the test
+    patient = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 300})
+    async with running_stack(settings, temporal_client, timeouts=patient) as stack:
+        user, agent, vps = await running_agent(stack, sql)
+        resp = await stack.api.post(f"/agents/{agent}/channels",
+                                    json={"kind": "telegram", "credentials": {"bot_token": TELEGRAM}},
+                                    headers=headers(user))
+        assert resp.status_code == 202, resp.text
+        config = state_dir(stack, vps) / "openclaw.json"
+        deadline = time.monotonic() + 60
+        while "botToken" not in config.read_text():  # written: the gateway now reloads before it answers
+            assert time.monotonic() < deadline, "the channel change never reached the gateway"
+            await asyncio.sleep(0.1)
+        os.killpg(int(json.loads((config.parent.parent / "gateway.pid").read_text())["pid"]), signal.SIGKILL)
+        op_url = resp.json()["status_url"]
+        deadline = time.monotonic() + 120
+        while (op := (await stack.api.get(op_url, headers=headers(user))).json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, op
+            await asyncio.sleep(0.2)
+        assert op["status"] == "failed", op
+        assert "the gateway's VM is not running: the local VM's state is error (the gateway process exited" \
+            in op["error"], op
+        channel = (await stack.api.get(f"/agents/{agent}/channels", headers=headers(user))).json()["items"][0]
+        assert channel["status"] == "error" and "VM is not running" in channel["last_error"], channel
 
 
 async def test_a_channel_the_gateway_does_not_run_is_an_error_not_configured(stack: Stack,
