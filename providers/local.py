@@ -112,6 +112,24 @@ def _proc_start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+def _orphan_gateway(vm: Path) -> int | None:
+    """A live gateway launched in this VM folder that no pid file names (Linux): its launcher was killed
+    between starting it and writing `gateway.pid`. Every gateway we start leads its own session with the
+    folder as its working directory, so the session leader whose cwd is `vm` is the one."""
+    folder = vm.resolve()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(proc / "cwd")) != folder:
+                continue
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields and fields[0] != "Z" and len(fields) > 3 and fields[3] == proc.name:  # session id == pid
+            return int(proc.name)
+    return None
+
+
 def _descendants(pid: int) -> list[tuple[int, str | None]]:
     """Every process below `pid` with its start time (Linux). Some gateway helpers start their own
     session, so the process group alone does not reach them."""
@@ -372,6 +390,17 @@ class LocalProvider(VmProvider):
         log.info("local: started gateway for vps %s (pid %s, port %s)", meta["vps_id"], proc.pid, meta["port"])
         return proc.pid
 
+    def _adopt_orphan(self, vm: Path) -> int | None:
+        """A worker killed inside `_launch` after the gateway started and before its pid file was
+        written leaves a gateway nothing names; the retried create or start adopts it rather than
+        launching a second one on the same folder and port."""
+        pid = _orphan_gateway(vm)
+        if pid is not None:
+            _write_private(vm / PID_FILE, json.dumps({"pid": pid, "start_time": _proc_start_time(pid),
+                                                      "started_at": time.time()}))
+            log.warning("local: adopted gateway pid %s that no pid file named (its launcher died)", pid)
+        return pid
+
     async def _listening(self, port: int) -> bool:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), timeout=0.5)
@@ -398,6 +427,8 @@ class LocalProvider(VmProvider):
 
     async def _ensure_running(self, vm: Path, meta: dict[str, Any]) -> None:
         pid = self._running_pid(vm)
+        if pid is None:
+            pid = await asyncio.to_thread(self._adopt_orphan, vm)
         if pid is None:
             pid = await asyncio.to_thread(self._launch, vm, meta)
         (vm / HALTED_FILE).unlink(missing_ok=True)  # running as asked: no longer waiting to come back

@@ -237,6 +237,35 @@ async def test_a_destroy_cancels_a_provision_that_is_still_waiting(
     assert not gateway_processes(settings.data_dir / "vms").get(vps["id"])
 
 
+async def test_a_destroy_cancels_a_start_that_is_still_waiting(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection) -> None:
+    """The same for a start whose gateway never gets ready: the start ends `cancelled`, the VPS is destroyed."""
+    patient = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 600})
+    async with running_stack(settings, temporal_client, timeouts=patient) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        assert (await stack.provision(user, agent)).status_code == 202
+        assert (await stack.wait_vps(user, agent, "running", "error"))["state"] == "running"
+        assert (await stack.api.post(f"/agents/{agent}/vps/stop", headers=headers(user))).status_code == 202
+        vps = await stack.wait_vps(user, agent, "stopped")
+        # The gateway the start launches never gets ready (the VM's environment, kept on its disk).
+        env_file = settings.data_dir / "vms" / vps["id"] / "env.json"
+        env_file.write_text(json.dumps({**json.loads(env_file.read_text()), "SLOPBOX_SIM_NEVER_READY": "1"}))
+        start = await stack.api.post(f"/agents/{agent}/vps/start", headers=headers(user))
+        assert start.status_code == 202, start.text
+        deadline = time.monotonic() + 60
+        while (await stack.agent(user, agent))["vps"]["step"] != "wait_gateway_ready":
+            assert time.monotonic() < deadline, (await stack.agent(user, agent))["vps"]
+            await asyncio.sleep(0.1)
+        page = await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        assert page.status_code == 202, page.text
+        vps = await stack.wait_vps(user, agent, "destroyed", timeout=120)
+        started = (await stack.api.get(start.json()["status_url"], headers=headers(user))).json()
+        assert (started["status"], started["error"]) == ("cancelled", "the start was cancelled"), started
+    assert not (settings.data_dir / "vms" / vps["id"]).exists()
+    assert not gateway_processes(settings.data_dir / "vms").get(vps["id"])
+
+
 async def test_plan_limits_on_vpses(stack: Stack, sql: psycopg.Connection) -> None:
     user = make_user(sql, plan="free")  # one VPS, hetzner and local configs only
     agent = await stack.new_agent(user)

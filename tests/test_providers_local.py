@@ -409,6 +409,25 @@ async def test_create_adopts_the_folder_and_relaunches_a_dead_gateway(make_provi
     assert await healthz(again.gateway_port) == 200
 
 
+async def test_a_gateway_whose_launcher_died_before_its_pid_file_is_adopted_not_doubled(
+        make_provider: Factory, tmp_path: Path) -> None:
+    """A worker SIGKILLed between starting the gateway and writing `gateway.pid` (seen in CI: two
+    gateways on one VM after a worker was killed inside create_vm): the retried create finds the live
+    gateway of that folder and adopts it instead of launching a second one."""
+    from tests.fault_harness import gateway_processes
+
+    provider = make_provider()
+    first = await provider.create(spec())
+    pid = gateway_pid(tmp_path)
+    (tmp_path / "data" / "vms" / "vps-1" / "gateway.pid").unlink()  # the launcher never got to write it
+    again = await make_provider().create(spec())  # the retry, in another worker
+    assert again.state == VmState.RUNNING and again.gateway_port == first.gateway_port
+    assert gateway_pid(tmp_path) == pid
+    assert gateway_processes(tmp_path / "data" / "vms") == {"vps-1": [pid]}
+    await provider.stop("vps-1")  # and the adopted gateway is ours to stop
+    await wait_dead(pid)
+
+
 async def test_a_halted_vm_comes_back_at_the_next_get(make_provider: Factory, tmp_path: Path) -> None:
     """A provision interrupted after create: the resumed run only calls get (then waits until running)."""
     provider = make_provider()

@@ -8,9 +8,9 @@ workflow whose id is the operation id, so every operation is its own run in the 
 
 A WhatsApp pairing (minutes of waiting for a scan) runs beside the queue rather than in it: other
 channels, settings and restarts go on, and a stop or destroy cancels the pairing before it runs.
-A destroy also cancels a provision still running: whoever asks to remove a VPS that is being set up
-(its provider failing, its gateway never ready) should not wait minutes for the set-up to give up.
-The provision removes what it made and ends `cancelled`; the destroy then runs.
+A destroy also cancels a provision or a start still running: whoever asks to remove a VPS that is
+being set up or started (its provider failing, its gateway never ready) should not wait minutes for
+that to give up. A provision removes what it made; either ends `cancelled`; the destroy then runs.
 The entity ends when a destroy succeeded, or after `idle_exit_s` with nothing to do; it continues
 as new when its history grows, after every handler has finished (the safe-message-handlers pattern).
 """
@@ -45,6 +45,7 @@ CHILD: dict[OperationKind, Any] = {
     OperationKind.channel_connect: ConnectChannel, OperationKind.channel_disconnect: DisconnectChannel,
 }
 MAX_QUEUED = 20
+CANCELLED_BY_DESTROY = (OperationKind.provision, OperationKind.start)
 RECENT_KEPT = 50
 OPERATIONS_PER_RUN = 100
 
@@ -101,16 +102,16 @@ class VpsEntity:
                                  position=self._position(queued.operation_id))
         self._queue.append(req)
         if req.operation == OperationKind.destroy:
-            self._cancel_provision()
+            self._cancel_setup()
         return Submitted(operation_id=req.operation_id, operation=req.operation, new=True,
                          position=self._position(req.operation_id))
 
-    def _cancel_provision(self) -> None:
-        """A destroy arrived while the VPS is still being provisioned: stop setting it up."""
+    def _cancel_setup(self) -> None:
+        """A destroy arrived while the VPS is still being provisioned or started: stop that."""
         task, current = self._current_task, self._current
-        if task is None or task.done() or current is None or current.operation != OperationKind.provision:
+        if task is None or task.done() or current is None or current.operation not in CANCELLED_BY_DESTROY:
             return
-        if workflow.patched("destroy-cancels-provision"):
+        if workflow.patched("destroy-cancels-setup"):
             task.cancel("a destroy was requested")
 
     @submit.validator
@@ -192,7 +193,7 @@ class VpsEntity:
             self._pairing = req
             self._pairing_task = asyncio.create_task(self._pair(req))
             return OperationStatus.running
-        # A task, so that a destroy can cancel a provision (`_cancel_provision`); the child run
+        # A task, so that a destroy can cancel a provision or a start (`_cancel_setup`); the child run
         # handles the cancellation and reports its outcome, which the await below returns.
         self._current_task = asyncio.create_task(self._child(req))
         try:

@@ -67,6 +67,11 @@ def reason(err: BaseException) -> str:
     return message
 
 
+def was_cancelled(err: BaseException) -> bool:
+    """The run itself was cancelled (a destroy arrived, see workflows.entity, or an operator), not failed."""
+    return isinstance(err, CancelledError | asyncio.CancelledError) or isinstance(err.__cause__, CancelledError)
+
+
 def error_type(err: BaseException) -> str | None:
     """The ApplicationError type inside an activity failure (e.g. `NotRunning`)."""
     cause: BaseException | None = err
@@ -157,8 +162,7 @@ class ProvisionVps(_Operation):
         except (ActivityError, CancelledError, asyncio.CancelledError) as err:
             # From create_vm on a VM may exist at the provider even if the call failed locally.
             # Cancelled: a destroy arrived while it ran (workflows.entity), or an operator cancelled it.
-            cancelled = isinstance(err, CancelledError | asyncio.CancelledError) or isinstance(
-                err.__cause__, CancelledError)
+            cancelled = was_cancelled(err)
             message = "provisioning was cancelled" if cancelled else f"provisioning failed: {reason(err)}"
             workflow.logger.warning("provisioning failed", extra={"vps_id": inp.vps.vps_id, "reason": message})
             await self._set_step("compensate_destroy_vm")
@@ -190,7 +194,10 @@ class StartVps(_Operation):
             await self._set_step("push_config")
             await self._provider(Act.push_config, inp, timeout_s=2 * inp.timeouts.gateway_ready_s + 60)
             return await self._finish(inp, OperationStatus.succeeded, state="running", expect=expect)
-        except ActivityError as err:
+        except (ActivityError, CancelledError, asyncio.CancelledError) as err:
+            if was_cancelled(err):  # the VM may be half up: `error` until the destroy or a new start
+                return await self._finish(inp, OperationStatus.cancelled, state="error", expect=expect,
+                                          error="the start was cancelled")
             contained = await self._contain(inp, err)
             return await self._finish(inp, OperationStatus.failed, state="error", expect=expect,
                                       error=f"start failed: {reason(err)}{contained}")
