@@ -115,17 +115,20 @@ def _proc_start_time(pid: int) -> str | None:
 def _orphan_gateway(vm: Path) -> int | None:
     """A live gateway launched in this VM folder that no pid file names (Linux): its launcher was killed
     between starting it and writing `gateway.pid`. Every gateway we start leads its own session with the
-    folder as its working directory, so the session leader whose cwd is `vm` is the one."""
+    folder as its working directory and `gateway run` on its command line, so the session leader
+    that matches all three is the one (not, say, an operator's shell opened in the folder)."""
     folder = vm.resolve()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if Path(os.readlink(proc / "cwd")) != folder:
                 continue
             stat = (proc / "stat").read_text()
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        if fields and fields[0] != "Z" and len(fields) > 3 and fields[3] == proc.name:  # session id == pid
+        leader = len(fields) > 3 and fields[0] != "Z" and fields[3] == proc.name  # session id == pid
+        if leader and b"gateway" in argv and b"run" in argv:
             return int(proc.name)
     return None
 
