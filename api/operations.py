@@ -205,6 +205,38 @@ async def cancel_pairing(request: Request, vps: Vps) -> str | None:
     return result
 
 
+CANCELLABLE = ("provision", "start")
+
+
+async def cancel_operation(request: Request, row: VpsOperation) -> str:
+    """Ask the VPS's entity to cancel a provision or start: `cancelled` (it was queued) or `cancelling`
+    (it runs, and removes what it made before it records `cancelled`). 409 when it cannot be."""
+    if row.status not in ("queued", "running"):
+        raise Problem(409, "Operation finished", f"The operation already ended ({row.status}).",
+                      type_="invalid-state", operation_status=row.status)
+    if row.kind not in CANCELLABLE:
+        raise Problem(409, "Not cancellable", f"A {WORKFLOW_NAME[OperationKind(row.kind)]} runs to its end (at most a "
+                      "gateway start's budget); only a provision or a start can be cancelled.", type_="conflict")
+    client = await temporal(request)
+    try:
+        outcome: str = await client.get_workflow_handle(entity_id(str(row.vps_id))).execute_update(
+            VpsEntity.cancel, row.id, rpc_timeout=SUBMIT_TIMEOUT)
+    except RPCError as err:
+        if err.status.name == "NOT_FOUND":  # no entity: the operation ended while the row caught up
+            raise Problem(409, "Operation finished", "The operation is no longer running.",
+                          type_="invalid-state") from None
+        raise unavailable(f"Could not cancel the operation: {err.message}") from None
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type in ("NotFound", "NotCancellable"):
+            raise Problem(409, "Operation finished" if cause.type == "NotFound" else "Not cancellable",
+                          cause.message, type_="invalid-state" if cause.type == "NotFound" else "conflict") from None
+        raise unavailable(f"Could not cancel the operation: {err}") from None
+    except WorkflowUpdateRPCTimeoutOrCancelledError as err:
+        raise unavailable(f"Could not cancel the operation: {err}") from None
+    return outcome
+
+
 async def active_operations(session: AsyncSession, vps_ids: list[Any]) -> dict[Any, VpsOperation]:
     """The oldest queued or running operation of each VPS (what `vps.operation_id` shows)."""
     if not vps_ids:

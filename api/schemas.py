@@ -170,6 +170,13 @@ class RetryingOut(BaseModel):
     next_attempt_at: datetime = Field(description="When the next attempt starts (now or past: it is running)")
 
 
+class CancelOut(BaseModel):
+    operation_id: str
+    status: str = Field(description="`cancelled` (it was queued and never runs) or `cancelling` (it stops at its "
+                                    "current step and records `cancelled`)")
+    status_url: str
+
+
 class OperationOut(BaseModel):
     id: str
     operation: str = Field(description="The workflow type, e.g. StartVps")

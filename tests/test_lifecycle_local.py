@@ -266,6 +266,39 @@ async def test_a_destroy_cancels_a_start_that_is_still_waiting(
     assert not gateway_processes(settings.data_dir / "vms").get(vps["id"])
 
 
+async def test_cancel_a_provision_through_the_api(settings: Settings, temporal_client: Client, db: str,
+                                                   sql: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """POST .../operations/{op}/cancel: a running provision stops and ends `cancelled` (VPS `error`, no VM);
+    a settings push queued behind it is not cancellable (409); a finished one is 409; another user's 404."""
+    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
+    patient = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 600})
+    async with running_stack(settings, temporal_client, timeouts=patient) as stack:
+        user, other = make_user(sql, plan="starter"), make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        provision = (await stack.provision(user, agent)).json()
+        push = await stack.api.patch(f"/agents/{agent}/settings", json={"files": {"SOUL.md": "x"}},
+                                     headers=headers(user))
+        assert push.status_code == 202, push.text
+        url = f"/agents/{agent}/operations/{provision['operation_id']}/cancel"
+        assert (await stack.api.post(url, headers=headers(other))).status_code == 404
+        refused = await stack.api.post(f"/agents/{agent}/operations/{push.json()['operation_id']}/cancel",
+                                       headers=headers(user))
+        assert refused.status_code == 409 and refused.json()["title"] == "Not cancellable", refused.text
+        accepted = await stack.api.post(url, headers=headers(user))
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json() == {"operation_id": provision["operation_id"], "status": "cancelling",
+                                   "status_url": f"/agents/{agent}/operations/{provision['operation_id']}"}
+        vps = await stack.wait_vps(user, agent, "error", "running", timeout=120)
+        assert vps["state"] == "error" and vps["last_error"] == "provisioning was cancelled", vps
+        done = (await stack.api.get(accepted.json()["status_url"], headers=headers(user))).json()
+        assert done["status"] == "cancelled", done
+        late = await stack.api.post(url, headers=headers(user))
+        assert late.status_code == 409 and late.json()["title"] == "Operation finished", late.text
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+    assert not gateway_processes(settings.data_dir / "vms").get(vps["id"])
+
+
 async def test_plan_limits_on_vpses(stack: Stack, sql: psycopg.Connection) -> None:
     user = make_user(sql, plan="free")  # one VPS, hetzner and local configs only
     agent = await stack.new_agent(user)

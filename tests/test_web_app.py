@@ -309,3 +309,45 @@ async def test_failed_provision_shows_its_reason(web: Web, sql: psycopg.Connecti
         assert "gateway did not become ready within 3s" in page and 'id="last-error"' in page
         dash = await b.get("/dashboard")
         assert "gateway did not become ready within 3s" in dash.text
+
+
+async def test_a_set_up_that_never_finishes_can_be_cancelled_from_the_progress_page(
+        web: Web, sql: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway never gets ready and the budget is ten minutes: the progress page's "Cancel the set-up"
+    stops it; the machine is removed and the page says the set-up was cancelled, with "Try again"."""
+    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
+    monkeypatch.setattr(web.api.state, "lifecycle_timeouts",
+                        LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 600}))
+    email = f"cancel-{uuid.uuid4().hex[:8]}@example.com"
+    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
+                (email, auth.hash_password(PASSWORD)))
+    async with web.browser() as b:
+        assert (await log_in(b, email)).status_code == 303
+        agent = await new_agent(b, "Stuck", "helpful")
+        progress = f"/onboarding/{agent}/provision"
+
+        async def waiting_for_the_gateway() -> str | None:
+            page = await b.get(progress)
+            return page.text if 'aria-current="step">Starting the OpenClaw gateway' in page.text else None
+
+        page = await wait_for("the gateway step", waiting_for_the_gateway)
+        op = re.search(r'name="op" value="([^"]+)"', page)
+        assert op and 'id="cancel"' in page, page
+        cancelled = await post_form(b, progress, f"/agents/{agent}/cancel", {"op": op.group(1), "back": "onboarding"})
+        assert cancelled.status_code == 303 and cancelled.headers["location"] == progress, cancelled.text
+
+        async def ended() -> str | None:
+            page = await b.get(progress)
+            return page.text if 'id="provision-error"' in page.text else None
+
+        page = await wait_for("the set-up to end", ended)
+        assert "provisioning was cancelled" in page and 'id="retry"' in page, page
+        vps = (await web.stack.api.get(f"/agents/{agent}", headers=headers(_user_id(sql, email)))).json()["vps"]
+        assert vps["state"] == "error" and vps["last_operation"]["status"] == "cancelled", vps
+        assert not (web.settings.data_dir / "vms" / vps["id"]).exists()
+        again = await post_form(b, f"/agents/{agent}", f"/agents/{agent}/cancel", {"op": op.group(1)})
+        assert again.status_code == 409 and "already ended" in again.text
+
+
+def _user_id(sql: psycopg.Connection, email: str) -> uuid.UUID:
+    return sql.execute("SELECT id FROM users WHERE email = %s", (email,)).fetchone()[0]  # type: ignore[index,no-any-return]

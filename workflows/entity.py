@@ -8,9 +8,10 @@ workflow whose id is the operation id, so every operation is its own run in the 
 
 A WhatsApp pairing (minutes of waiting for a scan) runs beside the queue rather than in it: other
 channels, settings and restarts go on, and a stop or destroy cancels the pairing before it runs.
-A destroy also cancels a provision or a start still running: whoever asks to remove a VPS that is
-being set up or started (its provider failing, its gateway never ready) should not wait minutes for
-that to give up. A provision removes what it made; either ends `cancelled`; the destroy then runs.
+A destroy also cancels a provision or a start still running, and the `cancel` update cancels one
+on its own: whoever gives up on a VPS being set up or started (its provider failing, its gateway
+never ready) should not wait minutes for that to give up. A provision removes what it made; either
+ends `cancelled` and leaves the VPS in `error`.
 The entity ends when a destroy succeeded, or after `idle_exit_s` with nothing to do; it continues
 as new when its history grows, after every handler has finished (the safe-message-handlers pattern).
 """
@@ -45,7 +46,8 @@ CHILD: dict[OperationKind, Any] = {
     OperationKind.channel_connect: ConnectChannel, OperationKind.channel_disconnect: DisconnectChannel,
 }
 MAX_QUEUED = 20
-CANCELLED_BY_DESTROY = (OperationKind.provision, OperationKind.start)
+CANCELLABLE = (OperationKind.provision, OperationKind.start)
+"""What a destroy or the `cancel` update stops; the others are bounded by a gateway start's budget."""
 RECENT_KEPT = 50
 OPERATIONS_PER_RUN = 100
 
@@ -109,7 +111,7 @@ class VpsEntity:
     def _cancel_setup(self) -> None:
         """A destroy arrived while the VPS is still being provisioned or started: stop that."""
         task, current = self._current_task, self._current
-        if task is None or task.done() or current is None or current.operation not in CANCELLED_BY_DESTROY:
+        if task is None or task.done() or current is None or current.operation not in CANCELLABLE:
             return
         if workflow.patched("destroy-cancels-setup"):
             task.cancel("a destroy was requested")
@@ -145,6 +147,27 @@ class VpsEntity:
             return None
         self._pairing_task.cancel()
         return self._pairing.operation_id
+
+    @workflow.update
+    async def cancel(self, operation_id: str) -> str:
+        """Cancel a provision or a start: `cancelled` for a queued one (recorded here, it never runs),
+        `cancelling` for the running one (it removes what it made and records `cancelled` itself)."""
+        queued = next((r for r in self._queue if r.operation_id == operation_id), None)
+        if queued is not None:
+            self._queue.remove(queued)
+            await self._record(queued, OperationStatus.cancelled, f"{queued.operation} cancelled before it started")
+            return "cancelled"
+        self._cancel_setup()
+        return "cancelling"
+
+    @cancel.validator
+    def _validate_cancel(self, operation_id: str) -> None:
+        req = self._known(operation_id)
+        if req is None:
+            raise ApplicationError(f"operation {operation_id} is not queued or running", type="NotFound")
+        if req.operation not in CANCELLABLE:
+            raise ApplicationError(f"a {req.operation} cannot be cancelled: only a provision or a start can",
+                                   req.operation.value, type="NotCancellable")
 
     def _position(self, operation_id: str) -> int:
         ids = [r.operation_id for r in self._queue]

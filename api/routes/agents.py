@@ -6,16 +6,25 @@ import secrets
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.deps import CurrentUser, SessionDep, one_snapshot
-from api.operations import active_operations, last_operations, operation_out
+from api.operations import active_operations, cancel_operation, last_operations, operation_out
 from api.problems import Problem
-from api.schemas import AgentCreate, AgentOut, OperationOut, Page, SettingsSync, VpsOut, problem_responses
+from api.schemas import (
+    AgentCreate,
+    AgentOut,
+    CancelOut,
+    OperationOut,
+    Page,
+    SettingsSync,
+    VpsOut,
+    problem_responses,
+)
 from billing.plans import effective_plan
 from db.models import Agent, User, Vps, VpsOperation, VpsState
 
@@ -135,16 +144,33 @@ async def list_operations(
                 offset=offset)
 
 
-@router.get("/{agent_id}/operations/{operation_id}", response_model=OperationOut,
-             responses=problem_responses(404))
-async def get_operation(agent_id: uuid.UUID, operation_id: Annotated[str, Path(max_length=255)],
-                        session: SessionDep, user: CurrentUser) -> OperationOut:
+async def owned_operation(session: AsyncSession, user: User, agent_id: uuid.UUID, operation_id: str) -> VpsOperation:
     await owned_agent(session, user, agent_id)
     row = (await session.exec(select(VpsOperation).join(Agent, col(Agent.vps_id) == col(VpsOperation.vps_id)).where(
         VpsOperation.id == operation_id, VpsOperation.user_id == user.id, Agent.id == agent_id))).first()
     if row is None:
         raise Problem(404, "Not found", f"No operation {operation_id} on agent {agent_id}", type_="not-found")
-    return OperationOut.model_validate(operation_out(row))
+    return row
+
+
+@router.get("/{agent_id}/operations/{operation_id}", response_model=OperationOut,
+             responses=problem_responses(404))
+async def get_operation(agent_id: uuid.UUID, operation_id: Annotated[str, Path(max_length=255)],
+                        session: SessionDep, user: CurrentUser) -> OperationOut:
+    return OperationOut.model_validate(operation_out(await owned_operation(session, user, agent_id, operation_id)))
+
+
+@router.post("/{agent_id}/operations/{operation_id}/cancel", status_code=202, response_model=CancelOut,
+             responses=problem_responses(404, 409, 503))
+async def cancel(request: Request, agent_id: uuid.UUID, operation_id: Annotated[str, Path(max_length=255)],
+                 session: SessionDep, user: CurrentUser) -> CancelOut:
+    """Cancel a provision or a start, queued or running. A running one stops at its current step,
+    removes what it made (a provision's VM) and ends `cancelled`; the VPS is then in `error`."""
+    row = await owned_operation(session, user, agent_id, operation_id)
+    await session.commit()  # no transaction held open across the call to Temporal
+    outcome = await cancel_operation(request, row)
+    return CancelOut(operation_id=row.id, status=outcome,
+                     status_url=f"/agents/{agent_id}/operations/{row.id}")
 
 
 @router.delete("/{agent_id}", status_code=204, responses=problem_responses(404, 409))

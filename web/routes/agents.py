@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from web.api_client import ApiError, ControlPlane
 from web.charts import bar_chart
-from web.operations import agent_or_404
+from web.operations import OP_ID, agent_or_404
 from web.pages import ctx, form, human_bytes, readable, render, require_user, unread
 
 router = APIRouter()
@@ -162,6 +162,24 @@ async def stop(request: Request, agent_id: uuid.UUID) -> Response:
 @router.post("/agents/{agent_id}/provision")
 async def reprovision(request: Request, agent_id: uuid.UUID) -> Response:
     return await act(request, agent_id, "POST", "provision")
+
+@router.post("/agents/{agent_id}/cancel")
+async def cancel(request: Request, agent_id: uuid.UUID) -> Response:
+    """"Cancel" next to a provision or start in progress (the agent's page, the onboarding progress)."""
+    _user, api = await require_user(request)
+    fields = await form(request)
+    op = fields.get("op", "")
+    back = f"/onboarding/{agent_id}/provision" if fields.get("back") == "onboarding" else f"/agents/{agent_id}"
+    await agent_or_404(api, agent_id)
+    if not OP_ID.fullmatch(op):
+        return await show_agent(request, api, agent_id, 400, notice="That operation cannot be cancelled.")
+    try:
+        await api.call("POST", f"/agents/{agent_id}/operations/{op}/cancel")
+    except ApiError as err:
+        return await show_agent(request, api, agent_id, err.status if err.status >= 400 else 400,
+                                notice=readable(err))
+    return RedirectResponse(back, status_code=303)
+
 
 @router.get("/agents/{agent_id}/destroy", response_class=HTMLResponse)
 async def confirm_destroy(request: Request, agent_id: uuid.UUID) -> Response:

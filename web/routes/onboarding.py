@@ -77,7 +77,8 @@ def progress(agent: dict[str, Any]) -> dict[str, Any]:
     if phase == "working" and at < 0 and not extra:
         extra = f"{operation or 'An operation'} is running" + (f" (step {step})" if step else "")
     return {"phase": phase, "state": state, "step": step, "operation": operation, "error": error,
-            "other_step": extra, "steps": steps, "retrying": retrying_text(op) if phase == "working" else None}
+            "other_step": extra, "steps": steps, "retrying": retrying_text(op) if phase == "working" else None,
+            "operation_id": (op or {}).get("id")}
 
 
 def target(agent_id: str, phase: str, *, again: bool = False) -> str:
