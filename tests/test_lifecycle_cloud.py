@@ -209,6 +209,39 @@ async def test_a_destroy_cancels_a_provision_whose_provider_keeps_failing(
         assert hetzner.servers == {}
 
 
+async def test_a_cancel_does_not_stop_the_removal_of_a_failed_provisions_vm(
+        settings: Settings, temporal_client: Client, db: str, sql: psycopg.Connection, hetzner: FakeHetzner) -> None:
+    """The gateway never answers (no VM boots it here), so the provision fails and removes its server;
+    Hetzner answers that DELETE with 503 for a while. A cancel that arrives during that clean-up must not
+    stop it: the provision ends `failed` with its own reason, the server gone, nothing left for Reconcile."""
+    hetzner.fail_next("DELETE /servers/[0-9]*", 503, times=10_000, code="unavailable", message="service unavailable")
+    cloud = hetzner_settings(settings, hetzner)
+    provider = build_provider("hetzner", cloud, gateway_port=free_port(), poll_interval_s=0.05)
+    quick = LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 2})
+    async with running_stack(cloud, temporal_client, providers={"hetzner": provider}, timeouts=quick) as stack:
+        user = make_user(sql, plan="starter")
+        agent = await stack.new_agent(user)
+        provision = (await stack.provision(user, agent, "hetzner")).json()
+
+        async def cleaning_up() -> dict[str, Any] | None:
+            op = (await stack.agent(user, agent))["vps"]["operation"]
+            return op if op and op["step"] == "compensate_destroy_vm" and op["retrying"] else None
+
+        await eventually_async(cleaning_up, timeout=60)
+        cancel = await stack.api.post(f"/agents/{agent}/operations/{provision['operation_id']}/cancel",
+                                      headers=headers(user))
+        assert cancel.status_code == 202 and cancel.json()["status"] == "cancelling", cancel.text
+        await asyncio.sleep(1)
+        hetzner.clear_faults()
+        vps = await stack.wait_vps(user, agent, "error", timeout=90)
+        done = (await stack.api.get(cancel.json()["status_url"], headers=headers(user))).json()
+        assert done["status"] == "failed" and "did not become ready within 2s" in done["error"], done
+        assert "removing the VM failed" not in done["error"], done
+        assert vps["needs_cleanup"] is False and hetzner.servers == {}, (vps, hetzner.servers)
+        await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
+        await stack.wait_vps(user, agent, "destroyed")
+
+
 async def eventually_async(check, timeout: float = 30):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

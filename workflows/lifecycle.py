@@ -168,14 +168,29 @@ class ProvisionVps(_Operation):
             await self._set_step("compensate_destroy_vm")
             cleanup_failed = False
             try:
-                await self._provider(Act.destroy_vm, inp, timeout_s=inp.timeouts.vm_gone_s + 30,
-                                     retry=CLEANUP_RETRY)
+                removal = asyncio.ensure_future(self._provider(Act.destroy_vm, inp, retry=CLEANUP_RETRY,
+                                                               timeout_s=inp.timeouts.vm_gone_s + 30))
+                await self._outlasting_cancel(removal)
             except ActivityError as cleanup:
                 cleanup_failed = True
                 message += f"; removing the VM failed too ({reason(cleanup)}), Reconcile will retry it"
             status = OperationStatus.cancelled if cancelled else OperationStatus.failed
             return await self._finish(inp, status, state="error", expect=expect, error=message,
                                       needs_cleanup=cleanup_failed)
+
+
+    @staticmethod
+    async def _outlasting_cancel(task: asyncio.Future[Any]) -> Any:
+        """Await the VM's removal even if the run is cancelled meanwhile (a cancel or a destroy that
+        arrives after a failure): stopping it would leave a VM billed until Reconcile finds it."""
+        if not workflow.patched("provision-cleanup-outlasts-cancel"):
+            return await task
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    return task.result()
 
 
 @workflow.defn(name="StartVps")
