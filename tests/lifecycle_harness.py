@@ -103,23 +103,35 @@ async def running_stack(settings: Settings, client: Client, providers: dict[str,
             if not worker:
                 yield stack
             else:
-                async with Worker(client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
-                                  activities=activities.all(), max_concurrent_activities=50,
-                                  # the production sandbox and interceptors (worker.py)
-                                  workflow_runner=workflow_runner(), interceptors=worker_interceptors()):
-                    try:
-                        yield stack
-                    finally:
-                        await stop_local_vms(settings)
-                        if histories.recording():
-                            await histories.record(client, settings.temporal_task_queue)
+                try:
+                    async with Worker(client, task_queue=settings.temporal_task_queue, workflows=WORKFLOWS,
+                                      activities=activities.all(), max_concurrent_activities=50,
+                                      # the production sandbox and interceptors (worker.py)
+                                      workflow_runner=workflow_runner(), interceptors=worker_interceptors()):
+                        try:
+                            yield stack
+                        finally:
+                            if histories.recording():
+                                await histories.record(client, settings.temporal_task_queue)
+                finally:
+                    # Once the worker has stopped: an activity still running could otherwise launch a
+                    # gateway into a VM folder while it is being removed ("Directory not empty").
+                    await stop_local_vms(settings)
     await engine.dispose()
 
 
 async def stop_local_vms(settings: Settings) -> None:
     """Safety net for a failed test: no gateway process outlives it."""
+    from providers.base import ProviderRetryable
     from providers.local import LocalProvider
 
     local = LocalProvider.from_settings(settings)
     for vm in await local.list_managed():
-        await local.destroy(vm.provider_ref)
+        for attempt in range(3):  # as DestroyVps would: a launch cut short by the worker's exit may still
+            try:                  # be writing its pid file into the folder (to_thread is not cancelled)
+                await local.destroy(vm.provider_ref)
+                break
+            except ProviderRetryable:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.5)
