@@ -109,7 +109,7 @@ class VpsEntity:
                          position=self._position(req.operation_id))
 
     def _cancel_setup(self) -> None:
-        """A destroy arrived while the VPS is still being provisioned or started: stop that."""
+        """A destroy or a `cancel` arrived while the VPS is still being provisioned or started: stop that."""
         task, current = self._current_task, self._current
         if task is None or task.done() or current is None or current.operation not in CANCELLABLE:
             return
