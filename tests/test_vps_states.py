@@ -27,7 +27,7 @@ from db.engine import make_engine
 from db.models import Vps
 from settings import Settings
 from tests.helpers import headers, make_user
-from tests.lifecycle_harness import FAST, Stack, running_stack
+from tests.lifecycle_harness import FAST, Stack, operation_handle, running_stack
 from workflows.contracts import (
     FinishInput,
     LifecycleTimeouts,
@@ -280,7 +280,7 @@ async def test_a_gateway_that_dies_while_booting_fails_the_provision_at_once(
         user = make_user(sql, plan="starter")
         agent = await stack.new_agent(user)
         op = (await stack.provision(user, agent)).json()
-        handle = stack.client.get_workflow_handle(op["operation_id"])
+        handle = await operation_handle(stack.client, op["operation_id"])  # the entity starts it a moment later
         deadline = time.monotonic() + 60
         while True:  # the VM is up and the provision is polling its /readyz
             assert time.monotonic() < deadline, "the provision never reached wait_gateway_ready"
