@@ -115,9 +115,11 @@ def _proc_start_time(pid: int) -> str | None:
 def _orphan_gateway(vm: Path) -> int | None:
     """A live gateway launched in this VM folder that no pid file names (Linux): its launcher was killed
     between starting it and writing `gateway.pid`. Every gateway we start leads its own session with the
-    folder as its working directory and `gateway run` on its command line, so the session leader
-    that matches all three is the one (not, say, an operator's shell opened in the folder)."""
+    folder as its working directory and "gateway" on its command line (`gateway run`; the real one
+    renames itself `openclaw-gateway`), so a session leader that matches all three is ours, not, say,
+    an operator's shell opened in the folder. If helpers ever match too, the oldest is the launched one."""
     folder = vm.resolve()
+    found: list[tuple[int, int]] = []  # (kernel start time, pid)
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if Path(os.readlink(proc / "cwd")) != folder:
@@ -127,10 +129,10 @@ def _orphan_gateway(vm: Path) -> int | None:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        leader = len(fields) > 3 and fields[0] != "Z" and fields[3] == proc.name  # session id == pid
-        if leader and b"gateway" in argv and b"run" in argv:
-            return int(proc.name)
-    return None
+        leader = len(fields) > 19 and fields[0] != "Z" and fields[3] == proc.name  # session id == pid
+        if leader and any(b"gateway" in arg for arg in argv):
+            found.append((int(fields[19]), int(proc.name)))
+    return min(found)[1] if found else None
 
 
 def _descendants(pid: int) -> list[tuple[int, str | None]]:

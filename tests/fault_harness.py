@@ -142,9 +142,9 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> N
 
 
 def gateway_processes(vm_root: Path) -> dict[str, list[int]]:
-    """Live gateway processes per local VM folder (the local provider starts them with cwd = the folder).
-
-    A retried start that launched a second gateway would show up here as two pids.
+    """Live gateway processes per local VM folder (the local provider starts them with cwd = the folder;
+    "gateway" is on the command line: `gateway run`, or the title the real one gives itself,
+    `openclaw-gateway`). A retried start that launched a second gateway would show up here as two pids.
     """
     root = vm_root.resolve()
     found: dict[str, list[int]] = {}
@@ -157,7 +157,7 @@ def gateway_processes(vm_root: Path) -> dict[str, list[int]]:
             continue
         if stat[stat.rfind(")") + 2:].split()[0] == "Z" or cwd.parent != root:
             continue
-        if b"gateway" in b" ".join(cmdline) and b"run" in cmdline:
+        if any(b"gateway" in arg for arg in cmdline):
             found.setdefault(cwd.name, []).append(int(proc.name))
     return found
 

@@ -350,6 +350,17 @@ async def _run_real_lifecycle(provider: LocalProvider, vps_id: str) -> None:
                 pass
             await asyncio.sleep(0.1)
         assert (await client.get(f"{provider.gateway_url(info)}/healthz")).status_code == 200
+    # A launcher killed before it wrote the pid file: the retried create adopts the real gateway (it
+    # keeps its working directory and `gateway run` on its command line), it does not start a second.
+    from tests.fault_harness import gateway_processes
+
+    running = gateway_processes(provider.vm_dir(vps_id).parent)
+    assert running == {vps_id: [pid]}, running
+    (provider.vm_dir(vps_id) / "gateway.pid").unlink()
+    again = await provider.create(VmSpec(vps_id=vps_id, agent_id="agent-1", user_id="user-1", files={}))
+    assert again.state == VmState.RUNNING and again.gateway_port == info.gateway_port
+    assert json.loads((provider.vm_dir(vps_id) / "gateway.pid").read_text())["pid"] == pid
+    assert gateway_processes(provider.vm_dir(vps_id).parent) == running
     family = _descendants(pid)
     await provider.stop(vps_id)
     got = await provider.get(vps_id)
