@@ -71,44 +71,41 @@ class _RecordAttempts(ActivityInboundInterceptor):
         if not isinstance(owner, VpsActivities) or not operation_id or not step:
             return await self.next.execute_activity(input)
         info = activity.info()
-        if info.attempt > 1:
-            await _write(owner, operation_id, step, lost=info.attempt - 1, error=LOST.format(n=info.attempt - 1))
+        retrying = col(VpsOperation.retrying)
+        if info.attempt > 1:  # the one before failed; if it wrote nothing, its worker died with it
+            lost = info.attempt - 1
+            await _note(owner, operation_id, _failed(step, lost, LOST.format(n=lost), timedelta()),
+                        or_(retrying.is_(None), retrying["step"].astext != step,
+                            retrying["attempt"].astext != str(lost)))
         try:
             result = await self.next.execute_activity(input)
         except Exception as err:
             if will_retry(err, info):
-                await _write(owner, operation_id, step, attempt=info.attempt, error=message(err),
-                             delay=retry_delay(err, info.attempt, info.retry_policy))
+                await _note(owner, operation_id, _failed(step, info.attempt, message(err),
+                                                         retry_delay(err, info.attempt, info.retry_policy)))
             raise
-        if info.attempt > 1:
-            await _write(owner, operation_id, step, clear=True)
+        if info.attempt > 1:  # done after all: the step's note goes
+            await _note(owner, operation_id, None, retrying["step"].astext == step)
         return result
 
 
-async def _write(owner: VpsActivities, operation_id: str, step: str, *, error: str = "", attempt: int = 0,
-                 lost: int = 0, delay: timedelta | None = None, clear: bool = False) -> None:
-    """Best effort: a database that cannot take the note must not change the attempt's outcome."""
+def _failed(step: str, attempt: int, error: str, delay: timedelta) -> dict[str, Any]:
     now = datetime.now(UTC)
-    where = [col(VpsOperation.id) == operation_id, col(VpsOperation.status).in_(ACTIVE_OPERATION)]
-    retrying = col(VpsOperation.retrying)
-    if clear:
-        where.append(retrying["step"].astext == step)
-        value: dict[str, Any] | None = None
-    elif lost:
-        # Only when that attempt wrote nothing itself (it failed here, the note is already there).
-        where.append(or_(retrying.is_(None), retrying["step"].astext != step,
-                         retrying["attempt"].astext != str(lost)))
-        value = {"step": step, "attempt": lost, "error": error, "failed_at": now.isoformat(),
-                 "next_attempt_at": now.isoformat()}
-    else:
-        value = {"step": step, "attempt": attempt, "error": error, "failed_at": now.isoformat(),
-                 "next_attempt_at": (now + (delay or timedelta())).isoformat()}
+    return {"step": step, "attempt": attempt, "error": error, "failed_at": now.isoformat(),
+            "next_attempt_at": (now + delay).isoformat()}
+
+
+async def _note(owner: VpsActivities, operation_id: str, value: dict[str, Any] | None, *where: Any) -> None:
+    """Set the running operation's note (when `where` holds). Best effort: a database that cannot take
+    it must not change the attempt's outcome."""
     try:
         async with owner.sessions() as s, s.begin():
-            await s.exec(update(VpsOperation).where(*where).values(retrying=value))  # type: ignore[call-overload]
+            await s.exec(update(VpsOperation).where(  # type: ignore[call-overload]
+                col(VpsOperation.id) == operation_id, col(VpsOperation.status).in_(ACTIVE_OPERATION), *where)
+                .values(retrying=value))
     except Exception as err:  # noqa: BLE001
         log.warning("could not record the attempt on the operation", extra={
-            "operation_id": operation_id, "step": step, "error": type(err).__name__})
+            "operation_id": operation_id, "error": type(err).__name__})
 
 
 class OperationAttempts(Interceptor):

@@ -121,6 +121,10 @@ def _conflict(err: WorkflowUpdateFailedError) -> Problem:
                            type_="rate-limited", headers={"Retry-After": "10"})
         if cause.type == "Closed":
             return Problem(409, "VPS destroyed", "The VPS is destroyed.", type_="invalid-state", vps_state="destroyed")
+        if cause.type == "NotFound":  # a cancel that came after the end
+            return Problem(409, "Operation finished", cause.message, type_="invalid-state")
+        if cause.type == "NotCancellable":
+            return Problem(409, "Not cancellable", cause.message, type_="conflict")
         return Problem(409, "Operation refused", cause.message, type_="conflict")
     return Problem(409, "Operation refused", str(err), type_="conflict")
 
@@ -227,11 +231,7 @@ async def cancel_operation(request: Request, row: VpsOperation) -> str:
                           type_="invalid-state") from None
         raise unavailable(f"Could not cancel the operation: {err.message}") from None
     except WorkflowUpdateFailedError as err:
-        cause = err.cause
-        if isinstance(cause, ApplicationError) and cause.type in ("NotFound", "NotCancellable"):
-            raise Problem(409, "Operation finished" if cause.type == "NotFound" else "Not cancellable",
-                          cause.message, type_="invalid-state" if cause.type == "NotFound" else "conflict") from None
-        raise unavailable(f"Could not cancel the operation: {err}") from None
+        raise _conflict(err) from None
     except WorkflowUpdateRPCTimeoutOrCancelledError as err:
         raise unavailable(f"Could not cancel the operation: {err}") from None
     return outcome

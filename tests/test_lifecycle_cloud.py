@@ -7,7 +7,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from tests.conftest import free_port
 from tests.fakes.fly_api import FakeFly
 from tests.fakes.hetzner_api import FakeHetzner
 from tests.helpers import headers, make_user
-from tests.lifecycle_harness import FAST, operation_handle, running_stack
+from tests.lifecycle_harness import FAST, Stack, operation_handle, running_stack
 from tests.proxy_harness import add_session, running_proxy
 from tests.test_web_app import PASSWORD, log_in
 from web import auth
@@ -143,11 +143,7 @@ async def test_a_provider_outage_is_visible_while_its_step_is_retried(
         agent = await stack.new_agent(user)
         assert (await stack.provision(user, agent, "hetzner")).status_code == 202
 
-        async def retried() -> dict[str, Any] | None:
-            op = (await stack.agent(user, agent))["vps"]["operation"]
-            return op if op and (op["retrying"] or {}).get("attempt", 0) >= 2 else None
-
-        op = await eventually_async(retried, timeout=60)
+        op = await until_operation(stack, user, agent, lambda op: (op["retrying"] or {}).get("attempt", 0) >= 2)
         note = op["retrying"]
         assert op["status"] == "running" and op["step"] == "create_vm" and note["step"] == "create_vm", op
         assert "503" in note["error"] or "unavailable" in note["error"], note
@@ -192,11 +188,7 @@ async def test_a_destroy_cancels_a_provision_whose_provider_keeps_failing(
         agent = await stack.new_agent(user)
         provision = (await stack.provision(user, agent, "hetzner")).json()
 
-        async def retried() -> dict[str, Any] | None:
-            op = (await stack.agent(user, agent))["vps"]["operation"]
-            return op if op and op["retrying"] else None
-
-        await eventually_async(retried, timeout=60)
+        await until_operation(stack, user, agent, lambda op: op["retrying"] is not None)
         destroy = await stack.api.delete(f"/agents/{agent}/vps", headers=headers(user))
         assert destroy.status_code == 202, destroy.text
         await stack.wait_vps(user, agent, "destroyed", timeout=60)
@@ -223,11 +215,8 @@ async def test_a_cancel_does_not_stop_the_removal_of_a_failed_provisions_vm(
         agent = await stack.new_agent(user)
         provision = (await stack.provision(user, agent, "hetzner")).json()
 
-        async def cleaning_up() -> dict[str, Any] | None:
-            op = (await stack.agent(user, agent))["vps"]["operation"]
-            return op if op and op["step"] == "compensate_destroy_vm" and op["retrying"] else None
-
-        await eventually_async(cleaning_up, timeout=60)
+        await until_operation(stack, user, agent,
+                              lambda op: op["step"] == "compensate_destroy_vm" and op["retrying"] is not None)
         cancel = await stack.api.post(f"/agents/{agent}/operations/{provision['operation_id']}/cancel",
                                       headers=headers(user))
         assert cancel.status_code == 202 and cancel.json()["status"] == "cancelling", cancel.text
@@ -242,13 +231,17 @@ async def test_a_cancel_does_not_stop_the_removal_of_a_failed_provisions_vm(
         await stack.wait_vps(user, agent, "destroyed")
 
 
-async def eventually_async(check, timeout: float = 30):  # type: ignore[no-untyped-def]
+async def until_operation(stack: Stack, user: uuid.UUID, agent: str,
+                          wanted: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+    """The agent's operation in flight, polled like the web app does, once `wanted` holds for it."""
     deadline = time.monotonic() + timeout
+    op = None
     while time.monotonic() < deadline:
-        if value := await check():
-            return value
+        op = (await stack.agent(user, agent))["vps"]["operation"]
+        if op and wanted(op):
+            return op  # type: ignore[no-any-return]
         await asyncio.sleep(0.1)
-    raise AssertionError("condition never became true")
+    raise AssertionError(f"the operation never got there; last seen {op}")
 
 
 async def test_hetzner_create_answered_504_after_committing_still_ends_running(

@@ -73,6 +73,22 @@ async def web(settings: Settings, temporal_client: Client, db: str) -> AsyncIter
         await server.wait_closed()
 
 
+def verified_user(sql: psycopg.Connection, prefix: str) -> tuple[uuid.UUID, str]:
+    """A user with a verified email who signs in with PASSWORD: (id, email)."""
+    email = f"{prefix}-{uuid.uuid4().hex[:8]}@example.com"
+    row = sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s) RETURNING id',
+                      (email, auth.hash_password(PASSWORD))).fetchone()
+    assert row is not None
+    return row[0], email
+
+
+def never_ready_gateways(web: Web, monkeypatch: pytest.MonkeyPatch, budget_s: float) -> None:
+    """Gateways provisioned from now on never become ready; the API gives them `budget_s` to."""
+    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
+    monkeypatch.setattr(web.api.state, "lifecycle_timeouts",
+                        LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": budget_s}))
+
+
 def csrf_of(html: str) -> str:
     found = re.search(r'name="csrf_token" value="([^"]+)"', html)
     assert found, html
@@ -241,9 +257,7 @@ async def test_csrf_refused(web: Web) -> None:
 
 
 async def test_wrong_password_and_rate_limit(web: Web, sql: psycopg.Connection) -> None:
-    email = f"rl-{uuid.uuid4().hex[:8]}@example.com"
-    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
-                (email, auth.hash_password(PASSWORD)))
+    _, email = verified_user(sql, "rl")
     async with web.browser() as b:
         for _ in range(3):  # web_login_max_failures
             resp = await log_in(b, email, "wrong password!")
@@ -260,9 +274,7 @@ async def test_other_users_agent_is_404(web: Web, sql: psycopg.Connection) -> No
     resp = await web.stack.api.post("/agents", json={"name": "theirs"}, headers=headers(other))
     assert resp.status_code == 201
     theirs = resp.json()["id"]
-    email = f"me-{uuid.uuid4().hex[:8]}@example.com"
-    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
-                (email, auth.hash_password(PASSWORD)))
+    _, email = verified_user(sql, "me")
     async with web.browser() as b:
         assert (await log_in(b, email)).status_code == 303
         page = await b.get(f"/agents/{theirs}")
@@ -276,9 +288,7 @@ async def test_other_users_agent_is_404(web: Web, sql: psycopg.Connection) -> No
 
 async def test_api_unreachable_is_a_plain_page(web: Web, sql: psycopg.Connection) -> None:
     """The control plane down: the signed-in pages say so (503), with no trace and no crash."""
-    email = f"down-{uuid.uuid4().hex[:8]}@example.com"
-    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
-                (email, auth.hash_password(PASSWORD)))
+    _, email = verified_user(sql, "down")
     down = web.settings.model_copy(update={"web_api_url": f"http://127.0.0.1:{free_port()}"})
     app = create_web(down)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
@@ -291,12 +301,8 @@ async def test_api_unreachable_is_a_plain_page(web: Web, sql: psycopg.Connection
 
 async def test_failed_provision_shows_its_reason(web: Web, sql: psycopg.Connection,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
-    monkeypatch.setattr(web.api.state, "lifecycle_timeouts",
-                        LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 3}))
-    email = f"fail-{uuid.uuid4().hex[:8]}@example.com"
-    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
-                (email, auth.hash_password(PASSWORD)))
+    never_ready_gateways(web, monkeypatch, budget_s=3)
+    _, email = verified_user(sql, "fail")
     async with web.browser() as b:
         assert (await log_in(b, email)).status_code == 303
         agent_page = f"/agents/{await new_agent(b, 'Doomed', 'helpful')}"
@@ -315,12 +321,8 @@ async def test_a_set_up_that_never_finishes_can_be_cancelled_from_the_progress_p
         web: Web, sql: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     """The gateway never gets ready and the budget is ten minutes: the progress page's "Cancel the set-up"
     stops it; the machine is removed and the page says the set-up was cancelled, with "Try again"."""
-    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
-    monkeypatch.setattr(web.api.state, "lifecycle_timeouts",
-                        LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 600}))
-    email = f"cancel-{uuid.uuid4().hex[:8]}@example.com"
-    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
-                (email, auth.hash_password(PASSWORD)))
+    never_ready_gateways(web, monkeypatch, budget_s=600)
+    user, email = verified_user(sql, "cancel")
     async with web.browser() as b:
         assert (await log_in(b, email)).status_code == 303
         agent = await new_agent(b, "Stuck", "helpful")
@@ -342,12 +344,9 @@ async def test_a_set_up_that_never_finishes_can_be_cancelled_from_the_progress_p
 
         page = await wait_for("the set-up to end", ended)
         assert "provisioning was cancelled" in page and 'id="retry"' in page, page
-        vps = (await web.stack.api.get(f"/agents/{agent}", headers=headers(_user_id(sql, email)))).json()["vps"]
+        vps = (await web.stack.api.get(f"/agents/{agent}", headers=headers(user))).json()["vps"]
         assert vps["state"] == "error" and vps["last_operation"]["status"] == "cancelled", vps
         assert not (web.settings.data_dir / "vms" / vps["id"]).exists()
         again = await post_form(b, f"/agents/{agent}", f"/agents/{agent}/cancel", {"op": op.group(1)})
         assert again.status_code == 409 and "already ended" in again.text
 
-
-def _user_id(sql: psycopg.Connection, email: str) -> uuid.UUID:
-    return sql.execute("SELECT id FROM users WHERE email = %s", (email,)).fetchone()[0]  # type: ignore[index,no-any-return]

@@ -13,11 +13,10 @@ import pytest
 import pytest_asyncio
 
 from tests.lifecycle_harness import FAST
-from tests.test_web_app import PASSWORD, Web
+from tests.test_web_app import PASSWORD, Web, never_ready_gateways, verified_user
 from tests.test_web_app import web as web_stack  # noqa: F401  (the `web` fixture)
 from tests.web_browser_harness import ARTIFACTS, MISSING, STEP_MS, chromium_on_web, logged_in_page
 from web import auth
-from workflows.contracts import LifecycleTimeouts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -121,12 +120,8 @@ async def test_try_again_in_the_browser_follows_the_destroy_and_provisions_anew(
         web: Web, sql: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
     from playwright.async_api import expect
 
-    monkeypatch.setenv("SLOPBOX_SIM_NEVER_READY", "1")
-    monkeypatch.setattr(web.api.state, "lifecycle_timeouts",
-                        LifecycleTimeouts(**{**FAST.model_dump(), "gateway_ready_s": 3}))
-    email = f"again-{uuid.uuid4().hex[:8]}@example.com"
-    sql.execute('INSERT INTO users (email, "emailVerified", password_hash) VALUES (%s, now(), %s)',
-                (email, auth.hash_password(PASSWORD)))
+    never_ready_gateways(web, monkeypatch, budget_s=3)
+    _, email = verified_user(sql, "again")
     async with chromium_on_web(web) as (settings, browser):
         page = await logged_in_page(browser, settings, email, PASSWORD)
         await page.get_by_label("Name").fill("Phoenix")

@@ -139,17 +139,30 @@ async def act(request: Request, agent_id: uuid.UUID, method: str, path: str, bod
     _user, api = await require_user(request)
     await form(request)
     await agent_or_404(api, agent_id)
-    try:
-        if path == "provision":
+    if path == "provision":
+        try:
             reason = await provision(api, str(agent_id))
-            if reason:
-                return await show_agent(request, api, agent_id, 409, notice=reason)
-        else:
-            await api.call(method, f"/agents/{agent_id}/vps{path}", body)
+        except ApiError as err:
+            return await refused(request, api, agent_id, err)
+        if reason:
+            return await show_agent(request, api, agent_id, 409, notice=reason)
+        return RedirectResponse(f"/agents/{agent_id}", status_code=303)
+    return await call_then(request, api, agent_id, method, f"/agents/{agent_id}/vps{path}", body)
+
+
+async def call_then(request: Request, api: ControlPlane, agent_id: uuid.UUID, method: str, url: str,
+                    body: Any = None, back: str | None = None) -> Response:
+    """A button's API call, then back to `back` (the agent's page); a refusal shows the agent's page
+    with the API's reason."""
+    try:
+        await api.call(method, url, body)
     except ApiError as err:
-        return await show_agent(request, api, agent_id, err.status if err.status >= 400 else 400,
-                                notice=readable(err))
-    return RedirectResponse(f"/agents/{agent_id}", status_code=303)
+        return await refused(request, api, agent_id, err)
+    return RedirectResponse(back or f"/agents/{agent_id}", status_code=303)
+
+
+async def refused(request: Request, api: ControlPlane, agent_id: uuid.UUID, err: ApiError) -> Response:
+    return await show_agent(request, api, agent_id, err.status if err.status >= 400 else 400, notice=readable(err))
 
 @router.post("/agents/{agent_id}/start")
 async def start(request: Request, agent_id: uuid.UUID) -> Response:
@@ -173,12 +186,7 @@ async def cancel(request: Request, agent_id: uuid.UUID) -> Response:
     await agent_or_404(api, agent_id)
     if not OP_ID.fullmatch(op):
         return await show_agent(request, api, agent_id, 400, notice="That operation cannot be cancelled.")
-    try:
-        await api.call("POST", f"/agents/{agent_id}/operations/{op}/cancel")
-    except ApiError as err:
-        return await show_agent(request, api, agent_id, err.status if err.status >= 400 else 400,
-                                notice=readable(err))
-    return RedirectResponse(back, status_code=303)
+    return await call_then(request, api, agent_id, "POST", f"/agents/{agent_id}/operations/{op}/cancel", back=back)
 
 
 @router.get("/agents/{agent_id}/destroy", response_class=HTMLResponse)
